@@ -1,0 +1,1 @@
+"""cif_jax: Clustered Influence Functions in JAX."""
