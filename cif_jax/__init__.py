@@ -1,1 +1,38 @@
-"""cif_jax: Clustered Influence Functions in JAX."""
+"""cif_jax: Clustered Influence Functions (CiF) and influence baselines, JAX-native.
+
+Every parameter-space vector is a flat 1-D array in
+``jax.flatten_util.ravel_pytree(params)`` order, in the params' dtype.
+"""
+
+from cif_jax.bounds import error_bound as error_bound
+from cif_jax.bounds import subset_error_bound as subset_error_bound
+from cif_jax.cache import InfluenceCache as InfluenceCache
+from cif_jax.cache import build_cache as build_cache
+from cif_jax.ggn import apply_ggn as apply_ggn
+from cif_jax.ggn import ggn_operator as ggn_operator
+from cif_jax.gradients import per_example_grads as per_example_grads
+from cif_jax.gradients import subset_gradient_sums as subset_gradient_sums
+from cif_jax.influence import influence as influence
+from cif_jax.influence import influence_solve as influence_solve
+from cif_jax.kmeans import KMeansResult as KMeansResult
+from cif_jax.kmeans import kmeans as kmeans
+from cif_jax.kmeans import kmeans_fit as kmeans_fit
+from cif_jax.persistence import CacheFileError as CacheFileError
+from cif_jax.persistence import load_cache as load_cache
+from cif_jax.persistence import save_cache as save_cache
+from cif_jax.queries import cluster_alphas as cluster_alphas
+from cif_jax.queries import cluster_counts as cluster_counts
+from cif_jax.queries import fold_alphas as fold_alphas
+from cif_jax.queries import fold_loss_delta as fold_loss_delta
+from cif_jax.queries import loss_delta as loss_delta
+from cif_jax.queries import loss_delta_from_alphas as loss_delta_from_alphas
+from cif_jax.queries import mean_subset_gradients as mean_subset_gradients
+from cif_jax.queries import param_delta as param_delta
+from cif_jax.sketch import jl_projection as jl_projection
+from cif_jax.sketch import sketch as sketch
+from cif_jax.solve import SolveResult as SolveResult
+from cif_jax.solve import solve_ggn as solve_ggn
+from cif_jax.task import Task as Task
+from cif_jax.task import fingerprint as fingerprint
+
+__version__ = "0.1.0"

@@ -1,0 +1,166 @@
+"""Input validation shared by the public functions.
+
+Everything here runs in Python on concrete values, before any tracing or
+expensive work, and raises ``ValueError``/``TypeError`` naming the argument and
+the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be at least 1, got {value}.")
+    return int(value)
+
+
+def nonnegative_float(value, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be finite and >= 0, got {value}.")
+    return value
+
+
+def damping(value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`damping` must be a positive number, got {value!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"`damping` must be finite and > 0 (the damped GGN needs lambda > 0 to be invertible, "
+            f"paper eq. 2), got {value}."
+        )
+    return value
+
+
+def task(task) -> None:
+    """Checks that the model and loss produce per-example outputs and losses."""
+    from .task import Task
+
+    if not isinstance(task, Task):
+        raise TypeError(f"expected a `cif_jax.Task`, got {type(task).__name__}.")
+    take = min(2, task.num_examples)
+    x = jax.tree_util.tree_map(lambda a: a[:take], task.inputs)
+    y = jax.tree_util.tree_map(lambda a: a[:take], task.targets)
+    try:
+        out = jax.eval_shape(task.apply_fn, task.params, x)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"`Task.apply_fn(params, inputs[:{take}])` failed; check that the inputs match the model: {err}"
+        ) from err
+    for leaf in jax.tree_util.tree_leaves(out):
+        if leaf.ndim < 1 or leaf.shape[0] != take:
+            raise ValueError(
+                f"`Task.apply_fn` must return outputs with a leading batch dimension: a batch of {take} "
+                f"inputs gave shape {leaf.shape}."
+            )
+    try:
+        loss = jax.eval_shape(task.loss_fn, out, y)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(
+            f"`Task.loss_fn(outputs, targets[:{take}])` failed; check that targets match the model outputs "
+            f"(outputs have shape {jax.tree_util.tree_map(lambda s: s.shape, out)}): {err}"
+        ) from err
+    if not hasattr(loss, "shape") or loss.shape != (take,):
+        raise ValueError(
+            f"`Task.loss_fn` must return one loss per example, shape ({take},); got "
+            f"{getattr(loss, 'shape', type(loss))}. Use a per-example loss such as "
+            "`optax.softmax_cross_entropy_with_integer_labels`, not a mean."
+        )
+
+
+class Subsets(NamedTuple):
+    """Subsets in two host-side forms: a dense mask and flat (query, index) pairs."""
+
+    mask: np.ndarray  # (Q, N) bool
+    query_ids: np.ndarray  # (M,) int32, M = sum of subset sizes
+    indices: np.ndarray  # (M,) int32
+    sizes: np.ndarray  # (Q,) int32
+
+
+def subsets(subsets, num_examples: int, *, name: str = "subsets") -> Subsets:
+    """Normalises a boolean mask (Q, N), or a sequence of integer index arrays."""
+    n = num_examples
+    if isinstance(subsets, (np.ndarray, jax.Array)) and np.asarray(subsets).dtype == bool:
+        mask = np.asarray(subsets)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.ndim != 2 or mask.shape[1] != n:
+            raise ValueError(
+                f"`{name}` as a boolean mask must have shape (Q, N) = (Q, {n}); got {np.asarray(subsets).shape}."
+            )
+        sizes = mask.sum(axis=1)
+        if mask.shape[0] == 0:
+            raise ValueError(f"`{name}` is empty: give at least one subset.")
+        empty = np.flatnonzero(sizes == 0)
+        if empty.size:
+            raise ValueError(f"`{name}`: subset(s) {empty[:10].tolist()} are empty; every subset needs a member.")
+        query_ids, indices = np.nonzero(mask)
+        return Subsets(mask, query_ids.astype(np.int32), indices.astype(np.int32), sizes.astype(np.int32))
+
+    if isinstance(subsets, (np.ndarray, jax.Array)):
+        arr = np.asarray(subsets)
+        if arr.ndim == 2:
+            rows = list(arr)
+        else:
+            raise ValueError(
+                f"`{name}` must be a boolean mask (Q, N), a 2-D integer array (Q, m) of equal-size subsets, or a "
+                f"list of 1-D integer index arrays; got an array of shape {arr.shape} and dtype {arr.dtype}. "
+                "For a single subset, wrap it in a list: [indices]."
+            )
+    elif isinstance(subsets, Sequence) and not isinstance(subsets, (str, bytes)):
+        rows = list(subsets)
+    else:
+        raise TypeError(
+            f"`{name}` must be a boolean mask (Q, N) or a list of integer index arrays; got {type(subsets).__name__}."
+        )
+    if not rows:
+        raise ValueError(f"`{name}` is empty: give at least one subset.")
+    mask = np.zeros((len(rows), n), dtype=bool)
+    query_ids, indices, sizes = [], [], []
+    for q, row in enumerate(rows):
+        row = np.asarray(row)
+        if row.ndim != 1:
+            raise ValueError(f"`{name}[{q}]` must be a 1-D array of indices; got shape {row.shape}.")
+        if row.size == 0:
+            raise ValueError(f"`{name}[{q}]` is empty; every subset needs at least one member.")
+        if not np.issubdtype(row.dtype, np.integer):
+            raise TypeError(f"`{name}[{q}]` must hold integer indices; got dtype {row.dtype}.")
+        if row.min() < 0 or row.max() >= n:
+            bad = row[(row < 0) | (row >= n)]
+            raise ValueError(f"`{name}[{q}]` has indices out of range [0, {n}): {bad[:10].tolist()}.")
+        if np.unique(row).size != row.size:
+            values, counts = np.unique(row, return_counts=True)
+            raise ValueError(f"`{name}[{q}]` repeats indices {values[counts > 1][:10].tolist()}; subsets are sets.")
+        mask[q, row] = True
+        query_ids.append(np.full(row.size, q, np.int32))
+        indices.append(row.astype(np.int32))
+        sizes.append(row.size)
+    return Subsets(mask, np.concatenate(query_ids), np.concatenate(indices), np.asarray(sizes, np.int32))
+
+
+def finite_rows(values, name: str, what: str = "example") -> None:
+    """Raises if any row of a (concrete) array holds NaN or Inf, naming the rows."""
+    ok = np.asarray(jnp.isfinite(values).reshape(values.shape[0], -1).all(axis=1))
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raise ValueError(
+            f"{name} contain NaN or Inf for {bad.size} {what}(s), e.g. {bad[:10].tolist()}. Check the model "
+            "snapshot and the data (a diverged training run, or unnormalised inputs)."
+        )
