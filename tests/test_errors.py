@@ -1,0 +1,275 @@
+"""Invalid input is refused with a message that names the problem, before any expensive work.
+
+The ``no_work`` fixture replaces every jitted data pass, solve and k-means call
+with a function that fails the test, so a validation error raised only after
+work started shows up as an AssertionError instead of the expected error.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cif_jax as cj
+from _models import LAM, N, NUM_CLUSTERS, NUM_QUERIES, SKETCH_DIM, cache_for, cross_entropy, linear_apply, \
+    random_subsets, softmax_problem
+
+_EXPENSIVE = {
+    "cif_jax.gradients": ("_per_example_grads", "_subset_gradient_sums"),
+    "cif_jax.influence": ("_subset_gradient_sums", "solve_ggn"),
+    "cif_jax.queries": ("_subset_gradient_sums",),
+    "cif_jax.bounds": ("_subset_gradient_sums",),
+    "cif_jax.cache": ("_sketch_pass", "_means_pass", "_scatter_pass", "_solve_rows", "kmeans_fit"),
+    "cif_jax.solve": ("_solve_block",),
+    "cif_jax.ggn": ("_apply_damped", "_damped_operator"),
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("expensive work started before the input was validated")
+
+    for module, names in _EXPENSIVE.items():
+        # importlib: `cif_jax.influence` the attribute is the function, not the module.
+        mod = importlib.import_module(module)
+        for name in names:
+            monkeypatch.setattr(mod, name, forbidden)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return softmax_problem()
+
+
+@pytest.fixture(scope="module")
+def task(problem):
+    return problem.task
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return cache_for("softmax")
+
+
+def _build(task, **overrides):
+    kwargs = dict(num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0))
+    kwargs.update(overrides)
+    return cj.build_cache(task, **kwargs)
+
+
+# -- the task ------------------------------------------------------------------------------
+
+
+def test_inputs_and_targets_must_have_same_length(task):
+    with pytest.raises(ValueError, match="inputs hold 48 examples but targets hold 47"):
+        cj.Task(linear_apply, cross_entropy, task.params, task.inputs, task.targets[:-1])
+
+
+def _first_row_only(params, x):
+    return linear_apply(params, x)[:1]
+
+
+def _mean_loss(outputs, targets):
+    return jnp.mean(cross_entropy(outputs, targets))
+
+
+def test_model_output_must_be_batched(task, no_work):
+    bad = cj.Task(_first_row_only, cross_entropy, task.params, task.inputs, task.targets)
+    with pytest.raises(ValueError, match="leading batch dimension"):
+        cj.per_example_grads(bad)
+    with pytest.raises(ValueError, match="leading batch dimension"):
+        _build(bad)
+
+
+def test_loss_must_be_per_example(task, no_work):
+    bad = cj.Task(linear_apply, _mean_loss, task.params, task.inputs, task.targets)
+    for call in (lambda: cj.per_example_grads(bad), lambda: cj.influence(bad, [np.arange(3)], damping=LAM),
+                 lambda: _build(bad), lambda: cj.ggn_operator(bad, damping=LAM)):
+        with pytest.raises(ValueError, match="one loss per example"):
+            call()
+
+
+# -- subsets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "subsets, match",
+    [
+        ([np.array([], np.int64)], "empty"),
+        ([], "empty"),
+        (np.zeros((2, N), bool), "empty"),
+        ([np.array([0, N])], "out of range"),
+        ([np.array([-1, 2])], "out of range"),
+        ([np.array([3, 5, 3])], "repeats indices"),
+        (np.ones((2, N + 1), bool), r"shape \(Q, N\)"),
+        (np.ones((2, 3, N), bool), r"shape \(Q, N\)"),
+        (np.arange(5), "wrap it in a list"),
+        ([np.array([1.0, 2.0])], "integer indices"),
+    ],
+)
+def test_bad_subsets_are_refused(task, cache, no_work, subsets, match):
+    g = np.ones(cache.num_params)
+    for call in (
+        lambda: cj.influence(task, subsets, damping=LAM),
+        lambda: cj.subset_gradient_sums(task, subsets),
+        lambda: cj.param_delta(cache, subsets),
+        lambda: cj.loss_delta(cache, subsets, g),
+        lambda: cj.cluster_counts(cache, subsets),
+        lambda: cj.fold_alphas(cache, task, subsets),
+        lambda: cj.subset_error_bound(cache, subsets, task=task),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_clusters, match", [(0, "at least 1"), (N + 1, "exceeds"), (2.0, "integer")])
+def test_num_clusters_out_of_range(task, no_work, num_clusters, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _build(task, num_clusters=num_clusters)
+
+
+def test_sketch_dim_zero(task, no_work):
+    with pytest.raises(ValueError, match="`sketch_dim` must be at least 1"):
+        _build(task, sketch_dim=0)
+
+
+@pytest.mark.parametrize("damping", [0.0, -1e-3, float("nan"), float("inf")])
+def test_damping_must_be_positive_and_finite(task, problem, no_work, damping):
+    rhs = problem.grads[:2]
+    for call in (
+        lambda: _build(task, damping=damping),
+        lambda: cj.influence(task, [np.arange(3)], damping=damping),
+        lambda: cj.solve_ggn(task, rhs, damping=damping),
+        lambda: cj.ggn_operator(task, damping=damping),
+        lambda: cj.apply_ggn(task, rhs, damping=damping),
+    ):
+        with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
+            call()
+
+
+def test_zero_tolerance_is_refused(task, problem, no_work):
+    with pytest.raises(ValueError, match="`rtol` and `atol` are both 0"):
+        _build(task, rtol=0.0, atol=0.0)
+    with pytest.raises(ValueError, match="`rtol` and `atol` are both 0"):
+        cj.solve_ggn(task, problem.grads[:2], damping=LAM, rtol=0.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG influence.py influence_solve: rtol/atol/max_steps/max_restarts/rhs_batch_size are only "
+    "checked inside solve_ggn, after the streamed gradient pass (_subset_gradient_sums) has run",
+)
+@pytest.mark.parametrize("settings", [dict(rtol=0.0), dict(max_steps=0), dict(rhs_batch_size=0)])
+def test_influence_checks_solver_settings_before_the_gradient_pass(task, no_work, settings):
+    with pytest.raises(ValueError, match="rtol|max_steps|rhs_batch_size"):
+        cj.influence(task, [np.arange(3)], damping=LAM, **settings)
+
+
+def test_other_bad_settings(task, problem, no_work):
+    with pytest.raises(ValueError, match="`rtol` must be finite and >= 0"):
+        _build(task, rtol=-1e-3)
+    with pytest.raises(ValueError, match="`max_steps` must be at least 1"):
+        _build(task, max_steps=0)
+    with pytest.raises(ValueError, match="`batch_size` must be at least 1"):
+        cj.per_example_grads(task, batch_size=0)
+    with pytest.raises(ValueError, match="`max_restarts`"):
+        cj.solve_ggn(task, problem.grads[:2], damping=LAM, max_restarts=-1)
+    with pytest.raises(ValueError, match=r"`rhs` must have shape \(R, p\)"):
+        cj.solve_ggn(task, problem.grads[:2, :-1], damping=LAM)
+    with pytest.raises(ValueError, match=r"`vectors` must have shape \(k, p\)"):
+        cj.apply_ggn(task, problem.grads[0], damping=LAM)
+    with pytest.raises(ValueError, match="right-hand sides contain NaN"):
+        cj.solve_ggn(task, np.full((2, problem.num_params), np.nan), damping=LAM)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        0,
+        np.zeros(2, np.float32),
+        np.zeros(3, np.uint32),
+        pytest.param("key", marks=pytest.mark.xfail(
+            strict=True, reason="BUG cache.py _check_key: jnp.asarray('key') raises JAX's own TypeError first")),
+    ],
+)
+def test_key_must_be_a_prng_key(task, no_work, key):
+    with pytest.raises(TypeError, match="PRNG key"):
+        _build(task, key=key)
+
+
+# -- non-finite values -----------------------------------------------------------------------
+
+
+def test_nan_params_name_the_examples(task):
+    nan_params = jax.tree_util.tree_map(lambda a: a.at[0].set(jnp.nan), task.params)
+    bad = cj.Task(task.apply_fn, task.loss_fn, nan_params, task.inputs, task.targets)
+    every = r"for 48 example\(s\), e.g. \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]"
+    with pytest.raises(ValueError, match="per-example gradients contain NaN or Inf " + every):
+        cj.per_example_grads(bad)
+    with pytest.raises(ValueError, match=every):
+        cj.influence(bad, random_subsets(), damping=LAM)
+    with pytest.raises(ValueError, match=every):
+        _build(bad)
+
+
+def test_nan_input_row_names_that_example(task):
+    bad = cj.Task(task.apply_fn, task.loss_fn, task.params, task.inputs.at[17, 2].set(jnp.nan), task.targets)
+    one = r"NaN or Inf for 1 example\(s\), e.g. \[17\]"
+    with pytest.raises(ValueError, match=one):
+        cj.per_example_grads(bad)
+    with pytest.raises(ValueError, match=one):
+        cj.influence(bad, random_subsets(), damping=LAM)
+    with pytest.raises(ValueError, match=one):
+        _build(bad)
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+
+def test_eval_grads_of_wrong_shape(cache, no_work):
+    p = cache.num_params
+    subsets = random_subsets()
+    for g, match in [
+        (np.ones(p + 1), r"`eval_grads` must have shape \(p,\)"),
+        (np.ones((NUM_QUERIES + 1, p)), r"`eval_grads` must have shape \(p,\) or \(5, 18\)"),
+        (np.ones((NUM_QUERIES, p - 1)), "`eval_grads` must have shape"),
+        (np.ones((1, NUM_QUERIES, p)), "`eval_grads` must be 1-D"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            cj.loss_delta(cache, subsets, g)
+    with pytest.raises(ValueError, match="eval_grads contain NaN or Inf for 1 row"):
+        cj.loss_delta(cache, subsets, np.full(p, np.nan))
+    with pytest.raises(ValueError, match="`eval_grads` must have shape"):
+        cj.cluster_alphas(cache, np.ones(p + 1))
+    with pytest.raises(ValueError, match=r"`alphas` must have shape \(C,\)"):
+        cj.loss_delta_from_alphas(cache, subsets, np.ones(NUM_CLUSTERS + 1))
+
+
+def test_cache_refuses_another_task(task, cache, no_work):
+    folds = np.array_split(np.arange(N), NUM_QUERIES)
+    nudged = jax.tree_util.tree_map(lambda a: a * (1 + 1e-9), task.params)
+    other = cj.Task(task.apply_fn, task.loss_fn, nudged, task.inputs, task.targets)
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        cj.fold_alphas(cache, other, folds)
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        cj.fold_loss_delta(cache, other, folds)
+    with pytest.raises(ValueError, match="fingerprint mismatch"):
+        cj.subset_error_bound(cache, folds, task=other)
+    smaller = cj.Task(task.apply_fn, task.loss_fn, task.params, task.inputs[:-1], task.targets[:-1])
+    with pytest.raises(ValueError, match="built for N = 48"):
+        cj.fold_alphas(cache, smaller, [np.arange(3)])
+
+
+def test_error_bound_subset_size(cache):
+    with pytest.raises(ValueError, match=r"\[1, N\] = \[1, 48\]"):
+        cj.error_bound(cache, 0)
+    with pytest.raises(ValueError, match=r"\[1, N\]"):
+        cj.error_bound(cache, N + 1)
+    with pytest.raises(TypeError, match="integer"):
+        cj.error_bound(cache, 2.5)
