@@ -9,20 +9,20 @@ else. So these models hold only `nnx.Param` variables: no BatchNorm running
 statistics (ResNet-18 uses GroupNorm), no dropout, no RNG state.
 
 Convolutions default to `Conv2d` with ``impl="im2col"``: the padded input is
-unfolded into patches by ``kh*kw`` strided slices and multiplied by the
-reshaped kernel. On XLA:CPU the gradients of `jax.lax.conv_general_dilated`
+unfolded into patches by strided slices (``kh`` over rows, then ``kw`` over
+columns) and multiplied by the reshaped kernel. On XLA:CPU the gradients of `jax.lax.conv_general_dilated`
 (what `nnx.Conv` calls) are very slow in float64, above all under
 ``jax.vmap(jax.grad(...))`` (per-example gradients); the matmul form avoids
 that and is as fast in float32 (numbers in `Conv2d`'s docstring).
 
 Parameter counts (``num_classes=10``)::
 
-    lenet5   28x28x1 (MNIST)    61,706
-    lenet5   32x32x3 (CIFAR)    62,006
-    lenet5    8x8x1 (digits)    19,754
-    mlp       28x28x1, hidden=(128,)        101,770
-    alexnet  32x32x3            2,472,266
-    resnet18 32x32x3           11,173,962
+    lenet5    28x28x1 (MNIST)            61,706
+    lenet5    32x32x3 (CIFAR-10)         62,006
+    lenet5    8x8x1 (digits)             19,754
+    mlp       28x28x1, hidden=(128,)    101,770
+    alexnet   32x32x3                 2,472,266
+    resnet18  32x32x3                11,173,962
 
 References:
   LeCun et al., "Gradient-based learning applied to document recognition",
@@ -174,13 +174,18 @@ def _add_channel_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pooling with stride 2 on NHWC input ("VALID": odd edges dropped).
 
-    Written as a reshape and a max rather than `lax.reduce_window`, whose
-    gradient (select-and-scatter) is slow on XLA:CPU under `vmap`.
+    Written as the maximum of four strided slices rather than `lax.reduce_window`,
+    whose gradient (select-and-scatter) is slow on XLA:CPU under `vmap`. (A
+    6-D reshape followed by a max was tried too: on jaxlib 0.10.2 XLA:CPU it gave
+    wrong GGN products inside a `while_loop` with a batch of one vector, which
+    made CG return NaN; `tests/test_solve_models.py` guards against that.)
     """
     b, h, w, c = x.shape
     h2, w2 = h // 2, w // 2
     x = x[:, : 2 * h2, : 2 * w2, :]
-    return jnp.max(jnp.reshape(x, (b, h2, 2, w2, 2, c)), axis=(2, 4))
+    top = jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2])
+    bottom = jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2])
+    return jnp.maximum(top, bottom)
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -197,8 +202,8 @@ def _im2col(
 ) -> jax.Array:
     """Unfolds NHWC `x` into patches ``(B, Ho, Wo, kh*kw*C)``, order (kh, kw, C).
 
-    Built from ``kh*kw`` strided slices of the padded input, whose gradients
-    are pads and adds; no convolution is involved.
+    Built from strided slices of the padded input, whose gradients are pads
+    and adds; no convolution is involved.
     """
     kh, kw = kernel_size
     sh, sw = strides
@@ -225,25 +230,29 @@ class Conv2d(nnx.Module):
     Parameters are laid out as in `nnx.Conv`: ``kernel`` of shape
     ``(kh, kw, in_features, out_features)`` and ``bias`` of shape
     ``(out_features,)``. With ``impl="im2col"`` the padded input is unfolded
-    into ``(B, Ho, Wo, kh*kw*cin)`` patches by ``kh*kw`` strided slices, and
+    into ``(B, Ho, Wo, kh*kw*cin)`` patches by ``kh + kw`` strided slices, and
     multiplied by the kernel reshaped to ``(kh*kw*cin, cout)``; the backward
     pass is then matmuls, pads and adds. ``impl="lax"`` calls
     `jax.lax.conv_general_dilated`, as `nnx.Conv` does. Both agree to float
     rounding.
 
     Measured on the 2-core XLA:CPU of this project (LeNet-5 on 28x28x1, batch
-    of 256, jitted, best of several runs on a shared machine):
+    of 256, jitted; best of several runs on a shared, loaded machine, so
+    ranges over two sessions):
 
-    ==========================  ==========  ==========  ===========
-    float64 (x64)               im2col      nnx.Conv    lax.conv
-    ==========================  ==========  ==========  ===========
-    per-example gradients       0.34 s      10.3 s      10.0 s
-    GGN-vector product          0.25 s      0.50 s      0.50 s
-    ==========================  ==========  ==========  ===========
+    ==========================  ============  ============  ============
+    float64 (x64)               im2col        nnx.Conv      lax.conv
+    ==========================  ============  ============  ============
+    per-example gradients       0.20-0.34 s   6.4-10.3 s    5.7-10.0 s
+    GGN-vector product          0.13-0.25 s   0.50-0.52 s   0.36-0.50 s
+    ==========================  ============  ============  ============
 
-    In float32 all three are within noise of each other (~0.2 s for either
-    operation). `jax.lax.conv_general_dilated_patches` followed by a matmul
-    was about 2.5x slower than the slices in float32, so it is not used.
+    In float32 all three are within noise of each other (0.18-0.23 s for
+    per-example gradients, 0.12-0.18 s for a GGN-vector product). A plain
+    training step (batch 128, float32) took 16 ms with im2col against 27 ms
+    with `jax.lax.conv_general_dilated`. Unfolding with
+    `jax.lax.conv_general_dilated_patches` instead of slices was about 2.5x
+    slower in float32, so it is not used.
 
     Args:
       in_features: input channels.

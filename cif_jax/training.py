@@ -191,8 +191,9 @@ def train(
         return loss_sum / jnp.sum(wb).astype(loss_sum.dtype), (loss_sum, correct)
 
     @jax.jit
-    def step(p, o, idx, wb):
-        xb, yb = x_dev[idx], y_dev[idx]
+    def step(p, o, xs, ys, idx, wb):
+        # The data are arguments, not closed-over constants baked into the program.
+        xb, yb = xs[idx], ys[idx]
         grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(p, xb, yb, wb)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss_sum, correct
@@ -212,7 +213,7 @@ def train(
             loss_total = jnp.zeros(())
             correct_total = jnp.zeros(())
             for s in range(steps_per_epoch):
-                params, opt_state, loss_sum, correct = step(params, opt_state, order[s], weights[s])
+                params, opt_state, loss_sum, correct = step(params, opt_state, x_dev, y_dev, order[s], weights[s])
                 loss_total = loss_total + loss_sum
                 correct_total = correct_total + correct
                 bar.update(1)
