@@ -164,3 +164,15 @@ def finite_rows(values, name: str, what: str = "example") -> None:
             f"{name} contain NaN or Inf for {bad.size} {what}(s), e.g. {bad[:10].tolist()}. Check the model "
             "snapshot and the data (a diverged training run, or unnormalised inputs)."
         )
+
+
+def solver_settings(rtol, atol, max_steps, max_restarts) -> tuple[float, float, int, int]:
+    """Checks CG settings; returns them normalised."""
+    rtol = nonnegative_float(rtol, "rtol")
+    atol = nonnegative_float(atol, "atol")
+    if rtol == 0 and atol == 0:
+        raise ValueError("`rtol` and `atol` are both 0: CG would never meet the tolerance; set rtol > 0.")
+    max_steps = positive_int(max_steps, "max_steps")
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, (int, np.integer)) or max_restarts < 0:
+        raise ValueError(f"`max_restarts` must be an integer >= 0, got {max_restarts!r}.")
+    return rtol, atol, max_steps, int(max_restarts)

@@ -128,8 +128,9 @@ def _scatter_pass(task, assignments, means, batch_size):
 def _check_key(key):
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key, jax.random.key_data(key)
-    arr = jnp.asarray(key)
-    if arr.dtype == jnp.uint32 and arr.shape == (2,):
+    arr = np.asarray(key) if isinstance(key, (np.ndarray, jax.Array)) else None
+    if arr is not None and arr.dtype == np.uint32 and arr.shape == (2,):
+        arr = jnp.asarray(arr)
         return jax.random.wrap_key_data(arr), arr
     raise TypeError(f"`key` must be a PRNG key (jax.random.key(seed)), got {type(key).__name__} {getattr(key, 'shape', '')}.")
 
@@ -193,17 +194,11 @@ def build_cache(
     sketch_dim = _checks.positive_int(sketch_dim, "sketch_dim")
     sketch_block_size = _checks.positive_int(sketch_block_size, "sketch_block_size")
     lam = _checks.damping(damping)
-    rtol = _checks.nonnegative_float(rtol, "rtol")
-    atol = _checks.nonnegative_float(atol, "atol")
-    if rtol == 0 and atol == 0:
-        raise ValueError("`rtol` and `atol` are both 0: CG would never meet the tolerance; set rtol > 0.")
-    max_steps = _checks.positive_int(max_steps, "max_steps")
+    rtol, atol, max_steps, max_restarts = _checks.solver_settings(rtol, atol, max_steps, max_restarts)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
     kmeans_max_iters = _checks.positive_int(kmeans_max_iters, "kmeans_max_iters")
     kmeans_tol = _checks.nonnegative_float(kmeans_tol, "kmeans_tol")
-    if isinstance(max_restarts, bool) or not isinstance(max_restarts, (int, np.integer)) or max_restarts < 0:
-        raise ValueError(f"`max_restarts` must be an integer >= 0, got {max_restarts!r}.")
     key, key_data = _check_key(key)
     sketch_key, kmeans_key = jax.random.split(key)
 

@@ -35,7 +35,9 @@ def influence_solve(
     """
     _checks.task(task)
     _checks.damping(damping)
+    _checks.solver_settings(rtol, atol, max_steps, max_restarts)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+    _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
     subs = _checks.subsets(subsets, task.num_examples)
     sums, bad = _subset_gradient_sums(task, jnp.asarray(subs.mask.T), batch_size)
     raise_on_bad(bad)

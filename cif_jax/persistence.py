@@ -104,13 +104,19 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
         raise CacheFileError(f"{path!r} is truncated or corrupt and cannot be read: {err}") from err
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CacheFileError(f"{path!r} is not a cif_jax cache (format {header.get('format')!r}).")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheFileError(
             f"{path!r} has cache format version {version}; this cif_jax reads version {FORMAT_VERSION}. "
             "Rebuild the cache with this version."
+        )
+    if not isinstance(header.get("arrays"), dict) or not isinstance(header.get("static"), dict):
+        raise CacheFileError(f"{path!r} has an incomplete header (no array manifest or static fields).")
+    if set(header["static"]) != set(_STATIC):
+        raise CacheFileError(
+            f"{path!r}: header static fields {sorted(header['static'])} differ from the expected {sorted(_STATIC)}."
         )
     for name in _ARRAYS:
         if name not in arrays:
@@ -134,11 +140,14 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             raise CacheFileError(f"{path!r}: array {name!r} has shape {arrays[name].shape}, expected {shape}.")
     if arrays["means"].dtype != arrays["responses"].dtype:
         raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
-    cache = InfluenceCache(
-        **{name: jnp.asarray(arrays[name]) for name in _ARRAYS},
-        **static,
-        timings=tuple((str(k), float(v)) for k, v in header.get("timings", [])),
-    )
+    try:
+        cache = InfluenceCache(
+            **{name: jnp.asarray(arrays[name]) for name in _ARRAYS},
+            **static,
+            timings=tuple((str(k), float(v)) for k, v in header.get("timings", [])),
+        )
+    except (TypeError, ValueError) as err:
+        raise CacheFileError(f"{path!r}: the header's fields are malformed: {err}") from err
     if task is not None:
         from .task import fingerprint
 

@@ -160,11 +160,6 @@ def test_zero_tolerance_is_refused(task, problem, no_work):
         cj.solve_ggn(task, problem.grads[:2], damping=LAM, rtol=0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG influence.py influence_solve: rtol/atol/max_steps/max_restarts/rhs_batch_size are only "
-    "checked inside solve_ggn, after the streamed gradient pass (_subset_gradient_sums) has run",
-)
 @pytest.mark.parametrize("settings", [dict(rtol=0.0), dict(max_steps=0), dict(rhs_batch_size=0)])
 def test_influence_checks_solver_settings_before_the_gradient_pass(task, no_work, settings):
     with pytest.raises(ValueError, match="rtol|max_steps|rhs_batch_size"):
@@ -194,8 +189,7 @@ def test_other_bad_settings(task, problem, no_work):
         0,
         np.zeros(2, np.float32),
         np.zeros(3, np.uint32),
-        pytest.param("key", marks=pytest.mark.xfail(
-            strict=True, reason="BUG cache.py _check_key: jnp.asarray('key') raises JAX's own TypeError first")),
+        "key",
     ],
 )
 def test_key_must_be_a_prng_key(task, no_work, key):

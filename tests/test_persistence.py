@@ -153,11 +153,6 @@ def test_inconsistent_header_is_refused(saved):
         cj.load_cache(saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG persistence.py load_cache: a header lacking 'static' or 'arrays' (or a static field) escapes as "
-    "KeyError/TypeError instead of CacheFileError",
-)
 @pytest.mark.parametrize("drop", ["static", "arrays", "damping"])
 def test_header_with_missing_entries_is_refused(saved, drop):
     _edit_header(saved, lambda h: h["static"].pop(drop) if drop == "damping" else h.pop(drop))
