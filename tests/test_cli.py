@@ -1,0 +1,70 @@
+"""End-to-end `cif-jax cv` with tiny settings, and its one-line errors."""
+
+import json
+import math
+import os
+
+import pytest
+
+from cif_jax.cli import main
+
+
+def test_cv_small_run_writes_real_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["cv", "--dataset", "digits", "--model", "mlp", "--subsample", "0.1", "--epochs", "3",
+            "-C", "4", "-d", "8", "--k", "5", "8", "--bootstrap", "200", "--rtol", "1e-4",
+            "--rhs-batch-size", "8", "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["num_train"] == 143  # 10% of the 1,437-1,438 training images, stratified
+    assert [r["K"] for r in result["per_k"]] == [5, 8]
+    for row in result["per_k"]:
+        assert len(row["fold_scores_cif"]) == row["K"] == len(row["fold_scores_if"])
+        for name in ("pearson", "spearman"):
+            c = row[name]
+            assert all(math.isfinite(c[k]) for k in ("value", "low", "high"))
+            assert -1 <= c["low"] <= c["value"] <= c["high"] <= 1 or c["low"] <= c["high"]
+        assert row["if_seconds"] > 0 and row["cif_query_seconds"] > 0
+        assert row["if_max_residual"] <= 1e-4 * 1.01
+        assert row["bound_scatter_term"] >= 0 and row["bound_solver_term"] >= 0
+    assert result["speedup"] > 0 and math.isfinite(result["speedup"])
+    assert (out / "cif_vs_if.png").stat().st_size > 0 and (out / "times.png").stat().st_size > 0
+    assert (out / "cache.npz").exists()
+    # A second run loads the checkpoint instead of retraining.
+    assert main(argv + ["--no-plots"]) == 0
+    assert json.loads((out / "results.json").read_text())["trained_or_loaded"] == "loaded"
+    assert "Spearman" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "imagenet"], "unknown dataset"),
+        (["--model", "vgg"], "unknown model"),
+        (["--k", "5000"], "exceeds"),
+        (["-C", "5000"], "exceeds"),
+        (["--k", "1"], "at least 2"),
+        (["--damping", "0"], "damping"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent-tfds"], "mnist"),
+    ],
+)
+def test_cv_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
+    assert main(["cv", "--output", str(tmp_path / "o"), "--epochs", "1", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cif-jax: error:") and message in err[0]
+
+
+def test_cv_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["cv", "--output", os.path.join(str(blocker), "sub")]) == 2
+    assert "output folder" in capsys.readouterr().err
+
+
+def test_cv_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["cv", "--dataset", "digits", "--subsample", "0.1", "--epochs", "1", "--k", "3", "-C", "2",
+            "--bootstrap", "10", "--no-plots", "--output", str(out), "--checkpoint", str(tmp_path / "m.ckpt")]
+    assert main(base + ["--model", "mlp"]) == 0
+    assert main(base + ["--model", "lenet5"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
