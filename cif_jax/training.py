@@ -24,6 +24,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from typing import Any, NamedTuple
@@ -41,6 +42,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "History",
     "evaluate",
+    "learning_rates",
     "load_checkpoint",
     "make_optimizer",
     "read_checkpoint",
@@ -69,43 +71,46 @@ class History(NamedTuple):
     accuracy: np.ndarray
 
 
-def make_optimizer(
-    *,
-    learning_rate: float,
-    total_steps: int,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    schedule: str = "constant",
-) -> optax.GradientTransformation:
-    """SGD with momentum and coupled weight decay, constant or step schedule.
+def learning_rates(learning_rate: float, *, total_steps: int, schedule: str = "constant") -> np.ndarray:
+    """The learning rate of each of `total_steps` updates, as a float64 array.
 
-    Args:
-      learning_rate: base learning rate.
-      total_steps: number of updates, for the ``"step"`` boundaries.
-      momentum: heavy-ball momentum (PyTorch convention, no dampening).
-      weight_decay: coefficient ``wd`` of ``wd * theta`` added to the gradient.
-      schedule: ``"constant"`` or ``"step"`` (divide by 5 at 30/60/80% of
-        `total_steps`).
+    ``"constant"``: `learning_rate` throughout. ``"step"``: divided by 5 from
+    step ``round(f * total_steps)`` on, for ``f`` in 0.3, 0.6 and 0.8 (epochs
+    60/120/160 of 200 in the paper's CIFAR-10 protocol).
 
-    Returns:
-      ``optax.chain(add_decayed_weights(wd), sgd(schedule, momentum))``.
+    Examples:
+      >>> learning_rates(1.0, total_steps=10, schedule="step").tolist()
+      [1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.04, 0.04, 0.008, 0.008]
     """
     if schedule not in _SCHEDULES:
         raise ValueError(f"`schedule` must be one of {_SCHEDULES}, got {schedule!r}.")
-    if learning_rate <= 0:
+    if not learning_rate > 0:
         raise ValueError(f"`learning_rate` must be positive, got {learning_rate}.")
-    if weight_decay < 0 or not 0 <= momentum < 1:
-        raise ValueError(f"Need weight_decay >= 0 and 0 <= momentum < 1, got {weight_decay}, {momentum}.")
+    steps = np.arange(int(total_steps))
+    lrs = np.full(steps.shape, float(learning_rate))
     if schedule == "step":
-        boundaries = {max(1, int(round(f * total_steps))): _STEP_FACTOR for f in _STEP_BOUNDARIES}
-        lr: Any = optax.piecewise_constant_schedule(learning_rate, boundaries)
-    else:
-        lr = learning_rate
+        for fraction in _STEP_BOUNDARIES:
+            lrs[steps >= int(round(fraction * total_steps))] *= _STEP_FACTOR
+    return lrs
+
+
+def make_optimizer(*, momentum: float = 0.9, weight_decay: float = 5e-4) -> optax.GradientTransformation:
+    """SGD's direction with momentum and coupled weight decay, before the learning rate.
+
+    ``optax.chain(add_decayed_weights(wd), trace(momentum))``: the update
+    direction of PyTorch's ``SGD(momentum=..., weight_decay=...)`` (no
+    dampening, no Nesterov). `train` multiplies it by ``-learning_rate`` of
+    the step, passed to the compiled step as a number so that changing the
+    learning rate or the schedule does not recompile.
+    """
+    if weight_decay < 0 or not 0 <= momentum < 1:
+        raise ValueError(f"Need weight_decay >= 0 and 0 <= momentum < 1, got {weight_decay} and {momentum}.")
     parts = []
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(optax.sgd(lr, momentum=momentum or None))
-    return optax.chain(*parts)
+    if momentum:
+        parts.append(optax.trace(decay=momentum))
+    return optax.chain(*parts) if parts else optax.identity()
 
 
 def _check_xy(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +131,27 @@ def _masked_sums(logits: jax.Array, y: jax.Array, w: jax.Array) -> tuple[jax.Arr
     correct = (jnp.argmax(logits, axis=-1) == y).astype(losses.dtype)
     w = w.astype(losses.dtype)
     return jnp.sum(w * losses), jnp.sum(w * correct)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 4))
+def _train_step(graphdef, settings, params, rest, opt_state, xb, yb, wb, lr):
+    """One SGD step; compiled once per (model structure, settings, batch shape)."""
+    momentum, weight_decay = settings
+    tx = make_optimizer(momentum=momentum, weight_decay=weight_decay)
+
+    def loss_fn(p):
+        loss_sum, correct = _masked_sums(nnx.merge(graphdef, p, rest)(xb), yb, wb)
+        return loss_sum / jnp.sum(wb).astype(loss_sum.dtype), (loss_sum, correct)
+
+    grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(params)
+    direction, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), params, direction)
+    return params, opt_state, loss_sum, correct
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_chunk(graphdef, state, xb, yb, wb):
+    return _masked_sums(nnx.merge(graphdef, state)(xb), yb, wb)
 
 
 def train(
@@ -174,46 +200,34 @@ def train(
         raise ValueError(f"`epochs` and `batch_size` must be positive, got {epochs} and {batch_size}.")
     n = x.shape[0]
     steps_per_epoch = -(-n // batch_size)
-    total_steps = epochs * steps_per_epoch
-    tx = make_optimizer(
-        learning_rate=learning_rate,
-        total_steps=total_steps,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        schedule=schedule,
-    )
+    lrs = learning_rates(learning_rate, total_steps=epochs * steps_per_epoch, schedule=schedule)
+    settings = (float(momentum), float(weight_decay))
+    tx = make_optimizer(momentum=settings[0], weight_decay=settings[1])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Copies, so that donating them to the step never invalidates the model's arrays.
+    params = jax.tree.map(jnp.array, params)
     opt_state = tx.init(params)
-    x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
-
-    def loss_fn(p, xb, yb, wb):
-        loss_sum, correct = _masked_sums(nnx.merge(graphdef, p, rest)(xb), yb, wb)
-        return loss_sum / jnp.sum(wb).astype(loss_sum.dtype), (loss_sum, correct)
-
-    @jax.jit
-    def step(p, o, xs, ys, idx, wb):
-        # The data are arguments, not closed-over constants baked into the program.
-        xb, yb = xs[idx], ys[idx]
-        grads, (loss_sum, correct) = jax.grad(loss_fn, has_aux=True)(p, xb, yb, wb)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss_sum, correct
 
     rng = np.random.default_rng(seed)
     weights = np.ones(steps_per_epoch * batch_size, dtype=np.float32)
     weights[n:] = 0.0
     weights = weights.reshape(steps_per_epoch, batch_size)
     hist_loss, hist_acc = [], []
-    bar = _progress_bar(total_steps, progress)
+    bar = _progress_bar(len(lrs), progress)
     try:
         for epoch in range(epochs):
-            order = np.empty(steps_per_epoch * batch_size, dtype=np.int32)
+            order = np.empty(steps_per_epoch * batch_size, dtype=np.int64)
             order[:n] = rng.permutation(n)
             order[n:] = order[: order.size - n]  # padding, weight 0
             order = order.reshape(steps_per_epoch, batch_size)
             loss_total = jnp.zeros(())
             correct_total = jnp.zeros(())
             for s in range(steps_per_epoch):
-                params, opt_state, loss_sum, correct = step(params, opt_state, x_dev, y_dev, order[s], weights[s])
+                batch = order[s]
+                params, opt_state, loss_sum, correct = _train_step(
+                    graphdef, settings, params, rest, opt_state, x[batch], y[batch], weights[s],
+                    lrs[epoch * steps_per_epoch + s],
+                )
                 loss_total = loss_total + loss_sum
                 correct_total = correct_total + correct
                 bar.update(1)
@@ -262,11 +276,6 @@ def evaluate(model: nnx.Module, x: Any, y: Any, *, batch_size: int = 1024) -> tu
     n = x.shape[0]
     batch_size = min(batch_size, n)
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def chunk(st, xb, yb, wb):
-        return _masked_sums(nnx.merge(graphdef, st)(xb), yb, wb)
-
     loss_total, correct_total = 0.0, 0.0
     for start in range(0, n, batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -277,7 +286,7 @@ def evaluate(model: nnx.Module, x: Any, y: Any, *, batch_size: int = 1024) -> tu
             pad = batch_size - m
             xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
             yb = np.concatenate([yb, np.repeat(yb[:1], pad, axis=0)])
-        loss_sum, correct = chunk(state, xb, yb, wb)
+        loss_sum, correct = _eval_chunk(graphdef, state, xb, yb, wb)
         loss_total += float(loss_sum)
         correct_total += float(correct)
     return loss_total / n, correct_total / n

@@ -13,6 +13,7 @@ from cif_jax.models import build_from_config, model_config
 from cif_jax.training import (
     History,
     evaluate,
+    learning_rates,
     load_checkpoint,
     make_optimizer,
     read_checkpoint,
@@ -102,20 +103,57 @@ def test_one_epoch_equals_hand_written_sgd_with_short_last_batch():
 
 
 def test_step_schedule_divides_by_five_at_30_60_80_percent():
-    tx = make_optimizer(learning_rate=1.0, total_steps=100, momentum=0.0, weight_decay=0.0, schedule="step")
-    params = {"w": jnp.zeros(())}
-    state = tx.init(params)
-    lrs = []
-    for _ in range(100):
-        updates, state = tx.update({"w": jnp.ones(())}, state, params)
-        lrs.append(-float(updates["w"]))
+    lrs = learning_rates(1.0, total_steps=100, schedule="step")
+    assert lrs.shape == (100,)
     np.testing.assert_allclose(lrs[:30], 1.0)
     np.testing.assert_allclose(lrs[30:60], 0.2)
     np.testing.assert_allclose(lrs[60:80], 0.04)
     np.testing.assert_allclose(lrs[80:], 0.008)
-    constant = make_optimizer(learning_rate=0.5, total_steps=100, momentum=0.0, weight_decay=0.1)
-    updates, _ = constant.update({"w": jnp.ones(())}, constant.init({"w": jnp.full((), 2.0)}), {"w": jnp.full((), 2.0)})
-    np.testing.assert_allclose(updates["w"], -0.5 * (1.0 + 0.1 * 2.0))
+    np.testing.assert_allclose(learning_rates(0.3, total_steps=7), 0.3)
+    # Boundaries that round to the same step (0.3 * 2 and 0.6 * 2 -> 1) still compound.
+    np.testing.assert_allclose(learning_rates(1.0, total_steps=2, schedule="step"), [1.0, 0.04])
+
+
+def test_step_schedule_in_training_matches_hand_computation():
+    """Momentum 0, no decay: the parameter moves by -lr_t * grad_t, with lr_t from the schedule."""
+    x = np.zeros((4, 1, 1, 1))
+    y = np.zeros(4, np.int32)
+    cfg = model_config("mlp", in_shape=(1, 1, 1), num_classes=2, hidden=[], param_dtype="float64")
+    model = build_from_config(cfg, seed=0)
+    b0 = np.asarray(model.out.bias[...])
+    model, _ = train(model, x, y, epochs=10, learning_rate=1.0, batch_size=4, momentum=0.0, weight_decay=0.0,
+                     schedule="step", progress=False)
+    b = b0.copy()
+    for lr in learning_rates(1.0, total_steps=10, schedule="step"):
+        p = np.exp(b - b.max()) / np.exp(b - b.max()).sum()
+        b = b - lr * (p - np.array([1.0, 0.0]))  # input is zero: only the bias learns
+    np.testing.assert_allclose(model.out.bias[...], b, rtol=1e-12)
+
+
+def test_optimizer_direction_is_pytorch_sgd():
+    tx = make_optimizer(momentum=0.5, weight_decay=0.1)
+    params = {"w": jnp.full((), 2.0)}
+    state = tx.init(params)
+    d1, state = tx.update({"w": jnp.ones(())}, state, params)
+    d2, state = tx.update({"w": jnp.ones(())}, state, params)
+    np.testing.assert_allclose(d1["w"], 1.0 + 0.1 * 2.0)
+    np.testing.assert_allclose(d2["w"], 0.5 * 1.2 + 1.2)
+    with pytest.raises(ValueError, match="momentum"):
+        make_optimizer(momentum=1.0)
+
+
+def test_compiled_step_is_reused_across_calls(tiny):
+    """Leave-fold-out retraining calls `train` many times: it must not recompile each time."""
+    from cif_jax import training
+
+    x, y, k = tiny
+    cfg = _lenet_cfg(k)
+    train(build_from_config(cfg, seed=0), x, y, epochs=1, learning_rate=0.05, progress=False)
+    before = training._train_step._cache_size()
+    # Another seed, learning rate, schedule and data size (a fold removed).
+    train(build_from_config(cfg, seed=1), x[:250], y[:250], epochs=2, learning_rate=0.01, schedule="step",
+          seed=3, progress=False)
+    assert training._train_step._cache_size() == before
 
 
 def test_evaluate_exact_mean_with_short_last_chunk(tiny):
