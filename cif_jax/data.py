@@ -156,7 +156,10 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _prepare_hint(name: str, data_dir: Any) -> str:
-    where = repr(str(data_dir)) if data_dir is not None else "the default TFDS directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    if data_dir is None:
+        where = "the default TFDS directory ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    else:
+        where = repr(str(data_dir))
     target = "DIR" if data_dir is None else str(data_dir)
     return (
         f"Dataset {name!r} is not prepared in TFDS array_record format under {where}, and cif_jax never "

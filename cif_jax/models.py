@@ -481,8 +481,8 @@ class AlexNet(nnx.Module):
     """AlexNet adapted to 32x32 images (the small CIFAR-10 variant).
 
     The five convolutions keep AlexNet's widths; the 4096-wide classifier is
-    replaced by one linear layer, as in the CIFAR versions used by several
-    influence and data-attribution studies::
+    replaced by one linear layer, as in the common CIFAR-10 adaptation found in
+    public PyTorch CIFAR model collections::
 
         conv 64@11x11 stride 4 pad 5 - ReLU - maxpool 2     32 -> 8 -> 4
         conv 192@5x5 pad 2 - ReLU - maxpool 2                4 -> 2

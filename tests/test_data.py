@@ -155,7 +155,7 @@ def _build_fake_mnist(data_dir, n_train, n_test):
     reading side, the one `load_dataset` uses, is TFDS's own and TF-free.
     """
     tfds = pytest.importorskip("tensorflow_datasets")
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
     from tensorflow_datasets.core.features import image_feature
     from tensorflow_datasets.image_classification import mnist as mnist_lib
 

@@ -55,7 +55,13 @@ def test_lenet5_counts_by_hand():
 
 @pytest.mark.parametrize(
     "name, in_shape",
-    [("lenet5", (28, 28, 1)), ("lenet5", (8, 8, 1)), ("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3)), ("resnet18", (32, 32, 3))],
+    [
+        ("lenet5", (28, 28, 1)),
+        ("lenet5", (8, 8, 1)),
+        ("mlp", (8, 8, 1)),
+        ("alexnet", (32, 32, 3)),
+        ("resnet18", (32, 32, 3)),
+    ],
 )
 def test_output_shape_and_float32_default(name, in_shape):
     model = build_model(name, in_shape=in_shape, num_classes=7, seed=0)
