@@ -55,6 +55,7 @@ __all__ = [
     "build_from_config",
     "build_model",
     "count_params",
+    "max_pool_2x2",
     "model_config",
 ]
 

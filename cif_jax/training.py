@@ -79,7 +79,7 @@ def learning_rates(learning_rate: float, *, total_steps: int, schedule: str = "c
     60/120/160 of 200 in the paper's CIFAR-10 protocol).
 
     Examples:
-      >>> learning_rates(1.0, total_steps=10, schedule="step").tolist()
+      >>> learning_rates(1.0, total_steps=10, schedule="step").round(6).tolist()
       [1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.04, 0.04, 0.008, 0.008]
     """
     if schedule not in _SCHEDULES:
