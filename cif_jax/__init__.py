@@ -35,4 +35,10 @@ from cif_jax.solve import solve_ggn as solve_ggn
 from cif_jax.task import Task as Task
 from cif_jax.task import fingerprint as fingerprint
 
+# Baselines: gradient attribution, retraining, PBRF, linear datamodeling score.
+from cif_jax.attribution import grad_dot as grad_dot
+from cif_jax.attribution import tracin as tracin
+from cif_jax.attribution import trak as trak
+from cif_jax.attribution import trak_margin as trak_margin
+
 __version__ = "0.1.0"
