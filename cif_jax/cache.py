@@ -24,6 +24,8 @@ from . import _checks
 from .gradients import raise_on_bad, streamed_map, streamed_sum
 from .kmeans import kmeans_fit
 from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
+from . import curvature as _curvature
+from .precondition import check as _check_preconditioner
 from .solve import _solve_rows
 from .task import Task, fingerprint
 
@@ -53,8 +55,9 @@ class InfluenceCache(eqx.Module):
 
     Static fields: ``num_examples``, ``damping``, ``sketch_dim``, ``sketch_block_size``,
     ``normalize_sketches``, solver settings ``rtol``, ``atol``, ``max_steps``,
-    ``fingerprint`` (of the params and data it was built from) and ``timings``
-    (pairs ``(phase, seconds)``).
+    ``fingerprint`` (of the params and data it was built from), ``curvature``
+    (``"full"`` or the identifier of the :class:`cif_jax.CurvatureSample` whose GGN
+    the responses solve) and ``timings`` (pairs ``(phase, seconds)``).
     """
 
     assignments: Int[Array, " n"]
@@ -79,6 +82,7 @@ class InfluenceCache(eqx.Module):
     atol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     fingerprint: str = eqx.field(static=True)
+    curvature: str = eqx.field(static=True)
     timings: tuple = eqx.field(static=True)
 
     @property
@@ -152,6 +156,8 @@ def build_cache(
     kmeans_max_iters: int = 100,
     kmeans_tol: float = 1e-4,
     sketch_block_size: int = DEFAULT_BLOCK_SIZE,
+    curvature=None,
+    preconditioner=None,
     progress: bool = False,
 ) -> InfluenceCache:
     """Builds a CiF cache: sketch, cluster, cluster means, C damped-GGN solves.
@@ -175,6 +181,13 @@ def build_cache(
             cluster; normalising clusters by direction instead.
         kmeans_max_iters, kmeans_tol: Lloyd iteration cap and tolerance.
         sketch_block_size: columns of the JL projection per PRNG block (appendix C).
+        curvature: a :class:`cif_jax.CurvatureSample`: solve with the GGN of a weighted
+            subset of examples (paper section 5.6) while gradients and clustering use
+            all N. None: all N.
+        preconditioner: None, ``"jacobi"`` (built here, timed as its own phase), or a
+            built :class:`cif_jax.NystromPreconditioner` / :class:`cif_jax.JacobiPreconditioner`
+            shared by the C solves. The responses do not depend on it beyond the
+            solver tolerance.
         progress: show progress.
 
     Returns:
@@ -201,6 +214,11 @@ def build_cache(
     kmeans_tol = _checks.nonnegative_float(kmeans_tol, "kmeans_tol")
     key, key_data = _check_key(key)
     sketch_key, kmeans_key = jax.random.split(key)
+    curvature = _curvature.check(curvature, n, task.dtype)
+    if not (preconditioner is None or isinstance(preconditioner, str)):
+        preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
+    elif preconditioner not in (None, "none", "jacobi"):
+        _check_preconditioner(preconditioner, task, curvature)  # raises with the fix
 
     timings = []
     bar = None
@@ -246,10 +264,13 @@ def build_cache(
             stacklevel=2,
         )
 
+    if isinstance(preconditioner, str):
+        preconditioner = phase("preconditioner",
+                               lambda: _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size))
     solved = phase(
         "solves",
         lambda: _solve_rows(task, means, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                            progress, True),
+                            progress, True, curvature, preconditioner),
     )
     if bar is not None:
         bar.close()
@@ -277,5 +298,6 @@ def build_cache(
         atol=atol,
         max_steps=max_steps,
         fingerprint=fingerprint(task),
+        curvature=_curvature.describe(curvature),
         timings=tuple(timings),
     )

@@ -26,6 +26,8 @@ def influence_solve(
     max_restarts: int = 3,
     batch_size: int | None = None,
     rhs_batch_size: int | None = None,
+    curvature=None,
+    preconditioner=None,
     progress: bool = False,
 ) -> SolveResult:
     """Per-query IF with solver diagnostics: ``solutions[q] = (1/N) H~^{-1} sum_{i in S_q} g_i``.
@@ -43,7 +45,8 @@ def influence_solve(
     raise_on_bad(bad)
     result = solve_ggn(
         task, sums, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
-        batch_size=batch_size, rhs_batch_size=rhs_batch_size, progress=progress,
+        batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
+        progress=progress,
     )
     n = jnp.asarray(task.num_examples, result.solutions.dtype)
     return result._replace(solutions=result.solutions / n)
@@ -60,6 +63,8 @@ def influence(
     max_restarts: int = 3,
     batch_size: int | None = None,
     rhs_batch_size: int | None = None,
+    curvature=None,
+    preconditioner=None,
     progress: bool = False,
 ) -> Float[Array, "q p"]:
     """Per-query influence: the parameter change when each subset S is removed (paper eq. 3).
@@ -81,6 +86,9 @@ def influence(
         rtol, atol, max_steps, max_restarts: CG settings, as :func:`cif_jax.solve_ggn`.
         batch_size: examples per chunk of each data pass.
         rhs_batch_size: systems solved together per call.
+        curvature: a :class:`cif_jax.CurvatureSample` for the GGN (None: all N examples).
+        preconditioner: None, ``"jacobi"``, or a built preconditioner, shared by all Q
+            solves (see :func:`cif_jax.nystrom_preconditioner`).
         progress: show a progress bar over blocks of systems.
 
     Returns:
@@ -88,5 +96,6 @@ def influence(
     """
     return influence_solve(
         task, subsets, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
-        batch_size=batch_size, rhs_batch_size=rhs_batch_size, progress=progress,
+        batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
+        progress=progress,
     ).solutions

@@ -23,7 +23,7 @@ from .cache import InfluenceCache
 from .task import Task
 
 FORMAT = "cif_jax.InfluenceCache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _ARRAYS = (
     "assignments", "cluster_sizes", "responses", "means", "residuals", "mean_norms", "num_steps",
@@ -31,7 +31,7 @@ _ARRAYS = (
 )
 _STATIC = (
     "num_examples", "damping", "sketch_dim", "sketch_block_size", "normalize_sketches", "rtol", "atol",
-    "max_steps", "fingerprint",
+    "max_steps", "fingerprint", "curvature",
 )
 
 

@@ -37,7 +37,10 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from . import _checks
+from . import curvature as _curvature
 from .ggn import ggn_matvec_fn
+from .precondition import check as _check_preconditioner
+from .precondition import inverse_fn
 from .task import Task
 
 
@@ -62,47 +65,54 @@ class SolveResult(NamedTuple):
     converged: Bool[Array, " r"]
 
 
-def _block_cg(apply_a, b, x0, target, limit, stabilise_every):
-    """Conjugate gradients on a block of k systems ``A x_j = b_j`` sharing the operator.
+def _block_cg(apply_a, b, x0, target, limit, stabilise_every, apply_minv=None):
+    """(Preconditioned) conjugate gradients on a block of k systems ``A x_j = b_j`` sharing the operator.
 
     Each system has its own step sizes and its own stopping rule
-    ``||b_j - A x_j||_2 <= target_j``; a finished system is frozen while the
-    others go on; system j takes at most ``limit[j]`` steps. Every ``stabilise_every`` steps the residual is recomputed from
-    its definition, so recursion drift cannot fake convergence.
+    ``||b_j - A x_j||_2 <= target_j`` (the plain residual, also when
+    preconditioned); a finished system is frozen while the others go on; system j
+    takes at most ``limit[j]`` steps. Every ``stabilise_every`` steps the residual
+    is recomputed from its definition, so recursion drift cannot fake convergence.
+    ``apply_minv`` applies the inverse preconditioner to the rows of a block.
     """
     dot = lambda u, v: jnp.sum(u * v, axis=1)
+    minv = (lambda r: r) if apply_minv is None else apply_minv
     r = b - apply_a(x0)
-    rr = dot(r, r)
-    active = (jnp.sqrt(rr) > target) & (limit > 0)
+    z = minv(r)
+    rz = dot(r, z)
+    active = (jnp.linalg.norm(r, axis=1) > target) & (limit > 0)
     steps = jnp.zeros(b.shape[0], jnp.int32)
 
     def cond(state):
         return jnp.any(state[4])
 
     def body(state):
-        x, r, p, rr, active, steps, it = state
+        x, r, p, rz, active, steps, it = state
         ap = apply_a(p)
         pap = dot(p, ap)
         ok = active & (pap > 0)
-        alpha = jnp.where(ok, rr / jnp.where(pap > 0, pap, 1), 0)
+        alpha = jnp.where(ok, rz / jnp.where(pap > 0, pap, 1), 0)
         x = x + alpha[:, None] * p
         it = it + 1
         r = lax.cond(it % stabilise_every == 0, lambda: b - apply_a(x), lambda: r - alpha[:, None] * ap)
-        rr_new = dot(r, r)
-        beta = jnp.where(ok, rr_new / jnp.where(rr > 0, rr, 1), 0)
-        p = jnp.where(ok[:, None], r + beta[:, None] * p, p)
+        z = minv(r)
+        rz_new = dot(r, z)
+        beta = jnp.where(ok, rz_new / jnp.where(rz > 0, rz, 1), 0)
+        p = jnp.where(ok[:, None], z + beta[:, None] * p, p)
         steps = steps + ok.astype(jnp.int32)
-        active = ok & (jnp.sqrt(rr_new) > target) & (steps < limit)
-        return x, r, p, jnp.where(ok, rr_new, rr), active, steps, it
+        active = ok & (jnp.linalg.norm(r, axis=1) > target) & (steps < limit) & (rz_new > 0)
+        return x, r, p, jnp.where(ok, rz_new, rz), active, steps, it
 
-    init = (x0, r, r, rr, active, steps, jnp.asarray(0, jnp.int32))
+    init = (x0, r, z, rz, active, steps, jnp.asarray(0, jnp.int32))
     x, *_, steps, _ = lax.while_loop(cond, body, init)
     return x, steps
 
 
 @eqx.filter_jit
-def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size):
-    mv = jax.vmap(ggn_matvec_fn(task, batch_size=batch_size))
+def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, curvature=None,
+                 preconditioner=None):
+    mv = jax.vmap(ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature))
+    minv = inverse_fn(preconditioner, lam)
     dtype = rhs.dtype
     lam_ = jnp.asarray(lam, dtype)
 
@@ -119,7 +129,7 @@ def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batc
         return jnp.linalg.norm(rhs - (mv(x) + lam_ * x), axis=1) / scale
 
     limit = jnp.full(rhs.shape[0], max_steps, jnp.int32)
-    y, steps = _block_cg(scaled, bhat, jnp.zeros_like(bhat), target, limit, _STABILISE_EVERY)
+    y, steps = _block_cg(scaled, bhat, jnp.zeros_like(bhat), target, limit, _STABILISE_EVERY, minv)
     res = true_residual(y)
 
     def cond(state):
@@ -133,7 +143,7 @@ def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batc
         # Aim below the target for systems that missed it: their scaled-system residual can
         # already sit at the target while the unscaled one, rounded differently, is just above.
         aim = jnp.where(res > target, 0.5 * target, target)
-        y, more = _block_cg(scaled, bhat, y, aim, limit - steps, _STABILISE_EVERY)
+        y, more = _block_cg(scaled, bhat, y, aim, limit - steps, _STABILISE_EVERY, minv)
         return y, steps + more, true_residual(y), k + 1
 
     y, steps, res, _ = lax.while_loop(cond, body, (y, steps, res, jnp.asarray(0, jnp.int32)))
@@ -152,6 +162,8 @@ def solve_ggn(
     max_restarts: int = 3,
     batch_size: int | None = None,
     rhs_batch_size: int | None = None,
+    curvature=None,
+    preconditioner=None,
     progress: bool = False,
     warn: bool = True,
 ) -> SolveResult:
@@ -175,6 +187,12 @@ def solve_ggn(
         batch_size: examples per chunk of each GGN product (None: all at once).
         rhs_batch_size: systems solved together per call (None: all). Memory grows
             with it; the last block is zero-padded so one compiled program serves all.
+        curvature: a :class:`cif_jax.CurvatureSample`: the GGN of a weighted subset of
+            the examples (None: all N).
+        preconditioner: None or ``"none"`` (plain CG), ``"jacobi"`` (built here), or a
+            built :class:`cif_jax.NystromPreconditioner` / :class:`cif_jax.JacobiPreconditioner`
+            for this task and curvature. It changes the iteration count, not the
+            tolerance: the stopping rule and the residuals are those of ``H~``.
         progress: show a progress bar over blocks of systems.
         warn: warn when some system did not meet the tolerance.
 
@@ -194,11 +212,14 @@ def solve_ggn(
         raise ValueError("`rhs` has no rows: nothing to solve.")
     _checks.finite_rows(rhs, "right-hand sides", what="row")
     rhs = rhs.astype(task.dtype)
+    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+    preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     return _solve_rows(task, rhs, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                       progress, warn)
+                       progress, warn, curvature, preconditioner)
 
 
-def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress, warn):
+def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress, warn,
+                curvature=None, preconditioner=None):
     num = rhs.shape[0]
     block = num if rhs_batch_size is None else min(rhs_batch_size, num)
     parts = []
@@ -212,7 +233,8 @@ def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
         short = block - chunk.shape[0]
         if short:
             chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
-        out = _solve_block(task, chunk, lam, rtol, atol, max_steps, max_restarts, batch_size)
+        out = _solve_block(task, chunk, lam, rtol, atol, max_steps, max_restarts, batch_size, curvature,
+                           preconditioner)
         parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], out))
     x, res, steps, ok = (jnp.concatenate(col) for col in zip(*parts))
     result = SolveResult(x, res, steps, ok)

@@ -1,0 +1,300 @@
+"""Preconditioners (Nystrom, Jacobi) and curvature samples against dense references.
+
+References come from tests/_models.py: the dense GGN from explicit Jacobians and
+output Hessians, dense solves by ``np.linalg.solve``. A preconditioner may change
+the number of CG iterations only: every solution is compared with the dense one
+at the same tolerance as the plain path.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cif_jax as cj
+from _models import BATCH, RHS_BATCH, LAM, N, NUM_CLUSTERS, PROBLEMS, RTOL, SKETCH_DIM, cache_for, dense_solve, get_problem, \
+    mlp_problem, random_subsets, masks_of, row_rel_err, softmax_problem
+
+SOLVE_TOL = 1e-9  # as tests/test_influence_cache.py: RTOL = 1e-12 on condition numbers <= ~500
+
+
+@pytest.fixture(scope="module", params=PROBLEMS)
+def problem(request):
+    return get_problem(request.param)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return mlp_problem()
+
+
+def _undamped(problem):
+    return problem.ggn - LAM * np.eye(problem.num_params)
+
+
+def _sample_ggn(problem, idx, w):
+    """The weighted subset GGN ``sum_i w_i J_i^T W_i J_i / sum w`` from the explicit factors."""
+    return np.einsum("n,nqi,nqr,nrj->ij", w, problem.jac[idx], problem.out_hess[idx], problem.jac[idx]) / w.sum()
+
+
+SAMPLE_IDX = np.arange(1, N, 3)
+SAMPLE_W = np.linspace(0.5, 2.0, SAMPLE_IDX.size)
+
+
+def _sample():
+    return cj.CurvatureSample(jnp.asarray(SAMPLE_IDX), jnp.asarray(SAMPLE_W))
+
+
+# -- Jacobi -------------------------------------------------------------------------------
+
+
+def test_jacobi_diagonal_is_the_dense_diagonal(problem):
+    pre = cj.jacobi_preconditioner(problem.task, batch_size=BATCH)
+    want = np.diag(_undamped(problem))
+    # Sums of N products of O(1) terms in float64: rounding ~1e-16 relative.
+    np.testing.assert_allclose(np.asarray(pre.diagonal), want, rtol=1e-12, atol=1e-15)
+    # The chunking leaves it unchanged.
+    whole = cj.jacobi_preconditioner(problem.task, batch_size=None)
+    np.testing.assert_allclose(np.asarray(whole.diagonal), want, rtol=1e-12, atol=1e-15)
+
+
+def test_jacobi_on_a_curvature_sample(mlp):
+    pre = cj.jacobi_preconditioner(mlp.task, batch_size=BATCH, curvature=_sample())
+    want = np.diag(_sample_ggn(mlp, SAMPLE_IDX, SAMPLE_W))
+    np.testing.assert_allclose(np.asarray(pre.diagonal), want, rtol=1e-12, atol=1e-15)
+    assert pre.curvature.startswith(f"sample:{SAMPLE_IDX.size}:")
+
+
+# -- Nystrom ------------------------------------------------------------------------------
+
+
+def _approx(pre):
+    u = np.asarray(pre.basis)
+    return u.T @ np.diag(np.asarray(pre.eigenvalues)) @ u
+
+
+def test_full_rank_nystrom_reproduces_the_ggn(problem):
+    p = problem.num_params
+    pre = cj.nystrom_preconditioner(problem.task, key=jax.random.key(0), rank=p, batch_size=BATCH,
+                                    rhs_batch_size=p)
+    g = _undamped(problem)
+    # With r = p the sketch spans everything; only the shift nu ~ sqrt(p) eps ||Y|| remains.
+    assert np.abs(_approx(pre) - g).max() < 1e-12 * np.abs(g).max()
+    np.testing.assert_allclose(np.asarray(pre.eigenvalues), np.linalg.eigvalsh(g)[::-1], atol=1e-12)
+    assert pre.rank == p
+    assert pre.num_products == p + 10
+
+
+def test_low_rank_nystrom_is_below_the_ggn_and_its_error_is_estimated(mlp):
+    pre = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(1), rank=10, batch_size=BATCH, rhs_batch_size=RHS_BATCH, error_iters=30)
+    u = np.asarray(pre.basis)
+    np.testing.assert_allclose(u @ u.T, np.eye(10), atol=1e-12)
+    e = _undamped(mlp) - _approx(pre)
+    evals = np.linalg.eigvalsh(e)
+    assert evals[0] > -1e-12  # GGN - Nystrom is PSD (the Nystrom approximation never overshoots)
+    true = evals[-1]
+    est = float(pre.error_estimate)
+    # Power iteration on a PSD matrix: a Rayleigh-type lower estimate, close after 30 steps.
+    assert est <= true * (1 + 1e-10)
+    assert est >= 0.5 * true
+    want_kappa = (float(pre.eigenvalues[-1]) + LAM + est) / LAM
+    assert pre.condition_estimate(LAM) == pytest.approx(want_kappa, rel=1e-12)
+
+
+def test_adaptive_rank_stops_at_the_target_or_the_cap(mlp):
+    pre = cj.nystrom_preconditioner(
+        mlp.task, key=jax.random.key(2), rank="auto", damping=LAM, initial_rank=4, condition_target=5.0,
+        max_rank=mlp.num_params, batch_size=BATCH, rhs_batch_size=4,
+    )
+    assert pre.condition_estimate(LAM) <= 5.0
+    assert pre.rank in (4, 8, 16, 32, mlp.num_params)
+    # The rule stopped at the first rank that met it: the previous rank (same key, same
+    # columns, so the same nested sketch) did not.
+    if pre.rank > 4:
+        smaller = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(2), rank="auto", damping=LAM,
+                                            initial_rank=4, max_rank=pre.rank // 2, condition_target=5.0,
+                                            batch_size=BATCH, rhs_batch_size=4)
+        assert smaller.rank == pre.rank // 2
+        assert smaller.condition_estimate(LAM) > 5.0
+    capped = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(2), rank="auto", damping=LAM, initial_rank=4,
+                                       max_rank=6, condition_target=1.0001, batch_size=BATCH, rhs_batch_size=4)
+    assert capped.rank == 6
+    assert capped.num_products == 4 + 10 + 2 + 10  # the second round reuses the first round's 4 products
+
+
+def test_inverse_matches_the_dense_formula(mlp):
+    from cif_jax.precondition import inverse_fn
+
+    pre = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(3), rank=12, batch_size=BATCH, rhs_batch_size=4)
+    u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
+    p = mlp.num_params
+    # Frangella et al. eq. (5.3), for the matrix GGN + LAM I: P^{-1} = (s_r + lam) U (S + lam)^{-1} U^T + I - U U^T.
+    pinv = (s[-1] + LAM) * u.T @ np.diag(1 / (s + LAM)) @ u + np.eye(p) - u.T @ u
+    r = np.random.default_rng(0).normal(size=(3, p))
+    got = np.asarray(inverse_fn(pre, LAM)(jnp.asarray(r)))
+    np.testing.assert_allclose(got, r @ pinv.T, rtol=1e-12, atol=1e-12)
+
+
+# -- solves with preconditioners ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["jacobi", "nystrom-10", "nystrom-full"])
+def test_preconditioned_solves_match_dense(mlp, kind):
+    problem = mlp
+    task = problem.task
+    if kind == "jacobi":
+        pre = "jacobi"  # built inside solve_ggn; the built object is checked in test_influence_and_cache_...
+    else:
+        rank = problem.num_params if kind == "nystrom-full" else 10
+        pre = cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=rank, batch_size=BATCH,
+                                        rhs_batch_size=RHS_BATCH)
+    rhs = problem.grads[:5]
+    want = dense_solve(problem.ggn, rhs)
+    plain = cj.solve_ggn(task, jnp.asarray(rhs), damping=LAM, rtol=RTOL, batch_size=BATCH, rhs_batch_size=RHS_BATCH)
+    got = cj.solve_ggn(task, jnp.asarray(rhs), damping=LAM, rtol=RTOL, batch_size=BATCH, rhs_batch_size=RHS_BATCH,
+                       preconditioner=pre)
+    assert row_rel_err(got.solutions, want) < SOLVE_TOL
+    assert bool(got.converged.all())
+    assert float(got.residuals.max()) <= RTOL
+    if kind == "nystrom-full":
+        # The preconditioned matrix is the identity up to the shift: one or two steps.
+        assert int(got.num_steps.max()) <= 3
+    if kind == "nystrom-10":
+        assert int(got.num_steps.max()) < int(plain.num_steps.max())
+
+
+def test_influence_and_cache_with_a_shared_preconditioner(mlp):
+    task = mlp.task
+    pre = cj.nystrom_preconditioner(task, key=jax.random.key(4), rank=20, batch_size=BATCH, rhs_batch_size=4)
+    subsets = random_subsets()
+    want = dense_solve(mlp.ggn, masks_of(subsets).astype(np.float64) @ mlp.grads) / N
+    got = cj.influence_solve(task, subsets, damping=LAM, rtol=RTOL, batch_size=BATCH, preconditioner=pre)
+    assert row_rel_err(got.solutions, want) < SOLVE_TOL
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
+        kwargs = dict(num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0),
+                      rtol=RTOL)
+        plain = cache_for("mlp")  # the suite's shared cache, built with these settings and no preconditioner
+        fast = cj.build_cache(task, preconditioner=pre, **kwargs)
+        jac = cj.build_cache(task, preconditioner="jacobi", **kwargs)
+    assert row_rel_err(fast.responses, plain.responses) < SOLVE_TOL
+    assert row_rel_err(jac.responses, plain.responses) < SOLVE_TOL
+    assert int(fast.num_steps.sum()) < int(plain.num_steps.sum())
+    assert "preconditioner" in jac.timing and "preconditioner" not in fast.timing
+    assert plain.curvature == "full"
+
+
+# -- curvature samples --------------------------------------------------------------------
+
+
+def test_operator_on_a_curvature_sample_is_the_weighted_subset_ggn(mlp):
+    v = np.random.default_rng(1).normal(size=(3, mlp.num_params))
+    want = v @ (_sample_ggn(mlp, SAMPLE_IDX, SAMPLE_W) + LAM * np.eye(mlp.num_params)).T
+    got = cj.apply_ggn(mlp.task, jnp.asarray(v), damping=LAM, batch_size=BATCH, curvature=_sample())
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-14)
+    op = cj.ggn_operator(mlp.task, damping=LAM, curvature=_sample())
+    np.testing.assert_allclose(np.asarray(op.mv(jnp.asarray(v[0]))), want[0], rtol=1e-12, atol=1e-14)
+    # All N examples with equal weights is the full operator.
+    full = cj.CurvatureSample(jnp.arange(N), jnp.full(N, 3.0))
+    got = cj.apply_ggn(mlp.task, jnp.asarray(v), damping=LAM, batch_size=BATCH, curvature=full)
+    np.testing.assert_allclose(np.asarray(got), v @ mlp.ggn.T, rtol=1e-12, atol=1e-14)
+
+
+def test_influence_and_cache_on_a_curvature_sample(mlp):
+    h = _sample_ggn(mlp, SAMPLE_IDX, SAMPLE_W) + LAM * np.eye(mlp.num_params)
+    subsets = random_subsets()
+    want = dense_solve(h, masks_of(subsets).astype(np.float64) @ mlp.grads) / N
+    got = cj.influence(mlp.task, subsets, damping=LAM, rtol=RTOL, batch_size=BATCH, curvature=_sample())
+    assert row_rel_err(got, want) < SOLVE_TOL
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
+        cache = cj.build_cache(mlp.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
+                               key=jax.random.key(0), rtol=RTOL, batch_size=BATCH, curvature=_sample(),
+                               preconditioner="jacobi")
+    assert row_rel_err(cache.responses, dense_solve(h, np.asarray(cache.means))) < SOLVE_TOL
+    assert cache.curvature == cj.curvature.describe(_sample())
+    # The identifier depends on the sample, not on the weights' scale.
+    scaled = cj.CurvatureSample(jnp.asarray(SAMPLE_IDX), jnp.asarray(4 * SAMPLE_W))
+    assert cj.curvature.describe(scaled) == cache.curvature
+    other = cj.CurvatureSample(jnp.asarray(SAMPLE_IDX[:-1]), jnp.asarray(SAMPLE_W[:-1]))
+    assert cj.curvature.describe(other) != cache.curvature
+
+
+def test_curvature_sample_survives_save_and_load(mlp, tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
+        cache = cj.build_cache(mlp.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
+                               key=jax.random.key(0), rtol=1e-6, batch_size=BATCH, curvature=_sample())
+    cj.save_cache(tmp_path / "c.npz", cache)
+    assert cj.load_cache(tmp_path / "c.npz", task=mlp.task).curvature == cache.curvature
+
+
+def test_uniform_sample_draws_distinct_indices():
+    s = cj.uniform_sample(100, size=30, key=jax.random.key(0))
+    idx = np.asarray(s.indices)
+    assert idx.shape == (30,) and np.unique(idx).size == 30 and idx.min() >= 0 and idx.max() < 100
+    assert np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(np.asarray(s.weights), 1.0)
+    with pytest.raises(ValueError, match="exceeds"):
+        cj.uniform_sample(10, size=11, key=jax.random.key(0))
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sample, match",
+    [
+        (cj.CurvatureSample(jnp.asarray([0, 0, 1]), jnp.ones(3)), "repeats"),
+        (cj.CurvatureSample(jnp.asarray([0, N]), jnp.ones(2)), "must lie in"),
+        (cj.CurvatureSample(jnp.asarray([0, 1]), jnp.asarray([1.0, 0.0])), "> 0"),
+        (cj.CurvatureSample(jnp.asarray([0, 1]), jnp.ones(3)), "shape of the indices"),
+        (cj.CurvatureSample(jnp.zeros(0, jnp.int32), jnp.ones(0)), "non-empty"),
+        ((jnp.asarray([0, 1]), jnp.ones(2)), "CurvatureSample"),
+    ],
+)
+def test_bad_curvature_samples_are_refused(sample, match):
+    task = softmax_problem().task
+    with pytest.raises((ValueError, TypeError), match=match):
+        cj.influence(task, [np.array([0])], damping=LAM, curvature=sample)
+
+
+def test_preconditioner_must_match_the_task_and_curvature(mlp):
+    soft = softmax_problem()
+    pre = cj.jacobi_preconditioner(soft.task, batch_size=BATCH)
+    moved = cj.Task(soft.task.apply_fn, soft.task.loss_fn, jax.tree_util.tree_map(lambda a: a + 1e-3, soft.task.params),
+                    soft.task.inputs, soft.task.targets)
+    rhs = jnp.asarray(soft.grads[:2])
+    with pytest.raises(ValueError, match="fingerprint"):
+        cj.solve_ggn(moved, rhs, damping=LAM, preconditioner=pre)
+    with pytest.raises(ValueError, match="curvature"):
+        cj.solve_ggn(soft.task, rhs, damping=LAM, preconditioner=pre, curvature=_sample())
+    with pytest.raises(ValueError, match="acts on"):
+        cj.solve_ggn(mlp.task, jnp.asarray(mlp.grads[:2]), damping=LAM, preconditioner=pre)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        cj.solve_ggn(soft.task, rhs, damping=LAM, preconditioner="nystrom")
+    with pytest.raises(ValueError, match="'jacobi'"):
+        cj.build_cache(soft.task, num_clusters=2, sketch_dim=2, damping=LAM, key=jax.random.key(0),
+                       preconditioner="diagonal")
+    with pytest.raises(TypeError, match="NystromPreconditioner"):
+        cj.influence(soft.task, [np.array([0])], damping=LAM, preconditioner=np.eye(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rank=0), "at least 1"),
+        (dict(rank="big"), "'auto'"),
+        (dict(rank="auto"), "needs the `damping`"),
+        (dict(rank="auto", damping=LAM, condition_target=1.0), "condition_target"),
+        (dict(rank=10_000), "exceeds the number of parameters"),
+        (dict(rank=4, error_iters=-1), "error_iters"),
+        (dict(rank=4, damping=0.0), "damping"),
+    ],
+)
+def test_bad_nystrom_settings(kwargs, match):
+    task = softmax_problem().task
+    with pytest.raises((ValueError, TypeError), match=match):
+        cj.nystrom_preconditioner(task, key=jax.random.key(0), **kwargs)
