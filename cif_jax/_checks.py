@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,17 +84,58 @@ def task(task) -> None:
         )
 
 
-class Subsets(NamedTuple):
-    """Subsets in two host-side forms: a dense mask and flat (query, index) pairs."""
+class Subsets:
+    """Validated subsets as flat (query, index) pairs, with the dense (Q, N) mask on demand.
 
-    mask: np.ndarray  # (Q, N) bool
-    query_ids: np.ndarray  # (M,) int32, M = sum of subset sizes
-    indices: np.ndarray  # (M,) int32
-    sizes: np.ndarray  # (Q,) int32
+    Attributes:
+        query_ids: (M,) int32, M = sum of subset sizes.
+        indices: (M,) int32 example indices.
+        sizes: (Q,) int32.
+        num_examples: N.
+        mask: (Q, N) bool, built when first asked for (large Q x N masks are never
+            needed by the counting queries).
+    """
+
+    def __init__(self, query_ids, indices, sizes, num_examples, mask=None):
+        self.query_ids = query_ids
+        self.indices = indices
+        self.sizes = sizes
+        self.num_examples = num_examples
+        self._mask = mask
+
+    @property
+    def mask(self) -> np.ndarray:
+        if self._mask is None:
+            mask = np.zeros((self.sizes.size, self.num_examples), dtype=bool)
+            mask[self.query_ids, self.indices] = True
+            self._mask = mask
+        return self._mask
+
+
+def _index_matrix(arr: np.ndarray, n: int, name: str) -> Subsets:
+    """Vectorised checks for a (Q, m) integer array of equal-size subsets."""
+    q, m = arr.shape
+    if q == 0:
+        raise ValueError(f"`{name}` is empty: give at least one subset.")
+    if m == 0:
+        raise ValueError(f"`{name}` has subsets of size 0; every subset needs a member.")
+    bad_rows = np.flatnonzero(((arr < 0) | (arr >= n)).any(axis=1))
+    if bad_rows.size:
+        row = arr[bad_rows[0]]
+        raise ValueError(
+            f"`{name}[{bad_rows[0]}]` has indices out of range [0, {n}): {row[(row < 0) | (row >= n)][:10].tolist()}."
+        )
+    ordered = np.sort(arr, axis=1)
+    dup_rows = np.flatnonzero((np.diff(ordered, axis=1) == 0).any(axis=1))
+    if dup_rows.size:
+        values, counts = np.unique(arr[dup_rows[0]], return_counts=True)
+        raise ValueError(f"`{name}[{dup_rows[0]}]` repeats indices {values[counts > 1][:10].tolist()}; subsets are sets.")
+    query_ids = np.repeat(np.arange(q, dtype=np.int32), m)
+    return Subsets(query_ids, arr.reshape(-1).astype(np.int32), np.full(q, m, np.int32), n)
 
 
 def subsets(subsets, num_examples: int, *, name: str = "subsets") -> Subsets:
-    """Normalises a boolean mask (Q, N), or a sequence of integer index arrays."""
+    """Normalises a boolean mask (Q, N), a (Q, m) integer array, or a sequence of integer index arrays."""
     n = num_examples
     if isinstance(subsets, (np.ndarray, jax.Array)) and np.asarray(subsets).dtype == bool:
         mask = np.asarray(subsets)
@@ -112,10 +152,12 @@ def subsets(subsets, num_examples: int, *, name: str = "subsets") -> Subsets:
         if empty.size:
             raise ValueError(f"`{name}`: subset(s) {empty[:10].tolist()} are empty; every subset needs a member.")
         query_ids, indices = np.nonzero(mask)
-        return Subsets(mask, query_ids.astype(np.int32), indices.astype(np.int32), sizes.astype(np.int32))
+        return Subsets(query_ids.astype(np.int32), indices.astype(np.int32), sizes.astype(np.int32), n, mask)
 
     if isinstance(subsets, (np.ndarray, jax.Array)):
         arr = np.asarray(subsets)
+        if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+            return _index_matrix(arr, n, name)
         if arr.ndim == 2:
             rows = list(arr)
         else:
@@ -132,7 +174,6 @@ def subsets(subsets, num_examples: int, *, name: str = "subsets") -> Subsets:
         )
     if not rows:
         raise ValueError(f"`{name}` is empty: give at least one subset.")
-    mask = np.zeros((len(rows), n), dtype=bool)
     query_ids, indices, sizes = [], [], []
     for q, row in enumerate(rows):
         row = np.asarray(row)
@@ -148,11 +189,10 @@ def subsets(subsets, num_examples: int, *, name: str = "subsets") -> Subsets:
         if np.unique(row).size != row.size:
             values, counts = np.unique(row, return_counts=True)
             raise ValueError(f"`{name}[{q}]` repeats indices {values[counts > 1][:10].tolist()}; subsets are sets.")
-        mask[q, row] = True
         query_ids.append(np.full(row.size, q, np.int32))
         indices.append(row.astype(np.int32))
         sizes.append(row.size)
-    return Subsets(mask, np.concatenate(query_ids), np.concatenate(indices), np.asarray(sizes, np.int32))
+    return Subsets(np.concatenate(query_ids), np.concatenate(indices), np.asarray(sizes, np.int32), n)
 
 
 def finite_rows(values, name: str, what: str = "example") -> None:

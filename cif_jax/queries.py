@@ -7,6 +7,8 @@ O(|S| + C).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,15 +92,19 @@ def _alpha_matrix(cache, alphas, num_queries):
     a = jnp.asarray(alphas)
     c = cache.num_clusters
     if a.ndim == 1 and a.shape[0] == c:
-        return jnp.broadcast_to(a, (num_queries, c))
+        return a[None, :]  # shared by all queries; never broadcast to (Q, C)
     if a.ndim == 2 and a.shape == (num_queries, c):
         return a
     raise ValueError(f"`alphas` must have shape (C,) = ({c},) or (Q, C) = ({num_queries}, {c}); got {a.shape}.")
 
 
-@jax.jit
-def _from_alphas(counts, alphas, n):
-    return jnp.sum(counts.astype(alphas.dtype) * alphas, axis=1) / n
+@functools.partial(jax.jit, static_argnums=3)
+def _from_alphas(assignments, query_ids, indices, num_queries, alphas, n):
+    # Per member: alpha_{c(i)} (shared) or alpha_{q, c(i)} (per query); summed per query.
+    # Equals (1/N) sum_c m_c(S) alpha_c without forming the (Q, C) counts: O(sum |S|).
+    clusters = assignments[indices]
+    vals = alphas[0, clusters] if alphas.shape[0] == 1 else alphas[query_ids, clusters]
+    return jax.ops.segment_sum(vals, query_ids, num_segments=num_queries) / n
 
 
 def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas) -> Float[Array, " q"]:
@@ -109,9 +115,11 @@ def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas) -> Float[Arra
         alphas: (C,) shared by all queries, or (Q, C) one row per query (e.g. the
             K x C fold matrix of :func:`fold_alphas`).
     """
-    counts = cluster_counts(cache, subsets)
-    a = _alpha_matrix(cache, alphas, counts.shape[0])
-    return _from_alphas(counts, a, jnp.asarray(cache.num_examples, a.dtype))
+    subs = _checks.subsets(subsets, cache.num_examples)
+    q = int(subs.sizes.size)
+    a = _alpha_matrix(cache, alphas, q)
+    return _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
+                        jnp.asarray(cache.num_examples, a.dtype))
 
 
 def loss_delta(cache: InfluenceCache, subsets, eval_grads) -> Float[Array, " q"]:
@@ -130,9 +138,11 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads) -> Float[Array, " q"]
         (Q,) loss changes.
     """
     subs = _checks.subsets(subsets, cache.num_examples)
-    g = _eval_matrix(cache, eval_grads, subs.sizes.size)
-    alphas = _alphas(cache.responses, g)
-    return loss_delta_from_alphas(cache, subsets, alphas)
+    q = int(subs.sizes.size)
+    g = _eval_matrix(cache, eval_grads, q)
+    a = _alpha_matrix(cache, _alphas(cache.responses, g), q)
+    return _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
+                        jnp.asarray(cache.num_examples, a.dtype))
 
 
 def _check_task(cache: InfluenceCache, task: Task) -> None:
