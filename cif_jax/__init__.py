@@ -46,12 +46,6 @@ from cif_jax.attribution import grad_dot as grad_dot
 from cif_jax.attribution import tracin as tracin
 from cif_jax.attribution import trak as trak
 from cif_jax.attribution import trak_margin as trak_margin
-
-# Baselines: gradient attribution, retraining, PBRF, linear datamodeling score.
-from cif_jax.attribution import grad_dot as grad_dot
-from cif_jax.attribution import tracin as tracin
-from cif_jax.attribution import trak as trak
-from cif_jax.attribution import trak_margin as trak_margin
 from cif_jax.retrain import PBRFResult as PBRFResult
 from cif_jax.retrain import RetrainResult as RetrainResult
 from cif_jax.retrain import TrainedModels as TrainedModels
