@@ -38,6 +38,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from . import _checks
 from . import curvature as _curvature
+from . import distributed as _distributed
 from .ggn import ggn_matvec_fn
 from .precondition import check as _check_preconditioner
 from .precondition import inverse_fn
@@ -65,7 +66,7 @@ class SolveResult(NamedTuple):
     converged: Bool[Array, " r"]
 
 
-def _block_cg(apply_a, b, x0, target, limit, stabilise_every, apply_minv=None):
+def _block_cg(apply_a, b, x0, target, limit, stabilise_every, apply_minv=None, any_=jnp.any):
     """(Preconditioned) conjugate gradients on a block of k systems ``A x_j = b_j`` sharing the operator.
 
     Each system has its own step sizes and its own stopping rule
@@ -74,6 +75,10 @@ def _block_cg(apply_a, b, x0, target, limit, stabilise_every, apply_minv=None):
     takes at most ``limit[j]`` steps. Every ``stabilise_every`` steps the residual
     is recomputed from its definition, so recursion drift cannot fake convergence.
     ``apply_minv`` applies the inverse preconditioner to the rows of a block.
+    ``any_`` decides whether any system is still active: ``jnp.any`` here, an
+    agreement across devices when the operator is sharded over examples
+    (:mod:`cif_jax.distributed`), so that devices that share a product loop
+    together.
     """
     dot = lambda u, v: jnp.sum(u * v, axis=1)
     minv = (lambda r: r) if apply_minv is None else apply_minv
@@ -84,7 +89,7 @@ def _block_cg(apply_a, b, x0, target, limit, stabilise_every, apply_minv=None):
     steps = jnp.zeros(b.shape[0], jnp.int32)
 
     def cond(state):
-        return jnp.any(state[4])
+        return any_(state[4])
 
     def body(state):
         x, r, p, rz, active, steps, it = state
@@ -112,7 +117,11 @@ def _block_cg(apply_a, b, x0, target, limit, stabilise_every, apply_minv=None):
 def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, curvature=None,
                  preconditioner=None):
     mv = jax.vmap(ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature))
-    minv = inverse_fn(preconditioner, lam)
+    return _solve_system(mv, inverse_fn(preconditioner, lam), rhs, lam, rtol, atol, max_steps, max_restarts)
+
+
+def _solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_=jnp.any):
+    """The solve of one block, traceable: ``mv`` the undamped GGN on rows, ``minv`` the preconditioner."""
     dtype = rhs.dtype
     lam_ = jnp.asarray(lam, dtype)
 
@@ -129,12 +138,12 @@ def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batc
         return jnp.linalg.norm(rhs - (mv(x) + lam_ * x), axis=1) / scale
 
     limit = jnp.full(rhs.shape[0], max_steps, jnp.int32)
-    y, steps = _block_cg(scaled, bhat, jnp.zeros_like(bhat), target, limit, _STABILISE_EVERY, minv)
+    y, steps = _block_cg(scaled, bhat, jnp.zeros_like(bhat), target, limit, _STABILISE_EVERY, minv, any_)
     res = true_residual(y)
 
     def cond(state):
         _, steps, res, k = state
-        return jnp.any((res > target) & (steps < max_steps)) & (k < max_restarts)
+        return any_((res > target) & (steps < max_steps)) & (k < max_restarts)
 
     def body(state):
         y, steps, res, k = state
@@ -143,7 +152,7 @@ def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batc
         # Aim below the target for systems that missed it: their scaled-system residual can
         # already sit at the target while the unscaled one, rounded differently, is just above.
         aim = jnp.where(res > target, 0.5 * target, target)
-        y, more = _block_cg(scaled, bhat, y, aim, limit - steps, _STABILISE_EVERY, minv)
+        y, more = _block_cg(scaled, bhat, y, aim, limit - steps, _STABILISE_EVERY, minv, any_)
         return y, steps + more, true_residual(y), k + 1
 
     y, steps, res, _ = lax.while_loop(cond, body, (y, steps, res, jnp.asarray(0, jnp.int32)))
@@ -166,6 +175,9 @@ def solve_ggn(
     preconditioner=None,
     progress: bool = False,
     warn: bool = True,
+    mesh=None,
+    rhs_axis: str | None = "rhs",
+    data_axis: str | None = None,
 ) -> SolveResult:
     """Solves ``H~ x_r = b_r`` for every row of ``rhs`` by CG, reporting true residuals.
 
@@ -195,6 +207,16 @@ def solve_ggn(
             tolerance: the stopping rule and the residuals are those of ``H~``.
         progress: show a progress bar over blocks of systems.
         warn: warn when some system did not meet the tolerance.
+        mesh: a ``jax.sharding.Mesh`` to spread the solves over (None: one device).
+            The rows of ``rhs`` are split over ``rhs_axis``, each device running its
+            own CG on its share (``rhs_batch_size`` then counts systems per device);
+            with ``data_axis`` the examples are split over that axis too and the GGN
+            products summed across it. ``rhs`` may be a global array whose rows the
+            processes of a multi-process run hold in parts. The results are the
+            single-device ones (to the tolerance and float rounding), whole, in every
+            process. See :mod:`cif_jax.distributed`.
+        rhs_axis: the mesh axis for the right-hand sides (None: not split).
+        data_axis: the mesh axis for the examples (None: every device holds them all).
 
     Returns:
         A :class:`SolveResult`.
@@ -204,39 +226,32 @@ def solve_ggn(
     rtol, atol, max_steps, max_restarts = _checks.solver_settings(rtol, atol, max_steps, max_restarts)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
-    rhs = jnp.asarray(rhs)
+    plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
+    rhs = _distributed.as_rows(rhs)
     p = task.num_params
     if rhs.ndim != 2 or rhs.shape[1] != p:
         raise ValueError(f"`rhs` must have shape (R, p) = (R, {p}); got {rhs.shape}.")
     if rhs.shape[0] == 0:
         raise ValueError("`rhs` has no rows: nothing to solve.")
-    _checks.finite_rows(rhs, "right-hand sides", what="row")
-    rhs = rhs.astype(task.dtype)
     curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+    if plan is not None:
+        _distributed.check_task(plan, task, curvature)
+    _distributed.finite_rows(rhs, "right-hand sides", what="row")
+    rhs = rhs.astype(task.dtype)
     preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     return _solve_rows(task, rhs, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                       progress, warn, curvature, preconditioner)
+                       progress, warn, curvature, preconditioner, plan)
 
 
 def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress, warn,
-                curvature=None, preconditioner=None):
+                curvature=None, preconditioner=None, plan=None):
     num = rhs.shape[0]
-    block = num if rhs_batch_size is None else min(rhs_batch_size, num)
-    parts = []
-    starts = range(0, num, block)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="CG solves", unit="block", total=math.ceil(num / block))
-    for start in starts:
-        chunk = rhs[start : start + block]
-        short = block - chunk.shape[0]
-        if short:
-            chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
-        out = _solve_block(task, chunk, lam, rtol, atol, max_steps, max_restarts, batch_size, curvature,
-                           preconditioner)
-        parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], out))
-    x, res, steps, ok = (jnp.concatenate(col) for col in zip(*parts))
+    if plan is None:
+        x, res, steps, ok = _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
+                                         rhs_batch_size, progress, curvature, preconditioner)
+    else:
+        x, res, steps, ok = _distributed.solve_rows(plan, task, rhs, lam, rtol, atol, max_steps, max_restarts,
+                                                    batch_size, rhs_batch_size, progress, curvature, preconditioner)
     result = SolveResult(x, res, steps, ok)
     if warn and not bool(ok.all()):
         bad = np.flatnonzero(~np.asarray(ok))
@@ -249,3 +264,27 @@ def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
             stacklevel=3,
         )
     return result
+
+
+def _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress,
+                 curvature, preconditioner):
+    """The systems in blocks of ``rhs_batch_size`` on one device."""
+    num = rhs.shape[0]
+    block = num if rhs_batch_size is None else min(rhs_batch_size, num)
+    parts = []
+    # Settings as arrays: a new damping, tolerance or step budget reuses the compiled program.
+    settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(rtol, rhs.dtype), jnp.asarray(atol, rhs.dtype),
+                jnp.asarray(max_steps, jnp.int32), jnp.asarray(max_restarts, jnp.int32))
+    starts = range(0, num, block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="CG solves", unit="block", total=math.ceil(num / block))
+    for start in starts:
+        chunk = rhs[start : start + block]
+        short = block - chunk.shape[0]
+        if short:
+            chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
+        out = _solve_block(task, chunk, *settings, batch_size, curvature, preconditioner)
+        parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], out))
+    return tuple(jnp.concatenate(col) for col in zip(*parts))

@@ -33,9 +33,15 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
     assert result["speedup"] > 0 and math.isfinite(result["speedup"])
     assert (out / "cif_vs_if.png").stat().st_size > 0 and (out / "times.png").stat().st_size > 0
     assert (out / "cache.npz").exists()
-    # A second run loads the checkpoint instead of retraining.
-    assert main(argv + ["--no-plots"]) == 0
-    assert json.loads((out / "results.json").read_text())["trained_or_loaded"] == "loaded"
+    assert result["preconditioner"]["kind"] == "none"
+    # A second run loads the checkpoint instead of retraining; with a shared Nystrom
+    # preconditioner the solves meet the same true tolerance.
+    assert main(argv + ["--no-plots", "--preconditioner", "nystrom", "--rank", "8"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["trained_or_loaded"] == "loaded"
+    assert second["preconditioner"]["kind"] == "nystrom" and second["preconditioner"]["rank"] == 8
+    assert all(row["if_max_residual"] <= 1e-4 * 1.01 for row in second["per_k"])
+    assert max(second["cache"]["residuals"]) <= 1e-4 * 1.01
     assert "Spearman" in capsys.readouterr().out
 
 
@@ -48,6 +54,7 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
         (["-C", "5000"], "exceeds"),
         (["--k", "1"], "at least 2"),
         (["--damping", "0"], "damping"),
+        (["--rank", "many"], "--rank must be an integer"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent-tfds"], "mnist"),
     ],
 )
