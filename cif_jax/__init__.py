@@ -46,6 +46,10 @@ from cif_jax.attribution import grad_dot as grad_dot
 from cif_jax.attribution import tracin as tracin
 from cif_jax.attribution import trak as trak
 from cif_jax.attribution import trak_margin as trak_margin
+from cif_jax.lds import LDSResult as LDSResult
+from cif_jax.lds import lds as lds
+from cif_jax.lds import random_subsets as random_subsets
+from cif_jax.lds import subset_losses as subset_losses
 from cif_jax.retrain import PBRFResult as PBRFResult
 from cif_jax.retrain import RetrainResult as RetrainResult
 from cif_jax.retrain import TrainedModels as TrainedModels

@@ -89,7 +89,12 @@ def check_checkpoints(task: Task, checkpoints) -> list:
 
 def check_positive_floats(values, name: str, length: int) -> np.ndarray:
     """A 1-D array of ``length`` finite, strictly positive numbers."""
-    arr = np.asarray(values, dtype=np.float64) if not np.isscalar(values) else np.full(length, float(values))
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number or a sequence of {length} numbers, got {values!r}.") from None
+    if arr.ndim == 0:
+        arr = np.full(length, float(arr))
     if arr.ndim != 1 or arr.shape[0] != length:
         raise ValueError(f"`{name}` must hold {length} value(s) (one per checkpoint), got shape {arr.shape}.")
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -118,6 +123,25 @@ def check_keep_masks(masks, num_examples: int, name: str = "keep") -> np.ndarray
     if empty.size:
         raise ValueError(f"`{name}`: row(s) {empty[:10].tolist()} keep no example; every model needs training data.")
     return arr
+
+
+def check_finite_data(tree, name: str) -> None:
+    """Raises if a floating leaf of a data pytree (leading axis N) holds NaN or Inf, naming the examples."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating):
+            _checks.finite_rows(leaf.reshape(leaf.shape[0], -1), f"`{name}`")
+
+
+def check_stacked(params, ref, name: str) -> int:
+    """Checks a pytree of M stacked parameter sets shaped like ``ref``; returns M."""
+    leaves = jax.tree_util.tree_leaves(params)
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if not leaves or len(sizes) != 1 or None in sizes or sizes == {0}:
+        raise ValueError(f"`{name}` must stack M >= 1 parameter sets on a leading axis of every leaf; found "
+                         f"leading sizes {sorted(map(str, sizes))}.")
+    check_params_like(jax.tree_util.tree_map(lambda a: a[0], params), ref, f"{name}[0]")
+    return sizes.pop()
 
 
 @eqx.filter_jit

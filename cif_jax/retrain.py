@@ -165,6 +165,8 @@ def retrain(
     if xe.shape[1:] != x.shape[1:]:
         raise ValueError(f"`eval_inputs` must hold examples shaped like the training inputs {x.shape[1:]}, got "
                          f"{xe.shape[1:]}.")
+    for arr, name in ((x, "inputs"), (xe, "eval_inputs")):
+        _baselines.check_finite_data(arr, name)
     n = x.shape[0]
     subs = _checks.subsets(subsets, n)
     full = np.flatnonzero(subs.sizes == n)
@@ -333,6 +335,8 @@ def train_many(
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"`normalization` must be one of {_NORMALIZATIONS}, got {normalization!r}.")
     model_batch_size = _checks.positive_int(model_batch_size, "model_batch_size", allow_none=True)
+    _baselines.check_finite_data(task.inputs, "task.inputs")
+    _baselines.check_finite_data(task.targets, "task.targets")
     flat0, _ = ravel_pytree(task.params)
     m = keep.shape[0]
     if init_params is None:
@@ -340,12 +344,9 @@ def train_many(
             raise ValueError("`stacked_init=True` needs `init_params` with a leading axis M.")
         init_params = task.params
     if stacked_init:
-        leaves = jax.tree_util.tree_leaves(init_params)
-        if not leaves or any(np.ndim(a) < 1 or np.shape(a)[0] != m for a in leaves):
-            raise ValueError(f"`init_params` with `stacked_init=True` needs a leading axis of size M = {m} on "
-                             "every leaf.")
-        first = jax.tree_util.tree_map(lambda a: a[0], init_params)
-        _baselines.check_params_like(first, task.params, "init_params[0]")
+        if _baselines.check_stacked(init_params, task.params, "init_params") != m:
+            raise ValueError(f"`init_params` with `stacked_init=True` needs a leading axis of size M = {m} (one "
+                             "initialisation per row of `keep`).")
         inits = jax.vmap(lambda p: ravel_pytree(p)[0])(init_params)
         if not bool(jnp.isfinite(inits).all()):
             raise ValueError("`init_params` holds NaN or Inf parameters.")
@@ -358,6 +359,10 @@ def train_many(
         task, weights, jnp.asarray(denominators, flat0.dtype), inits, jnp.asarray(learning_rate, flat0.dtype),
         num_steps, momentum, weight_decay, model_batch_size,
     )
+    diverged = np.flatnonzero(~np.isfinite(np.asarray(objective)))
+    if diverged.size:
+        raise ValueError(f"training diverged (NaN or Inf objective) for model(s) {diverged[:10].tolist()}; lower "
+                         "`learning_rate`.")
     return TrainedModels(params, objective, grad_norm)
 
 
@@ -387,8 +392,7 @@ def evaluate_many(task: Task, params: PyTree, eval_inputs, eval_targets, *,
     """
     ev = _baselines.eval_task(task, eval_inputs, eval_targets)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    first = jax.tree_util.tree_map(lambda a: a[0], params)
-    _baselines.check_params_like(first, task.params, "params[0]")
+    _baselines.check_stacked(params, task.params, "params")
     return _evaluate_many(task, params, ev.inputs, ev.targets, batch_size)
 
 

@@ -2,7 +2,7 @@
 
 The model is the suite's multinomial logistic regression (``_models.softmax_problem``):
 its output Jacobians are closed form and do not depend on the parameters, so
-gradients at any checkpoint are ``J_i^T dL/dz`` computed here in numpy: the loss
+gradients at any checkpoint are ``J_i^T dL/dz`` computed in numpy (``_linear``): the loss
 gradient ``softmax(z) - e_y`` and TRAK's margin gradient ``e_y - softmax_{-y}(z)``
 (the softmax over the other classes). Kernels are inverted with
 ``np.linalg.solve``; JL matrices come from ``cj.jl_projection`` and are applied as
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import cif_jax as cj
+import _linear as L
 from _models import BATCH, IN_DIM, N, NUM_CLASSES, regression_problem, softmax_problem
 
 NUM_EVAL = 6
@@ -47,43 +48,19 @@ def checkpoints(problem):
 # -- numpy references ---------------------------------------------------------------------
 
 
-def _jac(x):
-    """(n, k, p) Jacobians of ``x W + b`` in ravel order [b (k), w (d*k, row-major)]."""
-    x = np.asarray(x, np.float64)
-    n, d, k = x.shape[0], x.shape[1], NUM_CLASSES
-    eye = np.eye(k)
-    return np.concatenate([np.broadcast_to(eye, (n, k, k)), np.einsum("na,jl->njal", x, eye).reshape(n, k, d * k)],
-                          axis=2)
-
-
-def _logits(params, x):
-    return np.asarray(x, np.float64) @ np.asarray(params["w"]) + np.asarray(params["b"])[None, :]
-
-
-def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _loss_grads(params, x, y):
-    s = _softmax(_logits(params, x))
-    s[np.arange(len(s)), np.asarray(y)] -= 1.0
-    return np.einsum("nkp,nk->np", _jac(x), s)
-
-
 def _margin_grads(params, x, y):
-    z = _logits(params, x)
+    z = L.logits(params, x)
     y = np.asarray(y)
     rows = np.arange(len(z))
     others = z.copy()
     others[rows, y] = -np.inf
-    u = -_softmax(others)  # d/dz_j of -logsumexp_{j != y} z_j
+    u = -L.softmax(others)  # d/dz_j of -logsumexp_{j != y} z_j
     u[rows, y] = 1.0
-    return np.einsum("nkp,nk->np", _jac(x), u)
+    return np.einsum("nkp,nk->np", L.jac(x, NUM_CLASSES), u)
 
 
 def _one_minus_p(params, x, y):
-    s = _softmax(_logits(params, x))
+    s = L.softmax(L.logits(params, x))
     return 1.0 - s[np.arange(len(s)), np.asarray(y)]
 
 
@@ -116,7 +93,7 @@ def _groups():
 def test_grad_dot_matches_numpy(problem, eval_data, batch_size):
     xe, ye = eval_data
     task = problem.task
-    want = _loss_grads(task.params, xe, ye) @ _loss_grads(task.params, task.inputs, task.targets).T
+    want = L.loss_grads(task.params, xe, ye) @ L.loss_grads(task.params, task.inputs, task.targets).T
     got = cj.grad_dot(task, xe, ye, batch_size=batch_size)
     assert got.shape == (NUM_EVAL, N) and got.dtype == jnp.float64
     assert _rel(got, want) < TOL
@@ -126,13 +103,13 @@ def test_tracin_matches_numpy(problem, eval_data, checkpoints):
     xe, ye = eval_data
     task = problem.task
     lrs = [0.1, 0.05, 0.01]
-    want = sum(lr * _loss_grads(th, xe, ye) @ _loss_grads(th, task.inputs, task.targets).T
+    want = sum(lr * L.loss_grads(th, xe, ye) @ L.loss_grads(th, task.inputs, task.targets).T
                for th, lr in zip(checkpoints, lrs))
     got = cj.tracin(task, xe, ye, checkpoints=checkpoints, learning_rates=lrs, batch_size=BATCH)
     assert got.shape == (NUM_EVAL, N)
     assert _rel(got, want) < TOL
     # One checkpoint at theta_0 with rate 1 is Grad-Dot; Tasks are accepted as checkpoints.
-    one = cj.tracin(task, xe, ye, checkpoints=[task], learning_rates=1.0)
+    one = cj.tracin(task, xe, ye, checkpoints=[task], learning_rates=np.array(1.0))
     np.testing.assert_allclose(np.asarray(one), np.asarray(cj.grad_dot(task, xe, ye)), rtol=1e-13, atol=1e-15)
 
 
@@ -142,7 +119,7 @@ def test_tracin_matches_numpy(problem, eval_data, checkpoints):
 def test_trak_margin_is_log_odds_of_the_label(problem):
     z = np.random.default_rng(14).normal(size=(9, NUM_CLASSES)) * 3
     y = np.arange(9) % NUM_CLASSES
-    p = _softmax(z)[np.arange(9), y]
+    p = L.softmax(z)[np.arange(9), y]
     got = cj.trak_margin(jnp.asarray(z), jnp.asarray(y))
     np.testing.assert_allclose(np.asarray(got), np.log(p) - np.log1p(-p), rtol=1e-12)
 
@@ -205,12 +182,12 @@ def test_group_scores_are_member_sums(problem, eval_data, checkpoints, method):
                                atol=1e-14)
 
 
-def test_signs_agree_with_influence_on_self(problem):
+def test_self_scores_are_positive(problem):
     """Scoring training examples against themselves: Grad-Dot and TRAK are positive (self-help)."""
     task = problem.task
-    xs, ys = task.inputs[:8], task.targets[:8]
-    assert np.all(np.diag(np.asarray(cj.grad_dot(task, xs, ys))[:, :8]) > 0)
-    assert np.all(np.diag(np.asarray(cj.trak(task, xs, ys, sketch_dim=None, ridge=1e-3))[:, :8]) > 0)
+    xs, ys = task.inputs[:NUM_EVAL], task.targets[:NUM_EVAL]
+    assert np.all(np.diag(np.asarray(cj.grad_dot(task, xs, ys))[:, :NUM_EVAL]) > 0)
+    assert np.all(np.diag(np.asarray(cj.trak(task, xs, ys, sketch_dim=None, ridge=1e-3))[:, :NUM_EVAL]) > 0)
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -306,4 +283,3 @@ def test_float32_stays_float32(eval_data):
     xe, ye = eval_data
     xe = xe.astype(jnp.float32)
     assert cj.grad_dot(p32.task, xe, ye).dtype == jnp.float32
-    assert cj.trak(p32.task, xe, ye, sketch_dim=None, ridge=1e-2).dtype == jnp.float32

@@ -24,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
 from cif_jax.models import MLP
+import _linear as L
 from _models import LAM, N, REG_SCALE, cross_entropy, linear_apply, softmax_problem, weighted_squared_error
 
 WD = 0.05  # L2 coefficient of the convex problem; IF uses damping = WD
@@ -43,17 +44,6 @@ def _rel(got, want):
 # -- the convex problem -------------------------------------------------------------------
 
 
-def _blobs(n, *, seed=0, d=3, k=3, num_eval=20):
-    """Gaussian blobs around k random centres: N training and num_eval evaluation examples."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(k, d))
-    y, ye = rng.integers(0, k, n), rng.integers(0, k, num_eval)
-    x, xe = centres[y] + rng.normal(size=(n, d)), centres[ye] + rng.normal(size=(num_eval, d))
-    init = {"w": jnp.zeros((d, k)), "b": jnp.zeros(k)}
-    task = cj.Task(linear_apply, cross_entropy, init, jnp.asarray(x), jnp.asarray(y, jnp.int32))
-    return task, jnp.asarray(xe), jnp.asarray(ye, jnp.int32)
-
-
 @functools.lru_cache(maxsize=None)
 def _loo(n):
     """Base model, LOO retraining under both normalisations, and IF for every example, at size n.
@@ -61,7 +51,7 @@ def _loo(n):
     Row 0 of each training batch keeps every example (the base model: both
     normalisations divide by N there); rows 1..n leave one example out.
     """
-    task, xe, ye = _blobs(n)
+    task, xe, ye = L.blobs(n)
     keep = np.concatenate([np.ones((1, n), bool), ~np.eye(n, dtype=bool)])
     by_all = cj.train_many(task, keep, normalization="all", **GD)
     by_kept = cj.train_many(task, keep, normalization="kept", **GD)
@@ -71,8 +61,8 @@ def _loo(n):
     d_if = np.asarray(cj.influence(task0, np.concatenate([np.eye(n, dtype=bool), np.ones((1, n), bool)]),
                                    damping=WD, rtol=1e-12))
     flat_all, flat_kept = _flat_rows(by_all.params), _flat_rows(by_kept.params)
-    g_eval = np.asarray(cj.per_example_grads(cj.Task(linear_apply, cross_entropy, theta0, xe, ye))).mean(axis=0)
-    loss = np.asarray(cj.evaluate_many(task, by_all.params, xe, ye)).mean(axis=1)
+    g_eval = L.loss_grads(theta0, xe, ye).mean(axis=0)  # closed form, numpy
+    loss = np.array([L.ce_losses(L.unflatten(f, 3, 3), xe, ye).mean() for f in flat_all])
     return dict(grad_norm_all=float(by_all.grad_norm.max()), grad_norm_kept=float(by_kept.grad_norm.max()),
                 d_all=flat_all[1:] - flat_all[:1], d_kept=flat_kept[1:] - flat_kept[:1], d_if=d_if[:n],
                 d_mean=d_if[n], loss=loss[1:] - loss[0], loss_if=d_if[:n] @ g_eval)
@@ -109,13 +99,8 @@ def test_kept_normalisation_matches_the_shifted_first_order_formula():
 # -- train_many against numpy and against cif_jax.training.train -----------------------------
 
 
-def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def test_train_many_follows_a_numpy_heavy_ball_loop():
-    task, _, _ = _blobs(30, seed=1)
+    task, _, _ = L.blobs(30, seed=1)
     x, y = np.asarray(task.inputs), np.asarray(task.targets)
     rng = np.random.default_rng(2)
     keep = rng.random((3, 30)) < 0.6
@@ -129,7 +114,7 @@ def test_train_many_follows_a_numpy_heavy_ball_loop():
             vw, vb = np.zeros_like(w), np.zeros_like(b)
             denom = keep[m].sum() if normalization == "kept" else 30
             for _ in range(steps):
-                r = _softmax(x @ w + b)
+                r = L.softmax(x @ w + b)
                 r[np.arange(30), y] -= 1.0
                 r *= keep[m][:, None] / denom
                 gw, gb = x.T @ r + wd * w, r.sum(axis=0) + wd * b
@@ -146,7 +131,7 @@ def _mlp(seed=0):
 
 def test_retrain_equals_train_many_with_one_full_batch():
     """Cold-start ``training.train`` (nnx, Python loop) == ``train_many`` (vmapped, flat) on one full batch."""
-    task, xe, ye = _blobs(30, seed=3)
+    task, xe, ye = L.blobs(30, seed=3)
     x, y = np.asarray(task.inputs), np.asarray(task.targets)
     subsets = [np.array([0, 7, 8]), np.array([29])]
     protocol = dict(epochs=40, learning_rate=0.5, batch_size=30, momentum=0.9, weight_decay=1e-3)
@@ -177,13 +162,13 @@ def test_pbrf_one_step_is_its_first_order_expansion():
     xe, ye = jnp.asarray(rng.normal(size=(5, 5))), jnp.asarray(rng.integers(0, 3, 5), jnp.int32)
     lr = 1e-4
     res = cj.pbrf(task, subsets, damping=LAM, optimizer=optax.sgd(lr), num_steps=1, eval_inputs=xe,
-                  eval_targets=ye, batch_size=7)
+                  eval_targets=ye)
     # At theta_0 the Bregman and proximal terms have zero gradient: the step is (lr/N) sum_{i in S} g_i.
     want = lr / N * mask.astype(np.float64) @ problem.grads
     # Up to the rounding of theta_0 + delta - theta_0 (ulps of |theta_0| ~ 1: measured 6e-17).
     np.testing.assert_allclose(np.asarray(res.param_delta), want, rtol=1e-12, atol=1e-15)
     # The evaluation loss changes by g_e . delta to first order (relative error ~ lr).
-    g_eval = np.asarray(cj.per_example_grads(cj.Task(linear_apply, cross_entropy, task.params, xe, ye)))
+    g_eval = L.loss_grads(task.params, xe, ye)
     assert _rel(res.loss_delta, want @ g_eval.T) < 1e-4  # measured 2.1e-6
 
 
@@ -238,7 +223,7 @@ def no_work(monkeypatch):
 
 
 def test_train_many_bad_input(no_work):
-    task, _, _ = _blobs(10)
+    task, _, _ = L.blobs(10)
     keep = np.ones((2, 10), bool)
     cases = [
         (dict(keep=keep.astype(int)), TypeError, "boolean"),
@@ -260,10 +245,15 @@ def test_train_many_bad_input(no_work):
         kwargs.update(change)
         with pytest.raises(error, match=match):
             cj.train_many(task, **kwargs)
+    nan_task = cj.Task(task.apply_fn, task.loss_fn, task.params, task.inputs.at[4, 1].set(jnp.nan), task.targets)
+    with pytest.raises(ValueError, match=r"`task.inputs` contain NaN or Inf for 1 example\(s\), e.g. \[4\]"):
+        cj.train_many(nan_task, keep, num_steps=5, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"params\[0\]"):  # one parameter set, not a stack
+        cj.evaluate_many(task, task.params, task.inputs, task.targets)
 
 
 def test_retrain_bad_input(no_work):
-    task, xe, ye = _blobs(10)
+    task, xe, ye = L.blobs(10)
     x, y = np.asarray(task.inputs), np.asarray(task.targets)
     ok = dict(eval_inputs=xe, eval_targets=ye, epochs=2, learning_rate=0.1, batch_size=5)
     with pytest.raises(ValueError, match="remove all 10 examples"):
@@ -282,10 +272,12 @@ def test_retrain_bad_input(no_work):
         cj.retrain(_mlp, x, y[:5], [np.array([1])], **ok)
     with pytest.raises(TypeError, match="build_model"):
         cj.retrain(_mlp(), x, y, [np.array([1])], **ok)
+    with pytest.raises(ValueError, match=r"`inputs` contain NaN or Inf for 1 example\(s\), e.g. \[2\]"):
+        cj.retrain(_mlp, np.where(np.arange(10)[:, None] == 2, np.nan, x), y, [np.array([1])], **ok)
 
 
 def test_retrain_needs_a_fresh_identical_model_per_call(monkeypatch):
-    task, xe, ye = _blobs(10)
+    task, xe, ye = L.blobs(10)
     x, y = np.asarray(task.inputs), np.asarray(task.targets)
     ok = dict(eval_inputs=xe, eval_targets=ye, epochs=1, learning_rate=0.1, batch_size=10)
     one = _mlp()
