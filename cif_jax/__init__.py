@@ -10,6 +10,7 @@ from cif_jax.cache import InfluenceCache as InfluenceCache
 from cif_jax.cache import build_cache as build_cache
 from cif_jax.curvature import CurvatureSample as CurvatureSample
 from cif_jax.curvature import uniform_sample as uniform_sample
+from cif_jax.distributed import solver_mesh as solver_mesh
 from cif_jax.ggn import apply_ggn as apply_ggn
 from cif_jax.ggn import ggn_operator as ggn_operator
 from cif_jax.gradients import per_example_grads as per_example_grads
@@ -22,6 +23,8 @@ from cif_jax.kmeans import kmeans_fit as kmeans_fit
 from cif_jax.persistence import CacheFileError as CacheFileError
 from cif_jax.persistence import load_cache as load_cache
 from cif_jax.persistence import save_cache as save_cache
+from cif_jax.plan import BatchPlan as BatchPlan
+from cif_jax.plan import plan_batches as plan_batches
 from cif_jax.precondition import JacobiPreconditioner as JacobiPreconditioner
 from cif_jax.precondition import NystromPreconditioner as NystromPreconditioner
 from cif_jax.precondition import jacobi_preconditioner as jacobi_preconditioner

@@ -1,0 +1,370 @@
+"""Sharded solves: the right-hand sides, and optionally the examples, spread over a device mesh.
+
+Every damped-GGN solve of cif_jax (the C cluster systems of a cache, eq. 8; the Q
+per-query systems of IF, eq. 3) runs its own CG iteration; systems share only the
+operator. :func:`cif_jax.solve_ggn`, :func:`cif_jax.influence` and
+:func:`cif_jax.build_cache` take ``mesh=`` (a ``jax.sharding.Mesh``) and spread
+the work over its devices with ``jax.shard_map``:
+
+* **right-hand sides** (``rhs_axis``, default ``"rhs"``): the R systems are cut
+  into contiguous groups of ``ceil(R / S)`` rows, one per device along the axis
+  (S devices). Each device runs block CG on its rows with its own step sizes and
+  its own convergence, with no communication at all; ``rhs_batch_size`` is the
+  number of systems a device solves together per call (memory per device grows
+  with it). Rows that pad a group to the block size are zero systems, which are
+  solved at once (x = 0).
+* **examples** (``data_axis``, optional): the examples that define the GGN (all
+  N, or the M of a :class:`cif_jax.CurvatureSample`) are dealt round-robin to the
+  D devices along the axis; each computes the weighted sum of
+  ``J_i^T W_i J_i v`` over its share and a ``psum`` over the axis adds the
+  shares before the division by the total weight. When D does not divide the
+  count, the shares are padded with copies of an example at weight 0, which add
+  exactly zero: no example is dropped or counted twice. Devices along the data
+  axis hold the same systems, agree on every stopping decision (a ``psum`` of
+  their flags), and so loop together.
+
+The two compose on a 2-D mesh (``rhs`` x ``data``). Under multi-controller JAX
+(``jax.distributed.initialize``) the same code runs in every process on a mesh
+of all processes' devices; the right-hand sides may be given as a global
+``jax.Array`` whose rows each process holds a part of
+(``jax.make_array_from_process_local_data``), or as the same host array in every
+process. Results come back to every process whole, as ordinary arrays on its
+first local device, equal to the single-device ones to solver tolerance and
+float rounding. The task (params and data) is read from every process's own
+copy, which must be the same everywhere.
+
+Example (one host, every device solving its share of the systems)::
+
+    mesh = cj.solver_mesh()                      # all devices on the axis "rhs"
+    result = cj.solve_ggn(task, rhs, damping=1e-3, mesh=mesh)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import _checks
+from .curvature import CurvatureSample
+from .ggn import ggn_matvec_fn
+from .precondition import inverse_fn
+from .task import Task
+
+
+class MeshPlan(NamedTuple):
+    """A validated mesh with the axis that spreads the systems and the one that spreads the examples.
+
+    Attributes:
+        mesh: the ``jax.sharding.Mesh``.
+        rhs_axis: the mesh axis over which right-hand sides are spread, or None.
+        data_axis: the mesh axis over which examples are spread, or None.
+    """
+
+    mesh: Mesh
+    rhs_axis: str | None
+    data_axis: str | None
+
+    @property
+    def rhs_shards(self) -> int:
+        """S, the devices along ``rhs_axis`` (1 without one)."""
+        return 1 if self.rhs_axis is None else int(self.mesh.shape[self.rhs_axis])
+
+    @property
+    def data_shards(self) -> int:
+        """D, the devices along ``data_axis`` (1 without one)."""
+        return 1 if self.data_axis is None else int(self.mesh.shape[self.data_axis])
+
+
+def solver_mesh(*, data_shards: int = 1, devices=None) -> Mesh:
+    """A mesh for sharded solves: axes ``("rhs", "data")`` over ``devices`` (default: all).
+
+    Args:
+        data_shards: devices along ``"data"`` (examples); the rest go to ``"rhs"``.
+            With more than 1, pass ``data_axis="data"`` to the solve.
+        devices: the devices, in order (default ``jax.devices()``: every process's).
+
+    Returns:
+        A ``jax.sharding.Mesh`` of shape ``(len(devices) // data_shards, data_shards)``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    data_shards = _checks.positive_int(data_shards, "data_shards")
+    if not devices or len(devices) % data_shards:
+        raise ValueError(f"`data_shards` = {data_shards} must divide the number of devices ({len(devices)}).")
+    return Mesh(np.array(devices, dtype=object).reshape(-1, data_shards), ("rhs", "data"))
+
+
+def check_mesh(mesh, rhs_axis="rhs", data_axis=None) -> MeshPlan | None:
+    """Validates ``mesh=``, ``rhs_axis=``, ``data_axis=`` on the host; None without a mesh."""
+    if mesh is None:
+        if data_axis is not None:
+            raise ValueError("`data_axis` needs a `mesh`: pass mesh=jax.sharding.Mesh(...) (or cif_jax.solver_mesh()).")
+        if rhs_axis != "rhs":
+            raise ValueError(f"`rhs_axis` = {rhs_axis!r} needs a `mesh`: pass mesh=jax.sharding.Mesh(...).")
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"`mesh` must be a `jax.sharding.Mesh` of concrete devices (e.g. cif_jax.solver_mesh() or "
+            f"jax.sharding.Mesh(jax.devices(), ('rhs',))), got {type(mesh).__name__}."
+        )
+    names = tuple(mesh.axis_names)
+    for value, arg in ((rhs_axis, "rhs_axis"), (data_axis, "data_axis")):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"`{arg}` must be a mesh axis name (a string) or None, got {value!r}.")
+        if value is not None and value not in names:
+            raise ValueError(
+                f"`{arg}` = {value!r} is not an axis of the mesh (its axes: {names}); name one of them, or pass "
+                f"{arg}=None."
+            )
+    if rhs_axis is None and data_axis is None:
+        raise ValueError("`rhs_axis` and `data_axis` are both None: name the mesh axis to shard, or pass mesh=None.")
+    if rhs_axis is not None and rhs_axis == data_axis:
+        raise ValueError(f"`rhs_axis` and `data_axis` are both {rhs_axis!r}; they must be different mesh axes.")
+    for name in names:
+        if name not in (rhs_axis, data_axis) and mesh.shape[name] > 1:
+            raise ValueError(
+                f"mesh axis {name!r} has {mesh.shape[name]} devices but is neither `rhs_axis` ({rhs_axis!r}) nor "
+                f"`data_axis` ({data_axis!r}): those devices would repeat the same work. Pass it as one of them, or "
+                "build the mesh without it."
+            )
+    return MeshPlan(mesh, rhs_axis, data_axis)
+
+
+def check_task(plan: MeshPlan, task: Task, curvature: CurvatureSample | None) -> None:
+    """Checks that ``task`` (and ``curvature``) can be spread as ``plan`` says; raises with the fix."""
+    for leaf in jax.tree_util.tree_leaves((task.params, task.inputs, task.targets)):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            raise ValueError(
+                "the task's params and data must be held whole by every process (host arrays or arrays on local "
+                "devices); one of them is a global array spread over processes. Give each process its full copy."
+            )
+    count = task.num_examples if curvature is None else int(curvature.indices.shape[0])
+    if plan.data_shards > count:
+        what = "training examples" if curvature is None else "examples in the curvature sample"
+        raise ValueError(
+            f"`data_axis` {plan.data_axis!r} has {plan.data_shards} devices but there are only {count} {what}; "
+            "use a mesh with at most that many devices along the data axis."
+        )
+
+
+def as_rows(rhs):
+    """``jnp.asarray(rhs)``, except that a global array spread over processes is kept as it is."""
+    if isinstance(rhs, jax.Array):
+        return rhs
+    return jnp.asarray(rhs)
+
+
+def finite_rows(rhs, name: str, what: str) -> None:
+    """:func:`cif_jax._checks.finite_rows`, also for a global array spread over processes."""
+    if rhs.is_fully_addressable:
+        _checks.finite_rows(rhs, name, what=what)
+        return
+    ok = np.asarray(_row_flags(rhs))
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raise ValueError(f"{name} contain NaN or Inf for {bad.size} {what}(s), e.g. {bad[:10].tolist()}.")
+
+
+def _row_flags(rhs):
+    replicated = NamedSharding(rhs.sharding.mesh, P()) if isinstance(rhs.sharding, NamedSharding) else None
+    if replicated is None:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(jnp.isfinite(rhs).all(axis=1), tiled=True)
+    return jax.jit(lambda a: jnp.isfinite(a).all(axis=1), out_shardings=replicated)(rhs)
+
+
+# ------------------------------------------------------------------------------------------- placement
+
+
+def _global(value, sharding: NamedSharding):
+    """``value`` as a global array laid out by ``sharding``.
+
+    A global array spread over processes is returned as is (the jitted programs
+    reshard it). Anything else is taken to be the same in every process: each
+    process places the pieces its own devices hold.
+    """
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return value
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _example_layout(count: int, shards: int):
+    """Round-robin deal of ``count`` examples to ``shards`` devices, shard-major.
+
+    Returns ``(source, valid)``, both of length ``shards * ceil(count / shards)``:
+    position ``k * m + s`` (shard k, slot s, m per shard) holds example
+    ``s * shards + k``; positions past the end repeat example 0 and are not valid.
+    Shard k holds ``ceil((count - k) / shards) >= 1`` real examples when
+    ``shards <= count``.
+    """
+    per = math.ceil(count / shards)
+    source = np.arange(per * shards).reshape(per, shards).T.reshape(-1)
+    valid = source < count
+    return np.where(valid, source, 0), valid
+
+
+class _Operator(NamedTuple):
+    """The GGN's data placed on the mesh: params and preconditioner replicated, examples as the plan says."""
+
+    params: object
+    inputs: object
+    targets: object
+    weights: object  # (M',) weights of the examples (data axis), or of the curvature sample, or None
+    indices: object  # (M,) curvature sample indices without a data axis, else None
+    total_weight: object  # () sum of the weights of the examples that define the GGN
+    preconditioner: object
+
+
+def _place_operator(plan: MeshPlan, task: Task, curvature, preconditioner, dtype) -> _Operator:
+    mesh = plan.mesh
+    rep = NamedSharding(mesh, P())
+    put = lambda tree, sharding: jax.tree_util.tree_map(lambda a: _global(a, sharding), tree)
+    params = put(task.params, rep)
+    pre = None if preconditioner is None else put(preconditioner, rep)
+    if plan.data_axis is None:
+        inputs, targets = put(task.inputs, rep), put(task.targets, rep)
+        if curvature is None:
+            return _Operator(params, inputs, targets, None, None, None, pre)
+        return _Operator(params, inputs, targets, put(curvature.weights, rep), put(curvature.indices, rep), None,
+                         pre)
+    if curvature is None:
+        examples = np.arange(task.num_examples)
+        weights = np.ones(task.num_examples, dtype)
+    else:
+        examples = np.asarray(curvature.indices)
+        weights = np.asarray(curvature.weights, dtype)
+    source, valid = _example_layout(examples.size, plan.data_shards)
+    rows = examples[source]
+    shard = NamedSharding(mesh, P(plan.data_axis))
+    take = lambda tree: jax.tree_util.tree_map(lambda a: _global(np.asarray(a)[rows], shard), tree)
+    placed_w = _global(np.where(valid, weights[source], 0).astype(dtype), shard)
+    total = _global(np.asarray(weights.sum(), dtype), rep)
+    return _Operator(params, take(task.inputs), take(task.targets), placed_w, None, total, pre)
+
+
+def _specs(plan: MeshPlan, op: _Operator) -> _Operator:
+    """shard_map specs for the fields of a placed :class:`_Operator` (pytree prefixes)."""
+    data = P() if plan.data_axis is None else P(plan.data_axis)
+    spec = lambda field, s: None if field is None else s
+    return _Operator(P(), data, data, spec(op.weights, data), spec(op.indices, P()), spec(op.total_weight, P()),
+                     spec(op.preconditioner, P()))
+
+
+# ------------------------------------------------------------------------------------------- the solve
+
+
+@eqx.filter_jit
+def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, lam, rtol, atol, max_steps, max_restarts,
+                   batch_size):
+    """Solves block ``index`` of ``stack`` (T, S * block, p); rows sharded over the rhs axis."""
+    from .solve import _solve_system
+
+    apply_fn, loss_fn = fns
+    data_axis = plan.data_axis
+    rows_spec = P() if plan.rhs_axis is None else P(plan.rhs_axis)
+
+    def per_device(op, stack, index):
+        rhs = lax.dynamic_index_in_dim(stack, index, axis=0, keepdims=False)
+        task = Task(apply_fn, loss_fn, op.params, op.inputs, op.targets)
+        if data_axis is None:
+            curvature = None if op.indices is None else CurvatureSample(op.indices, op.weights)
+            one = ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature)
+            any_ = jnp.any
+        else:
+            local = jnp.arange(op.weights.shape[0], dtype=jnp.int32)
+            share = ggn_matvec_fn(task, batch_size=batch_size, curvature=CurvatureSample(local, op.weights))
+            local_weight = jnp.sum(op.weights)  # > 0: every shard holds a real example
+
+            def one(v):  # sum of this shard's weighted J^T W J v, added over the data axis
+                return lax.psum(share(v) * local_weight, data_axis) / op.total_weight
+
+            def any_(flags):  # all devices along the data axis take the same decision
+                return lax.psum(jnp.any(flags).astype(jnp.int32), data_axis) > 0
+
+        minv = inverse_fn(op.preconditioner, lam)
+        return _solve_system(jax.vmap(one), minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_)
+
+    stack_spec = P() if plan.rhs_axis is None else P(None, plan.rhs_axis)
+    fn = jax.shard_map(
+        per_device,
+        mesh=plan.mesh,
+        in_specs=(_specs(plan, op), stack_spec, P()),
+        out_specs=(rows_spec,) * 4,
+        # Per-device loops with different trip counts: replication is not tracked through them.
+        check_vma=False,
+    )
+    return fn(op, stack, index)
+
+
+def _layout(num: int, shards: int, rhs_batch_size: int | None):
+    """Where row r of the right-hand sides goes: ``(source, position, num_blocks, block)``.
+
+    Device k (of ``shards``) takes rows ``[k * m, (k + 1) * m)``, ``m = ceil(num / shards)``,
+    in ``num_blocks`` calls of ``block`` rows. ``source`` (num_blocks, shards * block)
+    names the row at each slot (-1: a zero padding system); ``position`` is its
+    inverse, the flat slot of each row.
+    """
+    per = math.ceil(num / shards)
+    block = per if rhs_batch_size is None else min(rhs_batch_size, per)
+    num_blocks = math.ceil(per / block)
+    t, k, s = np.meshgrid(np.arange(num_blocks), np.arange(shards), np.arange(block), indexing="ij")
+    local = t * block + s
+    row = k * per + local
+    source = np.where((local < per) & (row < num), row, -1).reshape(num_blocks, shards * block)
+    position = np.empty(num, np.int64)
+    flat = source.reshape(-1)
+    position[flat[flat >= 0]] = np.flatnonzero(flat >= 0)
+    return source, position, num_blocks, block
+
+
+def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
+               rhs_batch_size, progress, curvature=None, preconditioner=None):
+    """The sharded counterpart of the block loop of :func:`cif_jax.solve_ggn` (validated inputs).
+
+    Returns ``(solutions, residuals, num_steps, converged)`` as ordinary arrays on
+    this process's first local device, every row in every process.
+    """
+    mesh = plan.mesh
+    num, p = rhs.shape
+    dtype = rhs.dtype
+    source, position, num_blocks, block = _layout(num, plan.rhs_shards, rhs_batch_size)
+    rep = NamedSharding(mesh, P())
+    stack_sharding = NamedSharding(mesh, P() if plan.rhs_axis is None else P(None, plan.rhs_axis))
+
+    def arrange(rows, source):
+        picked = jnp.take(rows, jnp.maximum(source, 0), axis=0)
+        return jnp.where((source >= 0)[..., None], picked, jnp.zeros((), rows.dtype))
+
+    rows = rhs if not rhs.is_fully_addressable else _global(rhs, rep)
+    stack = jax.jit(arrange, out_shardings=stack_sharding)(rows, _global(source, rep))
+    op = _place_operator(plan, task, curvature, preconditioner, np.dtype(dtype))
+    fns = (task.apply_fn, task.loss_fn)
+
+    blocks = range(num_blocks)
+    if progress:
+        from tqdm.auto import tqdm
+
+        blocks = tqdm(blocks, desc="CG solves (sharded)", unit="block")
+    outs = [
+        _sharded_block(plan, fns, op, stack, _global(np.asarray(t, np.int32), rep), lam, rtol, atol, max_steps,
+                       max_restarts, batch_size)
+        for t in blocks
+    ]
+
+    def gather(outs, position):
+        return tuple(jnp.take(jnp.concatenate(col), position, axis=0) for col in zip(*outs))
+
+    whole = jax.jit(gather, out_shardings=rep)(outs, _global(position, rep))
+    home = jax.local_devices()[0]
+    return tuple(jax.device_put(a.addressable_data(0), home) for a in whole)
