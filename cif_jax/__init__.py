@@ -23,6 +23,8 @@ from cif_jax.kmeans import kmeans_fit as kmeans_fit
 from cif_jax.persistence import CacheFileError as CacheFileError
 from cif_jax.persistence import load_cache as load_cache
 from cif_jax.persistence import save_cache as save_cache
+from cif_jax.plan import BatchPlan as BatchPlan
+from cif_jax.plan import plan_batches as plan_batches
 from cif_jax.precondition import JacobiPreconditioner as JacobiPreconditioner
 from cif_jax.precondition import NystromPreconditioner as NystromPreconditioner
 from cif_jax.precondition import jacobi_preconditioner as jacobi_preconditioner
