@@ -37,9 +37,10 @@ def eval_task(task: Task, eval_inputs, eval_targets, params=None) -> Task:
             )
         for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
             if g.ndim != r.ndim or g.shape[1:] != r.shape[1:]:
+                per_example = ", ".join(map(str, r.shape[1:]))
                 raise ValueError(
-                    f"`{name}` must hold examples shaped like the training ones: (E, {', '.join(map(str, r.shape[1:]))})"
-                    f" per leaf, got shape {g.shape}."
+                    f"`{name}` must hold examples shaped like the training ones: (E, {per_example}) per leaf, "
+                    f"got shape {g.shape}."
                 )
     try:
         out = Task(task.apply_fn, task.loss_fn, task.params if params is None else params, eval_inputs, eval_targets)

@@ -161,7 +161,7 @@ def subset_losses(
     return losses.reshape(m, num_seeds, losses.shape[1]).mean(axis=1)
 
 
-def lds(attributions, keep, losses) -> LDSResult:
+def lds(attributions: Float[Array, "t n"] | Callable[[np.ndarray], np.ndarray], keep, losses) -> LDSResult:
     """Linear datamodeling score of attribution scores (Park et al. 2023, eq. 4).
 
     For test example z and subset ``S_m``, the prediction is

@@ -183,15 +183,14 @@ def retrain(
     if not isinstance(first, nnx.Module):
         raise TypeError(f"`build_model()` must return a flax.nnx.Module, got {type(first).__name__}.")
     init = _nnx_flat(first)
-    seen = {id(first)}
 
     def fresh():
         model = build_model()
-        if id(model) in seen:
+        if model is first:
             raise ValueError("`build_model()` returned a model it had returned before; cold-start retraining needs "
                              "a new model per call (build it inside the function).")
-        seen.add(id(model))
         flat = _nnx_flat(model)
+        # Also catches a function that hands out one model again after it was trained in place.
         if flat.shape != init.shape or not bool(jnp.array_equal(flat, init)):
             raise ValueError("`build_model()` returned different initial parameters on two calls; fix its seed so "
                              "that every retraining starts from the base model's initialisation.")

@@ -199,9 +199,9 @@ def test_pbrf_on_a_quadratic_problem_reaches_its_closed_form():
     opt = optax.sgd(0.3, momentum=0.5)
     res = cj.pbrf(task, subsets, damping=damping, optimizer=opt, num_steps=300, batch_size=7)
     assert _rel(res.param_delta, want) < 1e-10  # measured 1.4e-15
-    # The first-order (IF) answer differs at second order in |S|/N: visible for the large subset.
-    d_if = np.asarray(cj.influence(task, subsets, damping=damping, rtol=1e-12))
-    assert _rel(d_if[2], want[2]) > 10 * _rel(res.param_delta[2], want[2])
+    # The first-order (IF, eq. 3) answer differs at second order in |S|/N: 27% for the 12-member subset.
+    d_if = np.linalg.solve(h, grads[subsets[2]].sum(axis=0) / N)
+    assert _rel(d_if, want[2]) > 0.1
     # Vmapped subsets give the same result.
     batched = cj.pbrf(task, subsets, damping=damping, optimizer=opt, num_steps=300, subset_batch_size=2)
     np.testing.assert_allclose(np.asarray(batched.param_delta), np.asarray(res.param_delta), rtol=1e-10,
