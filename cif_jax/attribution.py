@@ -309,12 +309,12 @@ def trak(
     """TRAK scores (Park et al. 2023, Algorithm 1, without the final soft-thresholding).
 
     For each checkpoint k, with the margin ``f(z; theta) = log p_y - log(1 - p_y)``
-    (:func:`trak_margin`) and the JL projection ``Pi`` (eq. (5),
+    (:func:`trak_margin`) and a JL projection ``Pi_k`` (eq. (5),
     :func:`cif_jax.jl_projection`, streamed by :func:`cif_jax.sketch`):
 
     .. math::
 
-        \\phi_k(z) = \\Pi \\nabla_\\theta f(z; \\theta_k), \\qquad
+        \\phi_k(z) = \\Pi_k \\nabla_\\theta f(z; \\theta_k), \\qquad
         \\Phi_k = [\\phi_k(x_1), \\dots, \\phi_k(x_N)]^\\top \\in \\mathbb{R}^{N \\times d},
 
         Q_k = \\mathrm{diag}(1 - p_{y_i}(\\theta_k)), \\qquad
@@ -323,7 +323,8 @@ def trak(
 
     with ``Q_bar = (1/K) sum_k Q_k`` (the ensemble averages the out-to-loss
     weights and the kernel terms separately, as Algorithm 1 does) and ridge
-    ``rho``. The same projection is used for every checkpoint. ``tau(z)_i``
+    ``rho``. As in Algorithm 1 each checkpoint draws its own projection:
+    ``Pi_k = jl_projection(jax.random.fold_in(key, k), d, p)``. ``tau(z)_i``
     estimates the decrease of z's margin when i is removed, i.e. **positive
     means i helped z** (the library's sign); its scale is that of the margin, not
     of the loss. ``task.loss_fn`` is not used: TRAK assumes softmax cross-entropy
@@ -335,7 +336,8 @@ def trak(
         eval_targets: ``(E,)`` integer labels of the evaluation examples.
         sketch_dim: ``d``, the JL dimension; None uses the identity projection
             (raw p-dimensional gradients; small models only).
-        key: PRNG key of the projection (required when ``sketch_dim`` is set).
+        key: PRNG key of the projections (required when ``sketch_dim`` is set);
+            checkpoint k uses ``jax.random.fold_in(key, k)``.
         checkpoints: None (use ``task.params``) or a list of parameter pytrees
             (or Tasks) for the ensemble.
         ridge: ``rho >= 0`` added to the kernel's diagonal, in projected units
@@ -380,10 +382,11 @@ def trak(
 
     total = None
     for k, theta in enumerate(params):
-        feats, bad = _feature_pass(_margin_task(_baselines.with_params(task, theta)), key, sketch_dim, block_size,
+        key_k = None if key is None else jax.random.fold_in(key, k)
+        feats, bad = _feature_pass(_margin_task(_baselines.with_params(task, theta)), key_k, sketch_dim, block_size,
                                    batch_size)
         raise_on_bad(bad)
-        eval_feats, bad_eval = _feature_pass(_margin_task(_baselines.with_params(ev, theta)), key, sketch_dim,
+        eval_feats, bad_eval = _feature_pass(_margin_task(_baselines.with_params(ev, theta)), key_k, sketch_dim,
                                              block_size, batch_size)
         _raise_bad_eval(bad_eval)
         scores, evals = _kernel_scores(feats, eval_feats, q_bar.astype(feats.dtype), mask_t, ridge)

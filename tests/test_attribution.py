@@ -64,13 +64,14 @@ def _one_minus_p(params, x, y):
     return 1.0 - s[np.arange(len(s)), np.asarray(y)]
 
 
-def _trak_reference(params_list, x, y, xe, ye, *, ridge, proj=None):
+def _trak_reference(params_list, x, y, xe, ye, *, ridge, projections=None):
+    """Algorithm 1 of Park et al.: mean over checkpoints of the kernel terms, times the mean of 1 - p_y."""
     q_bar = np.mean([_one_minus_p(th, x, y) for th in params_list], axis=0)
     total = 0
-    for th in params_list:
+    for k, th in enumerate(params_list):
         phi, phi_e = _margin_grads(th, x, y), _margin_grads(th, xe, ye)
-        if proj is not None:
-            phi, phi_e = phi @ proj.T, phi_e @ proj.T
+        if projections is not None:
+            phi, phi_e = phi @ projections[k].T, phi_e @ projections[k].T
         kernel = phi.T @ phi + ridge * np.eye(phi.shape[1])
         total = total + phi_e @ np.linalg.solve(kernel, phi.T)
     return total / len(params_list) * q_bar[None, :]
@@ -140,12 +141,17 @@ def test_trak_identity_projection_matches_unprojected_formula(problem, eval_data
 
 
 def test_trak_projected_matches_explicit_projection(problem, eval_data, checkpoints, getkey):
-    """d = 8 below the rank (12) of the margin gradients: the kernel is invertible without a ridge."""
+    """d = 8 below the rank (12) of the margin gradients: the kernel is invertible without a ridge.
+
+    Checkpoint k is projected by ``jl_projection(fold_in(key, k), ...)``, an explicit matrix here.
+    """
     xe, ye = eval_data
     task = problem.task
     key, d, block = getkey(), 8, 5  # 18 parameters in blocks of 5: the last block is short
-    proj = np.asarray(cj.jl_projection(key, d, task.num_params, block_size=block))
-    want = _trak_reference(checkpoints[:2], task.inputs, task.targets, xe, ye, ridge=0.0, proj=proj)
+    projections = [np.asarray(cj.jl_projection(jax.random.fold_in(key, k), d, task.num_params, block_size=block))
+                   for k in range(2)]
+    assert not np.allclose(projections[0], projections[1])
+    want = _trak_reference(checkpoints[:2], task.inputs, task.targets, xe, ye, ridge=0.0, projections=projections)
     got = cj.trak(task, xe, ye, sketch_dim=d, key=key, block_size=block, checkpoints=checkpoints[:2])
     assert _rel(got, want) < TOL
 
