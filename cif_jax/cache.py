@@ -21,6 +21,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, UInt
 
 from . import _checks
+from . import distributed as _distributed
 from .gradients import raise_on_bad, streamed_map, streamed_sum
 from .kmeans import kmeans_fit
 from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
@@ -159,6 +160,9 @@ def build_cache(
     curvature=None,
     preconditioner=None,
     progress: bool = False,
+    mesh=None,
+    rhs_axis: str | None = "rhs",
+    data_axis: str | None = None,
 ) -> InfluenceCache:
     """Builds a CiF cache: sketch, cluster, cluster means, C damped-GGN solves.
 
@@ -189,6 +193,9 @@ def build_cache(
             shared by the C solves. The responses do not depend on it beyond the
             solver tolerance.
         progress: show progress.
+        mesh, rhs_axis, data_axis: spread the C solves of phase II (and optionally the
+            examples of the GGN products) over the devices of a ``jax.sharding.Mesh``,
+            as :func:`cif_jax.solve_ggn`. Phase I runs in every process.
 
     Returns:
         An :class:`InfluenceCache`, with phase timings in ``cache.timing``.
@@ -215,6 +222,9 @@ def build_cache(
     key, key_data = _check_key(key)
     sketch_key, kmeans_key = jax.random.split(key)
     curvature = _curvature.check(curvature, n, task.dtype)
+    plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
+    if plan is not None:
+        _distributed.check_task(plan, task, curvature)
     if not (preconditioner is None or isinstance(preconditioner, str)):
         preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     elif preconditioner not in (None, "none", "jacobi"):
@@ -270,7 +280,7 @@ def build_cache(
     solved = phase(
         "solves",
         lambda: _solve_rows(task, means, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                            progress, True, curvature, preconditioner),
+                            progress, True, curvature, preconditioner, plan),
     )
     if bar is not None:
         bar.close()

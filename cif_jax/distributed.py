@@ -265,16 +265,20 @@ def _specs(plan: MeshPlan, op: _Operator) -> _Operator:
 
 
 @eqx.filter_jit
-def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, lam, rtol, atol, max_steps, max_restarts,
-                   batch_size):
-    """Solves block ``index`` of ``stack`` (T, S * block, p); rows sharded over the rhs axis."""
+def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, batch_size):
+    """Solves block ``index`` of ``stack`` (T, S * block, p); rows sharded over the rhs axis.
+
+    ``settings``: ``(lam, rtol, atol, max_steps, max_restarts)`` as replicated arrays,
+    so that new values reuse the compiled program.
+    """
     from .solve import _solve_system
 
     apply_fn, loss_fn = fns
     data_axis = plan.data_axis
     rows_spec = P() if plan.rhs_axis is None else P(plan.rhs_axis)
 
-    def per_device(op, stack, index):
+    def per_device(op, stack, index, settings):
+        lam = settings[0]
         rhs = lax.dynamic_index_in_dim(stack, index, axis=0, keepdims=False)
         task = Task(apply_fn, loss_fn, op.params, op.inputs, op.targets)
         if data_axis is None:
@@ -293,18 +297,18 @@ def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, lam, rtol, 
                 return lax.psum(jnp.any(flags).astype(jnp.int32), data_axis) > 0
 
         minv = inverse_fn(op.preconditioner, lam)
-        return _solve_system(jax.vmap(one), minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_)
+        return _solve_system(jax.vmap(one), minv, rhs, *settings, any_)
 
     stack_spec = P() if plan.rhs_axis is None else P(None, plan.rhs_axis)
     fn = jax.shard_map(
         per_device,
         mesh=plan.mesh,
-        in_specs=(_specs(plan, op), stack_spec, P()),
+        in_specs=(_specs(plan, op), stack_spec, P(), P()),
         out_specs=(rows_spec,) * 4,
         # Per-device loops with different trip counts: replication is not tracked through them.
         check_vma=False,
     )
-    return fn(op, stack, index)
+    return fn(op, stack, index, settings)
 
 
 def _layout(num: int, shards: int, rhs_batch_size: int | None):
@@ -346,10 +350,11 @@ def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_
         picked = jnp.take(rows, jnp.maximum(source, 0), axis=0)
         return jnp.where((source >= 0)[..., None], picked, jnp.zeros((), rows.dtype))
 
-    rows = rhs if not rhs.is_fully_addressable else _global(rhs, rep)
-    stack = jax.jit(arrange, out_shardings=stack_sharding)(rows, _global(source, rep))
+    stack = jax.jit(arrange, out_shardings=stack_sharding)(_global(rhs, rep), _global(source, rep))
     op = _place_operator(plan, task, curvature, preconditioner, np.dtype(dtype))
     fns = (task.apply_fn, task.loss_fn)
+    settings = tuple(_global(np.asarray(v, t), rep) for v, t in
+                     ((lam, dtype), (rtol, dtype), (atol, dtype), (max_steps, np.int32), (max_restarts, np.int32)))
 
     blocks = range(num_blocks)
     if progress:
@@ -357,8 +362,7 @@ def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_
 
         blocks = tqdm(blocks, desc="CG solves (sharded)", unit="block")
     outs = [
-        _sharded_block(plan, fns, op, stack, _global(np.asarray(t, np.int32), rep), lam, rtol, atol, max_steps,
-                       max_restarts, batch_size)
+        _sharded_block(plan, fns, op, stack, _global(np.asarray(t, np.int32), rep), settings, batch_size)
         for t in blocks
     ]
 

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from . import _checks
+from . import curvature as _curvature
+from . import distributed as _distributed
 from .gradients import _subset_gradient_sums, raise_on_bad
 from .solve import SolveResult, solve_ggn
 from .task import Task
@@ -29,6 +31,9 @@ def influence_solve(
     curvature=None,
     preconditioner=None,
     progress: bool = False,
+    mesh=None,
+    rhs_axis: str | None = "rhs",
+    data_axis: str | None = None,
 ) -> SolveResult:
     """Per-query IF with solver diagnostics: ``solutions[q] = (1/N) H~^{-1} sum_{i in S_q} g_i``.
 
@@ -40,13 +45,16 @@ def influence_solve(
     _checks.solver_settings(rtol, atol, max_steps, max_restarts)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
+    plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
+    if plan is not None:
+        _distributed.check_task(plan, task, _curvature.check(curvature, task.num_examples, task.dtype))
     subs = _checks.subsets(subsets, task.num_examples)
     sums, bad = _subset_gradient_sums(task, jnp.asarray(subs.mask.T), batch_size)
     raise_on_bad(bad)
     result = solve_ggn(
         task, sums, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
         batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        progress=progress,
+        progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
     )
     n = jnp.asarray(task.num_examples, result.solutions.dtype)
     return result._replace(solutions=result.solutions / n)
@@ -66,6 +74,9 @@ def influence(
     curvature=None,
     preconditioner=None,
     progress: bool = False,
+    mesh=None,
+    rhs_axis: str | None = "rhs",
+    data_axis: str | None = None,
 ) -> Float[Array, "q p"]:
     """Per-query influence: the parameter change when each subset S is removed (paper eq. 3).
 
@@ -90,6 +101,9 @@ def influence(
         preconditioner: None, ``"jacobi"``, or a built preconditioner, shared by all Q
             solves (see :func:`cif_jax.nystrom_preconditioner`).
         progress: show a progress bar over blocks of systems.
+        mesh, rhs_axis, data_axis: spread the Q solves (and optionally the examples of
+            the GGN products) over the devices of a ``jax.sharding.Mesh``, as
+            :func:`cif_jax.solve_ggn`; the gradient sums are computed in every process.
 
     Returns:
         (Q, p) parameter changes, flat in ``ravel_pytree(params)`` order.
@@ -97,5 +111,5 @@ def influence(
     return influence_solve(
         task, subsets, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
         batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        progress=progress,
+        progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
     ).solutions
