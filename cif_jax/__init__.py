@@ -61,4 +61,8 @@ from cif_jax.retrain import pbrf as pbrf
 from cif_jax.retrain import retrain as retrain
 from cif_jax.retrain import train_many as train_many
 
+# STRIDE: per-subset logit steering on frozen features, per-example scores by Lasso.
+from cif_jax.lasso import LassoSolution as LassoSolution
+from cif_jax.lasso import lasso as lasso
+
 __version__ = "0.1.0"
