@@ -64,5 +64,12 @@ from cif_jax.retrain import train_many as train_many
 # STRIDE: per-subset logit steering on frozen features, per-example scores by Lasso.
 from cif_jax.lasso import LassoSolution as LassoSolution
 from cif_jax.lasso import lasso as lasso
+from cif_jax.stride import StrideOperators as StrideOperators
+from cif_jax.stride import nnx_feature_fn as nnx_feature_fn
+from cif_jax.stride import stride_features as stride_features
+from cif_jax.stride import stride_fit as stride_fit
+from cif_jax.stride import stride_responses as stride_responses
+from cif_jax.stride import stride_scores as stride_scores
+from cif_jax.stride import stride_subsets as stride_subsets
 
 __version__ = "0.1.0"

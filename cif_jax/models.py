@@ -434,6 +434,26 @@ class LeNet5(nnx.Module):
         x = jax.nn.relu(self.fc2(x))
         return self.fc3(x)
 
+    def features(self, x: jax.Array, *, layer: int = -1) -> jax.Array:
+        """Post-ReLU output of a hidden layer, ``(B, width)`` (STRIDE's frozen features).
+
+        Layers: 0 = conv1 (after ReLU and pooling, flattened), 1 = conv2 (likewise),
+        2 = fc1 (120), 3 = fc2 (84); ``-1`` is the penultimate layer fc2 (STRIDE,
+        app. B.1), negative values count from the end.
+        """
+        layer = _layer_index(layer, 4, "LeNet5")
+        x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
+        if layer == 0:
+            return _flatten(x)
+        x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
+        x = _flatten(x)
+        if layer == 1:
+            return x
+        x = jax.nn.relu(self.fc1(x))
+        if layer == 2:
+            return x
+        return jax.nn.relu(self.fc2(x))
+
 
 class MLP(nnx.Module):
     """Multi-layer perceptron with ReLU on the flattened input.
@@ -476,6 +496,23 @@ class MLP(nnx.Module):
         for layer in self.hidden_layers:
             x = jax.nn.relu(layer(x))
         return self.out(x)
+
+    def features(self, x: jax.Array, *, layer: int = -1) -> jax.Array:
+        """Post-ReLU output of hidden layer ``layer``, ``(B, hidden[layer])`` (STRIDE's frozen features).
+
+        ``-1`` is the last hidden layer, the penultimate layer of the network
+        (STRIDE, app. B.1). An MLP without hidden layers is logistic regression:
+        use the flattened inputs as features.
+        """
+        n = len(self.hidden_layers)
+        if n == 0:
+            raise ValueError("This MLP has no hidden layer (logistic regression): use the flattened inputs as "
+                             "features, e.g. `feature_fn=lambda params, x: x.reshape(len(x), -1)`.")
+        layer = _layer_index(layer, n, "MLP")
+        x = _flatten(x)
+        for i in range(layer + 1):
+            x = jax.nn.relu(self.hidden_layers[i](x))
+        return x
 
 
 class AlexNet(nnx.Module):
@@ -624,6 +661,12 @@ class ResNet18(nnx.Module):
             x = block(x)
         x = jnp.mean(x, axis=(1, 2))
         return self.fc(x)
+
+
+def _layer_index(layer: int, num_layers: int, who: str) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -num_layers <= layer < num_layers:
+        raise ValueError(f"{who}.features: `layer` must be an int in [-{num_layers}, {num_layers}), got {layer!r}.")
+    return int(layer) % num_layers
 
 
 def _check_image_shape(in_shape: Sequence[int], who: str) -> tuple[int, int, int]:
