@@ -25,8 +25,8 @@ from jax.sharding import Mesh  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cif_jax as cj  # noqa: E402
-from _models import BATCH, LAM, RHS_BATCH, RTOL, dense_influence, dense_solve, masks_of, mlp_problem, \
-    random_subsets, row_rel_err  # noqa: E402
+from _models import BATCH, LAM, RHS_BATCH, RTOL, SKETCH_DIM, dense_influence, dense_means, dense_solve, \
+    masks_of, mlp_problem, random_subsets, row_rel_err  # noqa: E402
 
 #: A curvature sample of 15 examples: uneven over 2 data shards.
 SAMPLE_IDX = np.arange(1, 46, 3)
@@ -56,6 +56,7 @@ def main() -> dict:
     rng = np.random.default_rng(3)
     rhs = rng.normal(size=(5, problem.num_params))  # 5 systems on 2 devices: 3 + 2, then blocks of 2
     rhs_mesh = Mesh(np.array(devices[:2]), ("rhs",))
+    data_mesh = Mesh(np.array(devices[:2]), ("data",))
 
     # 1. Right-hand sides over 2 devices, 2 systems per device per call (padding at both levels).
     single = _solve(task, rhs, rhs_batch_size=RHS_BATCH)
@@ -70,25 +71,30 @@ def main() -> dict:
     out["influence_vs_single"] = row_rel_err(got, ref)
     out["influence_vs_dense"] = row_rel_err(got, want)
 
-    # 3. Examples over 2 devices, N = 47 (uneven: 24 + 23 and a zero-weight pad), chunks of 7.
-    n = 47
-    short = cj.Task(task.apply_fn, task.loss_fn, task.params, task.inputs[:n], task.targets[:n])
-    ggn_47 = np.einsum("nqi,nqr,nrj->ij", problem.jac[:n], problem.out_hess[:n], problem.jac[:n]) / n
-    ggn_47 += LAM * np.eye(problem.num_params)
-    data_mesh = Mesh(np.array(devices[:2]), ("data",))
-    single = _solve(short, rhs, batch_size=BATCH)
-    sharded = _solve(short, rhs, batch_size=BATCH, mesh=data_mesh, rhs_axis=None, data_axis="data")
-    _compare(out, sharded, single, dense_solve(ggn_47, rhs), "data")
+    # 3. The cache: the C = 5 cluster solves over 2 devices (same compiled solves as 1).
+    kw = dict(num_clusters=5, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0), rtol=RTOL,
+              rhs_batch_size=RHS_BATCH)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
+        plain = cj.build_cache(task, **kw)
+        sharded = cj.build_cache(task, mesh=rhs_mesh, **kw)
+    out["cache_same_assignments"] = bool(np.array_equal(np.asarray(plain.assignments),
+                                                        np.asarray(sharded.assignments)))
+    out["cache_vs_single"] = row_rel_err(sharded.responses, plain.responses)
+    out["cache_vs_dense"] = row_rel_err(sharded.responses,
+                                        dense_solve(problem.ggn, dense_means(problem.grads, sharded.assignments, 5)))
+    out["cache_max_residual"] = float(np.max(np.asarray(sharded.residuals)))
 
-    # 4. A 2 x 2 mesh (systems x examples) with a curvature sample and the Jacobi preconditioner:
-    # the two rhs groups loop independently while each psums within its own data group.
+    # 4. A 2 x 2 mesh (systems x examples) with a curvature sample of 15 (8 + 7 and a zero-weight pad,
+    # in chunks of 7) and the Jacobi preconditioner: the two rhs groups loop independently while each
+    # psums within its own data group.
     sample = cj.CurvatureSample(jnp.asarray(SAMPLE_IDX), jnp.asarray(SAMPLE_W))
     ggn_s = np.einsum("n,nqi,nqr,nrj->ij", SAMPLE_W, problem.jac[SAMPLE_IDX], problem.out_hess[SAMPLE_IDX],
                       problem.jac[SAMPLE_IDX]) / SAMPLE_W.sum() + LAM * np.eye(problem.num_params)
     pre = cj.jacobi_preconditioner(task, curvature=sample)
     grid = Mesh(np.array(devices[:4]).reshape(2, 2), ("rhs", "data"))
-    single = _solve(task, rhs, curvature=sample, preconditioner=pre)
-    sharded = _solve(task, rhs, curvature=sample, preconditioner=pre, mesh=grid, data_axis="data")
+    single = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH)
+    sharded = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH, mesh=grid, data_axis="data")
     _compare(out, sharded, single, dense_solve(ggn_s, rhs), "grid")
 
     # 5. A right-hand side of NaNs is refused on the sharded path too.
