@@ -133,8 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark; ``argv`` as on the command line (None: the defaults, not ``sys.argv``)."""
+    args = _parser().parse_args([] if argv is None else argv)
     if args.inner:
         _inner(args)
         return {}
@@ -184,4 +185,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -257,7 +257,8 @@ def launch(problem: str = "small", *, num_rhs: int = 6, repeats: int = 1, skip_d
         wall = time.perf_counter() - start
         failed = [(i, p.returncode, log[-3000:]) for i, (p, log) in enumerate(zip(procs, logs)) if p.returncode]
         if failed:
-            raise RuntimeError("worker(s) failed:\n" + "\n".join(f"process {i} (exit {rc}):\n{log}" for i, rc, log in failed))
+            details = "\n".join(f"process {i} (exit {rc}):\n{log}" for i, rc, log in failed)
+            raise RuntimeError("worker(s) failed:\n" + details)
         reports = [json.load(open(os.path.join(out, f"process{i}.json"))) for i in range(num_processes)]
         arrays = [dict(np.load(os.path.join(out, f"process{i}.npz"))) for i in range(num_processes)]
     first = arrays[0]
@@ -280,7 +281,8 @@ def launch(problem: str = "small", *, num_rhs: int = 6, repeats: int = 1, skip_d
     return summary
 
 
-def main(argv=None) -> dict | None:
+def main(argv: list[str] | None = None) -> dict | None:
+    """The command line; ``argv`` None means the defaults, not ``sys.argv``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problem", choices=("small", "lenet"), default="small")
     parser.add_argument("--num-rhs", type=int, default=6)
@@ -299,7 +301,7 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--out", default=".")
-    args = parser.parse_args(argv)
+    args = parser.parse_args([] if argv is None else argv)
     if args.worker:
         worker(args)
         return None
@@ -310,10 +312,11 @@ def main(argv=None) -> dict | None:
     tolerance = args.tolerance if args.tolerance is not None else (1e-8 if args.problem == "small" else math.inf)
     diffs = [v for k, v in summary.items() if k.endswith("_vs_alone")]
     if not summary["processes_agree"] or max(diffs, default=0.0) > tolerance:
-        print(f"MISMATCH: the processes disagree, or sharded results differ from one process by more than {tolerance:g}", file=sys.stderr)
+        print(f"MISMATCH: the processes disagree, or sharded results differ from one process by more than "
+              f"{tolerance:g}", file=sys.stderr)
         sys.exit(1)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

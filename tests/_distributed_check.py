@@ -66,7 +66,7 @@ def main() -> dict:
     # 2. Per-query IF with the Q systems over the devices (same compiled solves as 1).
     subsets = random_subsets()
     want = dense_influence(problem, masks_of(subsets))
-    got = cj.influence(task, subsets, damping=LAM, rtol=RTOL, rhs_batch_size=RHS_BATCH, mesh=rhs_mesh)
+    got = cj.influence(task, subsets, damping=LAM, rtol=RTOL, rhs_batch_size=RHS_BATCH, mesh=rhs_mesh, progress=True)
     ref = cj.influence(task, subsets, damping=LAM, rtol=RTOL, rhs_batch_size=RHS_BATCH)
     out["influence_vs_single"] = row_rel_err(got, ref)
     out["influence_vs_dense"] = row_rel_err(got, want)
