@@ -1,0 +1,103 @@
+"""Appendix B.1, Fig. 5: fold-level agreement of CiF with IF over the cache hyperparameters (C, d).
+
+For every K, IF is solved once per fold; for every (C, d) one cache is built and
+answers the folds of every K. Pearson and Spearman over the folds are drawn as
+heatmaps (x: C, y: d), one row per K. A second pass clusters unit-normalised
+sketches instead of raw ones (``--normalized-dims``) to compare the two.
+
+One Nystrom preconditioner is shared by every IF and CiF solve (timing is not
+the point here; results agree within the CG tolerance).
+
+    python experiments/robustness.py --quick   # digits: C {10,50,100} x d {32,128}, K {5,100,250}
+    python experiments/robustness.py           # mnist5k: C {10,50,100,500} x d {32,64,128,256}, K {5,100,250,500}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import _common as ec
+
+
+def main():
+    p = ec.parser(__doc__.splitlines()[0])
+    p.add_argument("--clusters", type=int, nargs="+", default=None)
+    p.add_argument("--dims", type=int, nargs="+", default=None)
+    p.add_argument("--k", type=int, nargs="+", default=None)
+    p.add_argument("--normalized-dims", type=int, nargs="+", default=None,
+                   help="sketch dims at which unit-normalised sketches are also clustered (quick: 32; full: all)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    args = ec.finish_args(p.parse_args())
+    clusters = args.clusters or ([10, 50, 100] if args.quick else [10, 50, 100, 500])
+    dims = args.dims or ([32, 128] if args.quick else [32, 64, 128, 256])
+    ks = args.k or ([5, 100, 250] if args.quick else [5, 100, 250, 500])
+    norm_dims = args.normalized_dims or ([32] if args.quick else dims)
+    task, ds = ec.trained_task(args.dataset, args.model, seed=args.seed)
+    n = task.num_examples
+    print(f"{args.dataset}/{args.model}: N = {n}, p = {task.num_params:,}; C {clusters}, d {dims}, K {ks}")
+    pre, pre_info = ec.nystrom(task, args)
+    print(f"shared Nystrom preconditioner: rank {pre_info['rank']}, {pre_info['seconds']:.1f} s")
+    folds = {k: ec.folds_for(n, k, args.seed) for k in ks}
+    ifs, if_info = {}, {}
+    for k in ks:
+        ifs[k], if_info[k] = ec.if_fold_scores(task, folds[k], args, pre)
+        print(f"IF K = {k}: {if_info[k]['seconds']:.1f} s, max residual {if_info[k]['max_residual']:.2g}")
+
+    cells = []
+    for normalize, dim_list in ((False, dims), (True, norm_dims)):
+        for d in dim_list:
+            for c in clusters:
+                if c > n:
+                    continue
+                cache, warns = ec.build_cache(task, args, num_clusters=c, sketch_dim=d, normalize=normalize,
+                                              preconditioner=pre)
+                sizes = np.asarray(cache.cluster_sizes)
+                for k in ks:
+                    cif, _ = ec.cif_fold_scores(cache, task, folds[k], args)
+                    corr = ec.correlations(cif, ifs[k], resamples=args.bootstrap, seed=args.seed)
+                    cells.append({"normalized": normalize, "d": d, "C": c, "K": k, **corr,
+                                  "largest_cluster_share": float(sizes.max() / n),
+                                  "scatter_trace": float(cache.scatter_trace),
+                                  "build_seconds": ec.cache_timing(cache)["total"]})
+                print(f"{'unit' if normalize else 'raw '} d = {d:3d}, C = {c:3d} (largest cluster "
+                      f"{sizes.max() / n:.0%}): " + ", ".join(
+                          f"K={x['K']} {x['pearson']['value']:.3f}/{x['spearman']['value']:.3f}"
+                          for x in cells[-len(ks):]))
+    result = {**ec.task_info(task, ds, args), "preconditioner": pre_info, "clusters": clusters, "dims": dims,
+              "K": ks, "normalized_dims": norm_dims, "bootstrap": args.bootstrap,
+              "if": {str(k): if_info[k] for k in ks}, "cells": cells}
+    ec.write("robustness", args, result)
+    _plot(result, args)
+
+
+def _plot(r, args):
+    plt = ec.pyplot()
+    ks, cs, ds_ = r["K"], r["clusters"], r["dims"]
+    for normalize, dims in ((False, ds_), (True, r["normalized_dims"])):
+        fig, axes = plt.subplots(len(ks), 2, figsize=(2.2 + 0.9 * len(cs) * 2, 0.6 + 0.55 * len(dims) * len(ks) + 0.6),
+                                 squeeze=False)
+        for row, k in zip(axes, ks):
+            for ax, metric in zip(row, ("pearson", "spearman")):
+                grid = np.full((len(dims), len(cs)), np.nan)
+                for x in r["cells"]:
+                    if x["normalized"] == normalize and x["K"] == k and x["d"] in dims:
+                        grid[dims.index(x["d"]), cs.index(x["C"])] = x[metric]["value"]
+                im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+                for i in range(len(dims)):
+                    for j in range(len(cs)):
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="w" if grid[i, j] < 0.6 else "k")
+                ax.set_xticks(range(len(cs)), [str(c) for c in cs])
+                ax.set_yticks(range(len(dims)), [str(d) for d in dims])
+                ax.set_title(f"K = {k}: {metric}", fontsize=9)
+                ax.set_xlabel("C")
+                ax.set_ylabel("d")
+        fig.colorbar(im, ax=axes, shrink=0.6)
+        fig.suptitle(f"CiF vs IF, {'unit-normalised' if normalize else 'raw'} sketches ({r['dataset']}/{r['model']})",
+                     fontsize=10)
+        fig.savefig(ec.figure_path("robustness", args, "-normalized" if normalize else "-raw"), dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
