@@ -132,8 +132,9 @@ def write(name: str, args, result: dict) -> str:
     """Writes ``<output>/<name>[-quick].json`` with the machine and the command."""
     os.makedirs(args.output, exist_ok=True)
     result = {"experiment": name, "quick": bool(args.quick),
-              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **result}
+              "command": "python " + " ".join(shlex.quote(a) for a in
+                                              [os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]]),
+              "machine": machine(), "load_average_1_5_15min_at_end": list(os.getloadavg()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **result}
     path = os.path.join(args.output, f"{stem(name, args)}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

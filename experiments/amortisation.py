@@ -14,7 +14,7 @@ measured above (Q is a grid, not Q separate runs); the break-even line is the
 paper's ``Q = C + t_over / t_IHVP`` (with ``t_over`` averaged over C) and the
 exact measured crossing ``Q* = build(C) / (t_IHVP - t_lin)`` is drawn beside it.
 
-    python experiments/amortisation.py --quick   # digits / LeNet-5, plain CG, C in 5..40
+    python experiments/amortisation.py --quick   # digits / LeNet-5, plain CG, C in 5 10 20
     python experiments/amortisation.py           # mnist5k / LeNet-5, C in 10..500, plain + Nystrom
 """
 
@@ -27,15 +27,15 @@ import _common as ec
 
 def main():
     p = ec.parser(__doc__.splitlines()[0])
-    p.add_argument("--clusters", type=int, nargs="+", default=None, help="quick: 5 10 20 40; full: 10 50 100 500")
-    p.add_argument("--if-folds", type=int, default=None, help="IF queries timed (quick 32, full 64)")
+    p.add_argument("--clusters", type=int, nargs="+", default=None, help="quick: 5 10 20; full: 10 50 100 500")
+    p.add_argument("--if-folds", type=int, default=None, help="IF queries timed (quick 16, full 64)")
     p.add_argument("--queries", type=int, default=100, help="fold queries answered to time t_lin (K)")
     p.add_argument("--sketch-dim", type=int, default=32)
     p.add_argument("--solvers", nargs="+", default=None, choices=("plain", "nystrom"),
                    help="quick: plain; full: plain nystrom")
     args = ec.finish_args(p.parse_args())
-    clusters = args.clusters or ([5, 10, 20, 40] if args.quick else [10, 50, 100, 500])
-    if_folds = args.if_folds or (32 if args.quick else 64)
+    clusters = args.clusters or ([5, 10, 20] if args.quick else [10, 50, 100, 500])
+    if_folds = args.if_folds or (16 if args.quick else 64)
     solvers = args.solvers or (["plain"] if args.quick else ["plain", "nystrom"])
     task, ds = ec.trained_task(args.dataset, args.model, seed=args.seed)
     n = task.num_examples

@@ -24,7 +24,7 @@ def main():
     p = ec.parser(__doc__.splitlines()[0])
     p.add_argument("--clusters", type=int, nargs="+", default=None, help="quick: 10 50; full: 10 50 100 500")
     p.add_argument("--k", type=int, nargs="+", default=[50, 100])
-    p.add_argument("--if-folds", type=int, default=None, help="IF folds timed (quick 32; full: all)")
+    p.add_argument("--if-folds", type=int, default=None, help="IF folds timed (quick 16; full: all)")
     p.add_argument("--sketch-dim", type=int, default=32)
     p.add_argument("--solvers", nargs="+", default=["plain"], choices=("plain", "nystrom"))
     args = ec.finish_args(p.parse_args())
@@ -34,7 +34,7 @@ def main():
     print(f"{args.dataset}/{args.model}: N = {n}, p = {num_params:,}")
     folds = [f for k in args.k for f in ec.folds_for(n, k, args.seed)]
     q = len(folds)
-    if_n = min(args.if_folds or (32 if args.quick else q), q)
+    if_n = min(args.if_folds or (16 if args.quick else q), q)
     rng = np.random.default_rng(args.seed)
     if_sel = [folds[i] for i in np.sort(rng.choice(q, if_n, replace=False))]
 
