@@ -17,6 +17,11 @@ from cif_jax.gradients import per_example_grads as per_example_grads
 from cif_jax.gradients import subset_gradient_sums as subset_gradient_sums
 from cif_jax.influence import influence as influence
 from cif_jax.influence import influence_solve as influence_solve
+from cif_jax.kfac import KFACPreconditioner as KFACPreconditioner
+from cif_jax.kfac import ekfac_influence as ekfac_influence
+from cif_jax.kfac import ekfac_preconditioner as ekfac_preconditioner
+from cif_jax.kfac import ekfac_solve as ekfac_solve
+from cif_jax.kfac import kfac_preconditioner as kfac_preconditioner
 from cif_jax.kmeans import KMeansResult as KMeansResult
 from cif_jax.kmeans import kmeans as kmeans
 from cif_jax.kmeans import kmeans_fit as kmeans_fit

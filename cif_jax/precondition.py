@@ -130,33 +130,49 @@ def inverse_fn(preconditioner, lam):
             return r + ((r @ u.T) * factor[None, :]) @ u
 
         return apply
+    from .kfac import KFACPreconditioner, inverse
+
+    if isinstance(preconditioner, KFACPreconditioner):
+        return inverse(preconditioner, lam)
     raise TypeError(f"unknown preconditioner {type(preconditioner).__name__}.")
 
 
 def check(preconditioner, task: Task, curvature, *, batch_size=None):
-    """Normalises ``preconditioner=`` (None, ``"none"``, ``"jacobi"``, or a built one) for ``task``.
+    """Normalises ``preconditioner=`` (None, ``"none"``, ``"jacobi"``, ``"kfac"``, ``"ekfac"``, or a built one).
 
     A built preconditioner must come from the same task (fingerprint) and
-    curvature sample; ``"jacobi"`` is built here.
+    curvature sample; ``"jacobi"``, ``"kfac"`` and ``"ekfac"`` are built here.
     """
+    from .kfac import KFACPreconditioner, _build as _build_kfac
+
     if preconditioner is None or (isinstance(preconditioner, str) and preconditioner == "none"):
         return None
     if isinstance(preconditioner, str):
         if preconditioner == "jacobi":
             return _jacobi(task, _jacobi_batch(batch_size), curvature)
+        if preconditioner in ("kfac", "ekfac"):
+            return _build_kfac(task, _jacobi_batch(batch_size), curvature, preconditioner == "ekfac", None)
         if preconditioner == "nystrom":
             raise ValueError(
                 "`preconditioner='nystrom'` needs a PRNG key and a rank: build it once with "
                 "`cif_jax.nystrom_preconditioner(task, key=..., rank=..., damping=...)` and pass the result, "
                 "so every solve shares it."
             )
-        raise ValueError(f"`preconditioner` must be None, 'none', 'jacobi' or a built preconditioner; got {preconditioner!r}.")
-    if not isinstance(preconditioner, (NystromPreconditioner, JacobiPreconditioner)):
-        raise TypeError(
-            "`preconditioner` must be None, 'none', 'jacobi', a `NystromPreconditioner` or a `JacobiPreconditioner`; "
-            f"got {type(preconditioner).__name__}."
+        raise ValueError(
+            "`preconditioner` must be None, 'none', 'jacobi', 'kfac', 'ekfac' or a built preconditioner; got "
+            f"{preconditioner!r}."
         )
-    size = preconditioner.basis.shape[1] if isinstance(preconditioner, NystromPreconditioner) else preconditioner.diagonal.shape[0]
+    if not isinstance(preconditioner, (NystromPreconditioner, JacobiPreconditioner, KFACPreconditioner)):
+        raise TypeError(
+            "`preconditioner` must be None, 'none', 'jacobi', 'kfac', 'ekfac', a `NystromPreconditioner`, a "
+            f"`JacobiPreconditioner` or a `KFACPreconditioner`; got {type(preconditioner).__name__}."
+        )
+    if isinstance(preconditioner, KFACPreconditioner):
+        size = preconditioner.num_params
+    elif isinstance(preconditioner, NystromPreconditioner):
+        size = preconditioner.basis.shape[1]
+    else:
+        size = preconditioner.diagonal.shape[0]
     if size != task.num_params:
         raise ValueError(f"the preconditioner acts on {size} parameters; the task has p = {task.num_params}.")
     if preconditioner.fingerprint != fingerprint(task):
