@@ -63,13 +63,18 @@ So the layers are found here, model-agnostically, in the jaxpr of
 contracting dimension whose one operand is a whole parameter leaf (possibly
 reshaped, transposed or cast: an im2col kernel ``(kh, kw, cin, cout) ->
 (kh*kw*cin, cout)``) used nowhere else, and whose other operand is the layer
-input; a bias is a parameter vector added, broadcast along the output features,
-to that product and used nowhere else. The jaxpr is then evaluated with a zero
-perturbation added to each product (its vector-Jacobian product gives the
-``g``) and the product's input recorded (the ``a``); the evaluation is checked
-against ``apply_fn`` before use. This works for any :class:`cif_jax.Task`
-(``from_nnx``, ``from_linen``, ``from_equinox`` or plain functions). Models in
-which no layer is found fall back to Jacobi with a warning.
+input; or a ``conv_general_dilated`` (no groups, no input dilation) with a whole
+parameter leaf as its kernel, whose inputs are then the patches
+(``lax.conv_general_dilated_patches``, checked against the convolution on random
+operands before use). A bias is a parameter vector added, broadcast along the
+output features, to that product and used nowhere else. The jaxpr is then
+evaluated with a zero perturbation added to each product (its
+vector-Jacobian product gives the ``g``) and the product's input recorded (the
+``a``); the evaluation is checked against ``apply_fn`` before use. This works for
+any :class:`cif_jax.Task` (``from_nnx``, ``from_linen``, ``from_equinox`` or
+plain functions). Parameter arrays of two or more dimensions used any other way
+get a diagonal block, with a warning; models in which no layer is found fall
+back to Jacobi with a warning.
 
 References:
     Martens and Grosse, "Optimizing neural networks with Kronecker-factored approximate
@@ -87,8 +92,10 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
+import operator
 import time
 import warnings
 
@@ -244,6 +251,40 @@ def inverse(pre: KFACPreconditioner, lam):
     return apply
 
 
+def _top_directions(pre: KFACPreconditioner, rank: int) -> np.ndarray:
+    """(rank, p) orthonormal rows: the eigenvectors of the block-diagonal approximation with the largest eigenvalues.
+
+    Kronecker products ``q_G[:, o] (x) q_A[:, i]`` (eigenvalue ``e_G[o] e_A[i]``, or
+    EK-FAC's ``s_oi``) and unit vectors of the diagonal part, ranked together. A
+    candidate test matrix for a Nystrom sketch (``benchmarks/run.py``, section
+    ``kfac``, measures it against a random one).
+    """
+    perm = pre.layout.perm
+    candidates = []  # (eigenvalue, block or -1, row, column, start)
+    start = 0
+    for b, (o, i) in enumerate(pre.layout.shapes):
+        if pre.scalings is not None:
+            ev = np.asarray(pre.scalings[b])
+        else:
+            ev = np.outer(np.asarray(pre.output_eigenvalues[b]), np.asarray(pre.input_eigenvalues[b]))
+        for flat in np.argsort(ev, axis=None)[::-1][:rank]:
+            candidates.append((float(ev.flat[flat]), b, flat // i, flat % i, start))
+        start += o * i
+    diag = np.asarray(pre.diagonal)
+    for j in np.argsort(diag)[::-1][:rank]:
+        candidates.append((float(diag[j]), -1, j, 0, start))
+    candidates.sort(key=lambda c: -c[0])
+    rows = np.zeros((min(rank, len(candidates)), pre.num_params), np.dtype(pre.diagonal.dtype))
+    for k, (_, b, row, col, st) in enumerate(candidates[: rows.shape[0]]):
+        if b < 0:
+            rows[k, perm[st + row]] = 1
+        else:
+            o, i = pre.layout.shapes[b]
+            vec = np.outer(np.asarray(pre.output_bases[b])[:, row], np.asarray(pre.input_bases[b])[:, col])
+            rows[k, perm[st : st + o * i]] = vec.reshape(-1)
+    return rows
+
+
 # ---------------------------------------------------------------------------------- finding the layers
 
 
@@ -323,6 +364,8 @@ class _Scan:
                     handled = True
             elif name == "dot_general":
                 handled = self._dot(eqn, ins, uses, prov, path + (k,))
+            elif name == "conv_general_dilated":
+                handled = self._conv(eqn, ins, uses, prov, path + (k,))
             elif name == "add":
                 handled = self._bias(eqn, ins, uses)
             elif name in ("jit", "pjit") and isinstance(eqn.params.get("jaxpr"), jex.core.ClosedJaxpr):
@@ -361,21 +404,60 @@ class _Scan:
         kc = int((lc, rc)[kp][0])
         ac = int((lc, rc)[1 - kp][0])
         kernel_index = idx.T if kc == 0 else idx  # (out, in): W[o, i]
-        dout, din = kernel_index.shape
+        din = kernel_index.shape[1]
         act_shape = tuple(eqn.invars[1 - kp].aval.shape)
+        # dot_general's output: the free dimensions of lhs, then those of rhs.
+        feature_axis = len(eqn.outvars[0].aval.shape) - 1 if kp == 1 else 0
+        self._add(prov, eqn, path, leaf, kernel_index, feature_axis, operator.itemgetter(1 - kp), ac,
+                  int(np.prod(act_shape)) // din)
+        return True
+
+    def _add(self, prov, eqn, path, leaf, kernel_index, feature_axis, act_fn, act_axis, positions):
+        """Records a layer: the product at ``path``, its output features along ``feature_axis``.
+
+        ``act_fn(invals)`` gives the layer input from the product's operands, its features along ``act_axis``.
+        """
+        dout, din = kernel_index.shape
         out_shape = tuple(eqn.outvars[0].aval.shape)
-        feature_axis = len(out_shape) - 1 if kp == 1 else 0
         shape = [1] * len(out_shape)
         shape[feature_axis] = dout
         feat = np.broadcast_to(np.arange(dout).reshape(shape), out_shape)
         self.layers.append(dict(
             path=path, kernel=leaf, kernel_index=np.ascontiguousarray(kernel_index), bias=None, bias_index=None,
-            act_operand=1 - kp, act_contract=ac, feature_axis=feature_axis,
-            positions=int(np.prod(act_shape)) // din, out_shape=out_shape, out_dtype=eqn.outvars[0].aval.dtype,
-            din=din, dout=dout,
+            act_fn=act_fn, act_axis=act_axis, feature_axis=feature_axis, positions=positions, out_shape=out_shape,
+            out_dtype=eqn.outvars[0].aval.dtype, din=din, dout=dout,
         ))
         prov[eqn.outvars[0]] = ("dot", len(self.layers) - 1, feat)
+
+    def _conv(self, eqn, ins, uses, prov, path) -> bool:
+        """A convolution with a parameter kernel: its layer inputs are the patches (KFC)."""
+        p = eqn.params
+        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or any(d != 1 for d in p["lhs_dilation"]):
+            return False
+        if ins[0] is not None or ins[1] is None or ins[1][0] != "param" or uses.get(eqn.invars[1]) != 1:
+            return False
+        _, leaf, idx = ins[1]
+        size = self.leaf_sizes[leaf]
+        if idx.size != size or not np.array_equal(np.sort(idx.reshape(-1)), np.arange(size)):
+            return False
+        dn = p["dimension_numbers"]
+        rhs_spec, out_spec = tuple(dn.rhs_spec), tuple(dn.out_spec)
+        # Patches from lax.conv_general_dilated_patches put the features channel-major, then the
+        # window in the kernel's spatial order: the kernel as a matrix is (I, *spatial) x O.
+        order = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
+        kernel_index = np.transpose(idx, order).reshape(-1, idx.shape[rhs_spec[0]]).T  # (out, in)
+        patches = functools.partial(
+            lax.conv_general_dilated_patches,
+            filter_shape=tuple(idx.shape[d] for d in rhs_spec[2:]), window_strides=p["window_strides"],
+            padding=p["padding"], rhs_dilation=p["rhs_dilation"], dimension_numbers=dn, precision=_HIGHEST,
+        )
+        if not _conv_patches_agree(eqn, patches, order, out_spec[1]):
+            return False
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        self._add(prov, eqn, path, leaf, kernel_index, out_spec[1], lambda invals: patches(invals[0]), out_spec[1],
+                  int(np.prod(out_shape)) // kernel_index.shape[0])
         return True
+
 
     def _bias(self, eqn, ins, uses) -> bool:
         kinds = [None if pv is None else pv[0] for pv in ins]
@@ -401,6 +483,25 @@ class _Scan:
             return False
         layer["bias"], layer["bias_index"] = leaf, mapping
         return True
+
+
+def _conv_patches_agree(eqn, patches, order, feature_axis) -> bool:
+    """Checks, on random operands of the convolution's shapes, that it equals patches times the kernel matrix."""
+    lhs_aval, rhs_aval = eqn.invars[0].aval, eqn.invars[1].aval
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.normal(size=lhs_aval.shape), lhs_aval.dtype)
+    rhs = rng.normal(size=rhs_aval.shape).astype(np.dtype(rhs_aval.dtype))
+    p = eqn.params
+    try:
+        want = lax.conv_general_dilated(lhs, jnp.asarray(rhs), p["window_strides"], p["padding"], p["lhs_dilation"],
+                                        p["rhs_dilation"], p["dimension_numbers"], precision=_HIGHEST)
+        mat = jnp.asarray(np.transpose(rhs, order).reshape(-1, rhs.shape[order[-1]]))
+        got = jnp.moveaxis(jnp.matmul(jnp.moveaxis(patches(lhs), feature_axis, -1), mat, precision=_HIGHEST), -1,
+                           feature_axis)
+    except Exception:  # noqa: BLE001 - an unexpected configuration is simply not factored
+        return False
+    tol = 1e3 * float(jnp.finfo(want.dtype).eps) * (float(jnp.max(jnp.abs(want))) + 1.0)
+    return got.shape == want.shape and float(jnp.max(jnp.abs(got - want))) <= tol
 
 
 def _bind(eqn, invals):
@@ -429,8 +530,8 @@ def _evaluate(jaxpr, consts, args, prefix, dots, calls, eps, acts):
         path = prefix + (k,)
         invals = [read(v) for v in eqn.invars]
         if path in dots:
-            layer, act_operand = dots[path]
-            acts[layer] = invals[act_operand]
+            layer, act_fn = dots[path]
+            acts[layer] = act_fn(invals)
             out = [_bind(eqn, invals)[0] + eps[layer]]
         elif path in calls:
             closed = eqn.params["jaxpr"]
@@ -485,10 +586,11 @@ class _Model:
             layer["name"] = (f"{names[layer['kernel']]}{bias}: A {layer['din'] + (layer['bias'] is not None)}^2, "
                              f"G {layer['dout']}^2, {layer['positions']} position(s)")
         self.layers = layers
-        self.dots = {layer["path"]: (l, layer["act_operand"]) for l, layer in enumerate(layers)}
+        self.dots = {layer["path"]: (l, layer["act_fn"]) for l, layer in enumerate(layers)}
         self.calls = {layer["path"][:d] for layer in layers for d in range(1, len(layer["path"]))}
         in_blocks = {layer["kernel"] for layer in layers} | {layer["bias"] for layer in layers} - {None}
         self.diag_leaves = [j for j in range(len(leaves)) if j not in in_blocks]
+        self.unfactored = [names[j] for j in self.diag_leaves if len(self.leaf_shapes[j]) >= 2]
         self.leaves = leaves
 
     # -- layout ------------------------------------------------------------------------------
@@ -534,7 +636,7 @@ class _Model:
 
     def _inputs(self, layer, act):
         """(T, in) layer inputs, with the bias column of ones."""
-        a = jnp.moveaxis(act, layer["act_contract"], -1).reshape(-1, layer["din"])
+        a = jnp.moveaxis(act, layer["act_axis"], -1).reshape(-1, layer["din"])
         if layer["bias"] is not None:
             a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
         return a
@@ -651,6 +753,15 @@ def _build(task: Task, batch_size, curvature, eigen_corrected: bool, damping):
             stacklevel=3,
         )
         return _jacobi(task, batch_size, curvature)
+    if model.unfactored:
+        warnings.warn(
+            f"K-FAC factors {len(model.layers)} layer(s); {len(model.unfactored)} parameter array(s) of two or more "
+            f"dimensions ({', '.join(model.unfactored[:5])}{', ...' if len(model.unfactored) > 5 else ''}) are not "
+            "used as a plain matrix product in apply_fn (e.g. `lax.conv_general_dilated`, an embedding lookup, a "
+            "shared weight) and get a diagonal block.",
+            UserWarning,
+            stacklevel=3,
+        )
     a_f, g_f, diag = jax.block_until_ready(_factor_pass(model, task, batch_size, curvature))
     for name, arrays in (("A", a_f), ("G", g_f), ("diagonal", [diag])):
         if not all(bool(jnp.all(jnp.isfinite(a))) for a in arrays):

@@ -30,6 +30,10 @@ estimate is at most ``condition_target`` or ``max_rank`` is reached.
 ``(1/N) sum_i sum_k (J_i^T L_ik)^2`` with ``W_i = L_i L_i^T`` (a symmetric
 square root of the output Hessian), one vector-Jacobian product per example and
 output.
+
+**K-FAC / EK-FAC** (a Kronecker-factored block per layer, the exact diagonal
+elsewhere) live in :mod:`cif_jax.kfac`; ``"kfac"`` and ``"ekfac"`` are built on
+request like ``"jacobi"``.
 """
 
 from __future__ import annotations

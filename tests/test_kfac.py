@@ -26,7 +26,7 @@ from jax.flatten_util import ravel_pytree
 import cif_jax as cj
 from cif_jax import models as cmodels
 from cif_jax.precondition import inverse_fn
-from _models import BATCH, LAM, N, NUM_CLUSTERS, REG_SCALE, RTOL, SKETCH_DIM, cache_for, ce_output_hessian, \
+from _models import BATCH, LAM, N, NUM_CLUSTERS, REG_SCALE, RTOL, SKETCH_DIM, ce_output_hessian, \
     cross_entropy, dense_solve, linear_apply, masks_of, mlp_problem, random_subsets, row_rel_err, softmax_problem, \
     weighted_squared_error
 
@@ -289,6 +289,11 @@ def _adapter_task(adapter):
     y = jnp.asarray(rng.integers(0, OUT, N), jnp.int32)
     if adapter == "nnx":
         return cj.Task.from_nnx(_NnxNet(nnx.Rngs(0)), cross_entropy, x, y)
+    if adapter == "lax-conv":
+        model = _LaxConvNet(nnx.Rngs(0))
+        nnx.update(model, jax.tree_util.tree_map(lambda a: a + 0.2 * rng.normal(size=a.shape),
+                                                 nnx.state(model, nnx.Param)))
+        return cj.Task.from_nnx(model, cross_entropy, jnp.asarray(rng.normal(size=(N, 5, 6, 1))), y)
     if adapter == "linen":
         net = _LinenNet()
         return cj.Task.from_linen(net, net.init(jax.random.key(0), x[:1]), cross_entropy, x, y)
@@ -297,11 +302,27 @@ def _adapter_task(adapter):
     return cj.Task.from_equinox(net, cross_entropy, x, y)  # Linear is weight @ x (out, in), vmapped
 
 
-@pytest.mark.parametrize("adapter", ["linen", "equinox"])  # nnx: the CNN's dense layer
+class _LaxConvNet(nnx.Module):
+    """nnx.Conv (lax.conv_general_dilated: stride 2, SAME, kernel dilation) then a dense layer."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 2, (3, 2), strides=2, padding="SAME", kernel_dilation=(1, 2),
+                             param_dtype=jnp.float64, rngs=rngs)
+        self.out = nnx.Linear(2 * 3 * 3, OUT, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.conv(x))
+        return self.out(h.reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("adapter", ["linen", "equinox", "lax-conv"])  # nnx.Linear: the CNN's dense layer
 def test_layers_are_found_through_every_adapter(adapter):
     task = _adapter_task(adapter)
     pre = cj.ekfac_preconditioner(task, batch_size=None)
-    assert sorted(pre.layout.shapes) == sorted([(HIDDEN, IN + 1), (OUT, HIDDEN + 1)])
+    if adapter == "lax-conv":  # patches of 1 channel x 3 x 2 window, 3 x 3 positions
+        assert pre.layout.shapes == ((2, 7), (OUT, 19)) and "9 position(s)" in pre.layers[0]
+    else:
+        assert sorted(pre.layout.shapes) == sorted([(HIDDEN, IN + 1), (OUT, HIDDEN + 1)])
     assert pre.layout.num_diagonal == 0
     ggn, _ = dense_ggn(task)
     blocks, _ = _blocks(pre, ggn - LAM * np.eye(ggn.shape[0]))
@@ -342,7 +363,6 @@ def test_influence_and_cache_take_a_built_kfac_preconditioner():
         # The settings of the suite's shared cache (tests/_models.py), with the preconditioner.
         cache = cj.build_cache(prob.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
                                key=jax.random.key(0), rtol=RTOL, preconditioner=pre)
-    assert row_rel_err(cache.responses, cache_for("mlp").responses) < SOLVE_TOL
     assert row_rel_err(cache.responses, dense_solve(prob.ggn, np.asarray(cache.means))) < SOLVE_TOL
 
 
@@ -432,6 +452,20 @@ def test_a_model_without_factorable_layers_falls_back_to_jacobi():
     with pytest.warns(UserWarning, match="cannot factor"):
         got = cj.solve_ggn(task, jnp.ones((1, 6)), damping=LAM, rtol=RTOL, preconditioner="ekfac")
     assert row_rel_err(got.solutions, dense_solve(ggn, np.ones((1, 6)))) < SOLVE_TOL
+
+
+def test_matrices_used_otherwise_get_a_diagonal_block_with_a_warning():
+    """An embedding looked up by index is no matrix product: diagonal block; the dense layer after it is factored."""
+    rng = np.random.default_rng(4)
+    params = {"emb": jnp.asarray(rng.normal(size=(6, 3))), "w": jnp.asarray(rng.normal(size=(3, 3)))}
+    task = cj.Task(lambda p, t: jnp.take(p["emb"], t, axis=0) @ p["w"], cross_entropy, params,
+                   jnp.asarray(rng.integers(0, 6, N)), jnp.asarray(rng.integers(0, 3, N), jnp.int32))
+    with pytest.warns(UserWarning, match=r"1 parameter array\(s\) of two or more dimensions \(\['emb'\]\)"):
+        pre = cj.kfac_preconditioner(task, batch_size=None)
+    assert pre.layout.shapes == ((3, 3),)
+    ggn, _ = dense_ggn(task)
+    _, rest = _blocks(pre, ggn)
+    np.testing.assert_allclose(np.asarray(pre.diagonal), np.diag(ggn)[rest] - LAM, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("damping", [0.0, -1.0, float("nan"), float("inf")])
