@@ -74,8 +74,8 @@ def _plot(r, args):
     plt = ec.pyplot()
     ks, cs, ds_ = r["K"], r["clusters"], r["dims"]
     for normalize, dims in ((False, ds_), (True, r["normalized_dims"])):
-        fig, axes = plt.subplots(len(ks), 2, figsize=(2.2 + 0.9 * len(cs) * 2, 0.6 + 0.55 * len(dims) * len(ks) + 0.6),
-                                 squeeze=False)
+        fig, axes = plt.subplots(len(ks), 2, figsize=(3.0 + 1.0 * len(cs) * 2, 1.2 + (0.5 * len(dims) + 1.0) * len(ks)),
+                                 squeeze=False, constrained_layout=True)
         for row, k in zip(axes, ks):
             for ax, metric in zip(row, ("pearson", "spearman")):
                 grid = np.full((len(dims), len(cs)), np.nan)
