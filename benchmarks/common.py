@@ -79,4 +79,6 @@ def machine() -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "cif_jax": cj.__version__,
+        # Other work on the machine skews seconds (ratios less so): the 1/5/15-minute load averages at the end.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }

@@ -499,7 +499,9 @@ def _markdown(res) -> str:
     m, cfg = res["machine"], res["config"]
     lines = [f"# cif_jax benchmarks: `{res['config_name']}`", "",
              f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), {m['platform']} "
-             f"{m['device']} x{m['num_devices']}; jax {m['jax']}, cif_jax {m['cif_jax']}. Run {res['date']}.",
+             f"{m['device']} x{m['num_devices']}; jax {m['jax']}, cif_jax {m['cif_jax']}. Run {res['date']}"
+             + (f"; load average at the end {m['load_average']} (other work running beside it inflates seconds)."
+                if "load_average" in m else "."),
              f"Command: `{res['command']}`.",
              f"Workload: {cfg['dataset']} + {cfg['model']}, N = {res['N']}, p = {res['p']:,}, float32, damping "
              f"{cfg['damping']:g}, true relative residual {cfg['rtol']:g}, {cfg['batch_size']} examples per chunk.", ""]
