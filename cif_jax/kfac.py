@@ -195,6 +195,7 @@ class KFACPreconditioner(eqx.Module):
 
     @property
     def kind(self) -> str:
+        """``"ekfac"`` or ``"kfac"``."""
         return "ekfac" if self.eigen_corrected else "kfac"
 
     def damped_eigenvalues(self, damping: float) -> list:
@@ -548,16 +549,13 @@ class _Model:
 
     def __init__(self, task: Task):
         leaves, treedef = jax.tree_util.tree_flatten(task.params)
-        self.treedef = treedef
         self.leaf_shapes = [tuple(np.shape(leaf)) for leaf in leaves]
         self.leaf_sizes = [int(np.prod(s)) for s in self.leaf_shapes]
         self.offsets = np.concatenate([[0], np.cumsum(self.leaf_sizes)]).astype(np.int64)
         x1 = jax.tree_util.tree_map(lambda a: a[:1], task.inputs)
-        self.x_treedef = jax.tree_util.tree_structure(x1)
 
         def fn(leaf_values, x):
-            out = task.apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_values), x)
-            return out
+            return task.apply_fn(jax.tree_util.tree_unflatten(treedef, leaf_values), x)
 
         try:
             closed = jax.make_jaxpr(fn)(list(leaves), x1)
@@ -577,8 +575,8 @@ class _Model:
                 layer["bias"], layer["bias_index"] = None, None
         if not layers:
             raise _Untaggable(
-                "no product of a layer input with a parameter matrix used once (a dense layer or an im2col "
-                "convolution: jnp.dot/matmul/lax.dot_general) was found in apply_fn"
+                "no product of a layer input with a parameter matrix used once (a dense layer or a convolution: "
+                "jnp.dot/matmul/lax.dot_general, lax.conv_general_dilated) was found in apply_fn"
             )
         names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(task.params)[0]]
         for layer in layers:
@@ -747,8 +745,9 @@ def _build(task: Task, batch_size, curvature, eigen_corrected: bool, damping):
         name = "EK-FAC" if eigen_corrected else "K-FAC"
         warnings.warn(
             f"{name} cannot factor this model: {err}. Falling back to the Jacobi preconditioner (the exact GGN "
-            f"diagonal). {name} needs dense or im2col-convolution layers (a matrix product of the layer input with "
-            "a parameter matrix, e.g. `nnx.Linear`, `cif_jax.models.Conv2d`).",
+            f"diagonal). {name} needs dense or convolution layers (a matrix product of the layer input with a "
+            "parameter matrix, or a convolution with a parameter kernel: e.g. `nnx.Linear`, `nnx.Conv`, "
+            "`cif_jax.models.Conv2d`).",
             UserWarning,
             stacklevel=3,
         )
