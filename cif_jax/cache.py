@@ -227,7 +227,7 @@ def build_cache(
         _distributed.check_task(plan, task, curvature)
     if not (preconditioner is None or isinstance(preconditioner, str)):
         preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
-    elif preconditioner not in (None, "none", "jacobi"):
+    elif preconditioner not in (None, "none", "jacobi", "kfac", "ekfac"):
         _check_preconditioner(preconditioner, task, curvature)  # raises with the fix
 
     timings = []

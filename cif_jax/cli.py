@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="run the IF baseline on this many random folds per K only (reported as such)")
     cv.add_argument("--batch-size", type=int, default=512, help="examples per chunk in data passes")
     cv.add_argument("--rhs-batch-size", type=int, default=16, help="systems per CG block")
-    cv.add_argument("--preconditioner", default="none", choices=("none", "jacobi", "nystrom"),
+    cv.add_argument("--preconditioner", default="none", choices=("none", "jacobi", "kfac", "ekfac", "nystrom"),
                     help="shared by every CiF and IF solve (default: none, the paper's plain CG)")
     cv.add_argument("--rank", default="auto",
                     help="Nystrom rank: an integer, or 'auto' (grows until the estimated condition number is low)")
@@ -177,6 +177,10 @@ def run_cv(args) -> dict:
     elif args.preconditioner == "jacobi":
         pre = cj.jacobi_preconditioner(task)
         pre_info = {"kind": "jacobi"}
+    elif args.preconditioner in ("kfac", "ekfac"):
+        build = cj.kfac_preconditioner if args.preconditioner == "kfac" else cj.ekfac_preconditioner
+        pre = build(task)
+        pre_info = {"kind": args.preconditioner}
     else:
         pre, pre_info = None, {"kind": "none"}
     pre_info["seconds"] = pre_time = time.perf_counter() - t0
