@@ -392,6 +392,7 @@ def section_curvature(task, cfg, state):
         if full is None:
             full = (scores, cache)
         row = {"M": m, "fraction": frac, "solve_seconds": cache.timing["solves"],
+               "max_residual": float(cache.residuals.max()), "max_iterations": int(cache.num_steps.max()),
                "pearson_vs_full": stats.pearson(scores, full[0]), "spearman_vs_full": stats.spearman(scores, full[0]),
                "response_rel_diff_vs_full": float(jnp.linalg.norm(cache.responses - full[1].responses)
                                                   / jnp.linalg.norm(full[1].responses))}
