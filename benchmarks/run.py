@@ -113,23 +113,28 @@ def section_products(task, cfg, state):
     }
 
 
+def _timed_solve(task, rhs, cfg, rows, pre, name, build_seconds, extra):
+    """Solves the fold right-hand sides with ``pre`` (compiled first), appends a row of figures to ``rows``."""
+    kw = dict(damping=cfg["damping"], rtol=cfg["rtol"], batch_size=cfg["batch_size"], rhs_batch_size=cfg["num_rhs"],
+              preconditioner=pre, warn=False)
+    cj.solve_ggn(task, rhs, **{**kw, "max_steps": 1})  # compile (settings are traced: same program)
+    t, res = timed(lambda: cj.solve_ggn(task, rhs, **kw), warmup=False)
+    row = {"preconditioner": name, "build_seconds": build_seconds, "mean_iterations": float(res.num_steps.mean()),
+           "max_iterations": int(res.num_steps.max()), "max_residual": float(res.residuals.max()),
+           "seconds_per_solve": t / rhs.shape[0], **extra}
+    rows.append(row)
+    log(f"  {name}: {row['mean_iterations']:.1f} iterations, {row['seconds_per_solve']:.2f} s/solve, "
+        f"build {build_seconds:.1f} s")
+    return res
+
+
 def section_preconditioners(task, cfg, state):
-    lam, rtol, bs = cfg["damping"], cfg["rtol"], cfg["batch_size"]
+    lam, bs = cfg["damping"], cfg["batch_size"]
     _, rhs = _fold_rhs(task, cfg["num_rhs"])
     rows = []
 
     def solve(pre, name, build_seconds, extra):
-        kw = dict(damping=lam, rtol=rtol, batch_size=bs, rhs_batch_size=cfg["num_rhs"], preconditioner=pre,
-                  warn=False)
-        cj.solve_ggn(task, rhs, **{**kw, "max_steps": 1})  # compile (settings are traced: same program)
-        t, res = timed(lambda: cj.solve_ggn(task, rhs, **kw), warmup=False)
-        row = {"preconditioner": name, "build_seconds": build_seconds, "mean_iterations": float(res.num_steps.mean()),
-               "max_iterations": int(res.num_steps.max()), "max_residual": float(res.residuals.max()),
-               "seconds_per_solve": t / rhs.shape[0], **extra}
-        rows.append(row)
-        log(f"  {name}: {row['mean_iterations']:.1f} iterations, {row['seconds_per_solve']:.2f} s/solve, "
-            f"build {build_seconds:.1f} s")
-        return res
+        return _timed_solve(task, rhs, cfg, rows, pre, name, build_seconds, extra)
 
     base = solve(None, "none", 0.0, {})
     t, jac = timed(lambda: cj.jacobi_preconditioner(task, batch_size=64))
@@ -415,22 +420,12 @@ def section_kfac(task, cfg, state):
     from cif_jax.kfac import _top_directions
 
     lam, rtol, bs, block = cfg["damping"], cfg["rtol"], cfg["batch_size"], cfg["rhs_block"]
-    n, p = task.num_examples, task.num_params
+    n = task.num_examples
     _, rhs = _fold_rhs(task, cfg["num_rhs"])
     rows = []
 
     def solve(pre, name, build_seconds, extra):
-        kw = dict(damping=lam, rtol=rtol, batch_size=bs, rhs_batch_size=cfg["num_rhs"], preconditioner=pre,
-                  warn=False)
-        cj.solve_ggn(task, rhs, **{**kw, "max_steps": 1})  # compile (settings are traced: same program)
-        t, res = timed(lambda: cj.solve_ggn(task, rhs, **kw), warmup=False)
-        row = {"preconditioner": name, "build_seconds": build_seconds, "mean_iterations": float(res.num_steps.mean()),
-               "max_iterations": int(res.num_steps.max()), "max_residual": float(res.residuals.max()),
-               "seconds_per_solve": t / rhs.shape[0], **extra}
-        rows.append(row)
-        log(f"  {name}: {row['mean_iterations']:.1f} iterations, {row['seconds_per_solve']:.2f} s/solve, "
-            f"build {build_seconds:.1f} s")
-        return res
+        return _timed_solve(task, rhs, cfg, rows, pre, name, build_seconds, extra)
 
     base = solve(None, "none", 0.0, {})
     built = {}
