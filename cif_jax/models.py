@@ -427,12 +427,7 @@ class LeNet5(nnx.Module):
         self.fc3 = _dense(84, self.num_classes, last=True, **dkw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
-        x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
-        x = _flatten(x)
-        x = jax.nn.relu(self.fc1(x))
-        x = jax.nn.relu(self.fc2(x))
-        return self.fc3(x)
+        return self.fc3(self.features(x, layer=-1))
 
     def features(self, x: jax.Array, *, layer: int = -1) -> jax.Array:
         """Post-ReLU output of a hidden layer, ``(B, width)`` (STRIDE's frozen features).
