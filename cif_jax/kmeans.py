@@ -25,7 +25,6 @@ References:
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -33,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from .sketch import _as_int, _as_key  # the package's integer and PRNG-key checks
 
 __all__ = ["KMeansResult", "kmeans", "kmeans_fit"]
 
@@ -61,39 +62,6 @@ class KMeansResult(NamedTuple):
 # --------------------------------------------------------------------------- #
 # Argument checks (Python, before tracing).
 # --------------------------------------------------------------------------- #
-
-
-def _as_int(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"`{name}` must be an int, got {value!r} of type {type(value).__name__}."
-        )
-    value = operator.index(value)
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return value
-
-
-def _as_key(key: Any) -> PRNGKeyArray:
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(
-                f"`key` must be a single PRNG key (shape ()), got shape {key.shape}."
-            )
-        return key
-    arr = key if isinstance(key, jax.Array) else np.asarray(key)
-    if arr.dtype != np.uint32 or arr.ndim != 1:
-        raise TypeError(
-            "`key` must be a PRNG key from `jax.random.key(seed)` (or a legacy "
-            f"`jax.random.PRNGKey(seed)`), got {type(key).__name__}."
-        )
-    try:
-        return jax.random.wrap_key_data(arr)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"`key` does not match the default PRNG implementation ({err}); "
-            "pass `jax.random.key(seed)` instead."
-        ) from err
 
 
 def _check_points(points: Any) -> Array:
