@@ -52,6 +52,7 @@ from . import _checks
 from . import curvature as _curvature
 from ._chunks import chunk_sum
 from .ggn import _apply_undamped
+from .sketch import _as_key
 from .task import Task, fingerprint
 
 #: Default cap on the Nystrom rank for ``rank="auto"``.
@@ -322,9 +323,7 @@ def nystrom_preconditioner(
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
     curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    from .cache import _check_key
-
-    key, _ = _check_key(key)
+    key = _as_key(key)
     dtype = task.dtype
 
     start_time = time.perf_counter()
