@@ -28,6 +28,7 @@ from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
 from . import curvature as _curvature
 from .precondition import check as _check_preconditioner
 from .solve import _solve_rows
+from .solve import check_product_dtype as _check_product_dtype
 from .task import Task, fingerprint
 
 #: A cluster holding more than this share of the examples triggers a warning (C > 2).
@@ -159,6 +160,7 @@ def build_cache(
     sketch_block_size: int = DEFAULT_BLOCK_SIZE,
     curvature=None,
     preconditioner=None,
+    product_dtype=None,
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -192,6 +194,9 @@ def build_cache(
             built :class:`cif_jax.NystromPreconditioner` / :class:`cif_jax.JacobiPreconditioner`
             shared by the C solves. The responses do not depend on it beyond the
             solver tolerance.
+        product_dtype: run the CG iterations' GGN products in this lower precision
+            (mixed-precision iterative refinement, see :func:`cif_jax.solve_ggn`); the
+            residuals rho_c, and hence the bound, stay those of full precision.
         progress: show progress.
         mesh, rhs_axis, data_axis: spread the C solves of phase II (and optionally the
             examples of the GGN products) over the devices of a ``jax.sharding.Mesh``,
@@ -225,6 +230,7 @@ def build_cache(
     plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
     if plan is not None:
         _distributed.check_task(plan, task, curvature)
+    product_dtype = _check_product_dtype(product_dtype, task.dtype)
     if not (preconditioner is None or isinstance(preconditioner, str)):
         preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     elif preconditioner not in (None, "none", "jacobi", "kfac", "ekfac"):
@@ -280,7 +286,7 @@ def build_cache(
     solved = phase(
         "solves",
         lambda: _solve_rows(task, means, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                            progress, True, curvature, preconditioner, plan),
+                            progress, True, curvature, preconditioner, plan, product_dtype),
     )
     if bar is not None:
         bar.close()

@@ -265,13 +265,13 @@ def _specs(plan: MeshPlan, op: _Operator) -> _Operator:
 
 
 @eqx.filter_jit
-def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, batch_size):
+def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, batch_size, product_dtype=None):
     """Solves block ``index`` of ``stack`` (T, S * block, p); rows sharded over the rhs axis.
 
     ``settings``: ``(lam, rtol, atol, max_steps, max_restarts)`` as replicated arrays,
     so that new values reuse the compiled program.
     """
-    from .solve import _solve_system
+    from .solve import _solve_system, inner_rtol, low_precision
 
     apply_fn, loss_fn = fns
     data_axis = plan.data_axis
@@ -283,21 +283,28 @@ def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, b
         task = Task(apply_fn, loss_fn, op.params, op.inputs, op.targets)
         if data_axis is None:
             curvature = None if op.indices is None else CurvatureSample(op.indices, op.weights)
-            one = ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature)
+
+            def product(t):
+                return jax.vmap(ggn_matvec_fn(t, batch_size=batch_size, curvature=curvature))
+
             any_ = jnp.any
         else:
             local = jnp.arange(op.weights.shape[0], dtype=jnp.int32)
-            share = ggn_matvec_fn(task, batch_size=batch_size, curvature=CurvatureSample(local, op.weights))
             local_weight = jnp.sum(op.weights)  # > 0: every shard holds a real example
 
-            def one(v):  # sum of this shard's weighted J^T W J v, added over the data axis
-                return lax.psum(share(v) * local_weight, data_axis) / op.total_weight
+            def product(t):  # sum of this shard's weighted J^T W J v, added over the data axis
+                share = ggn_matvec_fn(t, batch_size=batch_size, curvature=CurvatureSample(local, op.weights))
+                one = lambda v: lax.psum(share(v) * local_weight.astype(v.dtype), data_axis) \
+                    / op.total_weight.astype(v.dtype)
+                return jax.vmap(one)
 
             def any_(flags):  # all devices along the data axis take the same decision
                 return lax.psum(jnp.any(flags).astype(jnp.int32), data_axis) > 0
 
         minv = inverse_fn(op.preconditioner, lam)
-        return _solve_system(jax.vmap(one), minv, rhs, *settings, any_)
+        mv_low = None if product_dtype is None else low_precision(product, task, product_dtype)
+        return _solve_system(product(task), minv, rhs, *settings, any_, mv_low=mv_low,
+                             inner=0.0 if product_dtype is None else inner_rtol(product_dtype))
 
     stack_spec = P() if plan.rhs_axis is None else P(None, plan.rhs_axis)
     fn = jax.shard_map(
@@ -319,8 +326,10 @@ def _layout(num: int, shards: int, rhs_batch_size: int | None):
     names the row at each slot (-1: a zero padding system); ``position`` is its
     inverse, the flat slot of each row.
     """
+    from .solve import balanced_block
+
     per = math.ceil(num / shards)
-    block = per if rhs_batch_size is None else min(rhs_batch_size, per)
+    block = balanced_block(per, rhs_batch_size)
     num_blocks = math.ceil(per / block)
     t, k, s = np.meshgrid(np.arange(num_blocks), np.arange(shards), np.arange(block), indexing="ij")
     local = t * block + s
@@ -333,7 +342,7 @@ def _layout(num: int, shards: int, rhs_batch_size: int | None):
 
 
 def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
-               rhs_batch_size, progress, curvature=None, preconditioner=None):
+               rhs_batch_size, progress, curvature=None, preconditioner=None, product_dtype=None):
     """The sharded counterpart of the block loop of :func:`cif_jax.solve_ggn` (validated inputs).
 
     Returns ``(solutions, residuals, num_steps, converged)`` as ordinary arrays on
@@ -362,7 +371,8 @@ def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_
 
         blocks = tqdm(blocks, desc="CG solves (sharded)", unit="block")
     outs = [
-        _sharded_block(plan, fns, op, stack, _global(np.asarray(t, np.int32), rep), settings, batch_size)
+        _sharded_block(plan, fns, op, stack, _global(np.asarray(t, np.int32), rep), settings, batch_size,
+                       product_dtype)
         for t in blocks
     ]
 

@@ -13,7 +13,7 @@ from . import _checks
 from . import curvature as _curvature
 from . import distributed as _distributed
 from .gradients import _subset_gradient_sums, raise_on_bad
-from .solve import SolveResult, solve_ggn
+from .solve import SolveResult, check_product_dtype, solve_ggn
 from .task import Task
 
 
@@ -30,6 +30,7 @@ def influence_solve(
     rhs_batch_size: int | None = None,
     curvature=None,
     preconditioner=None,
+    product_dtype=None,
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -45,6 +46,7 @@ def influence_solve(
     _checks.solver_settings(rtol, atol, max_steps, max_restarts)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
+    check_product_dtype(product_dtype, task.dtype)
     plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
     if plan is not None:
         _distributed.check_task(plan, task, _curvature.check(curvature, task.num_examples, task.dtype))
@@ -54,7 +56,7 @@ def influence_solve(
     result = solve_ggn(
         task, sums, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
         batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
+        product_dtype=product_dtype, progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
     )
     n = jnp.asarray(task.num_examples, result.solutions.dtype)
     return result._replace(solutions=result.solutions / n)
@@ -73,6 +75,7 @@ def influence(
     rhs_batch_size: int | None = None,
     curvature=None,
     preconditioner=None,
+    product_dtype=None,
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -100,6 +103,8 @@ def influence(
         curvature: a :class:`cif_jax.CurvatureSample` for the GGN (None: all N examples).
         preconditioner: None, ``"jacobi"``, or a built preconditioner, shared by all Q
             solves (see :func:`cif_jax.nystrom_preconditioner`).
+        product_dtype: run the CG products in this lower precision (mixed-precision
+            iterative refinement, as :func:`cif_jax.solve_ggn`); residuals stay exact.
         progress: show a progress bar over blocks of systems.
         mesh, rhs_axis, data_axis: spread the Q solves (and optionally the examples of
             the GGN products) over the devices of a ``jax.sharding.Mesh``, as
@@ -111,5 +116,5 @@ def influence(
     return influence_solve(
         task, subsets, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
         batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
+        product_dtype=product_dtype, progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
     ).solutions

@@ -114,6 +114,17 @@ def test_rhs_layout_places_every_row_once(num, shards, block):
         real = rows[rows >= 0]
         np.testing.assert_array_equal(real, np.arange(k * per, min((k + 1) * per, num)))
     assert size <= (per if block is None else block)
+    # As few blocks as `block` allows, and less padding per device than one block.
+    assert num_blocks == (1 if block is None else math.ceil(per / block))
+    assert num_blocks * size - per < num_blocks
+
+
+@pytest.mark.parametrize("num, cap, want", [(50, 16, 13), (48, 16, 16), (5, 2, 2), (7, 3, 3), (10, None, 10),
+                                            (3, 8, 3), (17, 16, 9)])
+def test_balanced_blocks(num, cap, want):
+    from cif_jax.solve import balanced_block
+
+    assert balanced_block(num, cap) == want
 
 
 @pytest.mark.parametrize("count, shards", [(47, 2), (48, 2), (5, 4), (4, 4), (15, 2), (1, 1)])
