@@ -143,7 +143,7 @@ def inner_rtol(product_dtype) -> float:
     0.088 in bfloat16) stays above that for the condition numbers met here, and each
     refinement then gains about that factor on the true residual.
     """
-    return float(np.sqrt(np.finfo(product_dtype).eps))
+    return float(np.sqrt(float(jnp.finfo(product_dtype).eps)))
 
 
 @eqx.filter_jit

@@ -121,3 +121,11 @@ def test_bad_product_dtype(dtype, error, match):
     ):
         with pytest.raises(error, match=match):
             call()
+
+
+def test_inner_tolerance_is_sqrt_eps():
+    from cif_jax.solve import inner_rtol
+
+    # bfloat16 has 8 significand bits: eps = 2^-7; float32: 2^-23.
+    assert inner_rtol(jnp.bfloat16) == pytest.approx(2**-3.5)
+    assert inner_rtol(jnp.float32) == pytest.approx(2**-11.5)
