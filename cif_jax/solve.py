@@ -189,13 +189,22 @@ def _solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_=
     inner_ = jnp.asarray(inner, dtype)
     y, steps = _block_cg(cheap, bhat, jnp.zeros_like(bhat), jnp.maximum(target, inner_), limit, minv, any_)
     res = true_residual(y)
+    # Mixed precision keeps the best iterate: a refinement that does not lower the true
+    # residual (products too coarse for this operator, e.g. bfloat16 on a stiff GGN) is
+    # undone and ends that system's refinement, so the solve never returns worse than x = 0.
+    stalled = jnp.zeros(rhs.shape[0], bool)
+    if mv_low is not None:
+        worse = ~(res < 1)
+        y = jnp.where(worse[:, None], jnp.zeros_like(y), y)
+        res = jnp.where(worse, jnp.ones_like(res), res)
+        stalled = worse & (jnp.linalg.norm(bhat, axis=1) > 0)
 
     def cond(state):
-        _, steps, res, k = state
-        return any_((res > target) & (steps < max_steps)) & (k < max_restarts)
+        _, steps, res, stalled, k = state
+        return any_((res > target) & (steps < max_steps) & ~stalled) & (k < max_restarts)
 
     def body(state):
-        y, steps, res, k = state
+        y, steps, res, stalled, k = state
         # Restart from the current iterate; systems already within tolerance stay frozen
         # (their explicit initial residual is below target), the budget is what is left.
         # Aim below the target for systems that missed it: their scaled-system residual can
@@ -203,15 +212,18 @@ def _solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_=
         aim = jnp.where(res > target, 0.5 * target, target)
         if mv_low is None:
             y, more = _block_cg(scaled, bhat, y, aim, limit - steps, minv, any_)
-        else:
-            # A refinement step: the accurate residual, then cheap CG on the correction,
-            # asked for a factor `inner` (never below the final aim).
-            r0 = bhat - scaled(y)
-            aim = jnp.maximum(aim, inner_ * jnp.linalg.norm(r0, axis=1))
-            y, more = _block_cg(cheap, bhat, y, aim, limit - steps, minv, any_, r0=r0)
-        return y, steps + more, true_residual(y), k + 1
+            return y, steps + more, true_residual(y), stalled, k + 1
+        # A refinement step: the accurate residual, then cheap CG on the correction,
+        # asked for a factor `inner` (never below the final aim); stalled systems sit out.
+        r0 = bhat - scaled(y)
+        aim = jnp.where(stalled, jnp.inf, jnp.maximum(aim, inner_ * jnp.linalg.norm(r0, axis=1)))
+        y_new, more = _block_cg(cheap, bhat, y, aim, limit - steps, minv, any_, r0=r0)
+        res_new = true_residual(y_new)
+        better = res_new < res
+        y = jnp.where(better[:, None], y_new, y)
+        return y, steps + more, jnp.where(better, res_new, res), stalled | ~better, k + 1
 
-    y, steps, res, _ = lax.while_loop(cond, body, (y, steps, res, jnp.asarray(0, jnp.int32)))
+    y, steps, res, _, _ = lax.while_loop(cond, body, (y, steps, res, stalled, jnp.asarray(0, jnp.int32)))
     x = y * (scale / lam_)[:, None]
     return x, res, steps, res <= target
 

@@ -129,3 +129,17 @@ def test_inner_tolerance_is_sqrt_eps():
     # bfloat16 has 8 significand bits: eps = 2^-7; float32: 2^-23.
     assert inner_rtol(jnp.bfloat16) == pytest.approx(2**-3.5)
     assert inner_rtol(jnp.float32) == pytest.approx(2**-11.5)
+
+
+def test_too_coarse_products_never_make_the_solution_worse(mlp):
+    # bfloat16 products on a stiff system (damping 1e-5: kappa ~ 1e5 against 2^-8 rounding) cannot
+    # refine; the solve keeps its best iterate (here x = 0), reports its true residual and warns.
+    rhs = _rhs(mlp, seed=3)
+    lam = 1e-5
+    with pytest.warns(UserWarning, match="did not reach the requested tolerance"):
+        out = cj.solve_ggn(mlp.task, rhs, damping=lam, rtol=TIGHT, max_restarts=RESTARTS,
+                           product_dtype=jnp.bfloat16, rhs_batch_size=RHS_BATCH)
+    h = mlp.ggn + (lam - LAM) * np.eye(mlp.num_params)
+    res = np.linalg.norm(rhs - np.asarray(out.solutions) @ h.T, axis=1) / np.linalg.norm(rhs, axis=1)
+    assert res.max() <= 1.0 + 1e-12
+    np.testing.assert_allclose(np.asarray(out.residuals), res, rtol=1e-6, atol=1e-12)
