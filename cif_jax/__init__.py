@@ -25,6 +25,9 @@ from cif_jax.kfac import kfac_preconditioner as kfac_preconditioner
 from cif_jax.kmeans import KMeansResult as KMeansResult
 from cif_jax.kmeans import kmeans as kmeans
 from cif_jax.kmeans import kmeans_fit as kmeans_fit
+from cif_jax.lissa import LissaDivergenceError as LissaDivergenceError
+from cif_jax.lissa import LissaResult as LissaResult
+from cif_jax.lissa import lissa as lissa
 from cif_jax.persistence import CacheFileError as CacheFileError
 from cif_jax.persistence import load_cache as load_cache
 from cif_jax.persistence import save_cache as save_cache
@@ -42,6 +45,8 @@ from cif_jax.queries import loss_delta as loss_delta
 from cif_jax.queries import loss_delta_from_alphas as loss_delta_from_alphas
 from cif_jax.queries import mean_subset_gradients as mean_subset_gradients
 from cif_jax.queries import param_delta as param_delta
+from cif_jax.samplers import feature_sample as feature_sample
+from cif_jax.samplers import logit_sample as logit_sample
 from cif_jax.sketch import jl_projection as jl_projection
 from cif_jax.sketch import sketch as sketch
 from cif_jax.solve import SolveResult as SolveResult
