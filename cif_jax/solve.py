@@ -290,9 +290,10 @@ def solve_ggn(
             never worse than x = 0 and is reported honestly. Measured on LeNet-5
             (digits, float64 copy of the task, 2 CPU cores, ``benchmarks/``): a
             float32 product costs a third of a float64 one, but float32 CG needs
-            more iterations (193 against 115 to rtol 1e-8), so a solve takes about
-            0.85x the time; bfloat16 products on the float32 task did not
-            converge at damping 1e-3.
+            more iterations (193 against 115 to rtol 1e-8; 97 against 60 to 1e-4),
+            so a solve takes 0.9-0.97x the time; bfloat16 products on the float32
+            task could not refine at damping 1e-3 (the solve returns x = 0 with
+            residual 1 and warns).
         progress: show a progress bar over blocks of systems.
         warn: warn when some system did not meet the tolerance.
         mesh: a ``jax.sharding.Mesh`` to spread the solves over (None: one device).
