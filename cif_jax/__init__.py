@@ -25,6 +25,7 @@ from cif_jax.kfac import kfac_preconditioner as kfac_preconditioner
 from cif_jax.kmeans import KMeansResult as KMeansResult
 from cif_jax.kmeans import kmeans as kmeans
 from cif_jax.kmeans import kmeans_fit as kmeans_fit
+from cif_jax.lissa import LiSSA as LiSSA
 from cif_jax.lissa import LissaDivergenceError as LissaDivergenceError
 from cif_jax.lissa import LissaResult as LissaResult
 from cif_jax.lissa import lissa as lissa

@@ -27,6 +27,8 @@ from .kmeans import kmeans_fit
 from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
 from . import curvature as _curvature
 from .precondition import check as _check_preconditioner
+from .lissa import check_solver as _check_solver
+from .lissa import solve_with as _solve_with
 from .solve import _solve_rows
 from .solve import check_product_dtype as _check_product_dtype
 from .task import Task, fingerprint
@@ -59,7 +61,8 @@ class InfluenceCache(eqx.Module):
     ``normalize_sketches``, solver settings ``rtol``, ``atol``, ``max_steps``,
     ``fingerprint`` (of the params and data it was built from), ``curvature``
     (``"full"`` or the identifier of the :class:`cif_jax.CurvatureSample` whose GGN
-    the responses solve) and ``timings`` (pairs ``(phase, seconds)``).
+    the responses solve), ``timings`` (pairs ``(phase, seconds)``) and ``solver``
+    (``"cg"``, or the description of the :class:`cif_jax.LiSSA` that solved).
     """
 
     assignments: Int[Array, " n"]
@@ -86,6 +89,7 @@ class InfluenceCache(eqx.Module):
     fingerprint: str = eqx.field(static=True)
     curvature: str = eqx.field(static=True)
     timings: tuple = eqx.field(static=True)
+    solver: str = eqx.field(static=True, default="cg")
 
     @property
     def num_clusters(self) -> int:
@@ -161,6 +165,7 @@ def build_cache(
     curvature=None,
     preconditioner=None,
     product_dtype=None,
+    solver=None,
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -197,6 +202,9 @@ def build_cache(
         product_dtype: run the CG iterations' GGN products in this lower precision
             (mixed-precision iterative refinement, see :func:`cif_jax.solve_ggn`); the
             residuals rho_c, and hence the bound, stay those of full precision.
+        solver: None (block CG) or a :class:`cif_jax.LiSSA`; its true residuals are
+            stored as rho_c (so the bound's solver term reports it) and its settings
+            in ``cache.solver``.
         progress: show progress.
         mesh, rhs_axis, data_axis: spread the C solves of phase II (and optionally the
             examples of the GGN products) over the devices of a ``jax.sharding.Mesh``,
@@ -231,6 +239,7 @@ def build_cache(
     if plan is not None:
         _distributed.check_task(plan, task, curvature)
     product_dtype = _check_product_dtype(product_dtype, task.dtype)
+    solver = _check_solver(solver, preconditioner=preconditioner, product_dtype=product_dtype, mesh=mesh)
     if not (preconditioner is None or isinstance(preconditioner, str)):
         preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     elif preconditioner not in (None, "none", "jacobi", "kfac", "ekfac"):
@@ -283,11 +292,15 @@ def build_cache(
     if isinstance(preconditioner, str):
         preconditioner = phase("preconditioner",
                                lambda: _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size))
-    solved = phase(
-        "solves",
-        lambda: _solve_rows(task, means, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                            progress, True, curvature, preconditioner, plan, product_dtype),
-    )
+    if solver is None:
+        solved = phase(
+            "solves",
+            lambda: _solve_rows(task, means, lam, rtol, atol, max_steps, int(max_restarts), batch_size,
+                                rhs_batch_size, progress, True, curvature, preconditioner, plan, product_dtype),
+        )
+    else:
+        solved = phase("solves", lambda: _solve_with(solver, task, means, damping=lam, rtol=rtol, atol=atol,
+                                                     curvature=curvature, chunk_size=batch_size))
     if bar is not None:
         bar.close()
     timings.append(("total", sum(t for _, t in timings)))
@@ -316,4 +329,5 @@ def build_cache(
         fingerprint=fingerprint(task),
         curvature=_curvature.describe(curvature),
         timings=tuple(timings),
+        solver="cg" if solver is None else solver.describe(),
     )

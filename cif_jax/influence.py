@@ -13,6 +13,7 @@ from . import _checks
 from . import curvature as _curvature
 from . import distributed as _distributed
 from .gradients import _subset_gradient_sums, raise_on_bad
+from .lissa import check_solver, solve_with
 from .solve import SolveResult, check_product_dtype, solve_ggn
 from .task import Task
 
@@ -31,6 +32,7 @@ def influence_solve(
     curvature=None,
     preconditioner=None,
     product_dtype=None,
+    solver=None,
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -47,12 +49,18 @@ def influence_solve(
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
     check_product_dtype(product_dtype, task.dtype)
+    solver = check_solver(solver, preconditioner=preconditioner, product_dtype=product_dtype, mesh=mesh)
     plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
     if plan is not None:
         _distributed.check_task(plan, task, _curvature.check(curvature, task.num_examples, task.dtype))
     subs = _checks.subsets(subsets, task.num_examples)
     sums, bad = _subset_gradient_sums(task, jnp.asarray(subs.mask.T), batch_size)
     raise_on_bad(bad)
+    if solver is not None:
+        result = solve_with(solver, task, sums, damping=damping, rtol=rtol, atol=atol,
+                            curvature=_curvature.check(curvature, task.num_examples, task.dtype), chunk_size=batch_size)
+        n = jnp.asarray(task.num_examples, result.solutions.dtype)
+        return result._replace(solutions=result.solutions / n)
     result = solve_ggn(
         task, sums, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
         batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
@@ -76,6 +84,7 @@ def influence(
     curvature=None,
     preconditioner=None,
     product_dtype=None,
+    solver=None,
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -105,6 +114,8 @@ def influence(
             solves (see :func:`cif_jax.nystrom_preconditioner`).
         product_dtype: run the CG products in this lower precision (mixed-precision
             iterative refinement, as :func:`cif_jax.solve_ggn`); residuals stay exact.
+        solver: None (block CG) or a :class:`cif_jax.LiSSA` (stochastic Neumann
+            recursion; ``rtol``/``atol`` then only judge its result).
         progress: show a progress bar over blocks of systems.
         mesh, rhs_axis, data_axis: spread the Q solves (and optionally the examples of
             the GGN products) over the devices of a ``jax.sharding.Mesh``, as
@@ -116,5 +127,6 @@ def influence(
     return influence_solve(
         task, subsets, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
         batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        product_dtype=product_dtype, progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
+        product_dtype=product_dtype, solver=solver, progress=progress, mesh=mesh, rhs_axis=rhs_axis,
+        data_axis=data_axis,
     ).solutions

@@ -23,7 +23,7 @@ from .cache import InfluenceCache
 from .task import Task
 
 FORMAT = "cif_jax.InfluenceCache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: adds the static field "solver"; version 2 files are read as solver="cg"
 
 _ARRAYS = (
     "assignments", "cluster_sizes", "responses", "means", "residuals", "mean_norms", "num_steps",
@@ -31,7 +31,7 @@ _ARRAYS = (
 )
 _STATIC = (
     "num_examples", "damping", "sketch_dim", "sketch_block_size", "normalize_sketches", "rtol", "atol",
-    "max_steps", "fingerprint", "curvature",
+    "max_steps", "fingerprint", "curvature", "solver",
 )
 
 
@@ -107,6 +107,9 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CacheFileError(f"{path!r} is not a cif_jax cache (format {header.get('format')!r}).")
     version = header.get("format_version")
+    if version == 2 and isinstance(header.get("static"), dict) and "solver" not in header["static"]:
+        header["static"]["solver"] = "cg"  # version 2 had CG only
+        version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise CacheFileError(
             f"{path!r} has cache format version {version}; this cif_jax reads version {FORMAT_VERSION}. "

@@ -117,3 +117,66 @@ def test_bad_input(lr, kwargs, error, match):
     rhs = base.pop("rhs")
     with pytest.raises(error, match=match):
         cj.lissa(lr.task, rhs, **base)
+
+
+# -- as the solver of influence and build_cache ------------------------------------------------
+
+
+def _deep_solver(problem, key=5):
+    s = 1.05 * _lambda_max(problem.ggn)
+    return cj.LiSSA(depth=int(np.ceil(s / LAM * np.log(1e10))), scale=s, key=jax.random.key(key))
+
+
+def test_influence_and_cache_with_lissa(lr, tmp_path):
+    from _models import dense_influence, masks_of, random_subsets
+
+    solver = _deep_solver(lr)
+    subsets = random_subsets()
+    got = cj.influence(lr.task, subsets, damping=LAM, rtol=1e-9, solver=solver)
+    assert row_rel_err(got, dense_influence(lr, masks_of(subsets))) <= 1e-8
+    cache = cj.build_cache(lr.task, num_clusters=4, sketch_dim=3, damping=LAM, key=jax.random.key(0), rtol=1e-9,
+                           solver=solver)
+    assert row_rel_err(cache.responses, dense_solve(lr.ggn, np.asarray(cache.means))) <= 1e-8
+    assert cache.solver.startswith("lissa(") and f"depth={solver.depth}" in cache.solver
+    assert float(cache.residuals.max()) <= 1e-9
+    path = tmp_path / "lissa.npz"
+    cj.save_cache(path, cache)
+    assert cj.load_cache(path, task=lr.task).solver == cache.solver
+
+
+def test_shallow_lissa_warns_and_stores_its_residuals(lr):
+    solver = cj.LiSSA(depth=20, scale=1.05 * _lambda_max(lr.ggn), key=jax.random.key(0))
+    with pytest.warns(UserWarning, match="LiSSA solves did not reach"):
+        cache = cj.build_cache(lr.task, num_clusters=4, sketch_dim=3, damping=LAM, key=jax.random.key(0),
+                               solver=solver)
+    dense_res = (np.linalg.norm(np.asarray(cache.means) - np.asarray(cache.responses) @ lr.ggn.T, axis=1)
+                 / np.linalg.norm(np.asarray(cache.means), axis=1))
+    np.testing.assert_allclose(np.asarray(cache.residuals), dense_res, rtol=1e-6)
+    assert dense_res.min() > 1e-4  # far from converged: the bound's solver term must see it
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(solver="lissa"), TypeError, "`solver` must be None, 'cg' or a `cif_jax.LiSSA"),
+        (dict(preconditioner="jacobi"), ValueError, "`preconditioner` applies to CG"),
+        (dict(product_dtype=jnp.float32), ValueError, "`product_dtype` applies to CG"),
+    ],
+)
+def test_bad_solver_settings(lr, kwargs, error, match):
+    kw = dict(solver=cj.LiSSA(depth=5, key=jax.random.key(0)), damping=LAM)
+    kw.update(kwargs)
+    with pytest.raises(error, match=match):
+        cj.influence(lr.task, [np.arange(3)], **kw)
+    with pytest.raises(error, match=match):
+        cj.build_cache(lr.task, num_clusters=2, sketch_dim=2, key=jax.random.key(0), **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(depth=0), "`LiSSA.depth` must be at least 1"), (dict(scale=-1.0), "`LiSSA.scale` must be"),
+     (dict(scale="max"), "`LiSSA.scale` must be"), (dict(repeats=2), "needs minibatches")],
+)
+def test_bad_lissa_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cj.LiSSA(**{"depth": 5, "key": jax.random.key(0), **kwargs})

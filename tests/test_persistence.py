@@ -196,3 +196,13 @@ def test_save_overwrites_atomically(saved, cache):
     cj.save_cache(saved, cache)  # replacing an existing file
     assert os.listdir(saved.parent) == ["cache.npz"]
     _assert_same_cache(cj.load_cache(saved), cache)
+
+
+def test_version_2_files_read_as_cg(saved):
+    # Version 2 had no `solver` field: CG was the only solver.
+    def downgrade(h):
+        h["format_version"] = 2
+        del h["static"]["solver"]
+
+    _edit_header(saved, downgrade)
+    assert cj.load_cache(saved).solver == "cg"
