@@ -155,7 +155,7 @@ def feature_sample(
         features: (N, D) features of the training examples: a model's penultimate
             activations (``cj.stride_features``, the models' ``features()``), raw
             inputs flattened, or an :class:`cif_jax.InfluenceCache`, whose gradient
-            sketches (N, d) are used.
+            sketches (N, d) are used (unit-normalised if the cache clustered them so).
         num_clusters: C, ``per_cluster * C <= N``.
         per_cluster: examples taken per cluster.
         mode: ``"topk"`` or ``"weighted"``.
@@ -174,7 +174,11 @@ def feature_sample(
     from .cache import InfluenceCache
 
     if isinstance(features, InfluenceCache):
-        features = features.sketches
+        sk = np.asarray(features.sketches)
+        if features.normalize_sketches:  # the points the cache clustered
+            norms = np.linalg.norm(sk, axis=1, keepdims=True)
+            sk = sk / np.where(norms > 0, norms, 1)
+        features = sk
     arr = _finite_matrix(features, "features", "D")
     _check_rows(arr, num_examples, "features")
     n = arr.shape[0]

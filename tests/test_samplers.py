@@ -112,10 +112,12 @@ def test_feature_sample_from_a_cache_and_as_curvature():
     from _models import LAM, softmax_problem
 
     problem = softmax_problem()
-    cache = cj.build_cache(problem.task, num_clusters=4, sketch_dim=3, damping=LAM, key=jax.random.key(0))
+    cache = cj.build_cache(problem.task, num_clusters=4, sketch_dim=3, damping=LAM, key=jax.random.key(0),
+                           normalize_sketches=True)
     s = cj.feature_sample(cache, num_clusters=4, per_cluster=3, key=jax.random.key(1), weighting="stratified")
-    direct = cj.feature_sample(np.asarray(cache.sketches), num_clusters=4, per_cluster=3, key=jax.random.key(1),
-                               weighting="stratified")
+    sk = np.asarray(cache.sketches)
+    unit = sk / np.linalg.norm(sk, axis=1, keepdims=True)  # the points this cache clustered
+    direct = cj.feature_sample(unit, num_clusters=4, per_cluster=3, key=jax.random.key(1), weighting="stratified")
     np.testing.assert_array_equal(np.asarray(s.indices), np.asarray(direct.indices))
     out = cj.solve_ggn(problem.task, np.ones((1, problem.num_params)), damping=LAM, curvature=s)
     assert bool(out.converged.all())
