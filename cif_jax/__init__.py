@@ -17,6 +17,15 @@ from cif_jax.gradients import per_example_grads as per_example_grads
 from cif_jax.gradients import subset_gradient_sums as subset_gradient_sums
 from cif_jax.influence import influence as influence
 from cif_jax.influence import influence_solve as influence_solve
+from cif_jax.interaction import InteractionErrorBound as InteractionErrorBound
+from cif_jax.interaction import InteractionTerms as InteractionTerms
+from cif_jax.interaction import interaction_error_bound as interaction_error_bound
+from cif_jax.interaction import cache_interaction_terms as cache_interaction_terms
+from cif_jax.interaction import greedy_select as greedy_select
+from cif_jax.interaction import group_influence as group_influence
+from cif_jax.interaction import interaction_terms as interaction_terms
+from cif_jax.interaction import target_curvature as target_curvature
+from cif_jax.interaction import target_gradient as target_gradient
 from cif_jax.kfac import KFACPreconditioner as KFACPreconditioner
 from cif_jax.kfac import ekfac_influence as ekfac_influence
 from cif_jax.kfac import ekfac_preconditioner as ekfac_preconditioner
