@@ -23,7 +23,9 @@ from cif_jax.interaction import interaction_error_bound as interaction_error_bou
 from cif_jax.interaction import cache_interaction_terms as cache_interaction_terms
 from cif_jax.interaction import greedy_select as greedy_select
 from cif_jax.interaction import group_influence as group_influence
+from cif_jax.interaction import SecondOrderInfluence as SecondOrderInfluence
 from cif_jax.interaction import interaction_terms as interaction_terms
+from cif_jax.interaction import second_order_group_influence as second_order_group_influence
 from cif_jax.interaction import target_curvature as target_curvature
 from cif_jax.interaction import target_gradient as target_gradient
 from cif_jax.kfac import KFACPreconditioner as KFACPreconditioner

@@ -226,3 +226,21 @@ def test_interaction_error_bound_holds_on_sampled_subsets():
         assert np.all(np.abs(true_i - cache_i) <= np.asarray(out.bound))
     hf = _dense_ggn(target) - LAM * np.eye(problem.num_params)
     np.testing.assert_allclose(float(out.target_norm), np.linalg.eigvalsh(hf).max(), rtol=1e-6)
+
+
+def test_second_order_baseline_matches_dense_formula():
+    problem = softmax_problem()
+    task = problem.task
+    rng = np.random.default_rng(10)
+    target = cj.Task(linear_apply, cross_entropy, task.params, jnp.asarray(rng.normal(size=(9, 5))),
+                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
+    out = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, rtol=RTOL)
+    g = np.asarray(cj.target_gradient(target))
+    u = dense_solve(problem.ggn, g[None, :])[0]
+    for q, s in enumerate(SUBSETS):
+        delta = dense_solve(problem.ggn, problem.grads[s].sum(axis=0)[None, :])[0] / N
+        h_s = np.einsum("nqi,nqr,nrj->ij", problem.jac[s], problem.out_hess[s], problem.jac[s])
+        np.testing.assert_allclose(float(out.first_order[q]), g @ delta, rtol=1e-9)
+        np.testing.assert_allclose(float(out.correction[q]), u @ h_s @ delta / N, rtol=1e-8, atol=1e-16)
+        want = delta + dense_solve(problem.ggn, (h_s @ delta)[None, :])[0] / N
+        np.testing.assert_allclose(np.asarray(out.param_change[q]), want, rtol=1e-8, atol=1e-14)
