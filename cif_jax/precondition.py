@@ -27,9 +27,8 @@ proposition 5.3); ``||E||`` is estimated by power iteration (E is PSD). With
 estimate is at most ``condition_target`` or ``max_rank`` is reached.
 
 **Jacobi**: ``P = diag(GGN) + lambda I``, the exact diagonal
-``(1/N) sum_i sum_k (J_i^T L_ik)^2`` with ``W_i = L_i L_i^T`` (a symmetric
-square root of the output Hessian), one vector-Jacobian product per example and
-output.
+``(1/N) sum_i sum_a (J_i^T e_a) * (J_i^T W_i e_a)`` (elementwise), one
+vector-Jacobian product per example and output.
 
 **K-FAC / EK-FAC** (a Kronecker-factored block per layer, the exact diagonal
 elsewhere) live in :mod:`cif_jax.kfac`; ``"kfac"`` and ``"ekfac"`` are built on
@@ -403,10 +402,13 @@ def _ggn_diagonal(task: Task, batch_size, curvature):
             return task.loss_fn(o.reshape(out.shape)[None], one(y))[0]
 
         hess = jax.hessian(loss_one)(out.reshape(-1)).reshape(m, m)
-        evals, evecs = jnp.linalg.eigh((hess + hess.T) / 2)
-        root = evecs * jnp.sqrt(jnp.maximum(evals, 0))[None, :]  # W = root root^T
-        cols = jax.vmap(lambda c: vjp_fn(c.reshape(out.shape))[0])(root.T)  # (m, p): J^T L_k
-        return w * jnp.sum(jnp.square(cols), axis=0)
+        # diag(J^T W J) = sum_a (J^T e_a) * (J^T W e_a): m vector-Jacobian products and an
+        # (m, m) x (m, p) product. (A square root W = L L^T by `eigh` did the same with a
+        # LAPACK call per example, which deadlocked XLA:CPU on jaxlib 0.10.2 for one chunk
+        # of 512 examples followed by a short chunk of 288.)
+        cols = jax.vmap(lambda c: vjp_fn(c.reshape(out.shape))[0])(jnp.eye(m, dtype=out.dtype))  # (m, p): J^T e_a
+        weighted = jnp.matmul((hess + hess.T) / 2, cols, precision=jax.lax.Precision.HIGHEST)
+        return w * jnp.sum(cols * weighted, axis=0)
 
     def chunk(c):
         return jnp.sum(jax.vmap(example)(*c), axis=0)
@@ -431,7 +433,7 @@ def _jacobi(task, batch_size, curvature):
 def jacobi_preconditioner(task: Task, *, batch_size: int | None = 64, curvature=None) -> JacobiPreconditioner:
     """Builds the Jacobi (diagonal GGN) preconditioner, exactly.
 
-    ``diag(GGN) = (1/N) sum_i sum_k (J_i^T L_ik)^2`` with ``W_i = L_i L_i^T``: one
+    ``diag(GGN) = (1/N) sum_i sum_a (J_i^T e_a) * (J_i^T W_i e_a)``: one
     vector-Jacobian product per example and model output, so it costs about
     (number of outputs) per-example gradient passes.
 
