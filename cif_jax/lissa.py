@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from . import _checks
+from . import _baselines, _checks
 from . import curvature as _curvature
 from .ggn import ggn_matvec_fn
 from .sketch import _as_key
@@ -72,6 +72,15 @@ class LissaResult(NamedTuple):
 
 class LissaDivergenceError(ValueError):
     """LiSSA's iterate left the bound ``||h_j|| <= (s / lambda) ||b||``: the scale is too small."""
+
+
+def _check_scale(scale, name: str):
+    """``"auto"`` or a finite number > 0 (returned as a float; None for "auto")."""
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise ValueError(f"`{name}` must be a number > 0 or 'auto', got {scale!r}.")
+        return None
+    return _baselines.positive_float(scale, name)
 
 
 def _pool(task: Task, curvature):
@@ -209,16 +218,7 @@ def lissa(
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     chunk_size = _checks.positive_int(chunk_size, "chunk_size", allow_none=True)
     tol = _checks.nonnegative_float(tol, "tol")
-    if isinstance(scale, str):
-        if scale != "auto":
-            raise ValueError(f"`scale` must be a number > 0 or 'auto', got {scale!r}.")
-    else:
-        try:
-            scale_value = float(scale)
-        except (TypeError, ValueError):
-            raise TypeError(f"`scale` must be a number > 0 or 'auto', got {scale!r}.") from None
-        if not math.isfinite(scale_value) or scale_value <= 0:
-            raise ValueError(f"`scale` must be finite and > 0 (at least the largest eigenvalue of H~), got {scale}.")
+    scale_value = _check_scale(scale, "scale")
     curvature = _curvature.check(curvature, task.num_examples, task.dtype)
     pool_size = task.num_examples if curvature is None else int(curvature.indices.shape[0])
     if batch_size is not None and batch_size > pool_size:
@@ -291,11 +291,7 @@ class LiSSA(eqx.Module):
         _checks.positive_int(self.batch_size, "LiSSA.batch_size", allow_none=True)
         _checks.nonnegative_float(self.tol, "LiSSA.tol")
         _as_key(self.key)
-        if isinstance(self.scale, str):
-            if self.scale != "auto":
-                raise ValueError(f"`LiSSA.scale` must be a number > 0 or 'auto', got {self.scale!r}.")
-        elif not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"`LiSSA.scale` must be a number > 0 or 'auto', got {self.scale!r}.")
+        _check_scale(self.scale, "LiSSA.scale")
         if self.repeats > 1 and self.batch_size is None:
             raise ValueError("`LiSSA.repeats` > 1 needs minibatches: set `batch_size` or repeats=1.")
 

@@ -47,6 +47,15 @@ def _dense_ggn(task):
     return np.asarray(cj.apply_ggn(task, eye, damping=LAM))
 
 
+def _ce_target(seed):
+    """The softmax problem and a cross-entropy target task on 9 random evaluation points."""
+    problem = softmax_problem()
+    rng = np.random.default_rng(seed)
+    target = cj.Task(linear_apply, cross_entropy, problem.task.params, jnp.asarray(rng.normal(size=(9, 5))),
+                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
+    return problem, problem.task, target
+
+
 SUBSETS = [np.array([0, 3, 7]), np.array([5]), np.array([1, 2, 4, 8, 9, 11])]
 
 
@@ -78,11 +87,7 @@ def test_pairwise_terms_sum_to_the_group_term():
 
 
 def test_cross_entropy_remainder_is_third_order_and_hessian_matches_finite_differences():
-    problem = softmax_problem()
-    task = problem.task
-    rng = np.random.default_rng(6)
-    target = cj.Task(linear_apply, cross_entropy, task.params, jnp.asarray(rng.normal(size=(9, 5))),
-                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
+    problem, task, target = _ce_target(6)
     terms = cj.interaction_terms(task, target, np.arange(10), damping=LAM, rtol=RTOL, kind="hessian")
     s = np.array([0, 2, 5, 9])
     f, i, _ = cj.group_influence(terms, [s])
@@ -103,11 +108,7 @@ def test_cross_entropy_remainder_is_third_order_and_hessian_matches_finite_diffe
 
 
 def test_cache_with_one_cluster_per_example_equals_exact():
-    problem = softmax_problem()
-    task = problem.task
-    rng = np.random.default_rng(7)
-    target = cj.Task(linear_apply, cross_entropy, task.params, jnp.asarray(rng.normal(size=(9, 5))),
-                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
+    problem, task, target = _ce_target(7)
     cache = cj.build_cache(task, num_clusters=N, sketch_dim=4, damping=LAM, key=jax.random.key(0), rtol=RTOL)
     exact = cj.interaction_terms(task, target, np.arange(N), damping=LAM, rtol=RTOL)
     groups = [np.array([0, 1, 2]), np.array([10, 20, 30, 40]), np.arange(N)]
@@ -121,11 +122,7 @@ def test_cache_with_one_cluster_per_example_equals_exact():
 
 def test_cache_terms_are_cif_at_its_delta():
     # With C < N, F + I is exactly the expansion at CiF's hat delta_S (eq. 10).
-    problem = softmax_problem()
-    task = problem.task
-    rng = np.random.default_rng(8)
-    target = cj.Task(linear_apply, cross_entropy, task.params, jnp.asarray(rng.normal(size=(9, 5))),
-                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
+    problem, task, target = _ce_target(8)
     cache = cj.build_cache(task, num_clusters=6, sketch_dim=4, damping=LAM, key=jax.random.key(1), rtol=RTOL)
     terms = cj.cache_interaction_terms(cache, target, task=task)
     hat = np.asarray(cj.param_delta(cache, SUBSETS))
@@ -210,11 +207,8 @@ def test_target_curvature_operator():
 
 
 def test_interaction_error_bound_holds_on_sampled_subsets():
-    problem = softmax_problem()
-    task = problem.task
+    problem, task, target = _ce_target(9)
     rng = np.random.default_rng(9)
-    target = cj.Task(linear_apply, cross_entropy, task.params, jnp.asarray(rng.normal(size=(9, 5))),
-                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
     cache = cj.build_cache(task, num_clusters=5, sketch_dim=4, damping=LAM, key=jax.random.key(2), rtol=1e-6)
     exact = cj.interaction_terms(task, target, np.arange(N), damping=LAM, rtol=RTOL)
     approx = cj.cache_interaction_terms(cache, target, task=task)
@@ -229,11 +223,7 @@ def test_interaction_error_bound_holds_on_sampled_subsets():
 
 
 def test_second_order_baseline_matches_dense_formula():
-    problem = softmax_problem()
-    task = problem.task
-    rng = np.random.default_rng(10)
-    target = cj.Task(linear_apply, cross_entropy, task.params, jnp.asarray(rng.normal(size=(9, 5))),
-                     jnp.asarray(rng.integers(0, 3, 9), jnp.int32))
+    problem, task, target = _ce_target(10)
     out = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, rtol=RTOL)
     g = np.asarray(cj.target_gradient(target))
     u = dense_solve(problem.ggn, g[None, :])[0]
