@@ -144,6 +144,7 @@ def interaction_terms(
     batch_size: int | None = None,
     rhs_batch_size: int | None = None,
     preconditioner=None,
+    method: str = "exact",
 ) -> InteractionTerms:
     """Exact terms for candidates ``indices``: ``coords_i = delta_i``, ``curved_i = H_f delta_i``.
 
@@ -157,20 +158,63 @@ def interaction_terms(
         damping, rtol, max_steps, batch_size, rhs_batch_size, preconditioner: as
             :func:`cif_jax.influence`.
         kind: ``H_f`` as :func:`target_curvature`.
+        method: ``"exact"`` (|P| solves, k = p) or ``"target_factors"`` (the same
+            terms from ``|V| q`` solves, q the model outputs, k = |V| q: with the GGN
+            ``H_f = (1/|V|) J_V^T W J_V``, ``R = H~^{-1} J_V^T``, ``coords_i = R^T g_i / N
+            = J_V delta_i``, ``curved_i = W coords_i / |V|``, ``first_order_i = r . coords_i
+            / |V|`` with r the output gradients of the target loss; cheaper when
+            ``|V| q << |P|``; ``kind="ggn"`` only).
 
     Returns:
-        :class:`InteractionTerms` with k = p.
+        :class:`InteractionTerms` with k = p (exact) or |V| q (target factors).
     """
     _checks.task(task)
     _check_target(target, task)
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
+    if method not in ("exact", "target_factors"):
+        raise ValueError(f"`method` must be 'exact' or 'target_factors', got {method!r}.")
+    if method == "target_factors" and kind != "ggn":
+        raise ValueError("method='target_factors' factors the target's GGN; use kind='ggn' or method='exact'.")
     idx = _candidate_indices(indices, task.num_examples)
+    if method == "target_factors":
+        from .gradients import per_example_grads
+
+        jt, w, r = _target_factors(target)  # (|V| q, p), (|V|, q, q), (|V|, q)
+        rt = solve_ggn(task, jt, damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size,
+                       rhs_batch_size=rhs_batch_size, preconditioner=preconditioner).solutions  # R^T
+        sub = Task(task.apply_fn, task.loss_fn, task.params,
+                   jax.tree_util.tree_map(lambda a: jnp.take(a, jnp.asarray(idx), axis=0), task.inputs),
+                   jax.tree_util.tree_map(lambda a: jnp.take(a, jnp.asarray(idx), axis=0), task.targets))
+        g = per_example_grads(sub, batch_size=batch_size)
+        nv, q = r.shape
+        coords = g @ rt.T / jnp.asarray(task.num_examples, g.dtype)
+        curved = jnp.einsum("vab,pvb->pva", w, coords.reshape(-1, nv, q)).reshape(coords.shape) / nv
+        first = coords @ r.reshape(-1).astype(coords.dtype) / nv
+        return InteractionTerms(first, coords, curved)
     deltas = influence(task, [np.array([i]) for i in idx], damping=damping, rtol=rtol, max_steps=max_steps,
                        batch_size=batch_size, rhs_batch_size=rhs_batch_size, preconditioner=preconditioner)
     curved = _apply_rows(target, kind, batch_size, deltas)
     first = deltas @ target_gradient(target).astype(deltas.dtype)
     return InteractionTerms(first, deltas, curved)
+
+
+@eqx.filter_jit
+def _target_factors(target: Task):
+    """Rows ``J_v^T e_a`` (|V| q, p), output Hessians W_v (|V|, q, q), output gradients r_v (|V|, q)."""
+    from .ggn import _one
+
+    flat, unravel = ravel_pytree(target.params)
+
+    def one(x, y):
+        out, vjp = jax.vjp(lambda fp: target.apply_fn(unravel(fp), _one(x))[0], flat)
+        m = out.size
+        loss_one = lambda o: target.loss_fn(o.reshape(out.shape)[None], _one(y))[0]
+        rows = jax.vmap(lambda e: vjp(e.reshape(out.shape))[0])(jnp.eye(m, dtype=out.dtype))
+        return rows, jax.hessian(loss_one)(out.reshape(-1)), jax.grad(loss_one)(out.reshape(-1))
+
+    rows, w, r = jax.vmap(one)(target.inputs, target.targets)
+    return rows.reshape(-1, flat.shape[0]), w, r
 
 
 def _candidate_indices(indices, n: int) -> np.ndarray:

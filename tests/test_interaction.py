@@ -234,3 +234,21 @@ def test_second_order_baseline_matches_dense_formula():
         np.testing.assert_allclose(float(out.correction[q]), u @ h_s @ delta / N, rtol=1e-8, atol=1e-16)
         want = delta + dense_solve(problem.ggn, (h_s @ delta)[None, :])[0] / N
         np.testing.assert_allclose(np.asarray(out.param_change[q]), want, rtol=1e-8, atol=1e-14)
+
+
+def test_target_factors_builder_equals_exact():
+    problem, task, target = _ce_target(11)
+    pool = np.arange(0, N, 3)
+    exact = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL)
+    factored = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL, method="target_factors")
+    assert factored.coords.shape == (pool.size, 9 * 3)  # |V| q
+    groups = [np.array([0, 1, 2]), np.array([3]), np.arange(pool.size)]
+    for a, b in zip(cj.group_influence(factored, groups), cj.group_influence(exact, groups)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-8, atol=1e-14)
+    pair_f = np.asarray(factored.coords) @ np.asarray(factored.curved).T
+    pair_e = np.asarray(exact.coords) @ np.asarray(exact.curved).T
+    np.testing.assert_allclose(pair_f, pair_e, rtol=1e-7, atol=1e-14)
+    with pytest.raises(ValueError, match="use kind='ggn'"):
+        cj.interaction_terms(task, target, pool, damping=LAM, method="target_factors", kind="hessian")
+    with pytest.raises(ValueError, match="`method` must be"):
+        cj.interaction_terms(task, target, pool, damping=LAM, method="fast")
