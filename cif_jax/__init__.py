@@ -26,6 +26,7 @@ from cif_jax.interaction import group_influence as group_influence
 from cif_jax.interaction import SecondOrderInfluence as SecondOrderInfluence
 from cif_jax.interaction import interaction_terms as interaction_terms
 from cif_jax.interaction import second_order_group_influence as second_order_group_influence
+from cif_jax.interaction import second_order_terms as second_order_terms
 from cif_jax.interaction import target_curvature as target_curvature
 from cif_jax.interaction import target_gradient as target_gradient
 from cif_jax.kfac import KFACPreconditioner as KFACPreconditioner

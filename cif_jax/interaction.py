@@ -25,7 +25,9 @@ removal ``F + I``, addition ``-F + I``). Every builder returns
   ``H_f``, then O(|S| + C^2) per group. It is exactly ``F + I`` at CiF's
   ``hat delta_S`` (CiF eq. 10).
 
-:func:`greedy_select` runs the interaction-aware greedy selection (seed 003,
+:func:`second_order_terms` writes the ``F + B`` baseline (Basu et al.), alone or
+with I, as the same pair terms, so that it too ranks groups and drives
+:func:`greedy_select`, the interaction-aware greedy selection (seed 003,
 Algorithm 1, sec. 5.1).
 """
 
@@ -540,6 +542,79 @@ def second_order_group_influence(
     first = deltas @ grad_f
     correction = hsd @ u_f / n
     return SecondOrderInfluence(first, correction, first + correction, deltas + extra)
+
+
+def second_order_terms(
+    task: Task,
+    target: Task,
+    indices,
+    *,
+    damping: float,
+    interaction: bool = False,
+    kind: str = "ggn",
+    rtol: float = 1e-4,
+    max_steps: int = 1000,
+    batch_size: int | None = None,
+    rhs_batch_size: int | None = None,
+    preconditioner=None,
+) -> InteractionTerms:
+    """Basu's correction (``F + B``), optionally with the interaction term (``F + I + B``), as pair terms.
+
+    The correction of :func:`second_order_group_influence` is itself pairwise,
+    ``B(S) = (1/N) u_f^T H_S delta_S = sum_{i, j in S} h_i . delta_j`` with
+    ``h_i = (1/N) J_i^T W_i J_i u_f`` and ``u_f = H~^{-1} grad f``. Symmetrised,
+    ``coords_i = [h_i, delta_i]``, ``curved_i = [delta_i, h_i]`` give ``1/2 sum_{i,j}
+    coords_i . curved_j = B(S)`` exactly, so :func:`group_influence` and
+    :func:`greedy_select` evaluate ``F + B`` (and, with ``interaction=True``,
+    ``F + I + B``: ``coords_i = [delta_i, h_i, delta_i]``, ``curved_i = [H_f delta_i,
+    delta_i, h_i]``) on any group without new solves. B is quadratic in the
+    removal weights, so it keeps its sign under addition, as I does.
+
+    Costs the |P| + 1 solves of :func:`interaction_terms` plus one solve and
+    |P| per-example GGN products; k = 2p (3p with the interaction).
+
+    Args:
+        task, target, indices, damping, kind, rtol, max_steps, batch_size,
+            rhs_batch_size, preconditioner: as :func:`interaction_terms` (exact).
+        interaction: include seed 003's interaction term I.
+
+    Returns:
+        :class:`InteractionTerms` whose ``group_influence`` is ``(F, B, F + B)`` or
+        ``(F, I + B, F + I + B)``.
+    """
+    exact = interaction_terms(task, target, indices, damping=damping, kind=kind, rtol=rtol, max_steps=max_steps,
+                              batch_size=batch_size, rhs_batch_size=rhs_batch_size, preconditioner=preconditioner)
+    idx = _candidate_indices(indices, task.num_examples)
+    grad_f = target_gradient(target).astype(exact.coords.dtype)
+    u_f = solve_ggn(task, grad_f[None, :], damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size,
+                    preconditioner=preconditioner).solutions[0]
+    sub = Task(task.apply_fn, task.loss_fn, task.params,
+               jax.tree_util.tree_map(lambda a: jnp.take(a, jnp.asarray(idx), axis=0), task.inputs),
+               jax.tree_util.tree_map(lambda a: jnp.take(a, jnp.asarray(idx), axis=0), task.targets))
+    h = _per_example_products(sub, u_f, batch_size) / jnp.asarray(task.num_examples, u_f.dtype)
+    delta = exact.coords
+    if interaction:
+        return InteractionTerms(exact.first_order, jnp.concatenate([delta, h, delta], axis=1),
+                                jnp.concatenate([exact.curved, delta, h], axis=1))
+    return InteractionTerms(exact.first_order, jnp.concatenate([h, delta], axis=1),
+                            jnp.concatenate([delta, h], axis=1))
+
+
+@eqx.filter_jit
+def _per_example_products(task: Task, v, batch_size):
+    """Rows ``J_i^T W_i J_i v`` for every example of ``task``, (N, p)."""
+    from .ggn import _one, output_hvp
+
+    flat, unravel = ravel_pytree(task.params)
+
+    def one(xy):
+        x, y = xy
+        out, jvp_fn = jax.linearize(lambda fp: task.apply_fn(unravel(fp), _one(x)), flat)
+        wjv = output_hvp(task.loss_fn, out[0], y, jvp_fn(v)[0])
+        (row,) = jax.linear_transpose(jvp_fn, flat)(wjv[None])
+        return row
+
+    return jax.lax.map(one, (task.inputs, task.targets), batch_size=batch_size)
 
 
 @eqx.filter_jit

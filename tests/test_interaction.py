@@ -252,3 +252,24 @@ def test_target_factors_builder_equals_exact():
         cj.interaction_terms(task, target, pool, damping=LAM, method="target_factors", kind="hessian")
     with pytest.raises(ValueError, match="`method` must be"):
         cj.interaction_terms(task, target, pool, damping=LAM, method="fast")
+
+
+@pytest.mark.parametrize("interaction", [False, True])
+def test_second_order_terms_evaluate_basu_on_any_group(interaction):
+    """B(S) from the pair terms equals the F + B baseline's correction (and I + B with the interaction)."""
+    problem, task, target = _ce_target(12)
+    pool = np.arange(N)
+    terms = cj.second_order_terms(task, target, pool, damping=LAM, rtol=RTOL, interaction=interaction)
+    assert terms.coords.shape == (N, (3 if interaction else 2) * problem.num_params)
+    base = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, rtol=RTOL)
+    exact = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL)
+    want = np.asarray(base.correction) + (np.asarray(cj.group_influence(exact, SUBSETS)[1]) if interaction else 0.0)
+    for setting in ("remove", "add"):
+        f, second, total = (np.asarray(a) for a in cj.group_influence(terms, SUBSETS, setting=setting))
+        sign = 1.0 if setting == "remove" else -1.0
+        np.testing.assert_allclose(f, sign * np.asarray(base.first_order), rtol=1e-9)
+        np.testing.assert_allclose(second, want, rtol=1e-8, atol=1e-16)
+        np.testing.assert_allclose(total, f + second, rtol=1e-12)
+    # Pairs are symmetric, so greedy's marginal gains are exact for F + B too.
+    pair = np.asarray(terms.coords) @ np.asarray(terms.curved).T
+    np.testing.assert_allclose(pair, pair.T, rtol=1e-9, atol=1e-18)
