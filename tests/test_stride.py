@@ -280,3 +280,118 @@ def test_warnings_and_query_checks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cj.stride_fit(H, Z, y, _subsets(), key=jax.random.key(0), num_steps=1, **TINY)
+
+
+# -- closed form: a linear encoder of rank d + 1 steers the logits by any affine map ------
+
+
+def _gaussian_lr_problem():
+    """Frozen multinomial LR on 3 overlapping Gaussian classes (d = 5, n = 600), float64."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(3)
+    n, d, c = 600, 5, 3
+    y = np.repeat(np.arange(c), n // c).astype(np.int32)
+    means = rng.normal(size=(c, d)) * 0.8
+    H = means[y] + rng.normal(size=(n, d))
+    fit = _np_lr_fit(H, y, c, np.zeros((n, c)), l2=1e-2, minimize=minimize)
+    Z = np.c_[H, np.ones(n)] @ fit.reshape(d + 1, c)
+    return H, Z, y
+
+
+def _np_lr_fit(H, y, c, offset, *, l2=0.0, minimize=None, soft=None, soft_weight=0.0, soft_offset=None):
+    """argmin over M of mean CE(y, softmax(offset + [H, 1] M)) (+ soft-target CE on other rows), by L-BFGS."""
+    from scipy.optimize import minimize as _min
+
+    minimize = minimize or _min
+    X = np.c_[H, np.ones(H.shape[0])]
+
+    def fun(m):
+        M = m.reshape(X.shape[1], c)
+        lp = _np_logsoftmax(offset + X @ M)
+        val = -lp[np.arange(y.size), y].mean() + 0.5 * l2 * np.sum(M[:-1] ** 2)
+        grad_logits = np.exp(lp)
+        grad_logits[np.arange(y.size), y] -= 1.0
+        grad = X.T @ grad_logits / y.size + l2 * np.r_[M[:-1], np.zeros((1, c))]
+        if soft is not None:
+            Hs, p0 = soft
+            Xs = np.c_[Hs, np.ones(Hs.shape[0])]
+            lq = _np_logsoftmax(soft_offset + Xs @ M)
+            val += soft_weight * np.mean(np.sum(p0 * (np.log(p0) - lq), axis=1))
+            grad += soft_weight * Xs.T @ (np.exp(lq) - p0) / Hs.shape[0]
+        return val, grad.ravel()
+
+    out = minimize(fun, np.zeros(X.shape[1] * c), jac=True, method="L-BFGS-B",
+                   options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
+    return out.x if soft is None and l2 > 0 else out
+
+
+def _steered(ops, H, Z, k):
+    phi = H @ np.asarray(ops.encoder["U"]) + np.asarray(ops.encoder["u"])[None, :]
+    return Z + phi @ np.asarray(ops.A[k])
+
+
+@pytest.mark.parametrize("lambda_stab", [0.0, 1.0])
+def test_linear_encoder_matches_closed_form_refits(lambda_stab):
+    """Rank d + 1 reaches every affine logit shift, so each k solves a convex problem scipy solves exactly.
+
+    lambda_stab = 0: subset k's steered model is an unregularised LR refit on S_k
+    alone (the frozen logits only reparametrise it); lambda_stab = 1: fid_k + stab_k
+    is convex in the affine map M_k, and the loss must reach scipy's optimum.
+    Measured here: probabilities 1.2e-3..6.6e-3 (bound 1e-2), fid 7e-7..4e-5 relative
+    (bound 1e-4), the lambda_stab = 1 loss 1.8e-6 relative (bound 1e-4).
+    """
+    H, Z, y = _gaussian_lr_problem()
+    n, c = Z.shape
+    subsets = np.asarray(cj.stride_subsets(jax.random.key(0), n, num_subsets=3, subset_size=200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one partition: identical membership columns
+        ops = cj.stride_fit(H, Z, y, subsets, key=jax.random.key(1), encoder="linear", rank=6, lambda_lin=0.0,
+                            lambda_stab=lambda_stab, batch_size=None, num_steps=3000, learning_rate=1e-2)
+    total, want = 0.0, 0.0
+    for k, members in enumerate(subsets):
+        rest = np.setdiff1d(np.arange(n), members)
+        logits = _steered(ops, H, Z, k)
+        fid = -_np_logsoftmax(logits[members])[np.arange(members.size), y[members]].mean()
+        if lambda_stab == 0.0:
+            ref = _np_lr_fit(H[members], y[members], c, np.zeros((members.size, c)))
+            assert ref.success, ref.message
+            ref_logits = np.c_[H, np.ones(n)] @ ref.x.reshape(-1, c)
+            np.testing.assert_allclose(np.exp(_np_logsoftmax(logits)), np.exp(_np_logsoftmax(ref_logits)), atol=1e-2)
+            np.testing.assert_allclose(fid, ref.fun, rtol=1e-4)
+        else:
+            p0 = np.exp(_np_logsoftmax(Z[rest]))
+            ref = _np_lr_fit(H[members], y[members], c, Z[members], soft=(H[rest], p0), soft_weight=1.0,
+                             soft_offset=Z[rest])
+            assert ref.success, ref.message
+            lq = _np_logsoftmax(logits[rest])
+            total += fid + np.mean(np.sum(p0 * (np.log(p0) - lq), axis=1))
+            want += ref.fun
+    if lambda_stab == 1.0:
+        np.testing.assert_allclose(total / 3, want / 3, rtol=1e-4)  # measured 1.8e-6
+        assert total >= want - 1e-9  # scipy's is the minimum
+
+
+def test_digits_end_to_end_scores_are_finite():
+    """Features from a trained nnx MLP on digits, operators, responses and Lasso scores: finite, right shapes."""
+    from cif_jax import data as cdata
+    from cif_jax.training import train
+
+    ds = cdata.load_dataset("digits", seed=0)
+    x = np.asarray(ds.x_train[:300].reshape(300, -1), np.float32)
+    y = np.asarray(ds.y_train[:300], np.int32)
+    model = MLP(rngs=nnx.Rngs(0), in_features=64, hidden=(32, 16), num_classes=10)
+    model, _ = train(model, x, y, epochs=5, learning_rate=0.05, batch_size=64, progress=False)
+    task = cj.Task.from_nnx(model, optax.softmax_cross_entropy_with_integer_labels, x, y)
+    feature_fn = cj.nnx_feature_fn(model)
+    H, Z = cj.stride_features(task, x, feature_fn=feature_fn, batch_size=128)
+    assert H.shape == (300, 16) and Z.shape == (300, 10)
+    subsets = cj.stride_subsets(jax.random.key(0), 300, num_subsets=40, subset_size=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few examples share all 4 rounds' blocks by chance
+        ops = cj.stride_fit(H, Z, y, subsets, key=jax.random.key(1), rank=8, num_steps=20, sketch_dim=16)
+    xt = np.asarray(ds.x_test[:7].reshape(7, -1), np.float32)
+    Ht, Zt = cj.stride_features(task, xt, feature_fn=feature_fn)
+    sol = cj.stride_scores(ops, Ht, classes=np.asarray(jnp.argmax(Zt, axis=1)))
+    assert sol.coef.shape == (7, 300)
+    assert np.all(np.isfinite(np.asarray(sol.coef)))
