@@ -41,12 +41,76 @@ def _spearman_rows(a, b):
     return float(np.mean([spearmanr(x, y).statistic for x, y in zip(a, b)]))
 
 
+def class_removal(task, ds, args, samplers, m, kw):
+    """Seed 002's class removal: theta_0 + delta_S for S = a whole class, vs retraining without it.
+
+    For each class c: the retrained model (``cj.retrain``, the base model's
+    protocol and initialisation) and ``theta_0 + delta_S`` with ``delta_S`` from the
+    full GGN and from each sampler's curvature at size m (seed 0). Reported: the
+    accuracy and mean loss on the test examples of c (forgetting: lower is more
+    removed) and the macro-F1 over the other classes (utility), and each method's
+    gap to retraining.
+    """
+    from jax.flatten_util import ravel_pytree
+    from sklearn.metrics import f1_score
+
+    from cif_jax.cli import TRAINING
+    from cif_jax import models as cmodels
+
+    n = task.num_examples
+    labels = np.asarray(task.targets)
+    classes = args.removal_classes or ([0, 3, 8] if args.quick else list(range(ds.num_classes)))
+    subsets = [np.flatnonzero(labels == c) for c in classes]
+    config = cmodels.model_config(args.model, in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
+    epochs, lr, schedule = TRAINING[args.dataset]
+    xt, yt = jnp.asarray(ds.x_test), np.asarray(ds.y_test)
+    t0 = time.perf_counter()
+    retr = cj.retrain(lambda: cmodels.build_from_config(config, seed=args.seed), ds.x_train, ds.y_train, subsets,
+                      eval_inputs=xt, eval_targets=jnp.asarray(yt), epochs=epochs, learning_rate=lr,
+                      schedule=schedule, seed=args.seed, progress=True)
+    retrain_seconds = time.perf_counter() - t0
+    deltas = {"retrain": np.asarray(retr.param_delta)}
+    deltas["IF (full GGN)"] = np.asarray(cj.influence(task, subsets, **kw))
+    for name, draw in samplers.items():
+        sample = draw(m, jax.random.key(m))
+        deltas[f"IF ({name}, M={m})"] = np.asarray(cj.influence(task, subsets, curvature=sample, **kw))
+    flat0, unravel = ravel_pytree(task.params)
+
+    def metrics(delta, c):
+        logits = np.asarray(task.apply_fn(unravel(flat0 + jnp.asarray(delta, flat0.dtype)), xt))
+        pred = logits.argmax(1)
+        own = yt == c
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - \
+            logits.max(1, keepdims=True)
+        others = [k for k in range(ds.num_classes) if k != c]
+        return {"self_accuracy": float((pred[own] == c).mean()),
+                "self_loss": float(-logp[own, c].mean()),
+                "macro_f1_rest": float(f1_score(yt[~own], pred[~own], labels=others, average="macro"))}
+
+    base = {c: metrics(np.zeros_like(flat0), c) for c in classes}
+    rows = []
+    for name, d in deltas.items():
+        per = [metrics(d[j], c) for j, c in enumerate(classes)]
+        row = {"method": name, "per_class": dict(zip(map(str, classes), per))}
+        for key in ("self_accuracy", "self_loss", "macro_f1_rest"):
+            row[key] = float(np.mean([r[key] for r in per]))
+        rows.append(row)
+    ref = rows[0]
+    for row in rows:
+        row["gap_to_retrain"] = {key: row[key] - ref[key] for key in ("self_accuracy", "self_loss", "macro_f1_rest")}
+        print(f"class removal {row['method']:55s} self-acc {row['self_accuracy']:.3f} self-loss "
+              f"{row['self_loss']:.2f} macro-F1 rest {row['macro_f1_rest']:.3f}", flush=True)
+    return {"classes": classes, "sample_size": m, "retrain_seconds": retrain_seconds, "base": base, "rows": rows}
+
+
 def main():
     p = ec.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="sample sizes M (quick 100 400 800)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per sampler and M (quick 3, full 10)")
     p.add_argument("--test-points", type=int, default=8)
     p.add_argument("--lissa-depth", type=int, default=None, help="LiSSA steps (quick 2000)")
+    p.add_argument("--removal-classes", type=int, nargs="+", default=None,
+                   help="classes removed in the class-removal check (quick 0 3 8, full 0..9)")
     p.add_argument("--sample-rtol", type=float, default=1e-4,
                    help="CG tolerance of every solve here (float32 CG stalls near 1e-5 on this GGN)")
     args = ec.finish_args(p.parse_args())
@@ -144,12 +208,14 @@ def main():
               f"{float(out.pool_residuals.max()):.3g} (CG: {float(cg.num_steps.mean()):.0f} steps to "
               f"{float(cg.residuals.max()):.2g}); (s/lambda) ln(1/rtol) = {needed:,.0f} steps", flush=True)
 
+    removal = class_removal(task, ds, args, samplers, sizes[-1], kw)
+
     result = {"settings": {**ec.task_info(task, ds, args), "sizes": sizes, "seeds": seeds,
                            "test_points": args.test_points, "sample_rtol": args.sample_rtol,
                            "lissa_depth": depth},
               "reference": {"cg_steps": float(ref.num_steps.mean()), "residual": float(ref.residuals.max()),
                             "seconds": full_seconds},
-              "rows": rows, "lissa": lissa_rows}
+              "rows": rows, "lissa": lissa_rows, "class_removal": removal}
     ec.write("samplers", args, result)
 
     plt = ec.pyplot()
