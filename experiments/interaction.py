@@ -16,7 +16,7 @@ test loss.
     python experiments/interaction.py --quick
 
 The document reports F + I best everywhere (margins lost in extraction) and F + B
-unstable. The greedy-selection experiment (its sec. 5.1) is not run here yet.
+unstable. The greedy-selection experiment (its sec. 5.1) is experiments/selection.py.
 """
 
 from __future__ import annotations
