@@ -31,6 +31,7 @@ document reports 0.116 on MNIST with its own metric (app. C.1), not this subset 
 from __future__ import annotations
 
 import time
+import warnings
 
 import jax
 
@@ -145,8 +146,6 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
                                  subset_size=settings["stride_subset_size"])
         ops = cj.stride_fit(H, Z, y, subs, key=jax.random.key(12), num_steps=settings["stride_steps"])
         return cj.stride_scores(ops, Ht, classes=yt).coef
-
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few examples may share every block by chance

@@ -52,6 +52,7 @@ def class_removal(task, ds, args, samplers, m, kw):
     gap to retraining.
     """
     from jax.flatten_util import ravel_pytree
+    from scipy.special import log_softmax
     from sklearn.metrics import f1_score
 
     from cif_jax.cli import TRAINING
@@ -80,8 +81,7 @@ def class_removal(task, ds, args, samplers, m, kw):
         logits = np.asarray(task.apply_fn(unravel(flat0 + jnp.asarray(delta, flat0.dtype)), xt))
         pred = logits.argmax(1)
         own = yt == c
-        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - \
-            logits.max(1, keepdims=True)
+        logp = log_softmax(logits, axis=1)
         others = [k for k in range(ds.num_classes) if k != c]
         return {"self_accuracy": float((pred[own] == c).mean()),
                 "self_loss": float(-logp[own, c].mean()),

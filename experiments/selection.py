@@ -38,32 +38,18 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
 
 import _common as ec  # noqa: E402
+from lds import init_params, loss  # noqa: E402
 
 
 def mlp(params, x):
     h = jax.nn.relu(x @ params["w1"] + params["b1"][None, :])
     h = jax.nn.relu(h @ params["w2"] + params["b2"][None, :])
     return h @ params["w3"] + params["b3"][None, :]
-
-
-def loss(outputs, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
-
-
-def init_mlp(key, sizes):
-    """LeCun-normal weights, zero biases."""
-    params = {}
-    for j, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
-        key, sub = jax.random.split(key)
-        params[f"w{j}"] = jax.random.normal(sub, (a, b), jnp.float64) / np.sqrt(a)
-        params[f"b{j}"] = jnp.zeros(b, jnp.float64)
-    return params
 
 
 def class_entropy(labels, num_classes):
@@ -101,14 +87,14 @@ def main():
 
     # theta_0: the MLP trained on the whole pool.
     t0 = time.perf_counter()
-    init0 = init_mlp(jax.random.key(args.seed), sizes)
+    init0 = init_params(jax.random.key(args.seed), sizes)
     base = cj.train_many(cj.Task(mlp, loss, init0, x, y), np.ones((1, n), bool), **train_kw)
     params = jax.tree_util.tree_map(lambda a: a[0], base.params)
     task = cj.Task(mlp, loss, params, x, y)
     target = cj.Task(mlp, loss, params, xt, yt)
     base_loss = float(jnp.mean(loss(mlp(params, xt), yt)))
     base_seconds = time.perf_counter() - t0
-    print(f"theta_0: pool {n}, p = {cj.Task(mlp, loss, params, x, y).num_params}, test loss {base_loss:.4f}, "
+    print(f"theta_0: pool {n}, p = {task.num_params}, test loss {base_loss:.4f}, "
           f"grad norm {float(base.grad_norm[0]):.2e} ({base_seconds:.0f} s)", flush=True)
 
     # Terms over the whole pool: one call gives F, I and B ([delta, h, delta] / [H_f delta, delta, h]).
@@ -153,7 +139,7 @@ def main():
                 mask = np.zeros(n, bool)
                 mask[selections[name][s][:b]] = True
                 keep.append(mask)
-                inits.append(init_mlp(jax.random.key(1000 + s), sizes))
+                inits.append(init_params(jax.random.key(1000 + s), sizes))
                 rows.append((name, b, s))
     t3 = time.perf_counter()
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *inits)

@@ -287,23 +287,20 @@ def test_warnings_and_query_checks():
 
 def _gaussian_lr_problem():
     """Frozen multinomial LR on 3 overlapping Gaussian classes (d = 5, n = 600), float64."""
-    from scipy.optimize import minimize
-
     rng = np.random.default_rng(3)
     n, d, c = 600, 5, 3
     y = np.repeat(np.arange(c), n // c).astype(np.int32)
     means = rng.normal(size=(c, d)) * 0.8
     H = means[y] + rng.normal(size=(n, d))
-    fit = _np_lr_fit(H, y, c, np.zeros((n, c)), l2=1e-2, minimize=minimize)
-    Z = np.c_[H, np.ones(n)] @ fit.reshape(d + 1, c)
+    fit = _np_lr_fit(H, y, c, np.zeros((n, c)), l2=1e-2)
+    Z = np.c_[H, np.ones(n)] @ fit.x.reshape(d + 1, c)
     return H, Z, y
 
 
-def _np_lr_fit(H, y, c, offset, *, l2=0.0, minimize=None, soft=None, soft_weight=0.0, soft_offset=None):
+def _np_lr_fit(H, y, c, offset, *, l2=0.0, soft=None, soft_weight=0.0, soft_offset=None):
     """argmin over M of mean CE(y, softmax(offset + [H, 1] M)) (+ soft-target CE on other rows), by L-BFGS."""
-    from scipy.optimize import minimize as _min
+    from scipy.optimize import minimize
 
-    minimize = minimize or _min
     X = np.c_[H, np.ones(H.shape[0])]
 
     def fun(m):
@@ -321,9 +318,8 @@ def _np_lr_fit(H, y, c, offset, *, l2=0.0, minimize=None, soft=None, soft_weight
             grad += soft_weight * Xs.T @ (np.exp(lq) - p0) / Hs.shape[0]
         return val, grad.ravel()
 
-    out = minimize(fun, np.zeros(X.shape[1] * c), jac=True, method="L-BFGS-B",
-                   options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
-    return out.x if soft is None and l2 > 0 else out
+    return minimize(fun, np.zeros(X.shape[1] * c), jac=True, method="L-BFGS-B",
+                    options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
 
 
 def _steered(ops, H, Z, k):
