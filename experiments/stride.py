@@ -26,7 +26,7 @@ training objective's Hessian) in float64:
 5. **Cost** (Prop. 1, Table 5): setup and per-query seconds against the MLP width,
    as ratios to STRIDE (second, compiled call of each).
 
-    python experiments/stride.py --quick    # digits, about 10 min on 2 cores
+    python experiments/stride.py --quick    # digits, about 16 min on 2 cores (--parts lds mislabel ... for a subset)
     python experiments/stride.py            # mnist5k, the document's MLP 784-512-256-10
 
 Published (STRIDE, MNIST): its own LDS (app. C.1, not this subset LDS) 0.116 vs
