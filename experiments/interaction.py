@@ -31,26 +31,17 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
 
 import _common as ec  # noqa: E402
+from lds import loss, mlp  # noqa: E402
 
 
 def linear(params, x):
     return x @ params["w"] + params["b"][None, :]
-
-
-def mlp(params, x):
-    h = jax.nn.relu(x @ params["w1"] + params["b1"][None, :])
-    return h @ params["w2"] + params["b2"][None, :]
-
-
-def loss(outputs, targets):
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
 
 
 def initial(model, key, d, k, hidden):

@@ -50,6 +50,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
@@ -244,8 +245,6 @@ def diagnose(ops, feats, task, xt, yt, if_scores_, keep, losses):
     * ``lds_IF_through_subsets``: the LDS of IF's own subset sums passed through the
       same Lasso: what the readout can keep of a perfect subset signal.
     """
-    from scipy.stats import spearmanr
-
     Ht, _ = cj.stride_features(task, xt, feature_fn=feats)
     Y = np.asarray(cj.stride_responses(ops, Ht, classes=yt))  # (Q, K)
     X = np.asarray(ops.membership)  # (K, N)

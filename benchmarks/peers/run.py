@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
-from benchmarks.common import WORKDIR, machine, trained_task  # noqa: E402
+from benchmarks.common import WORKDIR, machine, timed, trained_task  # noqa: E402
 from cif_jax import folds as cfolds  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -73,12 +73,6 @@ def export(task, folds, path):
     os.replace(tmp, path)
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - t0
-
-
 def if_scores(task, folds, args, pre):
     res = cj.influence_solve(task, folds, damping=args.damping, rtol=args.rtol, max_steps=args.max_steps,
                              batch_size=args.batch_size, rhs_batch_size=args.rhs_block, preconditioner=pre)
@@ -92,11 +86,11 @@ def ours(task, folds, args):
     kw = dict(damping=args.damping, batch_size=args.batch_size)
     # Preconditioner builds: timed on their first call, compilation included (a build is done once per model).
     pres = {"none": (None, 0.0)}
-    (pre, t) = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(1), rank="auto",
-                                                       rhs_batch_size=args.rhs_block, **kw))
+    t, pre = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(1), rank="auto",
+                                                     rhs_batch_size=args.rhs_block, **kw), warmup=False)
     pres["nystrom"] = (pre, t)
     log(f"nystrom preconditioner built in {t:.1f} s, rank {pre.rank} (compilation included)")
-    pre, t = timed(lambda: cj.kfac_preconditioner(task, **kw))
+    t, pre = timed(lambda: cj.kfac_preconditioner(task, **kw), warmup=False)
     pres["kfac"] = (pre, t)
     log(f"kfac preconditioner built in {t:.1f} s (compilation included)")
     # Solves: compiled first on one block with max_steps=1, so the timings below are runs.
@@ -110,7 +104,7 @@ def ours(task, folds, args):
     cj.mean_subset_gradients(task, folds[: args.sample_folds], batch_size=args.batch_size)
 
     # The exact reference: every fold, Nystrom-preconditioned block CG to the true residual.
-    (exact, res), t = timed(lambda: if_scores(task, folds, args, pres["nystrom"][0]))
+    t, (exact, res) = timed(lambda: if_scores(task, folds, args, pres["nystrom"][0]), warmup=False)
     out["IF nystrom"] = {"seconds": t + pres["nystrom"][1], "build_seconds": pres["nystrom"][1], "folds_timed":
                          len(folds), "mean_iterations": float(np.mean(res.num_steps)),
                          "max_true_residual": float(np.max(res.residuals)), "extrapolated": False}
@@ -120,7 +114,7 @@ def ours(task, folds, args):
     sample = folds[: args.sample_folds]
     for name in ("none", "kfac"):
         pre, t_build = pres[name]
-        (s, res), t = timed(lambda pre=pre: if_scores(task, sample, args, pre))
+        t, (s, res) = timed(lambda pre=pre: if_scores(task, sample, args, pre), warmup=False)
         out[f"IF {name}"] = {"seconds": t * len(folds) / len(sample) + t_build, "build_seconds": t_build,
                              "folds_timed": len(sample), "mean_iterations": float(np.mean(res.num_steps)),
                              "max_true_residual": float(np.max(res.residuals)), "extrapolated": True,
@@ -142,7 +136,7 @@ def ours(task, folds, args):
                                    **kw)
             return cj.fold_loss_delta(cache, task, folds, batch_size=args.batch_size), cache
 
-        (s, cache), t = timed(run)
+        t, (s, cache) = timed(run, warmup=False)
         label = f"CiF C={c} {name}"
         scores[label] = np.asarray(s)
         out[label] = {"seconds": t + t_build, "build_seconds": t_build, "extrapolated": False,
@@ -159,7 +153,7 @@ def ekfac_estimator(task, folds, args):
         g = cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
         return jnp.sum(delta * g, axis=1)
 
-    s, t = timed(run)  # first call: compilation included
+    t, s = timed(run, warmup=False)  # first call: compilation included
     log(f"EK-FAC estimator (approximate): {t:.1f} s")
     return {"seconds": t, "extrapolated": False, "compilation_included": True, "approximate": True}, np.asarray(s)
 
@@ -223,10 +217,6 @@ def main():
     task, _ = trained_task(args.dataset, "lenet5")
     n = task.num_examples
     folds = [f for k in (50, 100) for f in cfolds.kfold_indices(n, k, seed=k)]
-    os.makedirs(WORKDIR, exist_ok=True)
-    path = os.path.join(WORKDIR, f"peers-{args.dataset}.npz")
-    export(task, folds, path)
-    log(f"exported {path}; N = {n}, p = {task.num_params}, {len(folds)} folds")
     if args.approx_only:  # add our EK-FAC estimator's row to an existing result of this machine
         with open(os.path.join(args.output, "peers-cpu.json")) as f:
             result = json.load(f)
@@ -239,6 +229,10 @@ def main():
         result["load_average_approx_row"] = [round(v, 2) for v in os.getloadavg()]
         write(result, args)
         return
+    os.makedirs(WORKDIR, exist_ok=True)
+    path = os.path.join(WORKDIR, f"peers-{args.dataset}.npz")
+    export(task, folds, path)
+    log(f"exported {path}; N = {n}, p = {task.num_params}, {len(folds)} folds")
     methods, scores = ours(task, folds, args)
     row, scores["EK-FAC estimator (ours, approximate)"] = ekfac_estimator(task, folds, args)
     methods["EK-FAC estimator (ours, approximate)"] = row
