@@ -223,14 +223,12 @@ def _block_denominators(pre: KFACPreconditioner, lam):
     return out
 
 
-def inverse(pre: KFACPreconditioner, lam):
-    """``R -> lambda P^{-1} R`` on the rows of R, P the damped block-diagonal approximation; traceable.
-
-    The factor lambda matches :func:`cif_jax.precondition.inverse_fn`'s normalisation for
-    the scaled system ``I + GGN / lambda`` (a direction with zero curvature is left
-    unchanged).
-    """
+def _scaled_power(pre: KFACPreconditioner, lam, exponent: float):
+    """``R -> (P / lambda)^exponent R`` on the rows of R, through the blocks' Kronecker eigenbases; traceable."""
     perm, inv = pre.layout.perm, pre.layout.inverse
+
+    def power(d, lam_):  # (d / lambda)^exponent; a plain division for the inverse
+        return lam_ / d if exponent == -1.0 else (d / lam_) ** exponent
 
     def apply(r):
         lam_ = jnp.asarray(lam, r.dtype)
@@ -244,12 +242,32 @@ def inverse(pre: KFACPreconditioner, lam):
             start += n
             qg, qa = pre.output_bases[b], pre.input_bases[b]
             vt = jnp.einsum("jo,kji,il->kol", qg, v, qa, precision=_HIGHEST)
-            vt = vt * (lam_ / denominators[b])[None]
+            vt = vt * power(denominators[b], lam_)[None]
             parts.append(jnp.einsum("oj,kjl,il->koi", qg, vt, qa, precision=_HIGHEST).reshape(-1, n))
-        parts.append(x[:, start:] * (lam_ / (pre.diagonal + lam_))[None, :])
+        parts.append(x[:, start:] * power(pre.diagonal + lam_, lam_)[None, :])
         return jnp.concatenate(parts, axis=1)[:, inv]
 
     return apply
+
+
+def inverse(pre: KFACPreconditioner, lam):
+    """``R -> lambda P^{-1} R`` on the rows of R, P the damped block-diagonal approximation; traceable.
+
+    The factor lambda matches :func:`cif_jax.precondition.inverse_fn`'s normalisation for
+    the scaled system ``I + GGN / lambda`` (a direction with zero curvature is left
+    unchanged).
+    """
+    return _scaled_power(pre, lam, -1.0)
+
+
+def inverse_sqrt(pre: KFACPreconditioner, lam):
+    """``R -> (P / lambda)^{-1/2} R`` on the rows of R, the symmetric square root of :func:`inverse`; traceable.
+
+    For split preconditioning: ``S (I + GGN / lambda) S`` with this S is the
+    (E)K-FAC-whitened operator whose spectrum K-FAC leaves for CG (``benchmarks/run.py``,
+    section ``kfac``, sketches it with Nystrom to measure a low-rank correction).
+    """
+    return _scaled_power(pre, lam, -0.5)
 
 
 def _top_directions(pre: KFACPreconditioner, rank: int) -> np.ndarray:
