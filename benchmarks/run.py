@@ -636,7 +636,10 @@ def _markdown(res) -> str:
              f"{m['device']} x{m['num_devices']}; jax {m['jax']}, cif_jax {m['cif_jax']}. Run {res['date']}"
              + (f"; load average at the end {m['load_average']} (other work running beside it inflates seconds)."
                 if "load_average" in m else "."),
-             f"Command: `{res['command']}`.",
+             f"Command: `{res['command']}`" + (
+                 "." if set(res["sections"]) <= set(res.get("ran", res["sections"])) else
+                 f" (it ran {', '.join(res['ran'])}; the other sections are kept from earlier runs of this "
+                 "config, each with its own `run_date` in the JSON where recorded)."),
              f"Workload: {cfg['dataset']} + {cfg['model']}, N = {res['N']}, p = {res['p']:,}, float32, damping "
              f"{cfg['damping']:g}, true relative residual {cfg['rtol']:g}, {cfg['batch_size']} examples per chunk.", ""]
     s = res["sections"]
@@ -829,11 +832,13 @@ def main(argv=None):
         fn = globals()[f"section_{name}"]
         out = fn(task, cfg, state, args.config) if name == "memory" else fn(task, cfg, state)
         out["section_seconds"] = time.perf_counter() - start
+        out["run_date"] = time.strftime("%Y-%m-%d")
         sections[name] = out
     res = {"config_name": args.config, "config": cfg, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
            "command": "python benchmarks/run.py --config " + args.config + (" --only " + " ".join(args.only)
                                                                               if args.only else ""),
            "N": task.num_examples, "p": task.num_params, "total_seconds": time.perf_counter() - start_all,
+           "ran": list(order),
            "sections": sections}
     tmp = json_path + ".tmp"
     with open(tmp, "w") as f:
