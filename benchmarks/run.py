@@ -119,13 +119,18 @@ def _timed_solve(task, rhs, cfg, rows, pre, name, build_seconds, extra):
               preconditioner=pre, warn=False)
     cj.solve_ggn(task, rhs, **{**kw, "max_steps": 1})  # compile (settings are traced: same program)
     t, res = timed(lambda: cj.solve_ggn(task, rhs, **kw), warmup=False)
-    row = {"preconditioner": name, "build_seconds": build_seconds, "mean_iterations": float(res.num_steps.mean()),
-           "max_iterations": int(res.num_steps.max()), "max_residual": float(res.residuals.max()),
-           "seconds_per_solve": t / rhs.shape[0], **extra}
+    _record(rows, name, build_seconds, t / rhs.shape[0], res.num_steps, res.residuals, extra)
+    return res
+
+
+def _record(rows, name, build_seconds, seconds_per_solve, steps, residuals, extra):
+    """Appends one row of solve figures to ``rows`` and logs it."""
+    row = {"preconditioner": name, "build_seconds": build_seconds, "mean_iterations": float(steps.mean()),
+           "max_iterations": int(steps.max()), "max_residual": float(residuals.max()),
+           "seconds_per_solve": seconds_per_solve, **extra}
     rows.append(row)
     log(f"  {name}: {row['mean_iterations']:.1f} iterations, {row['seconds_per_solve']:.2f} s/solve, "
         f"build {build_seconds:.1f} s")
-    return res
 
 
 def section_preconditioners(task, cfg, state):
@@ -479,13 +484,7 @@ def _timed_combination(task, rhs, cfg, rows, combo, name, build_seconds, extra):
     args = (task, rhs, cfg["damping"], cfg["rtol"])
     _combination_solve(*args, 1, cfg["batch_size"], combo)[0].block_until_ready()  # compile
     t, (_, res, steps, _) = timed(lambda: _combination_solve(*args, 1000, cfg["batch_size"], combo), warmup=False)
-    row = {"preconditioner": name, "build_seconds": build_seconds, "mean_iterations": float(steps.mean()),
-           "max_iterations": int(steps.max()), "max_residual": float(res.max()),
-           "seconds_per_solve": t / rhs.shape[0], **extra}
-    rows.append(row)
-    log(f"  {name}: {row['mean_iterations']:.1f} iterations, {row['seconds_per_solve']:.2f} s/solve, "
-        f"build {build_seconds:.1f} s")
-
+    _record(rows, name, build_seconds, t / rhs.shape[0], steps, res, extra)
 
 
 def section_kfac(task, cfg, state):
@@ -514,9 +513,12 @@ def section_kfac(task, cfg, state):
     r = cfg.get("kfac_rank", 100)
     cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=block, batch_size=bs, rhs_batch_size=block,
                               error_iters=0)  # compile the block products
-    t, ny = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(r), rank=r, batch_size=bs,
-                                                    rhs_batch_size=block, error_iters=0), warmup=False)
-    solve(ny, f"nystrom r={r}, random test matrix", t, {"rank": r})
+    random_sketch = {}  # rank -> (build seconds, Nystrom preconditioner with a random test matrix)
+    for rank in (r, 2 * r):
+        random_sketch[rank] = timed(lambda: cj.nystrom_preconditioner(
+            task, key=jax.random.key(rank), rank=rank, batch_size=bs, rhs_batch_size=block, error_iters=0),
+            warmup=False)
+        solve(random_sketch[rank][1], f"nystrom r={rank}, random test matrix", random_sketch[rank][0], {"rank": rank})
     for kind in ("kfac", "ekfac"):
         pre, t_pre = built[kind]
 
@@ -529,13 +531,7 @@ def section_kfac(task, cfg, state):
         solve(ny_k, f"nystrom r={r}, {kind} top eigenvectors as test matrix", t + t_pre,
               {"rank": r, "sketch_seconds": t})
     # Item 3: (E)K-FAC with a low-rank Nystrom correction, both ways round, at ranks r and 2r.
-    for rank in (r, 2 * r):
-        t_ny, ny_r = ((t, ny) if rank == r else
-                      timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(rank), rank=rank,
-                                                              batch_size=bs, rhs_batch_size=block, error_iters=0),
-                            warmup=False))
-        if rank != r:
-            solve(ny_r, f"nystrom r={rank}, random test matrix", t_ny, {"rank": rank})
+    for rank, (t_ny, ny_r) in random_sketch.items():
         for kind in ("kfac", "ekfac"):
             pre, t_pre = built[kind]
             t_sk, (ut, s_w) = timed(lambda: _split_sketch(task, pre, rank, cfg, jax.random.key(rank)), warmup=False)

@@ -245,7 +245,6 @@ def test_inverse_is_the_dense_block_diagonal_inverse(kind):
                                atol=1e-12 * np.abs(want).max() / LAM)
 
 
-
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_inverse_sqrt_is_the_symmetric_root_of_the_dense_inverse(kind):
     from cif_jax.kfac import inverse_sqrt
@@ -257,6 +256,7 @@ def test_inverse_sqrt_is_the_symmetric_root_of_the_dense_inverse(kind):
     got = np.asarray(inverse_sqrt(pre, LAM)(jnp.eye(pre.num_params, dtype=jnp.float64)))
     # float64, a few hundred parameters and condition numbers below 1e4: rounding is ~1e-12 of the largest entry.
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11 * np.abs(want).max())
+
 
 def test_factors_on_a_curvature_sample():
     prob = mlp_problem()
