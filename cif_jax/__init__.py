@@ -4,10 +4,16 @@ Every parameter-space vector is a flat 1-D array in
 ``jax.flatten_util.ravel_pytree(params)`` order, in the params' dtype.
 """
 
+from cif_jax.bounds import CorrectedErrorBound as CorrectedErrorBound
+from cif_jax.bounds import corrected_error_bound as corrected_error_bound
 from cif_jax.bounds import error_bound as error_bound
 from cif_jax.bounds import subset_error_bound as subset_error_bound
 from cif_jax.cache import InfluenceCache as InfluenceCache
 from cif_jax.cache import build_cache as build_cache
+from cif_jax.correction import CalibratedCorrection as CalibratedCorrection
+from cif_jax.correction import CorrectionTerms as CorrectionTerms
+from cif_jax.correction import ExactCorrection as ExactCorrection
+from cif_jax.correction import NystromCorrection as NystromCorrection
 from cif_jax.curvature import CurvatureSample as CurvatureSample
 from cif_jax.curvature import uniform_sample as uniform_sample
 from cif_jax.distributed import solver_mesh as solver_mesh
@@ -54,10 +60,13 @@ from cif_jax.queries import cluster_alphas as cluster_alphas
 from cif_jax.queries import cluster_counts as cluster_counts
 from cif_jax.queries import fold_alphas as fold_alphas
 from cif_jax.queries import fold_loss_delta as fold_loss_delta
+from cif_jax.queries import fold_matrix as fold_matrix
 from cif_jax.queries import loss_delta as loss_delta
 from cif_jax.queries import loss_delta_from_alphas as loss_delta_from_alphas
 from cif_jax.queries import mean_subset_gradients as mean_subset_gradients
+from cif_jax.queries import overlap_correction as overlap_correction
 from cif_jax.queries import param_delta as param_delta
+from cif_jax.queries import self_influence as self_influence
 from cif_jax.samplers import feature_sample as feature_sample
 from cif_jax.samplers import logit_sample as logit_sample
 from cif_jax.sketch import jl_projection as jl_projection

@@ -6,6 +6,8 @@ real solver residuals rho_c.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
@@ -89,3 +91,104 @@ def subset_error_bound(
         raise_on_bad(bad)
         deviation = jnp.linalg.norm(sums - counts.astype(dtype) @ cache.means, axis=1)
     return deviation / lam_n, solver
+
+
+class CorrectedErrorBound(NamedTuple):
+    """What bounds the corrected CiF score's error against per-query IF, per query, in loss units.
+
+    With ``V`` the evaluation set (training examples, mean loss) and ``d_i = g_i - mu_c(i)``:
+
+    .. math::
+
+        \\Delta\\ell_{IF} - \\Delta\\hat\\ell_{corr} =
+        \\underbrace{\\frac{1}{N|V|}\\sum_{i \\in S} (G_V - 1[i \\in V]\\, g_i)^\\top \\tilde H^{-1} d_i}_{\\text{cross}}
+        + \\underbrace{\\frac{1}{|V|}\\sum_{i \\in S \\cap V} (t_i - \\hat t_i)}_{\\text{correction}}
+        + \\text{solver},
+
+    ``G_V = sum_{j in V} g_j``. Attributes:
+
+        cross: ``(1/(lambda N |V|)) sum_{i in S} (||G_V|| + 1[i in V] ||g_i||) ||d_i||`` (from
+            ``||H~^{-1}|| <= 1/lambda``): the cross terms of the deviations, which no
+            per-example scalar can remove.
+        correction: the error of the ``t_i`` estimate over ``S cap V``. A bound for
+            ``"exact"`` (``||g_i|| rho_i ||d_i|| / (lambda N)`` from each solve's true
+            residual) and ``"nystrom"`` (``||g_i|| ||d_i|| / (lambda N)``, as ``0 <= M -
+            H~^{-1} <= I / lambda``); for ``"calibrated"`` an approximate 95% error
+            estimate from the calibration draws, ``1.96 sqrt((se_b sum raw_i)^2 + sd^2
+            sum raw_i^2) / |V|`` (``se_b`` the scale's standard error, ``sd`` the spread of
+            the per-draw ratios), not a bound.
+        solver: ``||g_V|| (1/(lambda N)) sum_c m_c(S) rho_c ||mu_c||``, the cluster solves' residuals.
+        correction_is_bound: False when ``correction`` is an estimate (calibrated).
+    """
+
+    cross: Float[Array, " q"]
+    correction: Float[Array, " q"]
+    solver: Float[Array, " q"]
+    correction_is_bound: bool
+
+
+def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=None, *,
+                          batch_size: int | None = None) -> CorrectedErrorBound:
+    """The error terms of the corrected CiF score (:mod:`cif_jax.correction`) against per-query IF.
+
+    Args:
+        cache: a cache with a correction.
+        task: the task it was built from (one streamed pass for the evaluation gradient sums).
+        subsets: Q removed sets S.
+        eval_sets: the evaluation sets V (training examples, mean loss), one shared or one per
+            query; None: V = S (fold workloads).
+        batch_size: examples per chunk of the gradient pass.
+
+    Returns:
+        A :class:`CorrectedErrorBound`; ``cross + correction + solver`` bounds ``|IF - corrected|``
+        when ``correction_is_bound``.
+    """
+    from .queries import _eval_subsets, _terms
+
+    _check_task(cache, task)
+    terms = _terms(cache)
+    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+    subs = _checks.subsets(subsets, cache.num_examples)
+    q = int(subs.sizes.size)
+    ev = _eval_subsets(cache, eval_sets, q) if eval_sets is not None else subs
+    n = cache.num_examples
+    dtype = cache.responses.dtype
+    sums, bad = _subset_gradient_sums(task, jnp.asarray(ev.mask.T), batch_size)
+    raise_on_bad(bad)
+    gv_norm = np.asarray(jnp.linalg.norm(sums, axis=1), np.float64)
+    size_v = np.asarray(ev.sizes, np.float64)
+    if ev.sizes.size == 1 and q > 1:
+        gv_norm, size_v = np.full(q, gv_norm[0]), np.full(q, size_v[0])
+    lam_n = cache.damping * n
+    dev = np.asarray(cache.deviation_norms, np.float64)
+    gnorm = np.asarray(terms.grad_norms, np.float64)
+    # Membership of S's members in V: the (query, index) keys common to both.
+    keys_s = subs.query_ids.astype(np.int64) * n + subs.indices
+    if ev.sizes.size == 1 and q > 1:
+        keys_v = (np.arange(q, dtype=np.int64)[:, None] * n + ev.indices[None, :]).reshape(-1)
+    else:
+        keys_v = ev.query_ids.astype(np.int64) * n + ev.indices
+    in_v = np.isin(keys_s, keys_v, assume_unique=True)
+    ids, idx = subs.query_ids, subs.indices
+    cross = np.bincount(ids, weights=(gv_norm[ids] + in_v * gnorm[idx]) * dev[idx], minlength=q)
+    cross = cross / (lam_n * size_v)
+    both_ids, both = ids[in_v], idx[in_v]
+    if terms.method == "exact":
+        rho = np.asarray(terms.residuals, np.float64)
+        corr = np.bincount(both_ids, weights=gnorm[both] * rho[both] * dev[both], minlength=q) / (lam_n * size_v)
+        is_bound = True
+    elif terms.calibrated:
+        raw = np.asarray(terms.raw, np.float64)
+        total = np.bincount(both_ids, weights=raw[both], minlength=q)
+        squares = np.bincount(both_ids, weights=raw[both] ** 2, minlength=q)
+        se, sd = float(terms.scale_stderr), float(terms.ratio_std)
+        corr = 1.96 * np.sqrt((se * total) ** 2 + sd**2 * squares) / size_v
+        is_bound = False
+    else:
+        corr = np.bincount(both_ids, weights=gnorm[both] * dev[both], minlength=q) / (lam_n * size_v)
+        is_bound = True
+    counts = np.asarray(cluster_counts(cache, subsets), np.float64)
+    per_cluster = np.asarray(cache.residuals, np.float64) * np.asarray(cache.mean_norms, np.float64)
+    solver = (gv_norm / size_v) * (counts @ per_cluster) / lam_n
+    as_arr = lambda a: jnp.asarray(a, dtype)
+    return CorrectedErrorBound(as_arr(cross), as_arr(corr), as_arr(solver), is_bound)

@@ -25,7 +25,10 @@ from . import distributed as _distributed
 from .gradients import raise_on_bad, streamed_map, streamed_sum
 from .kmeans import kmeans_fit
 from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
+from . import correction as _correction
 from . import curvature as _curvature
+from .correction import CalibratedCorrection, CorrectionTerms, ExactCorrection, NystromCorrection
+from .precondition import NystromPreconditioner, nystrom_preconditioner
 from .precondition import check as _check_preconditioner
 from .lissa import check_solver as _check_solver
 from .lissa import solve_with as _solve_with
@@ -63,6 +66,10 @@ class InfluenceCache(eqx.Module):
     (``"full"`` or the identifier of the :class:`cif_jax.CurvatureSample` whose GGN
     the responses solve), ``timings`` (pairs ``(phase, seconds)``) and ``solver``
     (``"cg"``, or the description of the :class:`cif_jax.LiSSA` that solved).
+
+    ``correction`` holds the per-example self-influence scalars ``t_i`` of
+    :mod:`cif_jax.correction` (a :class:`cif_jax.CorrectionTerms`), or None when the
+    cache was built with ``correction=None``.
     """
 
     assignments: Int[Array, " n"]
@@ -90,6 +97,7 @@ class InfluenceCache(eqx.Module):
     curvature: str = eqx.field(static=True)
     timings: tuple = eqx.field(static=True)
     solver: str = eqx.field(static=True, default="cg")
+    correction: CorrectionTerms | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -126,15 +134,6 @@ def _means_pass(task, assignments, num_clusters, batch_size):
     return means, sizes, bad
 
 
-@eqx.filter_jit
-def _scatter_pass(task, assignments, means, batch_size):
-    def fn(g, a):
-        return jnp.sum(jnp.square(g - means[a]), axis=1)
-
-    dev_sq, bad = streamed_map(task, fn, assignments, batch_size)
-    return dev_sq, bad
-
-
 def _check_key(key):
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key, jax.random.key_data(key)
@@ -166,6 +165,7 @@ def build_cache(
     preconditioner=None,
     product_dtype=None,
     solver=None,
+    correction="calibrated",
     progress: bool = False,
     mesh=None,
     rhs_axis: str | None = "rhs",
@@ -205,6 +205,15 @@ def build_cache(
         solver: None (block CG) or a :class:`cif_jax.LiSSA`; its true residuals are
             stored as rho_c (so the bound's solver term reports it) and its settings
             in ``cache.solver``.
+        correction: the estimator of the per-example self-influence scalars ``t_i`` that
+            queries whose evaluation set overlaps the removed set add back
+            (:mod:`cif_jax.correction`): ``"calibrated"`` (default,
+            :class:`cif_jax.CalibratedCorrection`: rank-256 Nystrom factors, rescaled by 32
+            exact per-example solves), ``"nystrom"``, ``"exact"`` (N solves), a settings
+            object, or None (no correction: only the paper's estimator is available).
+            The Nystrom factors come from ``preconditioner`` when it is a
+            :class:`cif_jax.NystromPreconditioner`; otherwise they are built here, and
+            with ``preconditioner=None`` (and CG) they also precondition the C solves.
         progress: show progress.
         mesh, rhs_axis, data_axis: spread the C solves of phase II (and optionally the
             examples of the GGN products) over the devices of a ``jax.sharding.Mesh``,
@@ -240,6 +249,7 @@ def build_cache(
         _distributed.check_task(plan, task, curvature)
     product_dtype = _check_product_dtype(product_dtype, task.dtype)
     solver = _check_solver(solver, preconditioner=preconditioner, product_dtype=product_dtype, mesh=mesh)
+    correction = _correction.check(correction)
     if not (preconditioner is None or isinstance(preconditioner, str)):
         preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     elif preconditioner not in (None, "none", "jacobi", "kfac", "ekfac"):
@@ -250,7 +260,11 @@ def build_cache(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=5, desc="CiF cache", unit="phase")
+        builds_nystrom = isinstance(correction, (NystromCorrection, CalibratedCorrection)) and not isinstance(
+            preconditioner, NystromPreconditioner)
+        total = 5 + isinstance(preconditioner, str) + builds_nystrom + (correction is not None and not isinstance(
+            correction, NystromCorrection))
+        bar = tqdm(total=total, desc="CiF cache", unit="phase")
 
     def phase(name, fn):
         if bar is not None:
@@ -276,8 +290,6 @@ def build_cache(
     )
     assignments = assignments.astype(jnp.int32)
     means, sizes, _ = phase("cluster means", lambda: _means_pass(task, assignments, num_clusters, batch_size))
-    dev_sq, _ = phase("scatter", lambda: _scatter_pass(task, assignments, means, batch_size))
-    cluster_scatter = jax.ops.segment_sum(dev_sq, assignments, num_segments=num_clusters)
 
     sizes_np = np.asarray(sizes)
     if num_clusters > 2 and sizes_np.max() > DOMINANT_CLUSTER_SHARE * n:
@@ -292,15 +304,50 @@ def build_cache(
     if isinstance(preconditioner, str):
         preconditioner = phase("preconditioner",
                                lambda: _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size))
-    if solver is None:
-        solved = phase(
-            "solves",
-            lambda: _solve_rows(task, means, lam, rtol, atol, max_steps, int(max_restarts), batch_size,
-                                rhs_batch_size, progress, True, curvature, preconditioner, plan, product_dtype),
-        )
+    factors = None
+    if isinstance(correction, (NystromCorrection, CalibratedCorrection)):
+        if isinstance(preconditioner, NystromPreconditioner):
+            source = preconditioner
+        else:
+            source = phase("nystrom", lambda: nystrom_preconditioner(
+                task, key=jax.random.fold_in(key, 2), rank=min(correction.rank, task.num_params), error_iters=0,
+                batch_size=batch_size, rhs_batch_size=rhs_batch_size or 32, curvature=curvature))
+            if preconditioner is None and solver is None:
+                preconditioner = source  # free: the factors precondition the C solves too
+        factors = _correction.nystrom_factors(source, correction.rank)
+
+    def solve(rhs):
+        if solver is None:
+            return _solve_rows(task, rhs, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
+                               progress, True, curvature, preconditioner, plan, product_dtype)
+        return _solve_with(solver, task, rhs, damping=lam, rtol=rtol, atol=atol, curvature=curvature,
+                           chunk_size=batch_size)
+
+    dev_sq, grad_norms, raw = phase(
+        "scatter", lambda: _correction.streamed_terms(task, assignments, means, factors, lam, batch_size))
+    cluster_scatter = jax.ops.segment_sum(dev_sq, assignments, num_segments=num_clusters)
+    # The calibration systems (a few per-example deviations) join the C cluster systems in one solve.
+    if isinstance(correction, CalibratedCorrection):
+        sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples)
+        extra, inverse = np.unique(sample, return_inverse=True)
+        g_extra, d_extra = phase("calibration gradients",
+                                 lambda: _correction.deviations(task, extra, assignments, means))
+        rhs = jnp.concatenate([means, d_extra])
     else:
-        solved = phase("solves", lambda: _solve_with(solver, task, means, damping=lam, rtol=rtol, atol=atol,
-                                                     curvature=curvature, chunk_size=batch_size))
+        rhs = means
+    solved = phase("solves", lambda: solve(rhs))
+    head = lambda a: a[:num_clusters]
+    terms = None
+    if isinstance(correction, CalibratedCorrection):
+        t_extra = jnp.sum(g_extra * solved.solutions[num_clusters:], axis=1) / n
+        terms = _correction.calibrated_terms(correction, raw / n, grad_norms, sample, t_extra[inverse],
+                                             solved.residuals[num_clusters:][inverse], int(factors[0].shape[0]))
+    elif isinstance(correction, NystromCorrection):
+        terms = _correction.nystrom_terms(correction, raw / n, grad_norms, int(factors[0].shape[0]))
+    elif isinstance(correction, ExactCorrection):
+        terms = phase("correction", lambda: _correction.exact_terms(
+            correction, task, assignments, means, grad_norms, solve, batch_size))
+    solved = jax.tree_util.tree_map(head, solved)
     if bar is not None:
         bar.close()
     timings.append(("total", sum(t for _, t in timings)))
@@ -330,4 +377,6 @@ def build_cache(
         curvature=_curvature.describe(curvature),
         timings=tuple(timings),
         solver="cg" if solver is None else solver.describe(),
+        correction=terms,
     )
+

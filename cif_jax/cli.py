@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="CG true relative residual, for CiF and IF alike (default 1e-3)")
     cv.add_argument("--max-steps", type=int, default=1000, help="CG iteration cap per system (default 1000)")
     cv.add_argument("--normalize-sketches", action="store_true", help="cluster unit-normalised sketches")
+    cv.add_argument("--correction", default="calibrated", choices=("calibrated", "nystrom", "exact", "none"),
+                    help="estimator of the per-example self-influence correction (default: calibrated); 'none' "
+                         "reports the paper's estimator only")
     cv.add_argument("--if-folds", type=int, default=None,
                     help="run the IF baseline on this many random folds per K only (reported as such)")
     cv.add_argument("--batch-size", type=int, default=512, help="examples per chunk in data passes")
@@ -192,6 +195,7 @@ def run_cv(args) -> dict:
         warnings.simplefilter("always")
         cache = cj.build_cache(task, num_clusters=args.num_clusters, sketch_dim=args.sketch_dim,
                                key=jax.random.key(args.seed), normalize_sketches=args.normalize_sketches,
+                               correction=None if args.correction == "none" else args.correction,
                                progress=True, **solver)
     for w in caught:
         print(f"warning: {w.message}")
@@ -199,11 +203,17 @@ def run_cv(args) -> dict:
     cj.save_cache(os.path.join(out, "cache.npz"), cache)
 
     rng = np.random.default_rng(args.seed)
+    corrected = cache.correction is not None
     rows = []
     for k in args.k:
         folds = cfolds.kfold_indices(n, k, seed=args.seed + k)
+        # One gradient pass gives the K x C alphas; every fold score (and the cross-fold
+        # matrix of section 5.4) is then O(|S| + C): the paper's, the correction, both.
         t0 = time.perf_counter()
-        cif = np.asarray(jax.block_until_ready(cj.fold_loss_delta(cache, task, folds, batch_size=args.batch_size)))
+        matrix = np.asarray(jax.block_until_ready(
+            cj.fold_matrix(cache, task, folds, batch_size=args.batch_size, corrected=False)))
+        paper = np.diag(matrix).copy()
+        cif = paper + np.asarray(cj.overlap_correction(cache, folds, folds)) if corrected else paper
         cif_query = time.perf_counter() - t0
         chosen = np.arange(k) if args.if_folds is None or args.if_folds >= k else np.sort(
             rng.choice(k, args.if_folds, replace=False))
@@ -211,20 +221,40 @@ def run_cv(args) -> dict:
         t0 = time.perf_counter()
         res = cj.influence_solve(task, sel, progress=True, **solver)
         g_eval = cj.mean_subset_gradients(task, sel, batch_size=args.batch_size)
-        ifs = np.asarray(jax.block_until_ready((res.solutions * g_eval).sum(axis=1)))
+        if_matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
         if_time = time.perf_counter() - t0
+        ifs = np.diag(if_matrix).copy()
         corr = stats.bootstrap_correlations(cif[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
+        corr_paper = stats.bootstrap_correlations(paper[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
+        off = ~np.eye(len(chosen), dtype=bool)
+        cross_cif, cross_if = matrix[np.ix_(chosen, chosen)][off], if_matrix[off]
         m = int(round(n / k))
         scatter, solver_term = cj.error_bound(cache, m)
-        rows.append({
+        row = {
             "K": k, "if_folds": int(len(chosen)), "if_seconds": if_time,
             "if_seconds_all_folds": if_time * k / len(chosen) + pre_time / len(args.k),
             "cif_query_seconds": cif_query,
             "if_max_residual": float(res.residuals.max()), "if_mean_steps": float(res.num_steps.mean()),
+            "estimator": "corrected" if corrected else "paper",
             "pearson": corr["pearson"]._asdict(), "spearman": corr["spearman"]._asdict(),
+            "median_ratio": float(np.median(cif[chosen] / ifs)),
+            "paper": {"pearson": corr_paper["pearson"]._asdict(), "spearman": corr_paper["spearman"]._asdict(),
+                      "median_ratio": float(np.median(paper[chosen] / ifs))},
+            "cross_fold": {"pairs": int(off.sum()), "pearson": stats.pearson(cross_cif, cross_if),
+                           "spearman": stats.spearman(cross_cif, cross_if),
+                           "median_ratio": float(np.median(cross_cif / cross_if))},
             "bound_subset_size": m, "bound_scatter_term": float(scatter), "bound_solver_term": float(solver_term),
-            "fold_scores_cif": cif.tolist(), "fold_scores_if": ifs.tolist(), "if_fold_ids": chosen.tolist(),
-        })
+            "fold_scores_cif": cif.tolist(), "fold_scores_paper": paper.tolist(), "fold_scores_if": ifs.tolist(),
+            "if_fold_ids": chosen.tolist(),
+        }
+        if corrected:
+            b = cj.corrected_error_bound(cache, task, folds, batch_size=args.batch_size)
+            row["corrected_bound"] = {
+                "cross_mean": float(b.cross.mean()), "correction_mean": float(b.correction.mean()),
+                "solver_mean": float(b.solver.mean()), "correction_is_bound": b.correction_is_bound,
+                "mean_abs_score": float(np.abs(cif).mean()),
+            }
+        rows.append(row)
 
     if_total = sum(r["if_seconds_all_folds"] for r in rows)
     cif_total = build_time + sum(r["cif_query_seconds"] for r in rows)
@@ -233,6 +263,10 @@ def run_cv(args) -> dict:
         "test_accuracy": test_acc, "train_seconds": train_time, "trained_or_loaded": trained,
         "num_clusters": args.num_clusters, "sketch_dim": args.sketch_dim, "damping": args.damping,
         "rtol": args.rtol, "max_steps": args.max_steps, "normalize_sketches": args.normalize_sketches,
+        "correction": None if cache.correction is None else {
+            "method": cache.correction.method, "rank": cache.correction.rank,
+            "scale": float(cache.correction.scale), "scale_stderr": float(cache.correction.scale_stderr),
+            "num_samples": int(cache.correction.sample.size)},
         "preconditioner": pre_info,
         "seed": args.seed, "bootstrap": args.bootstrap,
         "cache": {"timings": cache.timing, "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(),
@@ -269,26 +303,43 @@ def _print_table(r: dict) -> None:
     extrap = " (extrapolated from --if-folds)" if r["if_extrapolated"] else ""
     table = Table(title=f"CiF vs per-query IF, {r['dataset']}/{r['model']}: one cache (C = {r['num_clusters']}, "
                         f"d = {r['sketch_dim']}) for K = {' + '.join(str(x['K']) for x in r['per_k'])}")
-    table.add_column("K", justify="right")
-    table.add_column("IF time (s)", justify="right")
-    table.add_column("CiF query (s)", justify="right")
-    table.add_column("Pearson (95% CI)", justify="right")
-    table.add_column("Spearman (95% CI)", justify="right")
-    table.add_column("bound: scatter + solver", justify="right")
+    for name in ("K", "workload / estimator", "IF time (s)", "CiF query (s)", "Pearson (95% CI)",
+                 "Spearman (95% CI)", "median CiF/IF"):
+        table.add_column(name, justify="left" if name.startswith("workload") else "right")
+
+    def ci(c):
+        return f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
     for x in r["per_k"]:
-        p, s = x["pearson"], x["spearman"]
         folds = "" if x["if_folds"] == x["K"] else f" ({x['if_folds']} folds)"
-        table.add_row(str(x["K"]), f"{x['if_seconds']:.1f}{folds}", f"{x['cif_query_seconds']:.3f}",
-                      f"{p['value']:.3f} [{p['low']:.3f}, {p['high']:.3f}]",
-                      f"{s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}]",
-                      f"{x['bound_scatter_term']:.3g} + {x['bound_solver_term']:.3g}")
+        first = "V = S, corrected" if x["estimator"] == "corrected" else "V = S, paper (eq. 11)"
+        table.add_row(str(x["K"]), first, f"{x['if_seconds']:.1f}{folds}", f"{x['cif_query_seconds']:.3f}",
+                      ci(x["pearson"]), ci(x["spearman"]), f"{x['median_ratio']:.3f}")
+        if x["estimator"] == "corrected":
+            p = x["paper"]
+            table.add_row("", "V = S, paper (eq. 11)", "", "", ci(p["pearson"]), ci(p["spearman"]),
+                          f"{p['median_ratio']:.3f}")
+        c = x["cross_fold"]
+        table.add_row("", f"cross-fold V != S ({c['pairs']} pairs)", "", "", f"{c['pearson']:.3f}",
+                      f"{c['spearman']:.3f}", f"{c['median_ratio']:.3f}")
     console = Console()
     console.print(table)
+    corr = r.get("correction")
+    what = "" if corr is None else (f"; correction {corr['method']}, scale {corr['scale']:.3f} +- "
+                                    f"{corr['scale_stderr']:.3f}")
     console.print(f"IF total {r['if_seconds_total']:.1f} s{extrap}; CiF total {r['cif_seconds_total']:.1f} s "
-                  f"(cache build {r['cache']['timings']['total']:.1f} s, once); speedup IF/CiF "
+                  f"(cache build {r['cache']['timings']['total']:.1f} s, once{what}); speedup IF/CiF "
                   f"{r['speedup']:.1f}x. Same damping {r['damping']:g}, CG rtol {r['rtol']:g} (true residual).")
-    console.print("Bound: Theorem 3.1 (eq. 16/37) on the expected parameter error for a random subset of the fold "
-                  "size; loss errors scale it by ||g_V||.")
+    for x in r["per_k"]:
+        line = (f"K = {x['K']}: Theorem 3.1 (eq. 37, parameter units, random subset of {x['bound_subset_size']}): "
+                f"scatter {x['bound_scatter_term']:.3g} + solver {x['bound_solver_term']:.3g}")
+        b = x.get("corrected_bound")
+        if b is not None:
+            kind = "bound" if b["correction_is_bound"] else "95% estimate"
+            line += (f"; corrected score (loss units, mean over folds; mean |score| {b['mean_abs_score']:.3g}): "
+                     f"cross {b['cross_mean']:.3g} + correction {b['correction_mean']:.3g} ({kind}) + solver "
+                     f"{b['solver_mean']:.3g}")
+        console.print(line)
 
 
 def _plots(r: dict, out: str) -> None:
@@ -302,8 +353,12 @@ def _plots(r: dict, out: str) -> None:
     for ax, x in zip(axes[0], ks):
         cif = np.asarray(x["fold_scores_cif"])[x["if_fold_ids"]]
         ifs = np.asarray(x["fold_scores_if"])
-        ax.scatter(ifs, cif, s=12)
-        lo, hi = min(ifs.min(), cif.min()), max(ifs.max(), cif.max())
+        paper = np.asarray(x["fold_scores_paper"])[x["if_fold_ids"]]
+        if x["estimator"] == "corrected":
+            ax.scatter(ifs, paper, s=10, c="tab:gray", label="paper (eq. 11)")
+        ax.scatter(ifs, cif, s=12, label=x["estimator"])
+        ax.legend(loc="upper left", fontsize=8)
+        lo, hi = min(ifs.min(), cif.min(), paper.min()), max(ifs.max(), cif.max(), paper.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlabel("IF fold loss change")
         ax.set_ylabel("CiF fold loss change")

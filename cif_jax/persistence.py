@@ -20,10 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import InfluenceCache
+from .correction import CorrectionTerms
 from .task import Task
 
 FORMAT = "cif_jax.InfluenceCache"
-FORMAT_VERSION = 3  # 3: adds the static field "solver"; version 2 files are read as solver="cg"
+FORMAT_VERSION = 4
+# 3: adds the static field "solver"; version 2 files are read as solver="cg".
+# 4: adds the self-influence correction (arrays "correction.*", static "correction_method" and
+#    "correction_rank"); version 2 and 3 files are read with no correction.
 
 _ARRAYS = (
     "assignments", "cluster_sizes", "responses", "means", "residuals", "mean_norms", "num_steps",
@@ -31,8 +35,10 @@ _ARRAYS = (
 )
 _STATIC = (
     "num_examples", "damping", "sketch_dim", "sketch_block_size", "normalize_sketches", "rtol", "atol",
-    "max_steps", "fingerprint", "curvature", "solver",
+    "max_steps", "fingerprint", "curvature", "solver", "correction_method", "correction_rank",
 )
+_CORRECTION = ("values", "raw", "grad_norms", "residuals", "sample", "sample_values", "sample_residuals", "scale",
+               "scale_stderr", "ratio_std")
 
 
 class CacheFileError(ValueError):
@@ -58,10 +64,16 @@ def save_cache(path: str | os.PathLike, cache: InfluenceCache) -> None:
     if not os.path.isdir(folder):
         raise CacheFileError(f"cannot save the cache to {path!r}: folder {folder!r} does not exist.")
     arrays = {name: np.asarray(getattr(cache, name)) for name in _ARRAYS}
+    corr = cache.correction
+    if corr is not None:
+        arrays.update({f"correction.{name}": np.asarray(getattr(corr, name)) for name in _CORRECTION})
+    static = {name: getattr(cache, name) for name in _STATIC if not name.startswith("correction_")}
+    static["correction_method"] = None if corr is None else corr.method
+    static["correction_rank"] = None if corr is None else corr.rank
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "static": {name: getattr(cache, name) for name in _STATIC},
+        "static": static,
         "timings": [list(t) for t in cache.timings],
         "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _digest(v)} for k, v in arrays.items()},
     }
@@ -109,6 +121,9 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
     version = header.get("format_version")
     if version == 2 and isinstance(header.get("static"), dict) and "solver" not in header["static"]:
         header["static"]["solver"] = "cg"  # version 2 had CG only
+        version = 3
+    if version == 3 and isinstance(header.get("static"), dict):
+        header["static"].update(correction_method=None, correction_rank=None)  # no correction before version 4
         version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise CacheFileError(
@@ -121,7 +136,12 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
         raise CacheFileError(
             f"{path!r}: header static fields {sorted(header['static'])} differ from the expected {sorted(_STATIC)}."
         )
-    for name in _ARRAYS:
+    method = header["static"]["correction_method"]
+    names = list(_ARRAYS) + ([] if method is None else [f"correction.{name}" for name in _CORRECTION])
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise CacheFileError(f"{path!r} holds arrays its header does not account for: {extra[:5]}.")
+    for name in names:
         if name not in arrays:
             raise CacheFileError(f"{path!r} lacks the array {name!r}: the file is incomplete.")
         spec = header["arrays"].get(name, {})
@@ -143,11 +163,24 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             raise CacheFileError(f"{path!r}: array {name!r} has shape {arrays[name].shape}, expected {shape}.")
     if arrays["means"].dtype != arrays["responses"].dtype:
         raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
+    correction = None
+    if method is not None:
+        m = arrays["correction.sample"].shape
+        want = {name: (n,) for name in ("values", "raw", "grad_norms", "residuals")}
+        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
+        for name, shape in want.items():
+            if arrays[f"correction.{name}"].shape != shape:
+                raise CacheFileError(f"{path!r}: array 'correction.{name}' has shape "
+                                     f"{arrays[f'correction.{name}'].shape}, expected {shape}.")
+        correction = CorrectionTerms(**{name: jnp.asarray(arrays[f"correction.{name}"]) for name in _CORRECTION},
+                                     method=str(method), rank=int(static["correction_rank"]))
+    static = {k: v for k, v in static.items() if not k.startswith("correction_")}
     try:
         cache = InfluenceCache(
             **{name: jnp.asarray(arrays[name]) for name in _ARRAYS},
             **static,
             timings=tuple((str(k), float(v)) for k, v in header.get("timings", [])),
+            correction=correction,
         )
     except (TypeError, ValueError) as err:
         raise CacheFileError(f"{path!r}: the header's fields are malformed: {err}") from err

@@ -37,6 +37,7 @@ request like ``"jacobi"``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -107,6 +108,26 @@ class JacobiPreconditioner(eqx.Module):
     fingerprint: str = eqx.field(static=True)
     curvature: str = eqx.field(static=True)
     seconds: float = eqx.field(static=True)
+
+
+def for_jit(preconditioner):
+    """The preconditioner with its bookkeeping (build time, fingerprint, ...) blanked.
+
+    Those fields are static, so a jitted solve would compile anew for every build
+    (a new ``seconds``); only the arrays and the layout matter to the solve.
+    """
+    if isinstance(preconditioner, NystromPreconditioner):
+        return NystromPreconditioner(preconditioner.basis, preconditioner.eigenvalues, preconditioner.error_estimate,
+                                     fingerprint="", curvature="", num_products=0, seconds=0.0)
+    if isinstance(preconditioner, JacobiPreconditioner):
+        return JacobiPreconditioner(preconditioner.diagonal, fingerprint="", curvature="", seconds=0.0)
+    from .kfac import KFACPreconditioner
+
+    if isinstance(preconditioner, KFACPreconditioner):
+        fields = {f.name: getattr(preconditioner, f.name) for f in dataclasses.fields(preconditioner)}
+        fields.update(fingerprint="", curvature="", seconds=0.0)
+        return KFACPreconditioner(**fields)
+    return preconditioner
 
 
 def inverse_fn(preconditioner, lam):

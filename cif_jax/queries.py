@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,8 @@ from jaxtyping import Array, Float, Int
 
 from . import _checks
 from .cache import InfluenceCache
-from .gradients import _subset_gradient_sums, raise_on_bad
+from .correction import subtask as _subtask
+from .gradients import _subset_gradient_sums, raise_on_bad, streamed_map
 from .task import Task
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -107,32 +109,114 @@ def _from_alphas(assignments, query_ids, indices, num_queries, alphas, n):
     return jax.ops.segment_sum(vals, query_ids, num_segments=num_queries) / n
 
 
-def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas) -> Float[Array, " q"]:
+def _terms(cache: InfluenceCache):
+    if cache.correction is None:
+        raise ValueError(
+            "this cache holds no self-influence correction (built with `correction=None`, or read from a file of "
+            "an older format), so it cannot score queries whose evaluation set overlaps the removed set. Rebuild "
+            "it with `build_cache(..., correction='calibrated')`, or pass `corrected=False` for the paper's "
+            "estimator (eq. 11), which omits the self terms."
+        )
+    return cache.correction
+
+
+def _eval_subsets(cache: InfluenceCache, eval_sets, num_queries: int):
+    if eval_sets is None:
+        return None
+    ev = _checks.subsets(eval_sets, cache.num_examples, name="eval_sets")
+    if ev.sizes.size not in (1, num_queries):
+        raise ValueError(
+            f"`eval_sets` must hold one evaluation set shared by all queries or one per query ({num_queries}); "
+            f"got {ev.sizes.size}."
+        )
+    return ev
+
+
+def overlap_correction(cache: InfluenceCache, subsets, eval_sets) -> Float[Array, " q"]:
+    """The self-influence correction ``(1/|V|) sum_{i in S cap V} t_i`` of each query, O(|S| + |V|).
+
+    ``V`` is the query's evaluation set, given as training-example indices, and its
+    evaluation gradient is taken to be the gradient of the mean loss over V (as in
+    :func:`mean_subset_gradients`). Add it to the paper's score (eq. 11) to get the
+    corrected CiF score; :func:`loss_delta` does so when given ``eval_sets``.
+
+    Args:
+        subsets: Q removed sets S.
+        eval_sets: one evaluation set shared by all queries, or Q of them (same forms as
+            ``subsets``: a list of index arrays, a (Q, m) integer array or a boolean mask).
+
+    Returns:
+        (Q,) corrections, 0 for a query whose S and V do not overlap.
+    """
+    subs = _checks.subsets(subsets, cache.num_examples)
+    q = int(subs.sizes.size)
+    return _overlap(cache, subs, _eval_subsets(cache, eval_sets, q))
+
+
+def _overlap(cache: InfluenceCache, subs, ev) -> Float[Array, " q"]:
+    """Sum of ``t_i`` over ``S cap V`` divided by ``|V|``; ``ev`` None means V = S."""
+    t = _terms(cache).values
+    q = int(subs.sizes.size)
+    n = cache.num_examples
+    if ev is None:
+        ids, idx, size_v = subs.query_ids, subs.indices, subs.sizes
+    else:
+        # (query, index) pairs of S and of V as one integer key each; the common keys are S cap V.
+        keys_s = subs.query_ids.astype(np.int64) * n + subs.indices
+        if ev.sizes.size == 1:
+            keys_v = (np.arange(q, dtype=np.int64)[:, None] * n + ev.indices[None, :]).reshape(-1)
+            size_v = np.full(q, ev.sizes[0])
+        else:
+            keys_v = ev.query_ids.astype(np.int64) * n + ev.indices
+            size_v = ev.sizes
+        common = np.intersect1d(keys_s, keys_v, assume_unique=True)
+        ids, idx = (common // n).astype(np.int32), (common % n).astype(np.int32)
+    sums = jax.ops.segment_sum(t[jnp.asarray(idx)], jnp.asarray(ids), num_segments=q)
+    return sums / jnp.asarray(size_v, t.dtype)
+
+
+def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas, *, eval_sets=None,
+                           corrected: bool = True) -> Float[Array, " q"]:
     """CiF loss change from precomputed alphas: ``(1/N) sum_c m_c(S) alpha_c`` (eq. 11), O(|S| + C).
 
     Args:
         subsets: Q subsets.
         alphas: (C,) shared by all queries, or (Q, C) one row per query (e.g. the
             K x C fold matrix of :func:`fold_alphas`).
+        eval_sets: the training examples each evaluation gradient averages over (see
+            :func:`overlap_correction`), to add the self-influence correction over
+            ``S cap V``. None: no overlap is known, no correction.
+        corrected: False gives the paper's estimator (eq. 11) even with ``eval_sets``.
     """
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
     a = _alpha_matrix(cache, alphas, q)
-    return _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
-                        jnp.asarray(cache.num_examples, a.dtype))
+    ev = _eval_subsets(cache, eval_sets, q)
+    out = _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
+                       jnp.asarray(cache.num_examples, a.dtype))
+    if corrected and ev is not None:
+        out = out + _overlap(cache, subs, ev).astype(out.dtype)
+    return out
 
 
-def loss_delta(cache: InfluenceCache, subsets, eval_grads) -> Float[Array, " q"]:
+def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
+               corrected: bool = True) -> Float[Array, " q"]:
     """CiF first-order change of the evaluation loss on removing each subset (paper eq. 11).
 
     .. math:: \\Delta\\hat\\ell(S; V) = g_V^\\top \\hat\\Delta\\theta_S = \\frac{1}{N} \\sum_c m_c(S) \\alpha_c(V)
 
-    Positive: removing S raises the loss on V (S was helpful to V).
+    Positive: removing S raises the loss on V (S was helpful to V). When the
+    evaluation set holds training examples and you say which (``eval_sets``), the
+    self-influence correction over ``S cap V`` is added (:mod:`cif_jax.correction`);
+    a bare evaluation gradient means no overlap is known, and nothing is added.
 
     Args:
         subsets: Q subsets.
         eval_grads: (p,) gradient of the evaluation loss shared by all queries, or
             (Q, p) one per query.
+        eval_sets: the training examples whose mean loss each ``eval_grads`` row is the
+            gradient of: one set shared by all queries or one per query (None: unknown).
+        corrected: False gives the paper's estimator (eq. 11) even with ``eval_sets``.
 
     Returns:
         (Q,) loss changes.
@@ -140,10 +224,15 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads) -> Float[Array, " q"]
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
     g = _eval_matrix(cache, eval_grads, q)
+    ev = _eval_subsets(cache, eval_sets, q)
+    if corrected and ev is not None:
+        _terms(cache)  # refuse before any work
     a = _alpha_matrix(cache, _alphas(cache.responses, g), q)
-    return _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
-                        jnp.asarray(cache.num_examples, a.dtype))
-
+    out = _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
+                       jnp.asarray(cache.num_examples, a.dtype))
+    if corrected and ev is not None:
+        out = out + _overlap(cache, subs, ev).astype(out.dtype)
+    return out
 
 def _check_task(cache: InfluenceCache, task: Task) -> None:
     from .task import fingerprint
@@ -182,6 +271,85 @@ def fold_alphas(cache: InfluenceCache, task: Task, folds, *, batch_size: int | N
     return _alphas(cache.responses, g.astype(cache.responses.dtype))
 
 
-def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None) -> Float[Array, " k"]:
-    """CiF change of each fold's mean loss when that fold is removed from training: ``Delta l(S_k; S_k)``."""
-    return loss_delta_from_alphas(cache, folds, fold_alphas(cache, task, folds, batch_size=batch_size))
+def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None,
+                    corrected: bool = True) -> Float[Array, " k"]:
+    """CiF change of each fold's mean loss when that fold is removed from training: ``Delta l(S_k; S_k)``.
+
+    The evaluation set is the removed fold itself (V = S), so by default the
+    self-influence correction ``(1/|S_k|) sum_{i in S_k} t_i`` is added to the paper's
+    score (:mod:`cif_jax.correction`); ``corrected=False`` gives the paper's estimator
+    (eq. 11), which omits the members' self terms ``g_i^T H~^{-1} g_i``.
+    """
+    _check_task(cache, task)
+    if corrected:
+        _terms(cache)  # refuse before the gradient pass
+    subs = _checks.subsets(folds, cache.num_examples)
+    alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
+    out = loss_delta_from_alphas(cache, folds, alphas)
+    if corrected:
+        out = out + _overlap(cache, subs, None).astype(out.dtype)
+    return out
+
+
+def fold_matrix(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None,
+                corrected: bool = True) -> Float[Array, "k k"]:
+    """``M[t, v]``: the change of fold v's mean loss when fold t is removed, for every pair.
+
+    The off-diagonal entries are the cross-fold protocol of the paper's section 5.4
+    (evaluate on fold v after removing fold t != v): the evaluation set does not
+    overlap the removed set, so no correction applies and the clusters alone answer.
+    The diagonal is :func:`fold_loss_delta` (corrected by default). Cost: one gradient
+    pass for the K x C alphas, then a K x C by C x K product. Folds must not overlap.
+    """
+    subs = _checks.subsets(folds, cache.num_examples)
+    if np.unique(subs.indices).size != subs.indices.size:
+        raise ValueError("`folds` overlap: the fold matrix needs disjoint folds (a partition or part of one).")
+    _check_task(cache, task)
+    if corrected:
+        _terms(cache)
+    alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
+    counts = cluster_counts(cache, folds).astype(alphas.dtype)
+    out = jnp.matmul(counts, alphas.T, precision=HIGHEST) / jnp.asarray(cache.num_examples, alphas.dtype)
+    if corrected:
+        out = out + jnp.diag(_overlap(cache, subs, None).astype(out.dtype))
+    return out
+
+
+@eqx.filter_jit
+def _cluster_dots(task, assignments, responses, batch_size):
+    return streamed_map(task, lambda g, a: jnp.sum(g * responses[a], axis=1), assignments, batch_size)
+
+
+def self_influence(cache: InfluenceCache, task: Task, indices=None, *, corrected: bool = True,
+                   batch_size: int | None = None) -> Float[Array, " m"]:
+    """CiF self-influence ``(1/N) g_i^T H~^{-1} g_i`` of training examples: the score of S = V = {i}.
+
+    Positive: removing example i raises its own loss. Large values flag examples the
+    model fits only by memorising them (mislabels, outliers). The corrected estimate is
+    ``g_i . v_c(i) / N + t_i`` (:mod:`cif_jax.correction`); ``corrected=False`` gives the
+    paper's ``g_i . v_c(i) / N``. One streamed gradient pass over the requested examples.
+
+    Args:
+        task: the task the cache was built from.
+        indices: example indices (None: all N).
+        batch_size: examples per chunk of the gradient pass.
+    """
+    _check_task(cache, task)
+    if corrected:
+        _terms(cache)
+    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+    n = cache.num_examples
+    if indices is None:
+        idx = np.arange(n)
+    else:
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or idx.size == 0:
+            raise ValueError(f"`indices` must be a non-empty 1-D integer array; got shape {idx.shape}, dtype "
+                             f"{idx.dtype}.")
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"`indices` out of range [0, {n}): {idx[(idx < 0) | (idx >= n)][:10].tolist()}.")
+    sub = task if indices is None else _subtask(task, idx)
+    dots, bad = _cluster_dots(sub, cache.assignments[jnp.asarray(idx)], cache.responses, batch_size)
+    raise_on_bad(bad)
+    out = dots / jnp.asarray(n, dots.dtype)
+    return out + cache.correction.values[jnp.asarray(idx)].astype(out.dtype) if corrected else out

@@ -41,7 +41,7 @@ from . import curvature as _curvature
 from . import distributed as _distributed
 from .ggn import ggn_matvec_fn
 from .precondition import check as _check_preconditioner
-from .precondition import inverse_fn
+from .precondition import for_jit, inverse_fn
 from .task import Task
 
 
@@ -361,6 +361,7 @@ def check_product_dtype(product_dtype, task_dtype):
 def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress, warn,
                 curvature=None, preconditioner=None, plan=None, product_dtype=None):
     num = rhs.shape[0]
+    preconditioner = for_jit(preconditioner)
     if plan is None:
         x, res, steps, ok = _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
                                          rhs_batch_size, progress, curvature, preconditioner, product_dtype)

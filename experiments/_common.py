@@ -83,34 +83,68 @@ def folds_for(n: int, k: int, seed: int):
 
 
 def build_cache(task, args, *, num_clusters: int, sketch_dim: int = 32, normalize: bool = False, preconditioner=None,
-                seed: int | None = None):
-    """A CiF cache; warnings (dominant cluster) are returned, not printed."""
+                seed: int | None = None, correction="calibrated"):
+    """A CiF cache (with the library's default correction unless told otherwise); warnings
+    (dominant cluster) are returned, not printed."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cache = cj.build_cache(task, num_clusters=num_clusters, sketch_dim=sketch_dim,
                                key=jax.random.key(args.seed if seed is None else seed),
-                               normalize_sketches=normalize, **solver_kwargs(args, preconditioner))
+                               normalize_sketches=normalize, correction=correction,
+                               **solver_kwargs(args, preconditioner))
     return cache, [str(w.message) for w in caught]
 
 
 def cif_fold_scores(cache, task, folds, args):
+    """The corrected CiF fold scores (the library default) and their seconds."""
     t0 = time.perf_counter()
     scores = np.asarray(jax.block_until_ready(cj.fold_loss_delta(cache, task, folds, batch_size=args.batch_size)))
     return scores, time.perf_counter() - t0
 
 
-def if_fold_scores(task, folds, args, preconditioner=None, *, return_solutions: bool = False):
-    """Per-query IF on every fold: one damped-GGN solve per fold, then g_V . Delta theta."""
+def cif_fold_estimators(cache, task, folds, args):
+    """``(corrected, paper, fold_matrix, seconds)`` from one cache: one gradient pass for the K x C
+    alphas gives the paper's fold matrix (cross-fold off the diagonal, eq. 11 on it); the
+    correction adds the cached self terms to the diagonal. Without a correction, corrected is None."""
+    t0 = time.perf_counter()
+    matrix = np.asarray(jax.block_until_ready(cj.fold_matrix(cache, task, folds, batch_size=args.batch_size,
+                                                             corrected=False)))
+    paper = np.diag(matrix).copy()
+    corrected = None
+    if cache.correction is not None:
+        corrected = paper + np.asarray(cj.overlap_correction(cache, folds, folds))
+    return corrected, paper, matrix, time.perf_counter() - t0
+
+
+def off_diagonal_agreement(cif_matrix, if_matrix) -> dict:
+    """Pearson and Spearman over the K(K-1) cross-fold pairs (remove fold t, evaluate fold v != t)."""
+    off = ~np.eye(cif_matrix.shape[0], dtype=bool)
+    a, b = cif_matrix[off], if_matrix[off]
+    return {"pairs": int(off.sum()), "pearson": stats.pearson(a, b), "spearman": stats.spearman(a, b),
+            "median_ratio": float(np.median(a / b))}
+
+
+def if_fold_scores(task, folds, args, preconditioner=None, *, return_solutions: bool = False,
+                   return_matrix: bool = False):
+    """Per-query IF on every fold: one damped-GGN solve per fold, then g_V . Delta theta.
+
+    ``return_matrix`` adds IF's fold matrix ``M[t, v] = g_{S_v} . Delta theta_{S_t}`` (cross-fold
+    off the diagonal), free from the same solves.
+    """
     t0 = time.perf_counter()
     res = cj.influence_solve(task, folds, **solver_kwargs(args, preconditioner))
     g_eval = cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
-    scores = np.asarray(jax.block_until_ready((res.solutions * g_eval).sum(axis=1)))
+    matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
+    scores = np.diag(matrix).copy()
     seconds = time.perf_counter() - t0
     info = {"seconds": seconds, "max_residual": float(np.max(res.residuals)),
             "mean_steps": float(np.mean(res.num_steps)), "all_converged": bool(np.all(res.converged))}
+    out = (scores, info)
     if return_solutions:
-        return scores, info, res.solutions
-    return scores, info
+        out = out + (res.solutions,)
+    if return_matrix:
+        out = out + (matrix,)
+    return out
 
 
 def correlations(a, b, *, resamples: int, seed: int = 0) -> dict:
@@ -136,8 +170,10 @@ def write(name: str, args, result: dict) -> str:
                                               [os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]]),
               "machine": machine(), "load_average_1_5_15min_at_end": list(os.getloadavg()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **result}
     path = os.path.join(args.output, f"{stem(name, args)}.json")
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:  # then renamed: a resumable run never reads a half-written file
         json.dump(result, f, indent=2)
+    os.replace(tmp, path)
     print(f"wrote {os.path.relpath(path, ROOT)}")
     return path
 

@@ -7,6 +7,12 @@ percentile intervals, for plain CG (the paper's way) and, with ``--solvers plain
 nystrom``, with one Nystrom preconditioner shared by every IF and CiF solve (its
 build time is counted in both totals).
 
+Every cache answers with both estimators: the corrected one (the library default:
+the paper's score plus the cached self-influence terms of the fold's members,
+issue #17) and the paper's (eq. 11). The cross-fold workload of the paper's
+section 5.4 (remove fold t, evaluate fold v != t: no overlap, no correction, the
+clusters alone answer) comes free from the same solves and the same alphas.
+
     python experiments/cache_reuse.py --quick     # digits / LeNet-5, rtol 1e-3
     python experiments/cache_reuse.py             # mnist5k / LeNet-5, rtol 1e-4
     python experiments/cache_reuse.py --dataset cifar10 --data-dir DIR   # paper's setting, GPU
@@ -37,9 +43,9 @@ def main():
     runs = []
     for solver in solvers:
         pre, pre_info = (None, {"kind": "none", "seconds": 0.0}) if solver == "plain" else ec.nystrom(task, args)
-        ifs, if_info = {}, {}
+        ifs, if_info, if_mat = {}, {}, {}
         for k in args.k:
-            ifs[k], if_info[k] = ec.if_fold_scores(task, folds[k], args, pre)
+            ifs[k], if_info[k], if_mat[k] = ec.if_fold_scores(task, folds[k], args, pre, return_matrix=True)
             print(f"[{solver}] IF K = {k}: {if_info[k]['seconds']:.1f} s, max residual {if_info[k]['max_residual']:.2g}")
         if_total = sum(x["seconds"] for x in if_info.values()) + pre_info["seconds"]
         for c in args.clusters:
@@ -47,21 +53,30 @@ def main():
             timing = ec.cache_timing(cache)
             per_k, query = [], 0.0
             for k in args.k:
-                cif, secs = ec.cif_fold_scores(cache, task, folds[k], args)
+                cif, paper, matrix, secs = ec.cif_fold_estimators(cache, task, folds[k], args)
                 query += secs
                 corr = ec.correlations(cif, ifs[k], resamples=args.bootstrap, seed=args.seed)
+                corr_paper = ec.correlations(paper, ifs[k], resamples=args.bootstrap, seed=args.seed)
                 per_k.append({"K": k, "cif_query_seconds": secs, "if_seconds": if_info[k]["seconds"],
                               "if_max_residual": if_info[k]["max_residual"],
                               "if_mean_steps": if_info[k]["mean_steps"], **corr,
-                              "fold_scores_cif": cif.tolist(), "fold_scores_if": ifs[k].tolist()})
+                              "median_ratio": float(np.median(cif / ifs[k])),
+                              "paper": {**corr_paper, "median_ratio": float(np.median(paper / ifs[k]))},
+                              "cross_fold": ec.off_diagonal_agreement(matrix, if_mat[k]),
+                              "fold_scores_cif": cif.tolist(), "fold_scores_paper": paper.tolist(),
+                              "fold_scores_if": ifs[k].tolist()})
             cif_total = timing["total"] + query + pre_info["seconds"]
             row = {"solver": solver, "preconditioner": pre_info, "C": c, "if_seconds_total": if_total,
                    "cif_seconds_total": cif_total, "cif_build_seconds": timing["total"], "cif_timings": timing,
                    "speedup": if_total / cif_total, "cache_max_residual": float(np.max(cache.residuals)),
-                   "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(), "warnings": warns, "per_k": per_k}
+                   "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(), "warnings": warns, "per_k": per_k,
+                   "correction": {"method": cache.correction.method, "scale": float(cache.correction.scale),
+                                  "scale_stderr": float(cache.correction.scale_stderr)}}
             runs.append(row)
             print(f"[{solver}] C = {c}: IF {if_total:.1f} s, CiF {cif_total:.1f} s, speedup {row['speedup']:.1f}x; "
-                  + "; ".join(f"K={x['K']}: pearson {x['pearson']['value']:.3f}, spearman {x['spearman']['value']:.3f}"
+                  + "; ".join(f"K={x['K']}: corrected {x['pearson']['value']:.3f}/{x['spearman']['value']:.3f} "
+                              f"(paper {x['paper']['pearson']['value']:.3f}/{x['paper']['spearman']['value']:.3f}, "
+                              f"cross-fold {x['cross_fold']['pearson']:.3f}/{x['cross_fold']['spearman']:.3f})"
                               for x in per_k))
 
     result = {**ec.task_info(task, ds, args), "sketch_dim": args.sketch_dim, "bootstrap": args.bootstrap,
@@ -81,8 +96,11 @@ def _plot(r, args):
     for row, run in zip(axes, runs):
         for ax, x in zip(row, run["per_k"]):
             a, b = np.asarray(x["fold_scores_if"]), np.asarray(x["fold_scores_cif"])
-            ax.scatter(a, b, s=10)
-            lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+            c = np.asarray(x["fold_scores_paper"])
+            ax.scatter(a, c, s=8, c="tab:gray", label="paper (eq. 11)")
+            ax.scatter(a, b, s=10, label="corrected")
+            ax.legend(fontsize=7, loc="upper left")
+            lo, hi = min(a.min(), b.min(), c.min()), max(a.max(), b.max(), c.max())
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
             ax.set_xlabel("IF fold loss change")
             ax.set_ylabel("CiF fold loss change")

@@ -8,7 +8,9 @@ For K-fold partitions (K = 50 and K = 500), each method predicts every fold's
   in one vmapped program, mean over the kept examples);
 * IF: ``g_{S_k} . Delta theta_{S_k}``, one damped-GGN CG solve per fold;
 * CiF: one cache (C = 10, d = 32, unit-normalised sketches), then
-  ``cj.fold_loss_delta`` for all folds;
+  ``cj.fold_loss_delta`` for all folds: the corrected estimator (the library's default,
+  issue #17) and, from the same cache, the paper's (eq. 11, ``corrected=False``), which
+  omits each member's self term; both are charged the cache's build time;
 * PBRF (Bae et al. 2022): ``cj.pbrf`` from theta_0, a fixed number of Adam steps
   per fold, the fold's loss at ``theta_0 + Delta theta``.
 
@@ -42,7 +44,7 @@ from cif_jax import data as cdata  # noqa: E402
 import _common as ec  # noqa: E402
 from lds import init_params, linear, loss, mlp  # noqa: E402
 
-METHODS = ("LOO", "IF", "CiF", "PBRF")
+METHODS = ("LOO", "IF", "CiF", "CiF paper", "PBRF")
 
 
 def fold_losses(task, params_flat, folds):
@@ -120,6 +122,9 @@ def main():
                                normalize_sketches=True)
         scores["CiF"] = np.asarray(cj.fold_loss_delta(cache, task, folds))
         seconds["CiF"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores["CiF paper"] = np.asarray(cj.fold_loss_delta(cache, task, folds, corrected=False))
+        seconds["CiF paper"] = seconds["CiF"] + time.perf_counter() - t
 
         t = time.perf_counter()
         pb = cj.pbrf(task, folds, damping=args.damping, optimizer=optax.adam(args.pbrf_lr),
@@ -149,7 +154,7 @@ def main():
     ec.write("correlation", args, out)
 
     plt = ec.pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 5.2), squeeze=False)
     for ax, r in zip(axes[0], runs):
         mat = np.array(r["matrix_upper_spearman_lower_pearson"])
         shown = mat.copy()

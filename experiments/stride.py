@@ -280,11 +280,32 @@ def mislabel_part(x, y, xt, yt, args, settings):
                                                    num_subsets=settings["stride_big_k"]))
     scores["STRIDE"], t_q = timed(lambda: stride_method(ops, feats, task, xt, yt).sum(axis=0))
     seconds["STRIDE"] = t_fit + t_q
+    # Self-influence (issue #17): the score of S = V = {i}, no test points; flag the largest.
+    # IF: N exact solves; CiF: one cache, the corrected estimate g_i . v_c(i) / N + t_i and the
+    # paper's g_i . v_c(i) / N alone.
+    def if_self():
+        g = cj.per_example_grads(task)
+        sol = cj.solve_ggn(task, g, damping=args.damping, rtol=1e-8, max_steps=args.max_steps,
+                           rhs_batch_size=256).solutions
+        return jnp.sum(g * sol, axis=1) / n
+
+    scores["IF self"], seconds["IF self"] = timed(if_self)
+    for c in (10, 50):
+        cache, t_build = timed(lambda c=c: cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=args.damping,
+                                                          rtol=1e-8, max_steps=args.max_steps, key=jax.random.key(c),
+                                                          normalize_sketches=True))
+        scores[f"CiF self C={c}"], t_q = timed(lambda cache=cache: cj.self_influence(cache, task))
+        seconds[f"CiF self C={c}"] = t_build + t_q
+        scores[f"CiF self C={c} paper"], t_q = timed(lambda cache=cache: cj.self_influence(cache, task,
+                                                                                           corrected=False))
+        seconds[f"CiF self C={c} paper"] = t_build + t_q
     truth = np.zeros(n, bool)
     truth[flipped] = True
     rows = {}
     for method, s in scores.items():
-        flagged = np.argsort(np.asarray(s), kind="stable")[:flipped.size]
+        s = np.asarray(s)
+        # Test-influence methods flag the most harmful examples (lowest scores); self-influence the largest.
+        flagged = np.argsort(-s if " self" in method else s, kind="stable")[:flipped.size]
         rows[method] = {"precision": float(truth[flagged].mean()), "seconds": seconds[method]}
         print(f"[mislabel] {method:10s} precision {rows[method]['precision']:.3f} ({seconds[method]:.1f} s)",
               flush=True)

@@ -229,8 +229,10 @@ def output_grads(problem: Problem) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def cache_for(name: str, dtype: str = "float64", rtol: float = RTOL, num_clusters: int = NUM_CLUSTERS):
-    """The suite's shared caches (built once per session)."""
+def cache_for(name: str, dtype: str = "float64", rtol: float = RTOL, num_clusters: int = NUM_CLUSTERS,
+              correction=None):
+    """The suite's shared caches (built once per session): plain CG and, unless asked, no
+    self-influence correction (that is tested in test_correction.py)."""
     problem = get_problem(name) if dtype == "float64" else softmax_problem(dtype)
     with warnings.catch_warnings():
         # Raw sketches of these random problems put a small majority in one cluster;
@@ -238,7 +240,7 @@ def cache_for(name: str, dtype: str = "float64", rtol: float = RTOL, num_cluster
         warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
         return cj.build_cache(
             problem.task, num_clusters=num_clusters, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0),
-            rtol=rtol,
+            rtol=rtol, correction=correction,
         )
 
 

@@ -21,7 +21,8 @@ _EXPENSIVE = {
     "cif_jax.influence": ("_subset_gradient_sums", "solve_ggn"),
     "cif_jax.queries": ("_subset_gradient_sums",),
     "cif_jax.bounds": ("_subset_gradient_sums",),
-    "cif_jax.cache": ("_sketch_pass", "_means_pass", "_scatter_pass", "_solve_rows", "kmeans_fit"),
+    "cif_jax.cache": ("_sketch_pass", "_means_pass", "_solve_rows", "kmeans_fit", "nystrom_preconditioner"),
+    "cif_jax.correction": ("_terms_pass", "_example_grads"),
     "cif_jax.solve": ("_solve_block",),
     "cif_jax.ggn": ("_apply_damped", "_damped_operator"),
 }

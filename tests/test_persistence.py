@@ -22,7 +22,7 @@ def problem():
 
 @pytest.fixture(scope="module")
 def cache():
-    return cache_for("softmax")
+    return cache_for("softmax", correction="calibrated")  # every field, the correction included
 
 
 @pytest.fixture
@@ -38,6 +38,8 @@ def _assert_same_cache(got, want):
         if isinstance(b, jax.Array):
             assert a.dtype == b.dtype and a.shape == b.shape, field.name
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field.name)
+        elif isinstance(b, cj.CorrectionTerms):
+            _assert_same_cache(a, b)
         else:
             assert a == b, field.name
 
@@ -198,11 +200,50 @@ def test_save_overwrites_atomically(saved, cache):
     _assert_same_cache(cj.load_cache(saved), cache)
 
 
+def _drop_correction(path):
+    """The file as versions 2 and 3 wrote it: no correction arrays."""
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist() if not name.startswith("correction.")}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _downgrade_to_3(h):
+    h["format_version"] = 3
+    for name in ("correction_method", "correction_rank"):
+        del h["static"][name]
+    h["arrays"] = {k: v for k, v in h["arrays"].items() if not k.startswith("correction.")}
+
+
 def test_version_2_files_read_as_cg(saved):
     # Version 2 had no `solver` field: CG was the only solver.
     def downgrade(h):
+        _downgrade_to_3(h)
         h["format_version"] = 2
         del h["static"]["solver"]
 
+    _drop_correction(saved)
     _edit_header(saved, downgrade)
-    assert cj.load_cache(saved).solver == "cg"
+    loaded = cj.load_cache(saved)
+    assert loaded.solver == "cg" and loaded.correction is None
+
+
+def test_version_3_files_read_without_correction(saved, cache):
+    _drop_correction(saved)
+    _edit_header(saved, _downgrade_to_3)
+    loaded = cj.load_cache(saved)
+    assert loaded.correction is None
+    np.testing.assert_array_equal(np.asarray(loaded.responses), np.asarray(cache.responses))
+    with pytest.raises(ValueError, match="no self-influence correction"):
+        cj.loss_delta(loaded, [np.arange(3)], np.ones(cache.num_params), eval_sets=[np.arange(3)])
+
+
+def test_correction_arrays_are_checked(saved):
+    # A correction array the header does not list, or one of the wrong shape, is refused.
+    def bad_shape(name, data):
+        return _npy_bytes(np.zeros(3)) if name == "correction.values.npy" else data
+
+    _rewrite(saved, bad_shape)
+    with pytest.raises(cj.CacheFileError, match="correction.values"):
+        cj.load_cache(saved)
