@@ -185,7 +185,7 @@ def _build(task, cfg, c, pre, key=0):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=cfg["damping"], key=jax.random.key(key),
+        return cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=cfg["damping"], key=jax.random.key(key),
                               rtol=cfg["rtol"], batch_size=cfg["batch_size"], rhs_batch_size=cfg["rhs_block"],
                               preconditioner=pre)
 
@@ -399,7 +399,7 @@ def section_curvature(task, cfg, state):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cache = cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=cfg["damping"],
+            cache = cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=cfg["damping"],
                                    key=jax.random.key(0), rtol=cfg["rtol"], batch_size=cfg["batch_size"],
                                    rhs_batch_size=cfg["rhs_block"], curvature=curv)
         scores = np.asarray(cj.fold_loss_delta(cache, task, folds, batch_size=cfg["batch_size"]))

@@ -212,8 +212,12 @@ def build_cache(
             exact per-example solves), ``"nystrom"``, ``"exact"`` (N solves), a settings
             object, or None (no correction: only the paper's estimator is available).
             The Nystrom factors come from ``preconditioner`` when it is a
-            :class:`cif_jax.NystromPreconditioner`; otherwise they are built here, and
-            with ``preconditioner=None`` (and CG) they also precondition the C solves.
+            :class:`cif_jax.NystromPreconditioner`; otherwise they are built here (r
+            GGN products, about four r x p arrays; the rank is lowered with a warning
+            past :data:`cif_jax.correction.MAX_FACTOR_BYTES`), and with
+            ``preconditioner=None`` (and CG) they also precondition the C solves;
+            ``preconditioner="none"`` keeps those plain. Under a ``mesh`` they are built
+            whole in every process, like phase I.
         progress: show progress.
         mesh, rhs_axis, data_axis: spread the C solves of phase II (and optionally the
             examples of the GGN products) over the devices of a ``jax.sharding.Mesh``,
@@ -250,6 +254,7 @@ def build_cache(
     product_dtype = _check_product_dtype(product_dtype, task.dtype)
     solver = _check_solver(solver, preconditioner=preconditioner, product_dtype=product_dtype, mesh=mesh)
     correction = _correction.check(correction)
+    plain_cg = isinstance(preconditioner, str) and preconditioner == "none"  # asked for: keep it plain
     if not (preconditioner is None or isinstance(preconditioner, str)):
         preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
     elif preconditioner not in (None, "none", "jacobi", "kfac", "ekfac"):
@@ -309,10 +314,19 @@ def build_cache(
         if isinstance(preconditioner, NystromPreconditioner):
             source = preconditioner
         else:
+            rank = _correction.factor_rank(correction.rank, task.num_params, jnp.dtype(task.dtype).itemsize)
+            if rank < min(correction.rank, task.num_params):
+                warnings.warn(
+                    f"the correction's Nystrom factors at rank {correction.rank} would take about "
+                    f"{4 * correction.rank * task.num_params * jnp.dtype(task.dtype).itemsize / 2**30:.1f} GiB for "
+                    f"p = {task.num_params:,}; building rank {rank} instead. Pass a smaller `rank`, a built "
+                    "`preconditioner=cj.nystrom_preconditioner(...)`, or `correction=None`.",
+                    stacklevel=2,
+                )
             source = phase("nystrom", lambda: nystrom_preconditioner(
-                task, key=jax.random.fold_in(key, 2), rank=min(correction.rank, task.num_params), error_iters=0,
-                batch_size=batch_size, rhs_batch_size=rhs_batch_size or 32, curvature=curvature))
-            if preconditioner is None and solver is None:
+                task, key=jax.random.fold_in(key, 2), rank=rank, error_iters=0, batch_size=batch_size,
+                rhs_batch_size=rhs_batch_size or 32, curvature=curvature))
+            if preconditioner is None and not plain_cg and solver is None:
                 preconditioner = source  # free: the factors precondition the C solves too
         factors = _correction.nystrom_factors(source, correction.rank)
 

@@ -37,9 +37,9 @@ Estimators of ``t_i`` (each an immutable settings object for ``build_cache(corre
   negligible against lambda.
 * :class:`CalibratedCorrection` (the default): the Nystrom estimates times one scale
   ``b``, fixed by exact solves for a small sample of examples drawn with probability
-  proportional to their Nystrom estimate; ``b`` is the mean of ``t_i / t^nys_i`` over
-  the draws, the Hansen-Hurwitz estimate of ``sum_i t_i / sum_i t^nys_i``. Its
-  standard error is reported.
+  proportional to ``|t^nys_i|``; ``b`` is the Hansen-Hurwitz estimate of
+  ``sum_i t_i / sum_i t^nys_i`` (the mean of ``t_i / t^nys_i`` over the draws when
+  every estimate is positive). Its standard error is reported.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ from .task import Task
 DEFAULT_RANK = 256
 #: Default number of calibration draws (exact per-example solves).
 DEFAULT_NUM_SAMPLES = 32
+#: The Nystrom factors a cache builds for its correction hold about four r x p arrays; the
+#: rank is lowered (with a warning) so that they stay below this many bytes.
+MAX_FACTOR_BYTES = 4 * 2**30
+
+
+def factor_rank(rank: int, num_params: int, itemsize: int) -> int:
+    """The rank to build: ``rank``, capped at p and at :data:`MAX_FACTOR_BYTES` of factors."""
+    fits = max(1, MAX_FACTOR_BYTES // (4 * num_params * itemsize))
+    return int(min(rank, num_params, fits))
 
 
 class ExactCorrection(eqx.Module):
@@ -97,7 +106,12 @@ class CalibratedCorrection(eqx.Module):
     Attributes:
         rank: Nystrom rank r, as :class:`NystromCorrection`.
         num_samples: m, calibration draws (with replacement, probability proportional to
-            the Nystrom estimate); the distinct drawn examples get one exact solve each.
+            ``|t^nys_i|``); the distinct drawn examples get one exact solve each.
+
+    Cost: r GGN-vector products (in blocks) and the Nystrom factors' memory, about four
+    r x p arrays (``build_cache`` lowers r, with a warning, when they would exceed
+    :data:`MAX_FACTOR_BYTES`), plus about m more systems in the cache's block CG. The
+    factors also precondition the cache's C solves when no preconditioner is given.
     """
 
     rank: int = DEFAULT_RANK
@@ -202,7 +216,10 @@ def _terms_pass(task, assignments, means, basis, eigenvalues, lam, batch_size):
             ug = jnp.matmul(g, basis.T, precision=HIGHEST)
             ud = jnp.matmul(d, basis.T, precision=HIGHEST)
             cols.append(jnp.sum(ug * ud / (eigenvalues + lam)[None, :], axis=1))
-            cols.append((jnp.sum(g * d, axis=1) - jnp.sum(ug * ud, axis=1)) / lam)
+            # The complement part from the projected gradient, not as g.d - (Ug).(Ud): that
+            # difference of two nearly equal numbers, divided by lambda, loses float32 digits.
+            g_perp = g - jnp.matmul(ug, basis, precision=HIGHEST)
+            cols.append(jnp.sum(g_perp * d, axis=1) / lam)
         return jnp.stack(cols, axis=1)
 
     return streamed_map(task, fn, assignments, batch_size)
@@ -229,11 +246,11 @@ def nystrom_factors(preconditioner, rank: int):
 
 
 def draw_sample(key, raw, num_samples: int) -> np.ndarray:
-    """``num_samples`` draws with replacement, probability proportional to ``max(raw_i, 0)``.
+    """``num_samples`` draws with replacement, probability proportional to ``|raw_i|``.
 
-    Falls back to uniform draws when no estimate is positive.
+    Falls back to uniform draws when every estimate is zero.
     """
-    w = np.maximum(np.asarray(raw, np.float64), 0.0)
+    w = np.abs(np.asarray(raw, np.float64))
     n = w.shape[0]
     prob = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
     return np.asarray(jax.random.choice(key, n, (num_samples,), replace=True, p=jnp.asarray(prob)))
@@ -246,17 +263,26 @@ def deviations(task: Task, indices, assignments, means) -> tuple[Array, Array]:
 
 
 def calibrate(raw, sample, sample_values):
-    """``(scale, stderr, ratio_std)``: the mean of ``t_i / raw_i`` over the draws, its standard error,
-    and the spread of the ratios. Draws with a zero estimate carry no information and are skipped."""
-    raw = np.asarray(raw, np.float64)[np.asarray(sample)]
-    exact = np.asarray(sample_values, np.float64)
-    ok = raw > 0
-    if not ok.any():
-        return 1.0, 0.0, 0.0
-    ratios = exact[ok] / raw[ok]
-    std = float(ratios.std(ddof=1)) if ratios.size > 1 else 0.0
-    return float(ratios.mean()), std / np.sqrt(ratios.size), std
+    """``(scale, stderr, ratio_std)`` from draws made with probability ``|raw_i| / sum |raw|``.
 
+    The Hansen-Hurwitz estimate of the exact total is ``T = (sum |raw| / m) sum_k t_k / |raw_k|``,
+    so the scale is ``b = T / sum raw`` (the mean of ``t_k / raw_k`` when every estimate is
+    positive); ``stderr`` is its standard error and ``ratio_std`` the spread of the per-draw
+    ratios ``t_k / raw_k``. With fewer than two informative draws the uncertainty is unknown: inf.
+    """
+    raw = np.asarray(raw, np.float64)
+    drawn = raw[np.asarray(sample)]
+    exact = np.asarray(sample_values, np.float64)
+    ok = drawn != 0
+    total_abs, total = np.abs(raw).sum(), raw.sum()
+    if not ok.any() or total == 0:
+        return 1.0, np.inf, np.inf
+    weighted = exact[ok] / np.abs(drawn[ok])  # t_k / pi_k, up to the factor sum |raw|
+    scale = total_abs * weighted.mean() / total
+    if weighted.size < 2:
+        return float(scale), np.inf, np.inf
+    stderr = total_abs * weighted.std(ddof=1) / np.sqrt(weighted.size) / abs(total)
+    return float(scale), float(stderr), float((exact[ok] / drawn[ok]).std(ddof=1))
 
 def _none(n, dtype):
     return dict(sample=jnp.zeros(0, jnp.int32), sample_values=jnp.zeros(0, dtype), sample_residuals=jnp.zeros(0, dtype),

@@ -168,12 +168,22 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
         m = arrays["correction.sample"].shape
         want = {name: (n,) for name in ("values", "raw", "grad_norms", "residuals")}
         want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
+        if len(m) != 1:
+            raise CacheFileError(f"{path!r}: array 'correction.sample' has shape {m}, expected (m,).")
         for name, shape in want.items():
-            if arrays[f"correction.{name}"].shape != shape:
-                raise CacheFileError(f"{path!r}: array 'correction.{name}' has shape "
-                                     f"{arrays[f'correction.{name}'].shape}, expected {shape}.")
+            arr = arrays[f"correction.{name}"]
+            if arr.shape != shape:
+                raise CacheFileError(f"{path!r}: array 'correction.{name}' has shape {arr.shape}, expected {shape}.")
+            if arr.dtype != arrays["responses"].dtype:
+                raise CacheFileError(f"{path!r}: array 'correction.{name}' has dtype {arr.dtype}, the cache "
+                                     f"{arrays['responses'].dtype}.")
+        if not np.issubdtype(arrays["correction.sample"].dtype, np.integer):
+            raise CacheFileError(f"{path!r}: array 'correction.sample' must hold integers.")
+        rank = static["correction_rank"]
+        if not isinstance(method, str) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise CacheFileError(f"{path!r}: the header's correction fields are malformed ({method!r}, {rank!r}).")
         correction = CorrectionTerms(**{name: jnp.asarray(arrays[f"correction.{name}"]) for name in _CORRECTION},
-                                     method=str(method), rank=int(static["correction_rank"]))
+                                     method=method, rank=rank)
     static = {k: v for k, v in static.items() if not k.startswith("correction_")}
     try:
         cache = InfluenceCache(

@@ -158,21 +158,27 @@ def _overlap(cache: InfluenceCache, subs, ev) -> Float[Array, " q"]:
     t = _terms(cache).values
     q = int(subs.sizes.size)
     n = cache.num_examples
-    if ev is None:
-        ids, idx, size_v = subs.query_ids, subs.indices, subs.sizes
-    else:
-        # (query, index) pairs of S and of V as one integer key each; the common keys are S cap V.
-        keys_s = subs.query_ids.astype(np.int64) * n + subs.indices
-        if ev.sizes.size == 1:
-            keys_v = (np.arange(q, dtype=np.int64)[:, None] * n + ev.indices[None, :]).reshape(-1)
-            size_v = np.full(q, ev.sizes[0])
-        else:
-            keys_v = ev.query_ids.astype(np.int64) * n + ev.indices
-            size_v = ev.sizes
-        common = np.intersect1d(keys_s, keys_v, assume_unique=True)
-        ids, idx = (common // n).astype(np.int32), (common % n).astype(np.int32)
+    in_v = in_eval_sets(subs, ev)
+    ids, idx = subs.query_ids[in_v], subs.indices[in_v]
+    size_v = subs.sizes if ev is None else np.broadcast_to(ev.sizes, (q,))
     sums = jax.ops.segment_sum(t[jnp.asarray(idx)], jnp.asarray(ids), num_segments=q)
     return sums / jnp.asarray(size_v, t.dtype)
+
+
+def in_eval_sets(subs, ev) -> np.ndarray:
+    """For each (query, member) pair of ``subs``: is the member in that query's evaluation set?
+
+    O((|S| + |V|) log) over all queries: a shared set is matched by index alone; per-query sets
+    by (query, index) keys. ``ev`` None means V = S.
+    """
+    if ev is None:
+        return np.ones(subs.indices.size, bool)
+    if ev.sizes.size == 1:
+        return np.isin(subs.indices, ev.indices, assume_unique=False)
+    n = subs.num_examples
+    keys_s = subs.query_ids.astype(np.int64) * n + subs.indices
+    keys_v = ev.query_ids.astype(np.int64) * n + ev.indices
+    return np.isin(keys_s, keys_v, assume_unique=True)
 
 
 def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas, *, eval_sets=None,
@@ -225,6 +231,11 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
     q = int(subs.sizes.size)
     g = _eval_matrix(cache, eval_grads, q)
     ev = _eval_subsets(cache, eval_sets, q)
+    if ev is not None and g.ndim == 1 and ev.sizes.size > 1:
+        raise ValueError(
+            f"one evaluation gradient (shape ({cache.num_params},)) was given with {ev.sizes.size} evaluation sets: "
+            "give one gradient per query, (Q, p), or one evaluation set shared by all queries."
+        )
     if corrected and ev is not None:
         _terms(cache)  # refuse before any work
     a = _alpha_matrix(cache, _alphas(cache.responses, g), q)

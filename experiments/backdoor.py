@@ -95,7 +95,7 @@ def run(regime, seed, ds, args, settings):
 
     scores, seconds = {}, {}
     t = time.perf_counter()
-    cache = cj.build_cache(task, num_clusters=settings["clusters"], sketch_dim=32, key=jax.random.key(seed),
+    cache = cj.build_cache(task, correction=None, num_clusters=settings["clusters"], sketch_dim=32, key=jax.random.key(seed),
                            normalize_sketches=True, **ec.solver_kwargs(args))
     scores["CiF"] = np.asarray(cj.loss_delta(cache, groups, g_target))
     seconds["CiF"] = time.perf_counter() - t

@@ -100,7 +100,7 @@ def faithfulness(model, seed, lam, data, args, rng, *, groups, results):
     fb_seconds = time.perf_counter() - t2
     preds = {"F": f_, "F+B": np.asarray(fb.total), "F+I": fi, "F+I+B": fi + np.asarray(fb.correction)}
     for c in (10, 50):
-        cache = cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=lam, key=jax.random.key(c),
+        cache = cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=lam, key=jax.random.key(c),
                                rtol=1e-10, normalize_sketches=True)
         ct = cj.cache_interaction_terms(cache, target, task=task)
         preds[f"CiF F+I (C={c})"] = np.asarray(cj.group_influence(ct, sets)[2])

@@ -124,7 +124,7 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
     scores["IF"] = np.asarray(sol @ g_train.T) / n
     seconds["IF"] = t_if + t_g
     for c in settings["clusters"]:
-        cache, t_c = timed(lambda: cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=lam,
+        cache, t_c = timed(lambda: cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=lam,
                                                   rtol=args.rtol or 1e-8, max_steps=args.max_steps,
                                                   key=jax.random.key(c), normalize_sketches=True))
         alphas, t_a = timed(lambda: cj.cluster_alphas(cache, g_test))

@@ -140,7 +140,7 @@ def main():
 
     logits = np.asarray(task.apply_fn(task.params, task.inputs))
     raw = np.asarray(task.inputs).reshape(n, -1)
-    sketch_cache = cj.build_cache(task, num_clusters=10, sketch_dim=32, key=jax.random.key(args.seed),
+    sketch_cache = cj.build_cache(task, correction=None, num_clusters=10, sketch_dim=32, key=jax.random.key(args.seed),
                                   normalize_sketches=True, **kw)
     sk = np.asarray(sketch_cache.sketches)
     unit_sketches = sk / np.maximum(np.linalg.norm(sk, axis=1, keepdims=True), 1e-30)  # as the cache clustered them

@@ -112,7 +112,7 @@ def main():
         "F+I+B": full,
     }
     t2 = time.perf_counter()
-    cache = cj.build_cache(task, num_clusters=args.clusters, sketch_dim=32, damping=args.damping, rtol=rtol,
+    cache = cj.build_cache(task, correction=None, num_clusters=args.clusters, sketch_dim=32, damping=args.damping, rtol=rtol,
                            max_steps=args.max_steps, key=jax.random.key(args.seed + 1), normalize_sketches=True)
     terms[f"F+I (cache C={args.clusters})"] = cj.cache_interaction_terms(cache, target, task=task)
     terms["F+I (cache I, exact F)"] = cj.cache_interaction_terms(cache, target, task=task, first_order="exact")

@@ -144,7 +144,7 @@ def if_scores(task, xt, yt, lam, args, summed=False):
 
 
 def cif_scores(task, xt, yt, lam, args, clusters, summed=False):
-    cache = cj.build_cache(task, num_clusters=clusters, sketch_dim=32, damping=lam, rtol=1e-8,
+    cache = cj.build_cache(task, correction=None, num_clusters=clusters, sketch_dim=32, damping=lam, rtol=1e-8,
                            max_steps=args.max_steps, key=jax.random.key(clusters), normalize_sketches=True)
     g_test = test_grads(task, xt, yt, summed)
     out = np.asarray(cj.cluster_alphas(cache, g_test))[:, np.asarray(cache.assignments)] / task.num_examples
@@ -414,7 +414,7 @@ def cost_part(x, y, xt, yt, args, settings):
                 return cj.stride_scores(ops, Ht, classes=yt).coef
 
         def cif_setup():
-            return cj.build_cache(task, num_clusters=50, sketch_dim=32, damping=lam, rtol=1e-6,
+            return cj.build_cache(task, correction=None, num_clusters=50, sketch_dim=32, damping=lam, rtol=1e-6,
                                   max_steps=args.max_steps, key=jax.random.key(0))
 
         def warm(fn):  # the second call: compiled

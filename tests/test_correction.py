@@ -152,21 +152,41 @@ def test_fold_matrix(problem, exact):
     np.testing.assert_allclose(np.diag(m), np.asarray(cj.fold_loss_delta(exact, problem.task, FOLDS)), rtol=1e-12)
 
 
-def test_exact_bound_holds(problem, exact):
+def _dense_cross(problem, cache, s, v):
+    """The cross terms ``(1/(N|V|)) sum_{i in S} (G_V - 1[i in V] g_i)^T H~^{-1} d_i``, densely."""
+    a = np.asarray(cache.assignments)
+    g = problem.grads
+    d = g - dense_means(g, a, cache.num_clusters)[a]
+    x = dense_solve(problem.ggn, d[s])
+    g_v = g[v].sum(axis=0)
+    left = g_v[None, :] - np.isin(s, v)[:, None] * g[s]
+    return np.einsum("ij,ij->", left, x) / (N * len(v))
+
+
+def test_exact_error_is_the_cross_terms_and_the_bound_holds(problem, exact):
     subsets = FOLDS + [np.arange(0, 20)]
     evals = FOLDS + [np.arange(10, 25)]
-    t, _, _ = _reference(problem, exact)
     g_v = np.stack([problem.grads[v].mean(axis=0) for v in evals])
     est = np.asarray(cj.loss_delta(exact, subsets, g_v, eval_sets=evals))
     ifs = np.array([_dense_if(problem, s, v) for s, v in zip(subsets, evals)])
+    cross = np.array([_dense_cross(problem, exact, s, v) for s, v in zip(subsets, evals)])
+    # With exact t_i (and converged solves) the corrected score misses exactly the cross terms.
+    np.testing.assert_allclose(ifs - est, cross, rtol=0, atol=TOL * np.abs(ifs).max())
     b = cj.corrected_error_bound(exact, problem.task, subsets, evals, batch_size=BATCH)
     assert b.correction_is_bound
-    total = np.asarray(b.cross + b.correction + b.solver)
-    assert np.all(np.abs(ifs - est) <= total * (1 + 1e-9) + 1e-15)
-    assert np.all(np.asarray(b.cross) > 0)
+    assert np.all(np.abs(cross) <= np.asarray(b.cross) * (1 + 1e-9))
+    assert np.all(np.abs(ifs - est) <= np.asarray(b.cross + b.correction + b.solver) * (1 + 1e-9) + 1e-15)
     # V = S when no evaluation sets are given.
     folds_only = cj.corrected_error_bound(exact, problem.task, FOLDS, batch_size=BATCH)
-    np.testing.assert_allclose(np.asarray(folds_only.cross), np.asarray(b.cross)[:6], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(folds_only.cross), np.asarray(b.cross)[:6], rtol=1e-9)
+    # One evaluation set shared by every query.
+    shared = np.arange(0, 12)
+    est = np.asarray(cj.loss_delta(exact, FOLDS, problem.grads[shared].mean(axis=0), eval_sets=[shared]))
+    ifs = np.array([_dense_if(problem, s, shared) for s in FOLDS])
+    cross = np.array([_dense_cross(problem, exact, s, shared) for s in FOLDS])
+    np.testing.assert_allclose(ifs - est, cross, rtol=0, atol=TOL * np.abs(ifs).max())
+    b = cj.corrected_error_bound(exact, problem.task, FOLDS, [shared], batch_size=BATCH)
+    assert np.all(np.abs(cross) <= np.asarray(b.cross) * (1 + 1e-9))
 
 
 # -- C = N: every estimator reproduces IF --------------------------------------------------
@@ -174,6 +194,8 @@ def test_exact_bound_holds(problem, exact):
 
 @pytest.mark.parametrize("correction", ["exact", cj.NystromCorrection(rank=4), cj.CalibratedCorrection(rank=4)])
 def test_one_cluster_per_example_equals_if(correction):
+    # The requirement of the design: written on the deviation, t_i vanishes for C = N with every
+    # estimator (even a rank-4 one), so the corrected score is per-query IF.
     problem = get_problem("softmax")
     cache = _build(problem, correction, num_clusters=N)
     assert int(cache.cluster_sizes.max()) == 1
@@ -230,7 +252,7 @@ def test_nystrom_estimate_is_the_formula_and_within_its_bound(low_rank):
     assert np.all(np.abs(ifs - est) <= np.asarray(b.cross + b.correction + b.solver))
 
 
-def test_calibrated_scale_is_the_mean_ratio_of_the_draws(low_rank):
+def test_calibrated_scale_is_the_hansen_hurwitz_ratio(low_rank):
     problem, pre = low_rank
     with _quiet():
         cache = _build(problem, cj.CalibratedCorrection(rank=8, num_samples=24), preconditioner=pre)
@@ -240,17 +262,30 @@ def test_calibrated_scale_is_the_mean_ratio_of_the_draws(low_rank):
     sample = np.asarray(c.sample)
     raw = np.asarray(c.raw)
     assert sample.shape == (24,) and sample.min() >= 0 and sample.max() < N
-    assert np.all(raw[sample] > 0)  # drawn with probability proportional to the (positive) estimate
+    assert np.all(raw[sample] != 0)  # drawn with probability proportional to |estimate|
     np.testing.assert_allclose(np.asarray(c.sample_values), t[sample], rtol=1e-9, atol=1e-14)
-    ratios = t[sample] / raw[sample]
-    np.testing.assert_allclose(float(c.scale), ratios.mean(), rtol=1e-9)
-    np.testing.assert_allclose(float(c.scale_stderr), ratios.std(ddof=1) / np.sqrt(24), rtol=1e-9)
-    np.testing.assert_allclose(np.asarray(c.values), raw * ratios.mean(), rtol=1e-12)
+    # T = (sum |raw| / m) sum_k t_k / |raw_k| estimates sum t; the scale is T / sum raw.
+    weighted = t[sample] / np.abs(raw[sample])
+    scale = np.abs(raw).sum() * weighted.mean() / raw.sum()
+    np.testing.assert_allclose(float(c.scale), scale, rtol=1e-9)
+    np.testing.assert_allclose(float(c.scale_stderr),
+                               np.abs(raw).sum() * weighted.std(ddof=1) / np.sqrt(24) / abs(raw.sum()), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(c.values), raw * scale, rtol=1e-12)
     # The Nystrom estimate runs high; the calibrated one brings the total to within 4 standard errors.
     assert raw.sum() > t.sum()
-    assert abs(np.asarray(c.values).sum() - t.sum()) <= 4 * float(c.scale_stderr) * raw.sum()
+    assert abs(np.asarray(c.values).sum() - t.sum()) <= 4 * float(c.scale_stderr) * abs(raw.sum())
     b = cj.corrected_error_bound(cache, problem.task, FOLDS)
     assert not b.correction_is_bound and np.all(np.asarray(b.correction) > 0)
+
+
+def test_calibration_with_one_draw_reports_unknown_uncertainty():
+    from cif_jax.correction import calibrate
+
+    raw = np.array([1.0, 2.0, -0.5, 0.0])
+    scale, stderr, spread = calibrate(raw, np.array([1]), np.array([1.5]))
+    np.testing.assert_allclose(scale, 3.5 * 0.75 / 2.5)  # sum|raw| * (t/|raw|) / sum raw
+    assert stderr == np.inf and spread == np.inf
+    assert calibrate(np.zeros(3), np.array([0, 1]), np.zeros(2)) == (1.0, np.inf, np.inf)
 
 
 def test_nystrom_factors_built_when_none_given(problem):
@@ -263,6 +298,25 @@ def test_nystrom_factors_built_when_none_given(problem):
     np.testing.assert_allclose(np.asarray(cache.correction.raw), t, rtol=0, atol=1e-8 * np.abs(t).max())
     np.testing.assert_allclose(float(cache.correction.scale), 1.0, rtol=1e-6)
     assert int(cache.num_steps.max()) <= 3  # the full-rank factors precondition the C solves exactly
+    # Asked for plain CG, the solves stay plain; the correction is the same.
+    with _quiet():
+        plain = _build(problem, cj.CalibratedCorrection(rank=1000, num_samples=4), preconditioner="none")
+    assert int(plain.num_steps.max()) > 3
+    np.testing.assert_allclose(np.asarray(plain.correction.raw), np.asarray(cache.correction.raw), rtol=1e-9,
+                               atol=1e-12 * np.abs(t).max())
+
+
+def test_factor_rank_is_capped_by_memory(monkeypatch):
+    from cif_jax import correction as cc
+
+    assert cc.factor_rank(256, 57, 8) == 57
+    assert cc.factor_rank(256, 10**6, 4) == 256  # 4 x 256 x 10^6 x 4 bytes = 3.8 GiB fits
+    assert cc.factor_rank(256, 10**7, 4) == cc.MAX_FACTOR_BYTES // (4 * 10**7 * 4)
+    monkeypatch.setattr(cc, "MAX_FACTOR_BYTES", 4 * 57 * 8 * 5)  # room for rank 5
+    problem = get_problem("mlp")
+    with pytest.warns(UserWarning, match="building rank 5 instead"), _quiet():
+        cache = _build(problem, cj.NystromCorrection(rank=20))
+    assert cache.correction.rank == 5
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -281,6 +335,9 @@ def test_bad_input_is_refused(problem, exact):
                       eval_sets=[np.arange(2), np.arange(3), np.arange(4)])
     with pytest.raises(ValueError, match="out of range"):
         cj.loss_delta(exact, [np.arange(3)], np.ones(exact.num_params), eval_sets=[np.array([N])])
+    with pytest.raises(ValueError, match="one evaluation gradient"):
+        cj.loss_delta(exact, [np.arange(3), np.arange(4)], np.ones(exact.num_params),
+                      eval_sets=[np.arange(3), np.arange(4)])
     with pytest.raises(ValueError, match="overlap"):
         cj.fold_matrix(exact, problem.task, [np.arange(5), np.arange(3, 8)])
 

@@ -1,6 +1,7 @@
 """Saving and loading caches: round trip, task check, corruption, versioning, atomic writes."""
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import cif_jax as cj
-from _models import cache_for, softmax_problem
+from _models import N, cache_for, softmax_problem
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +241,46 @@ def test_version_3_files_read_without_correction(saved, cache):
 
 
 def test_correction_arrays_are_checked(saved):
-    # A correction array the header does not list, or one of the wrong shape, is refused.
-    def bad_shape(name, data):
+    # An array whose bytes do not match the manifest is caught by its checksum ...
+    def bad_bytes(name, data):
         return _npy_bytes(np.zeros(3)) if name == "correction.values.npy" else data
 
-    _rewrite(saved, bad_shape)
+    _rewrite(saved, bad_bytes)
     with pytest.raises(cj.CacheFileError, match="correction.values"):
         cj.load_cache(saved)
+
+
+def test_correction_shapes_and_fields_are_checked(tmp_path, cache):
+    # ... and a self-consistent file (manifest rewritten to match) with a wrong shape, dtype or
+    # malformed header field is refused by the structural checks.
+    def write_with(array_edit=None, header_edit=None):
+        path = tmp_path / "c.npz"
+        cj.save_cache(path, cache)
+        replaced = {}
+
+        def edit(name, data):
+            key = name[: -len(".npy")]
+            if array_edit is not None and key in array_edit:
+                arr = array_edit[key]
+                replaced[key] = arr
+                return _npy_bytes(arr)
+            return data
+
+        _rewrite(path, edit)
+
+        def fix(h):
+            for key, arr in replaced.items():
+                h["arrays"][key] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                                    "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}
+            if header_edit is not None:
+                header_edit(h)
+
+        _edit_header(path, fix)
+        return path
+
+    with pytest.raises(cj.CacheFileError, match=r"correction.values' has shape \(3,\), expected \(48,\)"):
+        cj.load_cache(write_with({"correction.values": np.zeros(3)}))
+    with pytest.raises(cj.CacheFileError, match="correction.raw' has dtype float32"):
+        cj.load_cache(write_with({"correction.raw": np.zeros(N, np.float32)}))
+    with pytest.raises(cj.CacheFileError, match="correction fields are malformed"):
+        cj.load_cache(write_with(header_edit=lambda h: h["static"].update(correction_rank="256")))
