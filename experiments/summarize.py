@@ -28,6 +28,17 @@ def cache_reuse(r):
         print(f"| {x['solver']} | {x['C']} | {x['if_seconds_total']:.1f} | {x['cif_seconds_total']:.1f} | "
               f"{x['speedup']:.1f}x | " + " | ".join(ci(pk[k][m]) for m in ("pearson", "spearman") for k in sorted(pk))
               + " |")
+    if any("paper" in y for x in r["runs"] for y in x["per_k"]):
+        print("\nThe rows above are the corrected estimator (issue #17). The paper's (eq. 11) and the cross-fold "
+              "workload (V != S), Pearson / Spearman / median CiF/IF:\n")
+        print("| solver | C | K | paper (eq. 11) | cross-fold |")
+        print("|---|---|---|---|---|")
+        for x in r["runs"]:
+            for y in x["per_k"]:
+                p, c = y["paper"], y["cross_fold"]
+                print(f"| {x['solver']} | {x['C']} | {y['K']} | {p['pearson']['value']:.3f} / "
+                      f"{p['spearman']['value']:.3f} / {p['median_ratio']:.3f} | {c['pearson']:.3f} / "
+                      f"{c['spearman']:.3f} / {c['median_ratio']:.3f} |")
 
 
 def theorem_bound(r):
@@ -81,6 +92,15 @@ def robustness(r):
         print(f"| {'unit' if nz else 'raw'} | {d} | {c} | " + " | ".join(
             f"{cells[k]['pearson']['value']:.3f} / {cells[k]['spearman']['value']:.3f}" for k in ks)
               + f" | {share:.0%} |")
+    if any("paper" in x for x in r["cells"]):
+        print("\nCorrected estimator above (issue #17); the paper's (eq. 11) and the cross-fold workload:\n")
+        print("| sketches | d | C | K | paper (eq. 11) | cross-fold |")
+        print("|---|---|---|---|---|---|")
+        for x in r["cells"]:
+            c = x["cross_fold"]
+            cross = "–" if not c else f"{c['pearson']:.3f} / {c['spearman']:.3f}"
+            print(f"| {'unit' if x['normalized'] else 'raw'} | {x['d']} | {x['C']} | {x['K']} | "
+                  f"{x['paper']['pearson']['value']:.3f} / {x['paper']['spearman']['value']:.3f} | {cross} |")
 
 
 def main():
