@@ -208,7 +208,7 @@ def build_cache(
         correction: the estimator of the per-example self-influence scalars ``t_i`` that
             queries whose evaluation set overlaps the removed set add back
             (:mod:`cif_jax.correction`): ``"calibrated"`` (default,
-            :class:`cif_jax.CalibratedCorrection`: rank-256 Nystrom factors, rescaled by 32
+            :class:`cif_jax.CalibratedCorrection`: rank-256 Nystrom factors, rescaled by 16
             exact per-example solves), ``"nystrom"``, ``"exact"`` (N solves), a settings
             object, or None (no correction: only the paper's estimator is available).
             The Nystrom factors come from ``preconditioner`` when it is a

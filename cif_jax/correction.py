@@ -58,7 +58,7 @@ from .task import Task
 #: Default Nystrom rank of the correction (measured: ``experiments/correction.py``).
 DEFAULT_RANK = 256
 #: Default number of calibration draws (exact per-example solves).
-DEFAULT_NUM_SAMPLES = 32
+DEFAULT_NUM_SAMPLES = 16
 #: The Nystrom factors a cache builds for its correction hold about four r x p arrays; the
 #: rank is lowered (with a warning) so that they stay below this many bytes.
 MAX_FACTOR_BYTES = 4 * 2**30
