@@ -322,7 +322,8 @@ def _print_table(r: dict) -> None:
         c = x["cross_fold"]
         table.add_row("", f"cross-fold V != S ({c['pairs']} pairs)", "", "", f"{c['pearson']:.3f}",
                       f"{c['spearman']:.3f}", f"{c['median_ratio']:.3f}")
-    console = Console()
+    # Piped or logged output gets room for the seven columns (rich assumes 80 without a terminal).
+    console = Console(width=None if sys.stdout.isatty() else 150)
     console.print(table)
     corr = r.get("correction")
     what = "" if corr is None else (f"; correction {corr['method']}, scale {corr['scale']:.3f} +- "
