@@ -82,6 +82,32 @@ def task(task) -> None:
             f"{getattr(loss, 'shape', type(loss))}. Use a per-example loss such as "
             "`optax.softmax_cross_entropy_with_integer_labels`, not a mean."
         )
+    _class_targets(task, out)
+
+
+def _class_targets(task, out) -> None:
+    """Integer class targets (N,) for a model with q >= 2 outputs must lie in [0, q).
+
+    An index outside the logits is read without complaint by a cross-entropy (gathers
+    clamp or fill), and every influence number comes back finite and wrong.
+    """
+    leaves = jax.tree_util.tree_leaves(out)
+    targets = task.targets
+    if len(leaves) != 1 or leaves[0].ndim != 2 or leaves[0].shape[1] < 2:
+        return
+    if not isinstance(targets, (np.ndarray, jax.Array)) or isinstance(targets, jax.core.Tracer):
+        return
+    if targets.ndim != 1 or not jnp.issubdtype(targets.dtype, jnp.integer):
+        return
+    q = leaves[0].shape[1]
+    y = np.asarray(targets)
+    bad = np.flatnonzero((y < 0) | (y >= q))
+    if bad.size:
+        raise ValueError(
+            f"`Task.targets` holds class indices outside [0, {q}) for a model with {q} outputs: examples "
+            f"{bad[:10].tolist()} have labels {y[bad[:10]].tolist()}. Check the labels (or the model's "
+            "number of classes)."
+        )
 
 
 class Subsets:

@@ -93,6 +93,28 @@ def test_loss_must_be_per_example(task, no_work):
             call()
 
 
+def test_class_targets_must_fit_the_outputs(task, no_work):
+    # The softmax problem has 3 outputs; a label 3 (or -1) is read outside the logits by the
+    # cross-entropy without complaint, so it is refused before any work, by every entry point.
+    for label in (3, -1):
+        y = np.asarray(task.targets).copy()
+        y[[5, 7]] = label
+        bad = cj.Task(linear_apply, cross_entropy, task.params, task.inputs, jnp.asarray(y))
+        for call in (lambda: cj.per_example_grads(bad), lambda: cj.influence(bad, [np.arange(3)], damping=LAM),
+                     lambda: _build(bad), lambda: cj.ggn_operator(bad, damping=LAM)):
+            with pytest.raises(ValueError, match=rf"outside \[0, 3\).*examples \[5, 7\]"):
+                call()
+    # Integer targets that are not class indices of a (B, q) output are left alone: regression
+    # targets shaped like the outputs.
+    from cif_jax import _checks
+    from _models import get_problem
+
+    reg = get_problem("regression").task
+    y = jnp.asarray(np.round(np.asarray(reg.targets) * 10)).astype(jnp.int32)
+    assert y.ndim == 2 and int(y.max()) >= 2  # values a class check would refuse
+    _checks.task(cj.Task(reg.apply_fn, reg.loss_fn, reg.params, reg.inputs, y))
+
+
 # -- subsets -------------------------------------------------------------------------------
 
 
