@@ -345,7 +345,7 @@ def build_cache(
         sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples)
         extra, inverse = np.unique(sample, return_inverse=True)
         g_extra, d_extra = phase("calibration gradients",
-                                 lambda: _correction.deviations(task, extra, assignments, means))
+                                 lambda: _correction.deviations(task, extra, assignments, means, batch_size))
         rhs = jnp.concatenate([means, d_extra])
     else:
         rhs = means

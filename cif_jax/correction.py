@@ -48,12 +48,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int
 
 from . import _checks
-from .gradients import HIGHEST, example_grads_fn, raise_on_bad, streamed_map
-from .task import Task
+from .gradients import HIGHEST, per_example_grads, raise_on_bad, streamed_map
+from .task import Task, take_examples
 
 #: Default Nystrom rank of the correction (measured: ``experiments/correction.py``).
 DEFAULT_RANK = 256
@@ -181,27 +180,6 @@ def check(correction):
     )
 
 
-def subtask(task: Task, indices) -> Task:
-    """The task restricted to the examples ``indices`` (same params)."""
-    idx = jnp.asarray(indices)
-    take = lambda a: jnp.asarray(a)[idx]
-    return Task(task.apply_fn, task.loss_fn, task.params, jax.tree_util.tree_map(take, task.inputs),
-                jax.tree_util.tree_map(take, task.targets))
-
-
-@eqx.filter_jit
-def _example_grads(task: Task):
-    flat, _ = ravel_pytree(task.params)
-    return example_grads_fn(task)(flat, task.inputs, task.targets)
-
-
-def example_grads(task: Task, indices) -> Float[Array, "m p"]:
-    """The gradients ``g_i`` of the examples ``indices`` (a few; the (N, p) matrix is never formed)."""
-    g = _example_grads(subtask(task, indices))
-    raise_on_bad(~jnp.isfinite(g).all(axis=1))
-    return g
-
-
 @eqx.filter_jit
 def _terms_pass(task, assignments, means, basis, eigenvalues, lam, batch_size):
     """One streamed pass: per example ``||d_i||^2``, ``||g_i||``, and the Nystrom parts
@@ -256,9 +234,9 @@ def draw_sample(key, raw, num_samples: int) -> np.ndarray:
     return np.asarray(jax.random.choice(key, n, (num_samples,), replace=True, p=jnp.asarray(prob)))
 
 
-def deviations(task: Task, indices, assignments, means) -> tuple[Array, Array]:
-    """``(g_i, g_i - mu_c(i))`` for the examples ``indices``."""
-    g = example_grads(task, indices)
+def deviations(task: Task, indices, assignments, means, batch_size=None) -> tuple[Array, Array]:
+    """``(g_i, g_i - mu_c(i))`` for the examples ``indices`` (a few: the (N, p) matrix is never formed)."""
+    g = per_example_grads(take_examples(task, indices), batch_size=batch_size)
     return g, g - means[jnp.asarray(assignments)[jnp.asarray(indices)]]
 
 
@@ -284,7 +262,7 @@ def calibrate(raw, sample, sample_values):
     stderr = total_abs * weighted.std(ddof=1) / np.sqrt(weighted.size) / abs(total)
     return float(scale), float(stderr), float((exact[ok] / drawn[ok]).std(ddof=1))
 
-def _none(n, dtype):
+def _none(dtype):
     return dict(sample=jnp.zeros(0, jnp.int32), sample_values=jnp.zeros(0, dtype), sample_residuals=jnp.zeros(0, dtype),
                 scale=jnp.ones((), dtype), scale_stderr=jnp.zeros((), dtype), ratio_std=jnp.zeros((), dtype))
 
@@ -292,7 +270,7 @@ def _none(n, dtype):
 def nystrom_terms(correction, raw, grad_norms, rank) -> CorrectionTerms:
     """:class:`NystromCorrection`: the estimates as they are (``raw`` already divided by N)."""
     nan = jnp.full(raw.shape, jnp.nan, raw.dtype)
-    return CorrectionTerms(values=raw, raw=raw, grad_norms=grad_norms, residuals=nan, **_none(raw.size, raw.dtype),
+    return CorrectionTerms(values=raw, raw=raw, grad_norms=grad_norms, residuals=nan, **_none(raw.dtype),
                            method=correction.describe(), rank=rank)
 
 
@@ -319,10 +297,10 @@ def exact_terms(correction, task, assignments, means, grad_norms, solve, batch_s
     chunk = min(batch_size or 512, 512)
     values, residuals = [], []
     for start in range(0, n, chunk):
-        g, d = deviations(task, np.arange(start, min(start + chunk, n)), assignments, means)
+        g, d = deviations(task, np.arange(start, min(start + chunk, n)), assignments, means, batch_size)
         out = solve(d)
         values.append(jnp.sum(g * out.solutions, axis=1) / n)
         residuals.append(out.residuals)
     values = jnp.concatenate(values)
     return CorrectionTerms(values=values, raw=values, grad_norms=grad_norms, residuals=jnp.concatenate(residuals),
-                           **_none(n, values.dtype), method=correction.describe(), rank=0)
+                           **_none(values.dtype), method=correction.describe(), rank=0)

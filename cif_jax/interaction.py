@@ -49,7 +49,7 @@ from .cache import InfluenceCache
 from .ggn import ggn_matvec_fn
 from .influence import influence
 from .solve import solve_ggn
-from .task import Task, fingerprint
+from .task import Task, fingerprint, take_examples
 
 KINDS = ("ggn", "hessian")
 SETTINGS = {"remove": 1.0, "add": -1.0}
@@ -185,7 +185,7 @@ def interaction_terms(
         jt, w, r = _target_factors(target)  # (|V| q, p), (|V|, q, q), (|V|, q)
         rt = solve_ggn(task, jt, damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size,
                        rhs_batch_size=rhs_batch_size, preconditioner=preconditioner).solutions  # R^T
-        g = per_example_grads(_take_examples(task, idx), batch_size=batch_size)
+        g = per_example_grads(take_examples(task, idx), batch_size=batch_size)
         nv, q = r.shape
         coords = g @ rt.T / jnp.asarray(task.num_examples, g.dtype)
         curved = jnp.einsum("vab,pvb->pva", w, coords.reshape(-1, nv, q)).reshape(coords.shape) / nv
@@ -214,12 +214,6 @@ def _target_factors(target: Task):
 
     rows, w, r = jax.vmap(one)(target.inputs, target.targets)
     return rows.reshape(-1, flat.shape[0]), w, r
-
-
-def _take_examples(task: Task, idx: np.ndarray) -> Task:
-    """The same model on the examples ``idx`` only."""
-    take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, jnp.asarray(idx), axis=0), tree)
-    return Task(task.apply_fn, task.loss_fn, task.params, take(task.inputs), take(task.targets))
 
 
 def _candidate_indices(indices, n: int) -> np.ndarray:
@@ -591,7 +585,7 @@ def second_order_terms(
     grad_f = target_gradient(target).astype(exact.coords.dtype)
     u_f = solve_ggn(task, grad_f[None, :], damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size,
                     preconditioner=preconditioner).solutions[0]
-    h = _per_example_products(_take_examples(task, idx), u_f, batch_size) / jnp.asarray(task.num_examples, u_f.dtype)
+    h = _per_example_products(take_examples(task, idx), u_f, batch_size) / jnp.asarray(task.num_examples, u_f.dtype)
     delta = exact.coords
     if interaction:
         return InteractionTerms(exact.first_order, jnp.concatenate([delta, h, delta], axis=1),

@@ -17,9 +17,8 @@ from jaxtyping import Array, Float, Int
 
 from . import _checks
 from .cache import InfluenceCache
-from .correction import subtask as _subtask
 from .gradients import _subset_gradient_sums, raise_on_bad, streamed_map
-from .task import Task
+from .task import Task, take_examples
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -197,9 +196,14 @@ def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas, *, eval_sets=
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
     a = _alpha_matrix(cache, alphas, q)
-    ev = _eval_subsets(cache, eval_sets, q)
-    out = _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
-                       jnp.asarray(cache.num_examples, a.dtype))
+    return _scores(cache, subs, a, _eval_subsets(cache, eval_sets, q), corrected)
+
+
+def _scores(cache: InfluenceCache, subs, alphas, ev, corrected: bool) -> Float[Array, " q"]:
+    """Eq. (11) from the (1 or Q, C) alphas, plus the correction over ``S cap V`` when ``ev`` is given."""
+    q = int(subs.sizes.size)
+    out = _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, alphas,
+                       jnp.asarray(cache.num_examples, alphas.dtype))
     if corrected and ev is not None:
         out = out + _overlap(cache, subs, ev).astype(out.dtype)
     return out
@@ -238,12 +242,7 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
         )
     if corrected and ev is not None:
         _terms(cache)  # refuse before any work
-    a = _alpha_matrix(cache, _alphas(cache.responses, g), q)
-    out = _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, a,
-                       jnp.asarray(cache.num_examples, a.dtype))
-    if corrected and ev is not None:
-        out = out + _overlap(cache, subs, ev).astype(out.dtype)
-    return out
+    return _scores(cache, subs, _alpha_matrix(cache, _alphas(cache.responses, g), q), ev, corrected)
 
 def _check_task(cache: InfluenceCache, task: Task) -> None:
     from .task import fingerprint
@@ -296,7 +295,7 @@ def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int
         _terms(cache)  # refuse before the gradient pass
     subs = _checks.subsets(folds, cache.num_examples)
     alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
-    out = loss_delta_from_alphas(cache, folds, alphas)
+    out = _scores(cache, subs, alphas, None, False)
     if corrected:
         out = out + _overlap(cache, subs, None).astype(out.dtype)
     return out
@@ -359,7 +358,7 @@ def self_influence(cache: InfluenceCache, task: Task, indices=None, *, corrected
                              f"{idx.dtype}.")
         if idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"`indices` out of range [0, {n}): {idx[(idx < 0) | (idx >= n)][:10].tolist()}.")
-    sub = task if indices is None else _subtask(task, idx)
+    sub = task if indices is None else take_examples(task, idx)
     dots, bad = _cluster_dots(sub, cache.assignments[jnp.asarray(idx)], cache.responses, batch_size)
     raise_on_bad(bad)
     out = dots / jnp.asarray(n, dots.dtype)

@@ -176,6 +176,13 @@ class _EqxApply(eqx.Module):
         return jax.vmap(model)(x)
 
 
+def take_examples(task: Task, indices) -> Task:
+    """The same model and params on the examples ``indices`` only (inputs and targets gathered)."""
+    idx = jnp.asarray(indices)
+    take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
+    return Task(task.apply_fn, task.loss_fn, task.params, take(task.inputs), take(task.targets))
+
+
 def _leading_dims(tree, name: str) -> int:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:

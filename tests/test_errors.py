@@ -22,7 +22,7 @@ _EXPENSIVE = {
     "cif_jax.queries": ("_subset_gradient_sums",),
     "cif_jax.bounds": ("_subset_gradient_sums",),
     "cif_jax.cache": ("_sketch_pass", "_means_pass", "_solve_rows", "kmeans_fit", "nystrom_preconditioner"),
-    "cif_jax.correction": ("_terms_pass", "_example_grads"),
+    "cif_jax.correction": ("_terms_pass", "per_example_grads"),
     "cif_jax.solve": ("_solve_block",),
     "cif_jax.ggn": ("_apply_damped", "_damped_operator"),
 }
