@@ -52,20 +52,20 @@ def _inner(args) -> None:
     import cif_jax as cj
 
     task, rhs = multihost_solve.lenet_problem(args.num_rhs)
-    settings = dict(damping=args.damping, rtol=args.rtol, batch_size=args.batch_size, warn=False)
+    settings = dict(damping=args.damping, batch_size=args.batch_size, warn=False)
     runs = {"single": {}}
     if args.inner == "devices":
         runs = {"rhs": dict(mesh=cj.solver_mesh())}
         if not args.skip_data:
-            runs["data"] = dict(mesh=cj.solver_mesh(data_shards=2), rhs_axis=None, data_axis="data")
+            runs["data"] = dict(mesh=jax.sharding.Mesh(jax.devices()[:2], ("data",)))
     report = {"devices": len(jax.devices())}
     arrays = {}
     for name, kw in runs.items():
-        jax.block_until_ready(cj.solve_ggn(task, rhs, max_steps=1, **settings, **kw).solutions)  # compile
+        jax.block_until_ready(cj.solve_ggn(task, rhs, solver=cj.CG(rtol=args.rtol, max_steps=1, preconditioner=None), **settings, **kw).solutions)  # compile
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = cj.solve_ggn(task, rhs, max_steps=args.max_steps, **settings, **kw)
+            out = cj.solve_ggn(task, rhs, solver=cj.CG(rtol=args.rtol, max_steps=args.max_steps, preconditioner=None), **settings, **kw)
             jax.block_until_ready(out.solutions)
             times.append(time.perf_counter() - start)
         report[f"seconds_{name}"] = float(np.median(times))

@@ -165,7 +165,7 @@ def worker(args) -> None:
     damping = damping if args.damping is None else args.damping
     rtol = rtol if args.rtol is None else args.rtol
     batch_size, max_steps = args.batch_size, args.max_steps
-    settings = dict(damping=damping, rtol=rtol, batch_size=batch_size, warn=False)
+    settings = dict(damping=damping, batch_size=batch_size, warn=False)
     if args.num_rhs % count:
         raise SystemExit(f"--num-rhs {args.num_rhs} must be a multiple of the {count} processes.")
 
@@ -189,16 +189,15 @@ def worker(args) -> None:
         report[f"steps_{name}"] = np.asarray(out.num_steps).tolist()
         return out
 
-    sharded = timed("rhs_sharded", lambda k: cj.solve_ggn(task, global_rhs, mesh=mesh, max_steps=k, **settings))
+    sharded = timed("rhs_sharded", lambda k: cj.solve_ggn(task, global_rhs, mesh=mesh, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
     arrays = {"rhs_sharded": np.asarray(sharded.solutions), "residuals_rhs_sharded": np.asarray(sharded.residuals)}
     if not args.skip_data:
         data_mesh = cj.solver_mesh(data_shards=count)
-        by_data = timed("data_sharded", lambda k: cj.solve_ggn(task, rhs, mesh=data_mesh, rhs_axis=None,
-                                                               data_axis="data", max_steps=k, **settings))
+        by_data = timed("data_sharded", lambda k: cj.solve_ggn(task, rhs, mesh=data_mesh, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
         arrays["data_sharded"] = np.asarray(by_data.solutions)
         arrays["residuals_data_sharded"] = np.asarray(by_data.residuals)
     if not args.skip_alone and me == 0:  # the reference: one process alone, on its own device
-        alone = timed("one_process", lambda k: cj.solve_ggn(task, rhs, max_steps=k, **settings))
+        alone = timed("one_process", lambda k: cj.solve_ggn(task, rhs, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
         arrays["alone"] = np.asarray(alone.solutions)
         arrays["residuals_alone"] = np.asarray(alone.residuals)
     if args.problem == "small" and "alone" in arrays:

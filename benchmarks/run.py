@@ -115,10 +115,10 @@ def section_products(task, cfg, state):
 
 def _timed_solve(task, rhs, cfg, rows, pre, name, build_seconds, extra):
     """Solves the fold right-hand sides with ``pre`` (compiled first), appends a row of figures to ``rows``."""
-    kw = dict(damping=cfg["damping"], rtol=cfg["rtol"], batch_size=cfg["batch_size"], rhs_batch_size=cfg["num_rhs"],
-              preconditioner=pre, warn=False)
-    cj.solve_ggn(task, rhs, **{**kw, "max_steps": 1})  # compile (settings are traced: same program)
-    t, res = timed(lambda: cj.solve_ggn(task, rhs, **kw), warmup=False)
+    kw = dict(damping=cfg["damping"], batch_size=cfg["batch_size"], warn=False)
+    cg = dict(rtol=cfg["rtol"], rhs_batch_size=cfg["num_rhs"], preconditioner=pre)
+    cj.solve_ggn(task, rhs, solver=cj.CG(**cg, max_steps=1), **kw)  # compile (settings are traced: same program)
+    t, res = timed(lambda: cj.solve_ggn(task, rhs, solver=cj.CG(**cg), **kw), warmup=False)
     _record(rows, name, build_seconds, t / rhs.shape[0], res.num_steps, res.residuals, extra)
     return res
 
@@ -186,16 +186,16 @@ def _build(task, cfg, c, pre, key=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=cfg["damping"], key=jax.random.key(key),
-                              rtol=cfg["rtol"], batch_size=cfg["batch_size"], rhs_batch_size=cfg["rhs_block"],
-                              preconditioner=pre)
+                              solver=cj.CG(rtol=cfg["rtol"], rhs_batch_size=cfg["rhs_block"], preconditioner=pre), batch_size=cfg["batch_size"])
 
 
 def section_cache(task, cfg, state):
     lam, rtol, bs = cfg["damping"], cfg["rtol"], cfg["batch_size"]
     _, rhs = _fold_rhs(task, 2, seed=1)
-    kw = dict(damping=lam, rtol=rtol, batch_size=bs, rhs_batch_size=1, warn=False)
-    cj.solve_ggn(task, rhs[:1], **{**kw, "max_steps": 2})
-    t_plain, res = timed(lambda: cj.solve_ggn(task, rhs[1:2], **kw), warmup=False)
+    kw = dict(damping=lam, batch_size=bs, warn=False)
+    cj.solve_ggn(task, rhs[:1], solver=cj.CG(rtol=rtol, rhs_batch_size=1, preconditioner=None, max_steps=2), **kw)
+    t_plain, res = timed(lambda: cj.solve_ggn(task, rhs[1:2], solver=cj.CG(rtol=rtol, rhs_batch_size=1,
+                                                                            preconditioner=None), **kw), warmup=False)
     log(f"  one plain single-RHS solve: {t_plain:.2f} s, {int(res.num_steps[0])} iterations")
     ny, t_ny = _shared_nystrom(task, cfg, state)
     rows = []
@@ -238,20 +238,23 @@ def section_folds(task, cfg, state):
     cif = np.concatenate([np.asarray(cj.fold_loss_delta(cache, task, folds[k], batch_size=bs)) for k in cfg["ks"]])
     t_cif = time.perf_counter() - start + t_ny
     # IF, fair: shared preconditioner and blocks of right-hand sides, every fold.
-    kw = dict(damping=lam, rtol=rtol, batch_size=bs)
-    cj.influence_solve(task, every[: cfg["rhs_block"]], rhs_batch_size=cfg["rhs_block"], preconditioner=ny,
-                       **{**kw, "max_steps": 1})  # compile
+    kw = dict(damping=lam, batch_size=bs)
+    cj.influence_solve(task, every[: cfg["rhs_block"]], solver=cj.CG(rtol=rtol, rhs_batch_size=cfg["rhs_block"],
+                                                                     preconditioner=ny, max_steps=1), **kw)  # compile
     cj.mean_subset_gradients(task, every, batch_size=bs)
     start = time.perf_counter()
-    res = cj.influence_solve(task, every, rhs_batch_size=cfg["rhs_block"], preconditioner=ny, **kw)
+    res = cj.influence_solve(task, every, solver=cj.CG(rtol=rtol, rhs_batch_size=cfg["rhs_block"], preconditioner=ny),
+                             **kw)
     g = cj.mean_subset_gradients(task, every, batch_size=bs)
     if_fair = np.asarray(jnp.sum(res.solutions * g, axis=1))
     t_fair = time.perf_counter() - start + t_ny
     # IF, the paper's way: one plain solve per fold, serially (timed on a sample, extrapolated).
     sample = list(range(0, q, max(1, q // cfg["if_serial_sample"])))[: cfg["if_serial_sample"]]
-    cj.influence_solve(task, [every[0]], rhs_batch_size=1, max_steps=2, **kw)
+    cj.influence_solve(task, [every[0]], solver=cj.CG(rtol=rtol, rhs_batch_size=1, max_steps=2, preconditioner=None),
+                       **kw)
     start = time.perf_counter()
-    res_s = cj.influence_solve(task, [every[i] for i in sample], rhs_batch_size=1, **kw)
+    res_s = cj.influence_solve(task, [every[i] for i in sample],
+                               solver=cj.CG(rtol=rtol, rhs_batch_size=1, preconditioner=None), **kw)
     g_s = cj.mean_subset_gradients(task, [every[i] for i in sample], batch_size=bs)
     if_serial_sample = np.asarray(jnp.sum(res_s.solutions * g_s, axis=1))
     t_serial = (time.perf_counter() - start) * q / len(sample)
@@ -400,8 +403,8 @@ def section_curvature(task, cfg, state):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cache = cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=cfg["damping"],
-                                   key=jax.random.key(0), rtol=cfg["rtol"], batch_size=cfg["batch_size"],
-                                   rhs_batch_size=cfg["rhs_block"], curvature=curv)
+                                   key=jax.random.key(0), solver=cj.CG(rtol=cfg["rtol"], rhs_batch_size=cfg["rhs_block"]), batch_size=cfg["batch_size"],
+                                   curvature=curv)
         scores = np.asarray(cj.fold_loss_delta(cache, task, folds, batch_size=cfg["batch_size"]))
         if full is None:
             full = (scores, cache)
@@ -548,9 +551,10 @@ def section_kfac(task, cfg, state):
     t_sums, sums = timed(lambda: cj.subset_gradient_sums(task, folds, batch_size=bs), warmup=False)
     t_ref, ref = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(200), rank=200, damping=lam,
                                                          batch_size=bs, rhs_batch_size=block), warmup=False)
-    kw = dict(damping=lam, rtol=rtol, batch_size=bs, rhs_batch_size=block, preconditioner=ref, warn=False)
-    cj.solve_ggn(task, sums, **{**kw, "max_steps": 1})
-    t_exact, exact = timed(lambda: cj.solve_ggn(task, sums, **kw), warmup=False)
+    kw = dict(damping=lam, batch_size=bs, warn=False)
+    cg = dict(rtol=rtol, rhs_batch_size=block, preconditioner=ref)
+    cj.solve_ggn(task, sums, solver=cj.CG(**cg, max_steps=1), **kw)
+    t_exact, exact = timed(lambda: cj.solve_ggn(task, sums, solver=cj.CG(**cg), **kw), warmup=False)
     exact_scores = np.asarray(jnp.sum(sums * exact.solutions, axis=1)) / n
     estimators = []
     for kind in ("ekfac", "kfac"):
@@ -591,10 +595,11 @@ def section_precision(task, cfg, state):
         cases = [(t64, rhs64, jnp.float64, None, 1e-8), (t64, rhs64, jnp.float64, jnp.float32, 1e-8),
                  (t64, rhs64, jnp.float64, None, cfg["rtol"]), (t64, rhs64, jnp.float64, jnp.float32, cfg["rtol"])]
         for t, rhs, dt, low, rtol in cases:
-            kw = dict(damping=cfg["damping"], rtol=rtol, batch_size=bs, rhs_batch_size=cfg["num_rhs"],
-                      product_dtype=low, max_restarts=12, max_steps=4000, warn=False)
-            cj.solve_ggn(t, rhs, **{**kw, "max_steps": 1, "max_restarts": 0})  # compile
-            sec, res = timed(lambda: cj.solve_ggn(t, rhs, **kw), warmup=False)
+            kw = dict(damping=cfg["damping"], batch_size=bs, warn=False)
+            cg = dict(rtol=rtol, rhs_batch_size=cfg["num_rhs"], product_dtype=low, preconditioner=None)
+            cj.solve_ggn(t, rhs, solver=cj.CG(**cg, max_steps=1, max_restarts=0), **kw)  # compile
+            sec, res = timed(lambda: cj.solve_ggn(t, rhs, solver=cj.CG(**cg, max_restarts=12, max_steps=4000), **kw),
+                             warmup=False)
             rows.append({"task_dtype": jnp.dtype(dt).name, "product_dtype": jnp.dtype(low or dt).name, "rtol": rtol,
                          "mean_iterations": float(res.num_steps.mean()), "max_residual": float(res.residuals.max()),
                          "converged": int(res.converged.sum()), "seconds_per_solve": sec / rhs.shape[0]})
@@ -602,10 +607,11 @@ def section_precision(task, cfg, state):
                 f"{rows[-1]['mean_iterations']:.0f} iterations, residual {rows[-1]['max_residual']:.2g}, "
                 f"{rows[-1]['seconds_per_solve']:.2f} s/solve")
     for low in (None, jnp.bfloat16):
-        kw = dict(damping=cfg["damping"], rtol=cfg["rtol"], batch_size=bs, rhs_batch_size=cfg["num_rhs"],
-                  product_dtype=low, max_restarts=12, max_steps=4000, warn=False)
-        cj.solve_ggn(task, rhs32, **{**kw, "max_steps": 1, "max_restarts": 0})
-        sec, res = timed(lambda: cj.solve_ggn(task, rhs32, **kw), warmup=False)
+        kw = dict(damping=cfg["damping"], batch_size=bs, warn=False)
+        cg = dict(rtol=cfg["rtol"], rhs_batch_size=cfg["num_rhs"], product_dtype=low, preconditioner=None)
+        cj.solve_ggn(task, rhs32, solver=cj.CG(**cg, max_steps=1, max_restarts=0), **kw)
+        sec, res = timed(lambda: cj.solve_ggn(task, rhs32, solver=cj.CG(**cg, max_restarts=12, max_steps=4000), **kw),
+                         warmup=False)
         rows.append({"task_dtype": "float32", "product_dtype": jnp.dtype(low or jnp.float32).name, "rtol": cfg["rtol"],
                      "mean_iterations": float(res.num_steps.mean()), "max_residual": float(res.residuals.max()),
                      "converged": int(res.converged.sum()), "seconds_per_solve": sec / rhs32.shape[0]})

@@ -53,6 +53,7 @@ from cif_jax.persistence import save_cache as save_cache
 from cif_jax.plan import BatchPlan as BatchPlan
 from cif_jax.plan import plan_batches as plan_batches
 from cif_jax.precondition import JacobiPreconditioner as JacobiPreconditioner
+from cif_jax.precondition import Preconditioner as Preconditioner
 from cif_jax.precondition import NystromPreconditioner as NystromPreconditioner
 from cif_jax.precondition import jacobi_preconditioner as jacobi_preconditioner
 from cif_jax.precondition import nystrom_preconditioner as nystrom_preconditioner
@@ -71,6 +72,9 @@ from cif_jax.samplers import feature_sample as feature_sample
 from cif_jax.samplers import logit_sample as logit_sample
 from cif_jax.sketch import jl_projection as jl_projection
 from cif_jax.sketch import sketch as sketch
+from cif_jax.solve import CG as CG
+from cif_jax.solve import AbstractSolver as AbstractSolver
+from cif_jax.solve import LineaxSolver as LineaxSolver
 from cif_jax.solve import SolveResult as SolveResult
 from cif_jax.solve import solve_ggn as solve_ggn
 from cif_jax.task import Task as Task

@@ -28,12 +28,9 @@ from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
 from . import correction as _correction
 from . import curvature as _curvature
 from .correction import CalibratedCorrection, CorrectionTerms, ExactCorrection, NystromCorrection
-from .precondition import NystromPreconditioner, nystrom_preconditioner
-from .precondition import check as _check_preconditioner
-from .lissa import check_solver as _check_solver
-from .lissa import solve_with as _solve_with
-from .solve import _solve_rows
-from .solve import check_product_dtype as _check_product_dtype
+from .lissa import LiSSA
+from .precondition import nystrom_preconditioner
+from .solve import check_solver as _check_solver
 from .task import Task, fingerprint
 
 #: A cluster holding more than this share of the examples triggers a warning (C > 2).
@@ -151,25 +148,16 @@ def build_cache(
     sketch_dim: int,
     damping: float,
     key,
-    rtol: float = 1e-4,
-    atol: float = 0.0,
-    max_steps: int = 1000,
-    max_restarts: int = 3,
+    solver=None,
     batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
     normalize_sketches: bool = False,
     kmeans_max_iters: int = 100,
     kmeans_tol: float = 1e-4,
     sketch_block_size: int = DEFAULT_BLOCK_SIZE,
     curvature=None,
-    preconditioner=None,
-    product_dtype=None,
-    solver=None,
     correction="calibrated",
     progress: bool = False,
     mesh=None,
-    rhs_axis: str | None = "rhs",
-    data_axis: str | None = None,
 ) -> InfluenceCache:
     """Builds a CiF cache: sketch, cluster, cluster means, C damped-GGN solves.
 
@@ -182,10 +170,14 @@ def build_cache(
         sketch_dim: d, the JL sketch dimension (the paper uses 32).
         damping: lambda > 0 (the paper uses 1e-3).
         key: PRNG key; its first split draws the JL projection, the second seeds k-means.
-        rtol, atol, max_steps, max_restarts: CG settings, as :func:`cif_jax.solve_ggn`.
-            ``rtol`` bounds the true relative residual rho_c (eq. 9).
+        solver: the solver of the C systems (and of the correction's), a solver object
+            (None: ``cif_jax.CG()``). Its ``rtol`` bounds the true relative residual
+            rho_c (eq. 9), which the cache stores for the bound; its settings are
+            recorded in ``cache.solver``. With CG's default ``preconditioner="auto"``,
+            the Nystrom factors the correction builds also precondition the solves;
+            without a correction, the cost model decides (``cache.solver`` says what
+            it chose). A prepared solver (:meth:`cif_jax.CG.prepare`) is used as it is.
         batch_size: examples per chunk in every data pass (None: all at once).
-        rhs_batch_size: cluster systems solved together (None: all C).
         normalize_sketches: cluster unit-normalised sketches h_i / ||h_i|| instead of
             the raw sketches (the paper's default is raw). Raw sketches of a model
             that fits most examples perfectly put those near-zero gradients in one
@@ -195,33 +187,22 @@ def build_cache(
         curvature: a :class:`cif_jax.CurvatureSample`: solve with the GGN of a weighted
             subset of examples (paper section 5.6) while gradients and clustering use
             all N. None: all N.
-        preconditioner: None, ``"jacobi"`` (built here, timed as its own phase), or a
-            built :class:`cif_jax.NystromPreconditioner` / :class:`cif_jax.JacobiPreconditioner`
-            shared by the C solves. The responses do not depend on it beyond the
-            solver tolerance.
-        product_dtype: run the CG iterations' GGN products in this lower precision
-            (mixed-precision iterative refinement, see :func:`cif_jax.solve_ggn`); the
-            residuals rho_c, and hence the bound, stay those of full precision.
-        solver: None (block CG) or a :class:`cif_jax.LiSSA`; its true residuals are
-            stored as rho_c (so the bound's solver term reports it) and its settings
-            in ``cache.solver``.
         correction: the estimator of the per-example self-influence scalars ``t_i`` that
             queries whose evaluation set overlaps the removed set add back
             (:mod:`cif_jax.correction`): ``"calibrated"`` (default,
             :class:`cif_jax.CalibratedCorrection`: rank-256 Nystrom factors, rescaled by 16
             exact per-example solves), ``"nystrom"``, ``"exact"`` (N solves), a settings
             object, or None (no correction: only the paper's estimator is available).
-            The Nystrom factors come from ``preconditioner`` when it is a
+            The Nystrom factors come from the solver's preconditioner when it is a
             :class:`cif_jax.NystromPreconditioner`; otherwise they are built here (r
             GGN products, about four r x p arrays; the rank is lowered with a warning
-            past :data:`cif_jax.correction.MAX_FACTOR_BYTES`), and with
-            ``preconditioner=None`` (and CG) they also precondition the C solves;
-            ``preconditioner="none"`` keeps those plain. Under a ``mesh`` they are built
-            whole in every process, like phase I.
+            past :data:`cif_jax.correction.MAX_FACTOR_BYTES`), and with CG's
+            ``preconditioner="auto"`` they also precondition the C solves. Under a
+            ``mesh`` they are built whole in every process, like phase I.
         progress: show progress.
-        mesh, rhs_axis, data_axis: spread the C solves of phase II (and optionally the
-            examples of the GGN products) over the devices of a ``jax.sharding.Mesh``,
-            as :func:`cif_jax.solve_ggn`. Phase I runs in every process.
+        mesh: spread the C solves of phase II (and the examples of the GGN products,
+            over an axis ``"data"``) over the devices of a ``jax.sharding.Mesh``, as
+            :func:`cif_jax.solve_ggn`. Phase I runs in every process.
 
     Returns:
         An :class:`InfluenceCache`, with phase timings in ``cache.timing``.
@@ -240,35 +221,31 @@ def build_cache(
     sketch_dim = _checks.positive_int(sketch_dim, "sketch_dim")
     sketch_block_size = _checks.positive_int(sketch_block_size, "sketch_block_size")
     lam = _checks.damping(damping)
-    rtol, atol, max_steps, max_restarts = _checks.solver_settings(rtol, atol, max_steps, max_restarts)
+    solver = _check_solver(solver)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
     kmeans_max_iters = _checks.positive_int(kmeans_max_iters, "kmeans_max_iters")
     kmeans_tol = _checks.nonnegative_float(kmeans_tol, "kmeans_tol")
     key, key_data = _check_key(key)
     sketch_key, kmeans_key = jax.random.split(key)
     curvature = _curvature.check(curvature, n, task.dtype)
-    plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
+    plan = _distributed.check_mesh(mesh)
     if plan is not None:
         _distributed.check_task(plan, task, curvature)
-    product_dtype = _check_product_dtype(product_dtype, task.dtype)
-    solver = _check_solver(solver, preconditioner=preconditioner, product_dtype=product_dtype, mesh=mesh)
+    if mesh is not None and isinstance(solver, LiSSA):
+        raise ValueError("`mesh` applies to CG solves; LiSSA runs on one device. Drop it or use cif_jax.CG().")
     correction = _correction.check(correction)
-    plain_cg = isinstance(preconditioner, str) and preconditioner == "none"  # asked for: keep it plain
-    if not (preconditioner is None or isinstance(preconditioner, str)):
-        preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
-    elif preconditioner not in (None, "none", "jacobi", "kfac", "ekfac"):
-        _check_preconditioner(preconditioner, task, curvature)  # raises with the fix
+    shared = solver.nystrom()
+    if shared is not None:
+        shared.check(task, curvature)
 
     timings = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        builds_nystrom = isinstance(correction, (NystromCorrection, CalibratedCorrection)) and not isinstance(
-            preconditioner, NystromPreconditioner)
-        total = 5 + isinstance(preconditioner, str) + builds_nystrom + (correction is not None and not isinstance(
-            correction, NystromCorrection))
+        builds_nystrom = isinstance(correction, (NystromCorrection, CalibratedCorrection)) and shared is None
+        total = 5 + builds_nystrom + (not solver.prepared and not builds_nystrom) + (
+            correction is not None and not isinstance(correction, NystromCorrection))
         bar = tqdm(total=total, desc="CiF cache", unit="phase")
 
     def phase(name, fn):
@@ -306,36 +283,33 @@ def build_cache(
             stacklevel=2,
         )
 
-    if isinstance(preconditioner, str):
-        preconditioner = phase("preconditioner",
-                               lambda: _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size))
     factors = None
     if isinstance(correction, (NystromCorrection, CalibratedCorrection)):
-        if isinstance(preconditioner, NystromPreconditioner):
-            source = preconditioner
-        else:
+        source = shared
+        if source is None:
             rank = _correction.factor_rank(correction.rank, task.num_params, jnp.dtype(task.dtype).itemsize)
             if rank < min(correction.rank, task.num_params):
                 warnings.warn(
                     f"the correction's Nystrom factors at rank {correction.rank} would take about "
                     f"{4 * correction.rank * task.num_params * jnp.dtype(task.dtype).itemsize / 2**30:.1f} GiB for "
-                    f"p = {task.num_params:,}; building rank {rank} instead. Pass a smaller `rank`, a built "
-                    "`preconditioner=cj.nystrom_preconditioner(...)`, or `correction=None`.",
+                    f"p = {task.num_params:,}; building rank {rank} instead. Pass a smaller `rank`, a solver with a "
+                    "built Nystrom preconditioner, or `correction=None`.",
                     stacklevel=2,
                 )
             source = phase("nystrom", lambda: nystrom_preconditioner(
                 task, key=jax.random.fold_in(key, 2), rank=rank, error_iters=0, batch_size=batch_size,
-                rhs_batch_size=rhs_batch_size or 32, curvature=curvature))
-            if preconditioner is None and not plain_cg and solver is None:
-                preconditioner = source  # free: the factors precondition the C solves too
+                rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature))
+            solver = solver.share_nystrom(source)  # free: the factors precondition the solves too
         factors = _correction.nystrom_factors(source, correction.rank)
+    num_calibration = correction.num_samples if isinstance(correction, CalibratedCorrection) else 0
+    if not solver.prepared:
+        solver = phase("preconditioner", lambda: solver.prepare(
+            task, damping=lam, num_systems=num_clusters + num_calibration, batch_size=batch_size,
+            curvature=curvature, key=jax.random.fold_in(key, 4)))
 
     def solve(rhs):
-        if solver is None:
-            return _solve_rows(task, rhs, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                               progress, True, curvature, preconditioner, plan, product_dtype)
-        return _solve_with(solver, task, rhs, damping=lam, rtol=rtol, atol=atol, curvature=curvature,
-                           chunk_size=batch_size)
+        return solver.solve(task, rhs, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
+                            progress=progress)
 
     dev_sq, grad_norms, raw = phase(
         "scatter", lambda: _correction.streamed_terms(task, assignments, means, factors, lam, batch_size))
@@ -384,13 +358,13 @@ def build_cache(
         sketch_dim=sketch_dim,
         sketch_block_size=sketch_block_size,
         normalize_sketches=bool(normalize_sketches),
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
+        rtol=solver.rtol,
+        atol=solver.atol,
+        max_steps=solver.step_budget,
         fingerprint=fingerprint(task),
         curvature=_curvature.describe(curvature),
         timings=tuple(timings),
-        solver="cg" if solver is None else solver.describe(),
+        solver=solver.describe(),
         correction=terms,
     )
 

@@ -60,10 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="run the IF baseline on this many random folds per K only (reported as such)")
     cv.add_argument("--batch-size", type=int, default=512, help="examples per chunk in data passes")
     cv.add_argument("--rhs-batch-size", type=int, default=16, help="systems per CG block")
-    cv.add_argument("--preconditioner", default="none", choices=("none", "jacobi", "kfac", "ekfac", "nystrom"),
-                    help="shared by every CiF and IF solve (default: none, the paper's plain CG)")
+    cv.add_argument("--preconditioner", default="auto",
+                    choices=("auto", "none", "jacobi", "kfac", "ekfac", "nystrom"),
+                    help="shared by every CiF and IF solve (default: auto: the correction's Nystrom factors, or "
+                         "plain CG or Nystrom by the cost model; 'none' is the paper's plain CG)")
     cv.add_argument("--rank", default="auto",
-                    help="Nystrom rank: an integer, or 'auto' (grows until the estimated condition number is low)")
+                    help="Nystrom rank with --preconditioner nystrom: an integer, or 'auto' (the cost model)")
     cv.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     cv.add_argument("--seed", type=int, default=0)
     cv.add_argument("--output", "-o", default=None, help="output folder (default: cif_runs/cv-<dataset>-<model>)")
@@ -165,38 +167,44 @@ def run_cv(args) -> dict:
           f"p = {cmodels.count_params(model):,}, test accuracy {test_acc:.3f}")
 
     task = cj.Task.from_nnx(model, optax.softmax_cross_entropy_with_integer_labels, ds.x_train, ds.y_train)
-    solver = dict(damping=args.damping, rtol=args.rtol, max_steps=args.max_steps, batch_size=args.batch_size,
-                  rhs_batch_size=args.rhs_batch_size)
-    # One preconditioner for every solve, CiF's and IF's alike; its build time is counted in both totals.
+    # One solver, and one preconditioner, for every solve, CiF's and IF's alike; its build
+    # time is counted in both totals.
+    solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
+                   preconditioner=args.preconditioner)
+    pre_key = jax.random.fold_in(jax.random.key(args.seed), 1)
+    correction = None if args.correction == "none" else args.correction
     t0 = time.perf_counter()
-    if args.preconditioner == "nystrom":
-        if isinstance(args.rank, int) and args.rank > task.num_params:
+    if args.preconditioner == "nystrom" and args.rank != "auto":
+        if args.rank > task.num_params:
             raise CliError(f"--rank {args.rank} exceeds the {task.num_params:,} parameters.")
-        pre = cj.nystrom_preconditioner(task, key=jax.random.fold_in(jax.random.key(args.seed), 1), rank=args.rank,
-                                        damping=args.damping, batch_size=args.batch_size,
-                                        rhs_batch_size=args.rhs_batch_size, progress=True)
-        pre_info = {"kind": "nystrom", "rank": pre.rank, "products": pre.num_products,
-                    "condition_estimate": pre.condition_estimate(args.damping)}
-    elif args.preconditioner == "jacobi":
-        pre = cj.jacobi_preconditioner(task)
-        pre_info = {"kind": "jacobi"}
-    elif args.preconditioner in ("kfac", "ekfac"):
-        build = cj.kfac_preconditioner if args.preconditioner == "kfac" else cj.ekfac_preconditioner
-        pre = build(task)
-        pre_info = {"kind": args.preconditioner}
+        solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
+                       preconditioner=cj.nystrom_preconditioner(
+                           task, key=pre_key, rank=args.rank, damping=args.damping, batch_size=args.batch_size,
+                           rhs_batch_size=args.rhs_batch_size, progress=True))
+    elif args.preconditioner in ("auto", "nystrom") and correction in ("calibrated", "nystrom"):
+        # The correction needs rank-r Nystrom factors of the full GGN anyway: they serve every solve.
+        rank = min(cj.CalibratedCorrection().rank, task.num_params)
+        solver = solver.share_nystrom(cj.nystrom_preconditioner(
+            task, key=pre_key, rank=rank, error_iters=0, batch_size=args.batch_size,
+            rhs_batch_size=args.rhs_batch_size, progress=True))
     else:
-        pre, pre_info = None, {"kind": "none"}
-    pre_info["seconds"] = pre_time = time.perf_counter() - t0
-    if pre is not None:
-        print(f"preconditioner {args.preconditioner}: built in {pre_time:.1f} s"
-              + (f", rank {pre.rank}" if args.preconditioner == "nystrom" else ""))
-    solver["preconditioner"] = pre
+        if_systems = sum(k if args.if_folds is None else min(args.if_folds, k) for k in args.k)
+        solver = solver.prepare(task, damping=args.damping, num_systems=args.num_clusters + if_systems,
+                                batch_size=args.batch_size, key=pre_key, progress=True)
+    pre_time = time.perf_counter() - t0
+    pre = solver.preconditioner
+    pre_info = {"solver": solver.describe(), "choice": solver.choice, "seconds": pre_time,
+                "kind": "none" if pre is None else pre.describe()}
+    if isinstance(pre, cj.NystromPreconditioner):
+        pre_info.update(rank=pre.rank, products=pre.num_products)
+    print(f"preconditioner: {pre_info['kind']} ({solver.choice or args.preconditioner}), {pre_time:.1f} s")
+    solver_kw = dict(damping=args.damping, batch_size=args.batch_size, solver=solver)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cache = cj.build_cache(task, num_clusters=args.num_clusters, sketch_dim=args.sketch_dim,
                                key=jax.random.key(args.seed), normalize_sketches=args.normalize_sketches,
                                correction=None if args.correction == "none" else args.correction,
-                               progress=True, **solver)
+                               progress=True, **solver_kw)
     for w in caught:
         print(f"warning: {w.message}")
     build_time = cache.timing["total"] + pre_time
@@ -219,7 +227,7 @@ def run_cv(args) -> dict:
             rng.choice(k, args.if_folds, replace=False))
         sel = [folds[i] for i in chosen]
         t0 = time.perf_counter()
-        res = cj.influence_solve(task, sel, progress=True, **solver)
+        res = cj.influence_solve(task, sel, progress=True, **solver_kw)
         g_eval = cj.mean_subset_gradients(task, sel, batch_size=args.batch_size)
         if_matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
         if_time = time.perf_counter() - t0

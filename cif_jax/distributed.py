@@ -2,18 +2,18 @@
 
 Every damped-GGN solve of cif_jax (the C cluster systems of a cache, eq. 8; the Q
 per-query systems of IF, eq. 3) runs its own CG iteration; systems share only the
-operator. :func:`cif_jax.solve_ggn`, :func:`cif_jax.influence` and
-:func:`cif_jax.build_cache` take ``mesh=`` (a ``jax.sharding.Mesh``) and spread
-the work over its devices with ``jax.shard_map``:
+operator. Every function that solves takes ``mesh=`` (a ``jax.sharding.Mesh``)
+beside ``solver=``, and :class:`cif_jax.CG` spreads the work over its devices
+with ``jax.shard_map``:
 
-* **right-hand sides** (``rhs_axis``, default ``"rhs"``): the R systems are cut
+* **right-hand sides** (the mesh axis ``"rhs"``): the R systems are cut
   into contiguous groups of ``ceil(R / S)`` rows, one per device along the axis
   (S devices). Each device runs block CG on its rows with its own step sizes and
   its own convergence, with no communication at all; ``rhs_batch_size`` is the
   number of systems a device solves together per call (memory per device grows
   with it). Rows that pad a group to the block size are zero systems, which are
   solved at once (x = 0).
-* **examples** (``data_axis``, optional): the examples that define the GGN (all
+* **examples** (the mesh axis ``"data"``, when the mesh has one): the examples that define the GGN (all
   N, or the M of a :class:`cif_jax.CurvatureSample`) are dealt round-robin to the
   D devices along the axis; each computes the weighted sum of
   ``J_i^T W_i J_i v`` over its share and a ``psum`` over the axis adds the
@@ -55,7 +55,7 @@ from jax.sharding import PartitionSpec as P
 from . import _checks
 from .curvature import CurvatureSample
 from .ggn import ggn_matvec_fn
-from .precondition import inverse_fn
+from ._cg import balanced_block, inner_rtol, low_precision, solve_system
 from .task import Task
 
 
@@ -88,7 +88,6 @@ def solver_mesh(*, data_shards: int = 1, devices=None) -> Mesh:
 
     Args:
         data_shards: devices along ``"data"`` (examples); the rest go to ``"rhs"``.
-            With more than 1, pass ``data_axis="data"`` to the solve.
         devices: the devices, in order (default ``jax.devices()``: every process's).
 
     Returns:
@@ -101,13 +100,21 @@ def solver_mesh(*, data_shards: int = 1, devices=None) -> Mesh:
     return Mesh(np.array(devices, dtype=object).reshape(-1, data_shards), ("rhs", "data"))
 
 
-def check_mesh(mesh, rhs_axis="rhs", data_axis=None) -> MeshPlan | None:
-    """Validates ``mesh=``, ``rhs_axis=``, ``data_axis=`` on the host; None without a mesh."""
+#: The mesh axis that spreads the right-hand sides.
+RHS_AXIS = "rhs"
+#: The mesh axis that spreads the examples of the GGN products.
+DATA_AXIS = "data"
+
+
+def check_mesh(mesh) -> MeshPlan | None:
+    """Validates ``mesh=`` on the host; None without a mesh.
+
+    The systems are spread over the mesh axis named ``"rhs"`` and the examples over
+    the one named ``"data"``, when the mesh has them (:func:`solver_mesh` builds
+    both; a ``"data"`` axis of one device is not used). A mesh with other axis names can be renamed over the same devices:
+    ``jax.sharding.Mesh(mesh.devices, ("rhs", "data"))``.
+    """
     if mesh is None:
-        if data_axis is not None:
-            raise ValueError("`data_axis` needs a `mesh`: pass mesh=jax.sharding.Mesh(...) (or cif_jax.solver_mesh()).")
-        if rhs_axis != "rhs":
-            raise ValueError(f"`rhs_axis` = {rhs_axis!r} needs a `mesh`: pass mesh=jax.sharding.Mesh(...).")
         return None
     if not isinstance(mesh, Mesh):
         raise TypeError(
@@ -115,24 +122,20 @@ def check_mesh(mesh, rhs_axis="rhs", data_axis=None) -> MeshPlan | None:
             f"jax.sharding.Mesh(jax.devices(), ('rhs',))), got {type(mesh).__name__}."
         )
     names = tuple(mesh.axis_names)
-    for value, arg in ((rhs_axis, "rhs_axis"), (data_axis, "data_axis")):
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"`{arg}` must be a mesh axis name (a string) or None, got {value!r}.")
-        if value is not None and value not in names:
-            raise ValueError(
-                f"`{arg}` = {value!r} is not an axis of the mesh (its axes: {names}); name one of them, or pass "
-                f"{arg}=None."
-            )
+    rhs_axis = RHS_AXIS if RHS_AXIS in names else None
+    # A data axis of one device spreads nothing: the plain product serves.
+    data_axis = DATA_AXIS if DATA_AXIS in names and (mesh.shape[DATA_AXIS] > 1 or rhs_axis is None) else None
     if rhs_axis is None and data_axis is None:
-        raise ValueError("`rhs_axis` and `data_axis` are both None: name the mesh axis to shard, or pass mesh=None.")
-    if rhs_axis is not None and rhs_axis == data_axis:
-        raise ValueError(f"`rhs_axis` and `data_axis` are both {rhs_axis!r}; they must be different mesh axes.")
+        raise ValueError(
+            f"the mesh has axes {names}; the solves spread over an axis named {RHS_AXIS!r} (systems) and/or "
+            f"{DATA_AXIS!r} (examples). Rename them over the same devices, e.g. "
+            f"jax.sharding.Mesh(mesh.devices, {(RHS_AXIS, DATA_AXIS)[:len(names)]}), or use cif_jax.solver_mesh()."
+        )
     for name in names:
         if name not in (rhs_axis, data_axis) and mesh.shape[name] > 1:
             raise ValueError(
-                f"mesh axis {name!r} has {mesh.shape[name]} devices but is neither `rhs_axis` ({rhs_axis!r}) nor "
-                f"`data_axis` ({data_axis!r}): those devices would repeat the same work. Pass it as one of them, or "
-                "build the mesh without it."
+                f"mesh axis {name!r} has {mesh.shape[name]} devices but is neither {RHS_AXIS!r} nor {DATA_AXIS!r}: "
+                "those devices would repeat the same work. Build the mesh without it."
             )
     return MeshPlan(mesh, rhs_axis, data_axis)
 
@@ -271,8 +274,6 @@ def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, b
     ``settings``: ``(lam, rtol, atol, max_steps, max_restarts)`` as replicated arrays,
     so that new values reuse the compiled program.
     """
-    from .solve import _solve_system, inner_rtol, low_precision
-
     apply_fn, loss_fn = fns
     data_axis = plan.data_axis
     rows_spec = P() if plan.rhs_axis is None else P(plan.rhs_axis)
@@ -301,9 +302,9 @@ def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, b
             def any_(flags):  # all devices along the data axis take the same decision
                 return lax.psum(jnp.any(flags).astype(jnp.int32), data_axis) > 0
 
-        minv = inverse_fn(op.preconditioner, lam)
+        minv = None if op.preconditioner is None else op.preconditioner.inverse(lam)
         mv_low = None if product_dtype is None else low_precision(product, task, product_dtype)
-        return _solve_system(product(task), minv, rhs, *settings, any_, mv_low=mv_low,
+        return solve_system(product(task), minv, rhs, *settings, any_, mv_low=mv_low,
                              inner=0.0 if product_dtype is None else inner_rtol(product_dtype))
 
     stack_spec = P() if plan.rhs_axis is None else P(None, plan.rhs_axis)
@@ -326,8 +327,6 @@ def _layout(num: int, shards: int, rhs_batch_size: int | None):
     names the row at each slot (-1: a zero padding system); ``position`` is its
     inverse, the flat slot of each row.
     """
-    from .solve import balanced_block
-
     per = math.ceil(num / shards)
     block = balanced_block(per, rhs_batch_size)
     num_blocks = math.ceil(per / block)

@@ -13,8 +13,7 @@ from . import _checks
 from . import curvature as _curvature
 from . import distributed as _distributed
 from .gradients import _subset_gradient_sums, raise_on_bad
-from .lissa import check_solver, solve_with
-from .solve import SolveResult, check_product_dtype, solve_ggn
+from .solve import AbstractSolver, SolveResult, check_solver
 from .task import Task
 
 
@@ -23,20 +22,12 @@ def influence_solve(
     subsets,
     *,
     damping: float,
-    rtol: float = 1e-4,
-    atol: float = 0.0,
-    max_steps: int = 1000,
-    max_restarts: int = 3,
+    solver: AbstractSolver | None = None,
     batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
     curvature=None,
-    preconditioner=None,
-    product_dtype=None,
-    solver=None,
-    progress: bool = False,
     mesh=None,
-    rhs_axis: str | None = "rhs",
-    data_axis: str | None = None,
+    key=None,
+    progress: bool = False,
 ) -> SolveResult:
     """Per-query IF with solver diagnostics: ``solutions[q] = (1/N) H~^{-1} sum_{i in S_q} g_i``.
 
@@ -44,28 +35,18 @@ def influence_solve(
     already divided by N; residuals relative to the gradient sums).
     """
     _checks.task(task)
-    _checks.damping(damping)
-    _checks.solver_settings(rtol, atol, max_steps, max_restarts)
+    lam = _checks.damping(damping)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
-    check_product_dtype(product_dtype, task.dtype)
-    solver = check_solver(solver, preconditioner=preconditioner, product_dtype=product_dtype, mesh=mesh)
-    plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
+    solver = check_solver(solver)
+    plan = _distributed.check_mesh(mesh)  # every check before the gradient pass
+    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
     if plan is not None:
-        _distributed.check_task(plan, task, _curvature.check(curvature, task.num_examples, task.dtype))
+        _distributed.check_task(plan, task, curvature)
     subs = _checks.subsets(subsets, task.num_examples)
     sums, bad = _subset_gradient_sums(task, jnp.asarray(subs.mask.T), batch_size)
     raise_on_bad(bad)
-    if solver is not None:
-        result = solve_with(solver, task, sums, damping=damping, rtol=rtol, atol=atol,
-                            curvature=_curvature.check(curvature, task.num_examples, task.dtype), chunk_size=batch_size)
-        n = jnp.asarray(task.num_examples, result.solutions.dtype)
-        return result._replace(solutions=result.solutions / n)
-    result = solve_ggn(
-        task, sums, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
-        batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        product_dtype=product_dtype, progress=progress, mesh=mesh, rhs_axis=rhs_axis, data_axis=data_axis,
-    )
+    result = solver.solve(task, sums, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh, key=key,
+                          progress=progress)
     n = jnp.asarray(task.num_examples, result.solutions.dtype)
     return result._replace(solutions=result.solutions / n)
 
@@ -75,20 +56,12 @@ def influence(
     subsets,
     *,
     damping: float,
-    rtol: float = 1e-4,
-    atol: float = 0.0,
-    max_steps: int = 1000,
-    max_restarts: int = 3,
+    solver: AbstractSolver | None = None,
     batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
     curvature=None,
-    preconditioner=None,
-    product_dtype=None,
-    solver=None,
-    progress: bool = False,
     mesh=None,
-    rhs_axis: str | None = "rhs",
-    data_axis: str | None = None,
+    key=None,
+    progress: bool = False,
 ) -> Float[Array, "q p"]:
     """Per-query influence: the parameter change when each subset S is removed (paper eq. 3).
 
@@ -98,35 +71,28 @@ def influence(
         \\qquad \\tilde H = \\frac{1}{N} \\sum_i J_i^\\top W_i J_i + \\lambda I.
 
     The gradient sums are streamed (the (N, p) gradients are never held) and all
-    Q systems go to one :func:`cif_jax.solve_ggn` call. A warning is raised when
-    some solve misses the tolerance; use :func:`influence_solve` for residuals.
+    Q systems go to one solve. A warning is raised when some solve misses the
+    tolerance; use :func:`influence_solve` for residuals.
 
     Args:
         task: the model snapshot and training data.
         subsets: a boolean mask (Q, N), a 2-D integer array (Q, m), or a list of
             integer index arrays (no duplicates, in range, non-empty).
         damping: lambda > 0.
-        rtol, atol, max_steps, max_restarts: CG settings, as :func:`cif_jax.solve_ggn`.
+        solver: a solver object (None: ``cif_jax.CG()``, whose ``"auto"``
+            preconditioner weighs a Nystrom build against the Q solves). Pass a
+            prepared one (:meth:`cif_jax.CG.prepare`) to share its preconditioner
+            with other calls.
         batch_size: examples per chunk of each data pass.
-        rhs_batch_size: systems solved together per call.
         curvature: a :class:`cif_jax.CurvatureSample` for the GGN (None: all N examples).
-        preconditioner: None, ``"jacobi"``, or a built preconditioner, shared by all Q
-            solves (see :func:`cif_jax.nystrom_preconditioner`).
-        product_dtype: run the CG products in this lower precision (mixed-precision
-            iterative refinement, as :func:`cif_jax.solve_ggn`); residuals stay exact.
-        solver: None (block CG) or a :class:`cif_jax.LiSSA` (stochastic Neumann
-            recursion; ``rtol``/``atol`` then only judge its result).
-        progress: show a progress bar over blocks of systems.
-        mesh, rhs_axis, data_axis: spread the Q solves (and optionally the examples of
-            the GGN products) over the devices of a ``jax.sharding.Mesh``, as
+        mesh: spread the Q solves (and the examples of the GGN products, over an axis
+            ``"data"``) over the devices of a ``jax.sharding.Mesh``, as
             :func:`cif_jax.solve_ggn`; the gradient sums are computed in every process.
+        key: PRNG key of a randomized preconditioner build (None: a fixed key).
+        progress: show progress bars.
 
     Returns:
         (Q, p) parameter changes, flat in ``ravel_pytree(params)`` order.
     """
-    return influence_solve(
-        task, subsets, damping=damping, rtol=rtol, atol=atol, max_steps=max_steps, max_restarts=max_restarts,
-        batch_size=batch_size, rhs_batch_size=rhs_batch_size, curvature=curvature, preconditioner=preconditioner,
-        product_dtype=product_dtype, solver=solver, progress=progress, mesh=mesh, rhs_axis=rhs_axis,
-        data_axis=data_axis,
-    ).solutions
+    return influence_solve(task, subsets, damping=damping, solver=solver, batch_size=batch_size,
+                           curvature=curvature, mesh=mesh, key=key, progress=progress).solutions

@@ -48,7 +48,7 @@ from . import _checks
 from .cache import InfluenceCache
 from .ggn import ggn_matvec_fn
 from .influence import influence
-from .solve import solve_ggn
+from .solve import check_solver, solve_ggn
 from .task import Task, fingerprint, take_examples
 
 KINDS = ("ggn", "hessian")
@@ -141,11 +141,8 @@ def interaction_terms(
     *,
     damping: float,
     kind: str = "ggn",
-    rtol: float = 1e-4,
-    max_steps: int = 1000,
+    solver=None,
     batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
-    preconditioner=None,
     method: str = "exact",
 ) -> InteractionTerms:
     """Exact terms for candidates ``indices``: ``coords_i = delta_i``, ``curved_i = H_f delta_i``.
@@ -157,8 +154,7 @@ def interaction_terms(
         task: the training task (the model snapshot and its N examples).
         target: a task on the evaluation data with the same params.
         indices: (P,) distinct training example indices, the candidate pool.
-        damping, rtol, max_steps, batch_size, rhs_batch_size, preconditioner: as
-            :func:`cif_jax.influence`.
+        damping, solver, batch_size: as :func:`cif_jax.influence`.
         kind: ``H_f`` as :func:`target_curvature`.
         method: ``"exact"`` (|P| solves, k = p) or ``"target_factors"`` (the same
             terms from ``|V| q`` solves, q the model outputs, k = |V| q: with the GGN
@@ -179,20 +175,19 @@ def interaction_terms(
     if method == "target_factors" and kind != "ggn":
         raise ValueError("method='target_factors' factors the target's GGN; use kind='ggn' or method='exact'.")
     idx = _candidate_indices(indices, task.num_examples)
+    solver = check_solver(solver)
     if method == "target_factors":
         from .gradients import per_example_grads
 
         jt, w, r = _target_factors(target)  # (|V| q, p), (|V|, q, q), (|V|, q)
-        rt = solve_ggn(task, jt, damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size,
-                       rhs_batch_size=rhs_batch_size, preconditioner=preconditioner).solutions  # R^T
+        rt = solve_ggn(task, jt, damping=damping, solver=solver, batch_size=batch_size).solutions  # R^T
         g = per_example_grads(take_examples(task, idx), batch_size=batch_size)
         nv, q = r.shape
         coords = g @ rt.T / jnp.asarray(task.num_examples, g.dtype)
         curved = jnp.einsum("vab,pvb->pva", w, coords.reshape(-1, nv, q)).reshape(coords.shape) / nv
         first = coords @ r.reshape(-1).astype(coords.dtype) / nv
         return InteractionTerms(first, coords, curved)
-    deltas = influence(task, [np.array([i]) for i in idx], damping=damping, rtol=rtol, max_steps=max_steps,
-                       batch_size=batch_size, rhs_batch_size=rhs_batch_size, preconditioner=preconditioner)
+    deltas = influence(task, [np.array([i]) for i in idx], damping=damping, solver=solver, batch_size=batch_size)
     curved = _apply_rows(target, kind, batch_size, deltas)
     first = deltas @ target_gradient(target).astype(deltas.dtype)
     return InteractionTerms(first, deltas, curved)
@@ -237,8 +232,7 @@ def cache_interaction_terms(
     task: Task | None = None,
     kind: str = "ggn",
     batch_size: int | None = None,
-    rtol: float = 1e-4,
-    max_steps: int = 1000,
+    solver=None,
 ) -> InteractionTerms:
     """Terms for all N training examples from a CiF cache (C products with ``H_f``).
 
@@ -255,7 +249,7 @@ def cache_interaction_terms(
             required for ``"exact"``.
         kind: ``H_f`` as :func:`target_curvature`.
         batch_size: examples per chunk.
-        rtol, max_steps: CG settings of the ``"exact"`` solve.
+        solver: the solver of the ``"exact"`` solve (None: ``cif_jax.CG()``).
 
     Returns:
         :class:`InteractionTerms` with P = N, k = C.
@@ -286,8 +280,7 @@ def cache_interaction_terms(
     else:
         from .gradients import per_example_grads
 
-        u = solve_ggn(task, grad_f[None, :], damping=cache.damping, rtol=rtol, max_steps=max_steps,
-                      batch_size=batch_size).solutions[0]
+        u = solve_ggn(task, grad_f[None, :], damping=cache.damping, solver=solver, batch_size=batch_size).solutions[0]
         first = per_example_grads(task, batch_size=batch_size) @ u / nn
     coords = jax.nn.one_hot(cache.assignments, cache.num_clusters, dtype=v.dtype)
     curved = k[cache.assignments] / (nn * nn)
@@ -498,11 +491,8 @@ def second_order_group_influence(
     subsets,
     *,
     damping: float,
-    rtol: float = 1e-4,
-    max_steps: int = 1000,
+    solver=None,
     batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
-    preconditioner=None,
 ) -> SecondOrderInfluence:
     """The F + B baseline: Basu, You and Feizi's second-order group influence, without third derivatives.
 
@@ -521,8 +511,11 @@ def second_order_group_influence(
     _checks.task(task)
     _check_target(target, task)
     subs = _checks.subsets(subsets, task.num_examples)
-    kw = dict(damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size, rhs_batch_size=rhs_batch_size,
-              preconditioner=preconditioner)
+    lam = _checks.damping(damping)
+    # 2Q + 1 systems in three calls: one preconditioner decision for all of them.
+    solver = check_solver(solver).prepare(task, damping=lam, num_systems=2 * subs.sizes.size + 1,
+                                          batch_size=batch_size)
+    kw = dict(damping=lam, solver=solver, batch_size=batch_size)
     deltas = influence(task, subsets, **kw)  # (Q, p), already / N
     n = jnp.asarray(task.num_examples, deltas.dtype)
     starts = np.concatenate([[0], np.cumsum(subs.sizes)])
@@ -549,11 +542,8 @@ def second_order_terms(
     damping: float,
     interaction: bool = False,
     kind: str = "ggn",
-    rtol: float = 1e-4,
-    max_steps: int = 1000,
+    solver=None,
     batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
-    preconditioner=None,
 ) -> InteractionTerms:
     """Basu's correction (``F + B``), optionally with the interaction term (``F + I + B``), as pair terms.
 
@@ -571,20 +561,22 @@ def second_order_terms(
     |P| per-example GGN products; k = 2p (3p with the interaction).
 
     Args:
-        task, target, indices, damping, kind, rtol, max_steps, batch_size,
-            rhs_batch_size, preconditioner: as :func:`interaction_terms` (exact).
+        task, target, indices, damping, kind, solver, batch_size: as
+            :func:`interaction_terms` (exact).
         interaction: include seed 003's interaction term I.
 
     Returns:
         :class:`InteractionTerms` whose ``group_influence`` is ``(F, B, F + B)`` or
         ``(F, I + B, F + I + B)``.
     """
-    exact = interaction_terms(task, target, indices, damping=damping, kind=kind, rtol=rtol, max_steps=max_steps,
-                              batch_size=batch_size, rhs_batch_size=rhs_batch_size, preconditioner=preconditioner)
+    _checks.task(task)
+    _check_target(target, task)
     idx = _candidate_indices(indices, task.num_examples)
+    lam = _checks.damping(damping)
+    solver = check_solver(solver).prepare(task, damping=lam, num_systems=idx.size + 1, batch_size=batch_size)
+    exact = interaction_terms(task, target, indices, damping=lam, kind=kind, solver=solver, batch_size=batch_size)
     grad_f = target_gradient(target).astype(exact.coords.dtype)
-    u_f = solve_ggn(task, grad_f[None, :], damping=damping, rtol=rtol, max_steps=max_steps, batch_size=batch_size,
-                    preconditioner=preconditioner).solutions[0]
+    u_f = solve_ggn(task, grad_f[None, :], damping=lam, solver=solver, batch_size=batch_size).solutions[0]
     h = _per_example_products(take_examples(task, idx), u_f, batch_size) / jnp.asarray(task.num_examples, u_f.dtype)
     delta = exact.coords
     if interaction:

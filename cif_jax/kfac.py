@@ -110,6 +110,7 @@ from jaxtyping import Array, Float
 from . import _checks
 from . import curvature as _curvature
 from ._chunks import chunk_sum
+from .precondition import Preconditioner, _jacobi
 from .task import Task, fingerprint
 
 #: Default examples per chunk of the factor passes (as the Jacobi preconditioner's).
@@ -148,12 +149,12 @@ class _Layout:
         return f"_Layout(blocks={self.shapes}, diagonal={self.num_diagonal})"
 
 
-class KFACPreconditioner(eqx.Module):
+class KFACPreconditioner(Preconditioner):
     """Kronecker-factored blocks of the undamped GGN (K-FAC, or EK-FAC with ``scalings``).
 
     One block per layer found (see the module docstring), the exact GGN diagonal
     for every other parameter. Stores undamped quantities, so one build serves any
-    damping; pass it as ``preconditioner=`` to :func:`cif_jax.solve_ggn`,
+    damping; pass it as ``cif_jax.CG(preconditioner=...)`` to :func:`cif_jax.solve_ggn`,
     :func:`cif_jax.influence` or :func:`cif_jax.build_cache`, or use it as an
     approximate inverse with :func:`cif_jax.ekfac_solve` / :func:`cif_jax.ekfac_influence`.
 
@@ -197,6 +198,19 @@ class KFACPreconditioner(eqx.Module):
     def kind(self) -> str:
         """``"ekfac"`` or ``"kfac"``."""
         return "ekfac" if self.eigen_corrected else "kfac"
+
+    @property
+    def size(self) -> int:
+        return self.num_params
+
+    def describe(self) -> str:
+        return self.kind
+
+    def inverse(self, damping):
+        return inverse(self, damping)
+
+    def check_damping(self, damping: float) -> float:
+        return check_damping(self, damping)
 
     def damped_eigenvalues(self, damping: float) -> list:
         """Per block, the (out, in) eigenvalues of the damped block in its Kronecker eigenbasis."""
@@ -752,8 +766,6 @@ def _eigh(m):
 
 
 def _build(task: Task, batch_size, curvature, eigen_corrected: bool, damping):
-    from .precondition import _jacobi
-
     start = time.perf_counter()
     try:
         model = _Model(task)
@@ -889,7 +901,7 @@ def kfac_preconditioner(
         >>> pre = cj.kfac_preconditioner(task)
         >>> pre.layout.shapes  # one block [W^T, b]: 2 outputs x (3 inputs + bias)
         ((2, 4),)
-        >>> x = cj.solve_ggn(task, jnp.ones((1, 8)), damping=1e-3, rtol=1e-5, preconditioner=pre)
+        >>> x = cj.solve_ggn(task, jnp.ones((1, 8)), damping=1e-3, solver=cj.CG(rtol=1e-5, preconditioner=pre))
         >>> bool(x.converged[0])
         True
 
@@ -929,39 +941,20 @@ def _public_build(task, batch_size, curvature, damping, *, eigen_corrected):
     return _build(task, batch_size, curvature, eigen_corrected, damping)
 
 
-def _approximate_inverse(preconditioner, lam):
-    """``R -> P^{-1} R`` for the damped approximation P (rows), traceable."""
-    from .precondition import JacobiPreconditioner
-
-    if isinstance(preconditioner, KFACPreconditioner):
-        scaled = inverse(preconditioner, lam)
-        return lambda r: scaled(r) / jnp.asarray(lam, r.dtype)
-    if isinstance(preconditioner, JacobiPreconditioner):
-        d = preconditioner.diagonal
-        return lambda r: r / (d + jnp.asarray(lam, d.dtype))[None, :]
-    raise TypeError(
-        "the approximate inverse needs a `KFACPreconditioner` (from `cif_jax.ekfac_preconditioner` or "
-        f"`cif_jax.kfac_preconditioner`) or a `JacobiPreconditioner`; got {type(preconditioner).__name__}."
-    )
+def _as_approximation(preconditioner, lam):
+    """Checks that ``preconditioner`` can serve as an approximate inverse at damping ``lam``."""
+    if not isinstance(preconditioner, Preconditioner):
+        raise TypeError(
+            "the approximate inverse needs a built preconditioner (from `cif_jax.ekfac_preconditioner`, "
+            f"`cif_jax.kfac_preconditioner`, ...); got {type(preconditioner).__name__}."
+        )
+    preconditioner.check_damping(lam)
+    return preconditioner
 
 
 @eqx.filter_jit
 def _apply_approximate(preconditioner, rhs, lam):
-    return _approximate_inverse(preconditioner, lam)(rhs)
-
-
-def _check_approximation(preconditioner, lam):
-    from .precondition import JacobiPreconditioner
-
-    if isinstance(preconditioner, KFACPreconditioner):
-        check_damping(preconditioner, lam)
-    elif isinstance(preconditioner, JacobiPreconditioner):
-        d = np.asarray(preconditioner.diagonal) + lam
-        eps = float(jnp.finfo(preconditioner.diagonal.dtype).eps)
-        if not d.max() / d.min() * eps < 1:
-            raise ValueError(f"`damping` = {lam:g} makes the damped diagonal singular to working precision; raise it.")
-    else:
-        _approximate_inverse(preconditioner, lam)  # raises the TypeError
+    return preconditioner.approximate_inverse(lam)(rhs)
 
 
 def ekfac_solve(preconditioner, rhs: Float[Array, "r p"], *, damping: float) -> Float[Array, "r p"]:
@@ -969,7 +962,7 @@ def ekfac_solve(preconditioner, rhs: Float[Array, "r p"], *, damping: float) -> 
 
     No CG and no residual control: the answer is the (E)K-FAC (or Jacobi)
     approximation's, not the damped GGN's. For exact solves pass the same object
-    as ``preconditioner=`` to :func:`cif_jax.solve_ggn`.
+    as ``cif_jax.CG(preconditioner=...)``.
 
     Args:
         preconditioner: from :func:`ekfac_preconditioner` (EK-FAC: eigenvalues
@@ -982,12 +975,12 @@ def ekfac_solve(preconditioner, rhs: Float[Array, "r p"], *, damping: float) -> 
         (R, p) approximate solutions.
     """
     lam = _checks.damping(damping)
-    _check_approximation(preconditioner, lam)
+    _as_approximation(preconditioner, lam)
     rhs = jnp.asarray(rhs)
-    p = preconditioner.num_params if isinstance(preconditioner, KFACPreconditioner) else preconditioner.diagonal.size
+    p = preconditioner.size
     if rhs.ndim != 2 or rhs.shape[1] != p:
         raise ValueError(f"`rhs` must have shape (R, p) = (R, {p}); got {rhs.shape}.")
-    dtype = preconditioner.diagonal.dtype
+    dtype = preconditioner.dtype
     return _apply_approximate(preconditioner, rhs.astype(dtype), jnp.asarray(lam, dtype))
 
 
@@ -1026,7 +1019,6 @@ def ekfac_influence(
         (Q, p) approximate parameter changes, flat in ``ravel_pytree(params)`` order.
     """
     from .gradients import _subset_gradient_sums, raise_on_bad
-    from .precondition import check as _check_preconditioner
 
     _checks.task(task)
     lam = _checks.damping(damping)
@@ -1037,9 +1029,8 @@ def ekfac_influence(
         preconditioner = _build(task, DEFAULT_BATCH_SIZE if batch_size is None else batch_size, curvature, True,
                                 None)
     else:
-        _approximate_inverse(preconditioner, lam)  # type check first
-        preconditioner = _check_preconditioner(preconditioner, task, curvature)
-    _check_approximation(preconditioner, lam)
+        preconditioner = _as_approximation(preconditioner, lam).check(task, curvature)
+    preconditioner.check_damping(lam)
     sums, bad = _subset_gradient_sums(task, jnp.asarray(subs.mask.T), batch_size)
     raise_on_bad(bad)
     dtype = task.dtype

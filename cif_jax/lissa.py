@@ -36,6 +36,7 @@ from jaxtyping import Array, Float, Int
 from . import _baselines, _checks
 from . import curvature as _curvature
 from .ggn import ggn_matvec_fn
+from .solve import AbstractSolver, SolveResult
 from .sketch import _as_key
 from .task import Task
 
@@ -266,13 +267,13 @@ def lissa(
                        res_pool, s)
 
 
-class LiSSA(eqx.Module):
-    """LiSSA as the solver of :func:`cif_jax.influence` and :func:`cif_jax.build_cache` (``solver=``).
+class LiSSA(AbstractSolver):
+    """LiSSA as a solver object: ``solver=cj.LiSSA(depth=..., key=...)`` wherever a solve is made.
 
-    The settings of :func:`lissa`; ``curvature`` and ``damping`` come from the
-    call it is passed to. The call's ``rtol``/``atol`` then only judge the result
-    (``converged`` and the warning): LiSSA runs its ``depth`` (or stops on ``tol``),
-    and the true residuals it reaches are stored (in a cache, as rho_c of the bound).
+    The settings of :func:`lissa`; ``curvature`` and ``damping`` come from the call
+    it is passed to. ``rtol``/``atol`` only judge the result (``converged`` and the
+    warning): LiSSA runs its ``depth`` (or stops on ``tol``), and the true
+    residuals it reaches are reported (in a cache, as rho_c of the bound).
 
     Example:
         >>> cache = cj.build_cache(task, ..., solver=cj.LiSSA(depth=2000, key=jax.random.key(1)))
@@ -284,55 +285,37 @@ class LiSSA(eqx.Module):
     repeats: int = eqx.field(static=True, default=1)
     batch_size: int | None = eqx.field(static=True, default=None)
     tol: float = eqx.field(static=True, default=0.0)
+    rtol: float = eqx.field(static=True, default=1e-4)
+    atol: float = eqx.field(static=True, default=0.0)
 
     def __check_init__(self):
         _checks.positive_int(self.depth, "LiSSA.depth")
         _checks.positive_int(self.repeats, "LiSSA.repeats")
         _checks.positive_int(self.batch_size, "LiSSA.batch_size", allow_none=True)
         _checks.nonnegative_float(self.tol, "LiSSA.tol")
+        _checks.solver_settings(self.rtol, self.atol, 1, 0)
         _as_key(self.key)
         _check_scale(self.scale, "LiSSA.scale")
         if self.repeats > 1 and self.batch_size is None:
             raise ValueError("`LiSSA.repeats` > 1 needs minibatches: set `batch_size` or repeats=1.")
 
+    @property
+    def step_budget(self) -> int:
+        return self.depth
+
     def describe(self) -> str:
-        """A stable description recorded in a cache (``cache.solver``)."""
         return (f"lissa(scale={self.scale},depth={self.depth},repeats={self.repeats},"
                 f"batch_size={self.batch_size},tol={self.tol:g})")
 
-
-def check_solver(solver, *, preconditioner=None, product_dtype=None, mesh=None):
-    """Validates ``solver=``: None / ``"cg"`` (block CG) or a :class:`LiSSA`; returns None or the LiSSA."""
-    if solver is None or (isinstance(solver, str) and solver == "cg"):
-        return None
-    if not isinstance(solver, LiSSA):
-        raise TypeError(f"`solver` must be None, 'cg' or a `cif_jax.LiSSA(...)`, got {solver!r}.")
-    if preconditioner not in (None, "none"):
-        raise ValueError("`preconditioner` applies to CG; LiSSA takes none. Drop it or use solver=None.")
-    if product_dtype is not None:
-        raise ValueError("`product_dtype` applies to CG; LiSSA runs in the task's dtype. Drop it.")
-    if mesh is not None:
-        raise ValueError("`mesh` applies to CG solves; LiSSA runs on one device. Drop it or use solver=None.")
-    return solver
-
-
-def solve_with(solver: LiSSA, task: Task, rhs, *, damping, rtol, atol, curvature, chunk_size, warn=True):
-    """LiSSA on ``rhs`` as a :class:`cif_jax.SolveResult` (residuals of the operator in use)."""
-    import warnings
-
-    from .solve import SolveResult
-
-    out = lissa(task, rhs, damping=damping, scale=solver.scale, depth=solver.depth, key=solver.key,
-                repeats=solver.repeats, batch_size=solver.batch_size, curvature=curvature, tol=solver.tol,
-                chunk_size=chunk_size)
-    bnorm = jnp.linalg.norm(jnp.asarray(rhs, out.solutions.dtype), axis=1)
-    ok = out.pool_residuals * bnorm <= rtol * bnorm + atol
-    if warn and not bool(ok.all()):
-        warnings.warn(
-            f"{int((~ok).sum())} of {ok.size} LiSSA solves did not reach the requested tolerance (rtol={rtol:g}): "
-            f"largest true relative residual {float(out.pool_residuals.max()):.3g} after depth {solver.depth} "
-            f"(scale {float(out.scale):.3g}). LiSSA needs about (scale / damping) ln(1 / rtol) steps; raise "
-            "`depth` or use CG (solver=None). The residuals are stored and enter the error bound.",
-            stacklevel=3,
-        )
-    return SolveResult(out.solutions, out.pool_residuals, out.num_steps, ok)
+    def solve(self, task, rhs, *, damping, batch_size=None, curvature=None, mesh=None, key=None, progress=False,
+              warn=True):
+        """LiSSA on the rows of ``rhs`` (``batch_size`` chunks each product; the solver's own is the minibatch)."""
+        if mesh is not None:
+            raise ValueError("`mesh` applies to CG solves; LiSSA runs on one device. Drop it or use cif_jax.CG().")
+        out = lissa(task, rhs, damping=damping, scale=self.scale, depth=self.depth, key=self.key,
+                    repeats=self.repeats, batch_size=self.batch_size, curvature=curvature, tol=self.tol,
+                    chunk_size=batch_size)
+        result = SolveResult(out.solutions, out.pool_residuals, out.num_steps, jnp.ones(out.num_steps.shape, bool))
+        hint = (f"After depth {self.depth} (scale {float(out.scale):.3g}): LiSSA needs about (scale / damping) "
+                "ln(1 / rtol) steps; raise `depth` or use cif_jax.CG().")
+        return self._judge(result, rhs, warn, "LiSSA", hint)

@@ -3,10 +3,12 @@
 All C cluster systems of a cache and all Q per-query IF systems use one operator,
 ``H~ = GGN + lambda I``; what is learnt about it once serves every solve. Both
 preconditioners here describe the *undamped* GGN, so one build serves any
-damping, and :func:`cif_jax.solve_ggn`, :func:`cif_jax.influence` and
-:func:`cif_jax.build_cache` take them as ``preconditioner=``. They change the
+damping; :class:`cif_jax.CG` takes them as ``preconditioner=``. They change the
 number of CG iterations, never the answer: every solve still stops on the true
-residual of the unpreconditioned system.
+residual of the unpreconditioned system. Every preconditioner implements the
+small interface :class:`Preconditioner` (``size``, ``inverse``), so CG never
+asks which kind it holds. :func:`auto_nystrom` is the cost model behind
+``CG(preconditioner="auto")``, the default.
 
 **Nystrom** (Frangella, Tropp and Udell, "Randomized Nystrom preconditioning",
 SIAM J. Matrix Anal. Appl. 2023, algorithms 2.1 and 5.1). With an orthonormal
@@ -37,9 +39,11 @@ request like ``"jacobi"``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -61,7 +65,88 @@ DEFAULT_MAX_RANK = 512
 DEFAULT_CONDITION_TARGET = 10.0
 
 
-class NystromPreconditioner(eqx.Module):
+class Preconditioner(eqx.Module):
+    """What CG needs of a preconditioner: an approximation P of the undamped GGN of one task.
+
+    Subclasses (:class:`NystromPreconditioner`, :class:`JacobiPreconditioner`,
+    :class:`cif_jax.KFACPreconditioner`) store undamped quantities, so one build
+    serves any damping, and implement :meth:`inverse`. The rest is shared: the
+    check that a preconditioner belongs to a task (:meth:`check`), and the copy
+    without bookkeeping that jitted solves take (:meth:`for_jit`).
+
+    Subclasses have these static fields (declare them with ``eqx.field(static=True)``):
+
+    Attributes:
+        fingerprint: of the task it was built from (:func:`cif_jax.fingerprint`).
+        curvature: ``"full"`` or the identifier of the curvature sample it describes.
+        seconds: wall-clock build time.
+    """
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """p, the number of parameters it acts on."""
+
+    @abc.abstractmethod
+    def inverse(self, damping) -> Callable:
+        """``R -> lambda (P + lambda I)^{-1} R`` on the rows of R; traceable.
+
+        The preconditioner of the scaled system ``I + GGN / lambda`` that the CG
+        kernel solves. Scalar multiples give the same CG iterates; the scaling
+        leaves a direction of zero curvature unchanged.
+        """
+
+    @property
+    def dtype(self):
+        """The floating dtype of its arrays."""
+        leaves = [x for x in jax.tree_util.tree_leaves(self) if hasattr(x, "dtype")]
+        return jnp.result_type(*leaves) if leaves else jnp.dtype(float)
+
+    def approximate_inverse(self, damping) -> Callable:
+        """``R -> (P + lambda I)^{-1} R`` on the rows of R: the preconditioner as an approximate solver."""
+        scaled = self.inverse(damping)
+        return lambda r: scaled(r) / jnp.asarray(damping, r.dtype)
+
+    def check_damping(self, damping: float) -> float:
+        """Raises when ``P + lambda I`` cannot be inverted to working precision; returns lambda."""
+        return _checks.damping(damping)
+
+    def describe(self) -> str:
+        """A short stable description (recorded with a cache's solver settings)."""
+        return type(self).__name__.removesuffix("Preconditioner").lower()
+
+    def for_jit(self):
+        """This preconditioner with its bookkeeping (fingerprint, build time, ...) blanked.
+
+        Those fields are static, so a jitted solve would compile anew for every
+        build (a new ``seconds``); only the arrays and the layout matter to it.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        blank = {k: v for k, v in _BLANK.items() if k in names}
+        return dataclasses.replace(self, **blank)
+
+    def check(self, task: Task, curvature):
+        """This preconditioner in the task's dtype, after checking it was built for ``task`` and ``curvature``."""
+        if self.size != task.num_params:
+            raise ValueError(f"the preconditioner acts on {self.size} parameters; the task has p = {task.num_params}.")
+        if self.fingerprint != fingerprint(task):
+            raise ValueError(
+                "the preconditioner was built from another model snapshot or data set (fingerprint mismatch); "
+                "rebuild it for this task."
+            )
+        want = _curvature.describe(curvature)
+        if self.curvature != want:
+            raise ValueError(
+                f"the preconditioner was built for curvature {self.curvature!r}, the solve uses {want!r}; "
+                "build it with the same `curvature=`."
+            )
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, task.dtype), self)
+
+
+_BLANK = {"fingerprint": "", "curvature": "", "seconds": 0.0, "num_products": 0, "note": ""}
+
+
+class NystromPreconditioner(Preconditioner):
     """A rank-r Nystrom approximation ``U diag(s) U^T`` of the undamped GGN.
 
     Attributes:
@@ -73,6 +158,7 @@ class NystromPreconditioner(eqx.Module):
         curvature: ``"full"`` or the curvature sample's identifier.
         num_products: GGN-vector products spent building it (sketch and error estimate).
         seconds: wall-clock build time.
+        note: how the rank was chosen (``preconditioner="auto"``), or empty.
     """
 
     basis: Float[Array, "r p"]
@@ -82,11 +168,39 @@ class NystromPreconditioner(eqx.Module):
     curvature: str = eqx.field(static=True)
     num_products: int = eqx.field(static=True)
     seconds: float = eqx.field(static=True)
+    note: str = eqx.field(static=True, default="")
 
     @property
     def rank(self) -> int:
         """r."""
         return self.basis.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.basis.shape[1]
+
+    def describe(self) -> str:
+        return f"nystrom(rank={self.rank})"
+
+    def inverse(self, damping):
+        u, s = self.basis, self.eigenvalues
+        lam_ = jnp.asarray(damping, s.dtype)
+        factor = (s[-1] + lam_) / (s + lam_) - 1
+
+        def apply(r):
+            return r + ((r @ u.T) * factor[None, :]) @ u
+
+        return apply
+
+    def approximate_inverse(self, damping):
+        u, s = self.basis, self.eigenvalues
+        lam_ = jnp.asarray(damping, s.dtype)
+
+        def apply(r):  # U diag(1/(s+lam)) U^T r + (I - U U^T) r / lam
+            c = r @ u.T
+            return (r - c @ u) / lam_ + (c / (s + lam_)[None, :]) @ u
+
+        return apply
 
     def condition_estimate(self, damping: float) -> float:
         """Estimated bound ``(s_r + lambda + ||E||) / lambda`` on the preconditioned condition number."""
@@ -96,7 +210,7 @@ class NystromPreconditioner(eqx.Module):
         return (float(self.eigenvalues[-1]) + lam + err) / lam
 
 
-class JacobiPreconditioner(eqx.Module):
+class JacobiPreconditioner(Preconditioner):
     """The diagonal of the undamped GGN.
 
     Attributes:
@@ -109,109 +223,29 @@ class JacobiPreconditioner(eqx.Module):
     curvature: str = eqx.field(static=True)
     seconds: float = eqx.field(static=True)
 
+    @property
+    def size(self) -> int:
+        return self.diagonal.shape[0]
 
-def for_jit(preconditioner):
-    """The preconditioner with its bookkeeping (build time, fingerprint, ...) blanked.
+    def inverse(self, damping):
+        d = self.diagonal
 
-    Those fields are static, so a jitted solve would compile anew for every build
-    (a new ``seconds``); only the arrays and the layout matter to the solve.
-    """
-    if isinstance(preconditioner, NystromPreconditioner):
-        return NystromPreconditioner(preconditioner.basis, preconditioner.eigenvalues, preconditioner.error_estimate,
-                                     fingerprint="", curvature="", num_products=0, seconds=0.0)
-    if isinstance(preconditioner, JacobiPreconditioner):
-        return JacobiPreconditioner(preconditioner.diagonal, fingerprint="", curvature="", seconds=0.0)
-    from .kfac import KFACPreconditioner
+        def apply(r):
+            return r / (1 + d / jnp.asarray(damping, d.dtype))[None, :]
 
-    if isinstance(preconditioner, KFACPreconditioner):
-        fields = {f.name: getattr(preconditioner, f.name) for f in dataclasses.fields(preconditioner)}
-        fields.update(fingerprint="", curvature="", seconds=0.0)
-        return KFACPreconditioner(**fields)
-    return preconditioner
+        return apply
+
+    def check_damping(self, damping: float) -> float:
+        lam = _checks.damping(damping)
+        d = np.asarray(self.diagonal) + lam
+        if not d.max() / d.min() * float(jnp.finfo(self.diagonal.dtype).eps) < 1:
+            raise ValueError(f"`damping` = {lam:g} makes the damped diagonal singular to working precision; raise it.")
+        return lam
 
 
 def inverse_fn(preconditioner, lam):
-    """``R -> P^{-1} R`` (rows of R) for the scaled system ``(I + GGN / lambda)``, traceable.
-
-    Scalar multiples of P give identical CG iterates; these are normalised so that
-    directions the preconditioner knows nothing about are left unchanged.
-    """
-    if preconditioner is None:
-        return None
-    if isinstance(preconditioner, JacobiPreconditioner):
-        d = preconditioner.diagonal
-
-        def apply(r):
-            return r / (1 + d / jnp.asarray(lam, d.dtype))[None, :]
-
-        return apply
-    if isinstance(preconditioner, NystromPreconditioner):
-        u = preconditioner.basis
-        s = preconditioner.eigenvalues
-        lam_ = jnp.asarray(lam, s.dtype)
-        factor = (s[-1] + lam_) / (s + lam_) - 1
-
-        def apply(r):
-            return r + ((r @ u.T) * factor[None, :]) @ u
-
-        return apply
-    from .kfac import KFACPreconditioner, inverse
-
-    if isinstance(preconditioner, KFACPreconditioner):
-        return inverse(preconditioner, lam)
-    raise TypeError(f"unknown preconditioner {type(preconditioner).__name__}.")
-
-
-def check(preconditioner, task: Task, curvature, *, batch_size=None):
-    """Normalises ``preconditioner=`` (None, ``"none"``, ``"jacobi"``, ``"kfac"``, ``"ekfac"``, or a built one).
-
-    A built preconditioner must come from the same task (fingerprint) and
-    curvature sample; ``"jacobi"``, ``"kfac"`` and ``"ekfac"`` are built here.
-    """
-    from .kfac import KFACPreconditioner, _build as _build_kfac
-
-    if preconditioner is None or (isinstance(preconditioner, str) and preconditioner == "none"):
-        return None
-    if isinstance(preconditioner, str):
-        if preconditioner == "jacobi":
-            return _jacobi(task, _jacobi_batch(batch_size), curvature)
-        if preconditioner in ("kfac", "ekfac"):
-            return _build_kfac(task, _jacobi_batch(batch_size), curvature, preconditioner == "ekfac", None)
-        if preconditioner == "nystrom":
-            raise ValueError(
-                "`preconditioner='nystrom'` needs a PRNG key and a rank: build it once with "
-                "`cif_jax.nystrom_preconditioner(task, key=..., rank=..., damping=...)` and pass the result, "
-                "so every solve shares it."
-            )
-        raise ValueError(
-            "`preconditioner` must be None, 'none', 'jacobi', 'kfac', 'ekfac' or a built preconditioner; got "
-            f"{preconditioner!r}."
-        )
-    if not isinstance(preconditioner, (NystromPreconditioner, JacobiPreconditioner, KFACPreconditioner)):
-        raise TypeError(
-            "`preconditioner` must be None, 'none', 'jacobi', 'kfac', 'ekfac', a `NystromPreconditioner`, a "
-            f"`JacobiPreconditioner` or a `KFACPreconditioner`; got {type(preconditioner).__name__}."
-        )
-    if isinstance(preconditioner, KFACPreconditioner):
-        size = preconditioner.num_params
-    elif isinstance(preconditioner, NystromPreconditioner):
-        size = preconditioner.basis.shape[1]
-    else:
-        size = preconditioner.diagonal.shape[0]
-    if size != task.num_params:
-        raise ValueError(f"the preconditioner acts on {size} parameters; the task has p = {task.num_params}.")
-    if preconditioner.fingerprint != fingerprint(task):
-        raise ValueError(
-            "the preconditioner was built from another model snapshot or data set (fingerprint mismatch); rebuild "
-            "it for this task."
-        )
-    want = _curvature.describe(curvature)
-    if preconditioner.curvature != want:
-        raise ValueError(
-            f"the preconditioner was built for curvature {preconditioner.curvature!r}, the solve uses {want!r}; "
-            "build it with the same `curvature=`."
-        )
-    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, task.dtype), preconditioner)
+    """``R -> P^{-1} R`` (rows of R) for the scaled system ``(I + GGN / lambda)``; None without a preconditioner."""
+    return None if preconditioner is None else preconditioner.inverse(lam)
 
 
 # --------------------------------------------------------------------------------------------- Nystrom
@@ -314,7 +348,7 @@ def nystrom_preconditioner(
         progress: show a progress bar over products.
 
     Returns:
-        A :class:`NystromPreconditioner`; pass it as ``preconditioner=`` to
+        A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
         :func:`cif_jax.solve_ggn`, :func:`cif_jax.influence` or :func:`cif_jax.build_cache`.
     """
     _checks.task(task)
@@ -347,39 +381,15 @@ def nystrom_preconditioner(
     dtype = task.dtype
 
     start_time = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="Nystrom products", unit="product")
-    q = y = None
-    num_products = 0
-    round_ = 0
+    bar = _bar(progress)
+    sketch = _Sketch(task, key, batch_size, curvature, rhs_batch_size, bar)
     target_rank = first
     while True:
-        have = 0 if q is None else q.shape[0]
-        new = target_rank - have
-        block = new if rhs_batch_size is None else min(rhs_batch_size, new)
-        q_new = _orthonormal_block_jit(jax.random.fold_in(key, 2 * round_), q, new, p, dtype)
-        y_new = _products(task, q_new, batch_size, curvature, block, bar)
-        num_products += new
-        q = q_new if q is None else jnp.concatenate([q, q_new])
-        y = y_new if y is None else jnp.concatenate([y, y_new])
-        ut, s, ok = _nystrom_factor(q, y)
-        if not bool(ok):
-            raise FloatingPointError(
-                "the Nystrom factorisation failed (Cholesky of Q^T Y not positive definite); the GGN products are "
-                "not symmetric PSD to working precision. Check that the loss is convex in the outputs."
-            )
-        err = jnp.asarray(jnp.nan, dtype)
-        if error_iters:
-            err = _error_estimate(task, ut, s, jax.random.fold_in(key, 2 * round_ + 1), error_iters, batch_size,
-                                  curvature, bar)
-            num_products += error_iters
-        round_ += 1
+        sketch.grow(target_rank)
+        err = sketch.error_estimate(error_iters)
         if not adaptive:
             break
-        kappa = (float(s[-1]) + lam + (0.0 if error_iters == 0 else float(err))) / lam
+        kappa = (float(sketch.s[-1]) + lam + (0.0 if error_iters == 0 else float(err))) / lam
         if bar is not None:
             bar.set_postfix_str(f"rank {target_rank}, kappa~{kappa:.3g}")
         if kappa <= condition_target or target_rank >= min(max_rank, p):
@@ -387,15 +397,182 @@ def nystrom_preconditioner(
         target_rank = min(2 * target_rank, max_rank, p)
     if bar is not None:
         bar.close()
-    return NystromPreconditioner(
-        basis=ut,
-        eigenvalues=s,
-        error_estimate=err,
-        fingerprint=fingerprint(task),
-        curvature=_curvature.describe(curvature),
-        num_products=num_products,
-        seconds=time.perf_counter() - start_time,
-    )
+    return sketch.preconditioner(err, time.perf_counter() - start_time)
+
+
+def _bar(progress):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="Nystrom products", unit="product")
+
+
+class _Sketch:
+    """A Nystrom sketch of the undamped GGN that grows, reusing every product made so far."""
+
+    def __init__(self, task, key, batch_size, curvature, rhs_batch_size, bar):
+        self.task, self.key, self.batch_size, self.curvature = task, key, batch_size, curvature
+        self.rhs_batch_size, self.bar = rhs_batch_size, bar
+        self.q = self.y = self.ut = self.s = None
+        self.num_products = 0
+        self.round = 0
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.q is None else int(self.q.shape[0])
+
+    def grow(self, rank: int):
+        """Adds test vectors up to ``rank`` and refactors."""
+        task, p = self.task, self.task.num_params
+        new = rank - self.rank
+        block = new if self.rhs_batch_size is None else min(self.rhs_batch_size, new)
+        q_new = _orthonormal_block_jit(jax.random.fold_in(self.key, 2 * self.round), self.q, new, p, task.dtype)
+        y_new = _products(task, q_new, self.batch_size, self.curvature, block, self.bar)
+        self.num_products += new
+        self.q = q_new if self.q is None else jnp.concatenate([self.q, q_new])
+        self.y = y_new if self.y is None else jnp.concatenate([self.y, y_new])
+        self.ut, self.s, ok = _nystrom_factor(self.q, self.y)
+        if not bool(ok):
+            raise FloatingPointError(
+                "the Nystrom factorisation failed (Cholesky of Q^T Y not positive definite); the GGN products are "
+                "not symmetric PSD to working precision. Check that the loss is convex in the outputs."
+            )
+        self.round += 1
+
+    def error_estimate(self, iters: int):
+        if not iters:
+            return jnp.asarray(jnp.nan, self.task.dtype)
+        self.num_products += iters
+        return _error_estimate(self.task, self.ut, self.s, jax.random.fold_in(self.key, 2 * self.round - 1), iters,
+                               self.batch_size, self.curvature, self.bar)
+
+    def preconditioner(self, err, seconds, note="") -> NystromPreconditioner:
+        return NystromPreconditioner(
+            basis=self.ut,
+            eigenvalues=self.s,
+            error_estimate=err,
+            fingerprint=fingerprint(self.task),
+            curvature=_curvature.describe(self.curvature),
+            num_products=self.num_products,
+            seconds=seconds,
+            note=note,
+        )
+
+
+# ------------------------------------------------------------------------------------------ the cost model
+
+#: Rank of the first sketch ``preconditioner="auto"`` takes to see the spectrum.
+PROBE_RANK = 32
+#: Fewer systems than this are solved without a preconditioner (the probe would cost more than it saves).
+MIN_SYSTEMS = 4
+#: Measured CG iterations over the model's count (digits LeNet-5 and MLP, ranks 0-256; see the README).
+ITERATION_FACTOR = 0.55
+
+
+def _tail(s: np.ndarray, upto: int) -> np.ndarray:
+    """Eigenvalues 1..upto: the observed ones, then a power law fitted to the observed lower half."""
+    r = s.size
+    if upto <= r:
+        return s[:upto]
+    lo = max(r // 2, 1)
+    i = np.arange(lo, r) + 1.0
+    v = s[lo:r]
+    ok = v > 0
+    if ok.sum() >= 2:
+        slope = -np.polyfit(np.log(i[ok]), np.log(v[ok]), 1)[0]
+        slope = max(slope, 0.0)
+    else:
+        slope = 0.0
+    last = s[-1]
+    j = np.arange(r, upto) + 1.0
+    return np.concatenate([s, last * (j / r) ** (-slope)])
+
+
+def predicted_iterations(eigenvalues, damping: float, rtol: float, rank: int) -> float:
+    """CG iterations predicted for ``H~ x = b`` with the top ``rank`` eigen-directions preconditioned away.
+
+    Deflating ``m`` of the remaining large eigenvalues costs about one iteration
+    each (CG's superlinear phase); the rest converge at the rate of the condition
+    number ``(s_{m+1} + lambda) / lambda`` left, ``0.5 sqrt(kappa) ln(2 / rtol)``
+    steps. The model takes the best m, on the observed spectrum extended by a
+    power law, times :data:`ITERATION_FACTOR` (the bound is pessimistic by a
+    roughly constant factor on the spectra measured).
+    """
+    s = np.asarray(eigenvalues, np.float64)
+    upto = max(16 * max(s.size, rank, 1), 4096)
+    full = _tail(s, upto)
+    m = np.arange(rank, upto)
+    kappa = (full[m] + damping) / damping
+    steps = (m - rank) + 0.5 * np.sqrt(kappa) * math.log(2 / rtol)
+    return ITERATION_FACTOR * float(max(steps.min(), 1.0))
+
+
+def auto_nystrom(
+    task: Task,
+    *,
+    damping: float,
+    num_systems: int,
+    rtol: float,
+    key,
+    batch_size=None,
+    curvature=None,
+    rhs_batch_size: int | None = 16,
+    max_rank: int = DEFAULT_MAX_RANK,
+    progress: bool = False,
+    force: bool = False,
+):
+    """Chooses between plain CG and a Nystrom preconditioner, and its rank, by predicted GGN products.
+
+    A probe sketch of rank :data:`PROBE_RANK` shows the top of the spectrum. For
+    each candidate rank r (the probe's, doubling up to ``max_rank``), the cost in
+    GGN-vector products is the products still to make, ``r - r_made``, plus
+    ``num_systems`` times the iterations :func:`predicted_iterations` expects,
+    each costing ``1 + r / m`` products (applying the rank-r preconditioner takes
+    about ``4 r p`` flops, a product over m examples about ``4 m p``); plain CG
+    costs ``num_systems`` times the unpreconditioned prediction. The
+    sketch grows one doubling at a time while a larger rank is predicted cheaper
+    (each growth sharpens the spectrum the next decision sees). Below
+    :data:`MIN_SYSTEMS` systems no probe is made. With ``force`` a Nystrom
+    preconditioner is always built (the rank still chosen by the model).
+
+    Returns:
+        ``(preconditioner or None, note)``: the note says what was chosen and why.
+    """
+    lam = _checks.damping(damping)
+    p = task.num_params
+    top = min(max_rank, p)
+    if not force and (num_systems < MIN_SYSTEMS or top < 1):
+        return None, f"none ({num_systems} system(s): fewer than {MIN_SYSTEMS}, no probe)"
+    start = time.perf_counter()
+    bar = _bar(progress)
+    sketch = _Sketch(task, _as_key(key), batch_size, curvature, rhs_batch_size, bar)
+    sketch.grow(min(PROBE_RANK, top))
+    examples = task.num_examples if curvature is None else int(curvature.indices.shape[0])
+    while True:
+        s = np.asarray(sketch.s, np.float64)
+        plain = num_systems * predicted_iterations(s, lam, rtol, 0)
+        made = sketch.rank
+        ranks = [made]
+        while ranks[-1] < top:
+            ranks.append(min(2 * ranks[-1], top))
+        costs = [(r - made) + num_systems * predicted_iterations(s, lam, rtol, r) * (1 + r / examples)
+                 for r in ranks]
+        best = int(np.argmin(costs))
+        if plain <= costs[best] and not force:
+            if bar is not None:
+                bar.close()
+            return None, (f"none (probe rank {made}: predicted {plain:.0f} products plain, "
+                          f"{costs[best]:.0f} at rank {ranks[best]})")
+        if best == 0:
+            break
+        sketch.grow(ranks[1])
+    if bar is not None:
+        bar.close()
+    note = (f"auto: rank {sketch.rank}, predicted {costs[0]:.0f} solve products against {plain:.0f} plain "
+            f"({sketch.num_products} build products)")
+    err = jnp.asarray(jnp.nan, task.dtype)
+    return sketch.preconditioner(err, time.perf_counter() - start, note), note
 
 
 # ---------------------------------------------------------------------------------------------- Jacobi

@@ -1,30 +1,25 @@
-"""Damped-GGN solves ``H~ x = b`` for many right-hand sides, with true residuals.
+"""Damped-GGN solvers: ``H~ x = b`` for many right-hand sides, with true residuals.
 
-Every solve in cif_jax (the C cluster systems of the cache, paper eq. 8, and the
-Q per-query systems of IF, eq. 3) goes through :func:`solve_ggn`, so that both
-use the same operator, solver and tolerance.
+Every solve in cif_jax (the C cluster systems of a cache, paper eq. 8; the Q
+per-query systems of IF, eq. 3; the correction's calibration systems) goes
+through one solver object, passed as ``solver=``: :class:`CG` (the default),
+:class:`cif_jax.LiSSA`, or :class:`LineaxSolver`. A solver is an immutable
+settings object, like lineax's; :meth:`AbstractSolver.solve` solves a block of
+right-hand sides on a task's damped GGN and returns a :class:`SolveResult` whose
+residuals are recomputed after the solve, whatever the solver.
 
-Solver: conjugate gradients on a block of systems at once (:func:`_block_cg`),
-on the equivalent scaled system ``(I + GGN / lambda) y = b / ||b||``,
-``x = ||b|| y / lambda``. Scaling by lambda keeps float32 CG stable; normalising
-b lets one tolerance serve every system. Each system has its own step sizes and
-stops on the paper's relative 2-norm rule (eq. 9), ``||r||_2 <= rtol ||b||_2 +
-atol``; the block shares one pass over the data per iteration. We do not trust
-the recursive residual: after the solve the true residual
-``rho = ||b - H~ x||_2 / ||b||_2`` is recomputed on the unscaled system with one
-extra product, and CG is restarted from the current iterate (at most
-``max_restarts`` times, within the ``max_steps`` budget) while ``rho`` is above
-the tolerance.
-
-Why not ``lineax.CG``: in lineax 0.1.1 its stopping test is elementwise
-(``max_i |r_i| / (atol + rtol |b_i|)``, 0/0 on exact zeros of b), and with the
-task's arrays traced (as under our jit) it returned NaN after one step on
-LeNet-5 where this CG, on the identical operator, converges. The operator
-itself is still offered as a lineax operator (:func:`cif_jax.ggn_operator`).
+:class:`CG` runs block conjugate gradients (:mod:`cif_jax._cg`). Its
+``preconditioner`` is ``"auto"`` by default: a cost model
+(:func:`cif_jax.precondition.auto_nystrom`) picks plain CG or a Nystrom
+preconditioner, and its rank, from the number of systems and the spectrum a
+small probe sketch sees. :meth:`CG.prepare` makes that choice (or builds the
+named preconditioner) once, so that several solves can share it.
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import math
 import warnings
 from typing import NamedTuple
@@ -33,18 +28,21 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from . import _checks
 from . import curvature as _curvature
 from . import distributed as _distributed
+from . import kfac as _kfac
+from . import precondition as _precondition
+from ._cg import balanced_block, check_product_dtype, inner_rtol, low_precision, solve_system
 from .ggn import ggn_matvec_fn
-from .precondition import check as _check_preconditioner
-from .precondition import for_jit, inverse_fn
+from .precondition import NystromPreconditioner, Preconditioner
+from .sketch import _as_key
 from .task import Task
 
-
+#: The PRNG key of a randomized preconditioner build when the caller passes none.
+DEFAULT_KEY_SEED = 0
 
 
 class SolveResult(NamedTuple):
@@ -54,7 +52,7 @@ class SolveResult(NamedTuple):
         solutions: (R, p) the solutions x.
         residuals: (R,) true relative residuals ``||b - H~ x||_2 / ||b||_2`` (0 for b = 0),
             recomputed after the solve (paper eq. 9).
-        num_steps: (R,) CG iterations spent, restarts included.
+        num_steps: (R,) iterations spent, restarts included.
         converged: (R,) whether ``||b - H~ x||_2 <= rtol ||b||_2 + atol``.
     """
 
@@ -64,86 +62,488 @@ class SolveResult(NamedTuple):
     converged: Bool[Array, " r"]
 
 
-def _block_cg(apply_a, b, x0, target, limit, apply_minv=None, any_=jnp.any, r0=None):
-    """(Preconditioned) conjugate gradients on a block of k systems ``A x_j = b_j`` sharing the operator.
+class AbstractSolver(eqx.Module):
+    """The interface every solver implements (:class:`CG`, :class:`cif_jax.LiSSA`, :class:`LineaxSolver`).
 
-    Each system has its own step sizes and its own stopping rule
-    ``||b_j - A x_j||_2 <= target_j`` (the plain residual, also when
-    preconditioned); a finished system is frozen while the others go on; system j
-    takes at most ``limit[j]`` steps. The residual is updated by the recursion
-    only: replacing it periodically by ``b - A x`` while keeping the search
-    direction made float32 CG diverge on ill-conditioned GGNs (digits LeNet-5
-    with the GGN of 179 examples, damping 1e-3: true residual 1e7 after 1,000
-    steps, against convergence in 72 steps without replacement). Drift is caught
-    instead by the caller, which recomputes the true residual after the loop and
-    restarts CG (fresh direction) from the iterate while it misses the target.
-    ``apply_minv`` applies the inverse preconditioner to the rows of a block.
-    ``any_`` decides whether any system is still active: ``jnp.any`` here, an
-    agreement across devices when the operator is sharded over examples
-    (:mod:`cif_jax.distributed`), so that devices that share a product loop
-    together. ``r0`` replaces the initial residual ``b - A x0`` (mixed precision: the
-    caller computes it with the accurate operator, ``apply_a`` is the cheap one).
+    Every solver has fields ``rtol`` and ``atol`` that judge its results: a system
+    has converged when its true residual satisfies ``||b - H~ x||_2 <= rtol ||b||_2
+    + atol`` (paper eq. 9).
     """
-    dot = lambda u, v: jnp.sum(u * v, axis=1)
-    minv = (lambda r: r) if apply_minv is None else apply_minv
-    r = b - apply_a(x0) if r0 is None else r0
-    z = minv(r)
-    rz = dot(r, z)
-    active = (jnp.linalg.norm(r, axis=1) > target) & (limit > 0)
-    steps = jnp.zeros(b.shape[0], jnp.int32)
+
+    @property
+    @abc.abstractmethod
+    def step_budget(self) -> int:
+        """The most iterations one system may take (recorded in a cache)."""
+
+    @abc.abstractmethod
+    def solve(self, task: Task, rhs, *, damping: float, batch_size=None, curvature=None, mesh=None, key=None,
+              progress: bool = False, warn: bool = True) -> SolveResult:
+        """Solves ``H~ x_r = b_r`` for every row of ``rhs``; residuals are recomputed after the solve.
+
+        Args:
+            task: the model snapshot and training data.
+            rhs: (R, p) right-hand sides.
+            damping: lambda > 0.
+            batch_size: examples per chunk of each GGN product (None: all at once).
+            curvature: a :class:`cif_jax.CurvatureSample` for the GGN (None: all N).
+            mesh: a ``jax.sharding.Mesh`` to spread the solves over (see
+                :mod:`cif_jax.distributed`), for solvers that support it.
+            key: PRNG key of randomized preconditioner builds (None: a fixed key).
+            progress: show progress.
+            warn: warn when some system misses the tolerance.
+        """
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A short stable description of the settings (recorded in a cache)."""
+
+    def prepare(self, task: Task, *, damping: float, num_systems: int, batch_size=None, curvature=None, key=None,
+                progress: bool = False) -> AbstractSolver:
+        """This solver with everything it builds from the task built (a preconditioner); itself by default."""
+        return self
+
+    @property
+    def prepared(self) -> bool:
+        """Whether :meth:`prepare` has nothing left to build."""
+        return True
+
+    def nystrom(self) -> NystromPreconditioner | None:
+        """The Nystrom preconditioner this (prepared) solver uses, if any (the correction reuses it)."""
+        return None
+
+    def share_nystrom(self, nystrom: NystromPreconditioner) -> AbstractSolver:
+        """This solver using ``nystrom`` where it would otherwise choose its own preconditioner."""
+        return self
+
+    def _judge(self, result: SolveResult, rhs, warn: bool, what: str, hint: str) -> SolveResult:
+        """``result`` with ``converged`` from its true residuals (``rhs=None``: as it is), warning on a miss."""
+        if rhs is not None:
+            bnorm = jnp.linalg.norm(jnp.asarray(rhs, result.solutions.dtype), axis=1)
+            result = result._replace(converged=result.residuals * bnorm <= self.rtol * bnorm + self.atol)
+        ok = result.converged
+        if warn and not bool(ok.all()):
+            bad = np.flatnonzero(~np.asarray(ok))
+            warnings.warn(
+                f"{bad.size} of {ok.size} {what} solves did not reach the requested tolerance (rtol={self.rtol:g}, "
+                f"atol={self.atol:g}): largest true relative residual {float(result.residuals.max()):.3g} (systems "
+                f"{bad[:10].tolist()}). {hint} The residuals are stored and enter the error bound.",
+                stacklevel=4,
+            )
+        return result
+
+
+def _build_jacobi(task, *, batch_size, curvature, **_):
+    return _precondition._jacobi(task, _precondition._jacobi_batch(batch_size), curvature), ""
+
+
+def _build_kfac(eigen_corrected):
+    def build(task, *, batch_size, curvature, **_):
+        return _kfac._build(task, _precondition._jacobi_batch(batch_size), curvature, eigen_corrected, None), ""
+
+    return build
+
+
+def _build_auto(force: bool):
+    def build(task, *, damping, num_systems, rtol, key, batch_size, curvature, rhs_batch_size, max_rank, progress):
+        return _precondition.auto_nystrom(
+            task, damping=damping, num_systems=num_systems, rtol=rtol, key=key, batch_size=batch_size, curvature=curvature, rhs_batch_size=rhs_batch_size or 16,
+            max_rank=max_rank, progress=progress, force=force)
+
+    return build
+
+
+#: The preconditioners :class:`CG` builds by name.
+BUILDERS = {
+    "auto": _build_auto(force=False),
+    "nystrom": _build_auto(force=True),
+    "jacobi": _build_jacobi,
+    "kfac": _build_kfac(False),
+    "ekfac": _build_kfac(True),
+}
+
+
+class CG(AbstractSolver):
+    """Block conjugate gradients on the damped GGN, with true-residual restarts (the default solver).
+
+    Each system runs its own CG iteration (its own step sizes and stopping rule);
+    a block of systems shares one pass over the data per iteration. After CG the
+    true residual is recomputed and CG restarts from the iterate while it misses
+    the tolerance.
+
+    Attributes:
+        rtol, atol: stop when ``||b - H~ x||_2 <= rtol ||b||_2 + atol`` (paper eq. 9).
+            In float32 CG stalls near 1e-6; ask for less.
+        max_steps: iterations per system, restarts included.
+        max_restarts: restarts from the current iterate while the recomputed true
+            residual is above tolerance.
+        rhs_batch_size: at most this many systems solved together per block (None:
+            all). Memory grows with it. The systems are split into equal blocks (50
+            with at most 16 per block: 4 blocks of 13), the last zero-padded.
+        preconditioner: ``"auto"`` (default: plain CG or a Nystrom preconditioner,
+            and its rank, chosen by a cost model from the number of systems and a
+            probe of the spectrum; see :func:`cif_jax.precondition.auto_nystrom`),
+            ``"nystrom"`` (always Nystrom, rank by the same model), ``"jacobi"``,
+            ``"kfac"``, ``"ekfac"``, None or ``"none"`` (plain CG), or a built
+            :class:`cif_jax.precondition.Preconditioner` for this task and curvature.
+            It changes the iteration count, not the tolerance.
+        product_dtype: a floating dtype of lower precision than the task's to run the
+            CG iterations' GGN products in (None: the task's). The solve becomes
+            mixed-precision iterative refinement: each CG pass runs on the cheap
+            products to relative tolerance sqrt(eps) of ``product_dtype``, every
+            restart starts from the true residual in the task's dtype, and the
+            reported residuals are those of full precision. Each refinement counts
+            as a restart. A refinement that does not lower the true residual is
+            undone and ends that system's refinement.
+        max_rank: the largest Nystrom rank ``"auto"`` and ``"nystrom"`` consider.
+        choice: set by :meth:`prepare`: what ``"auto"`` chose, and why.
+
+    Example:
+        >>> solver = cj.CG(rtol=1e-5).prepare(task, damping=1e-3, num_systems=160)
+        >>> cache = cj.build_cache(task, num_clusters=10, sketch_dim=32, damping=1e-3, key=key, solver=solver)
+        >>> deltas = cj.influence(task, folds, damping=1e-3, solver=solver)  # the same preconditioner
+    """
+
+    rtol: float = eqx.field(static=True, default=1e-4)
+    atol: float = eqx.field(static=True, default=0.0)
+    max_steps: int = eqx.field(static=True, default=1000)
+    max_restarts: int = eqx.field(static=True, default=3)
+    rhs_batch_size: int | None = eqx.field(static=True, default=None)
+    preconditioner: object = "auto"
+    product_dtype: object = eqx.field(static=True, default=None)
+    max_rank: int = eqx.field(static=True, default=_precondition.DEFAULT_MAX_RANK)
+    choice: str = eqx.field(static=True, default="")
+
+    def __check_init__(self):
+        _checks.solver_settings(self.rtol, self.atol, self.max_steps, self.max_restarts)
+        _checks.positive_int(self.rhs_batch_size, "CG.rhs_batch_size", allow_none=True)
+        _checks.positive_int(self.max_rank, "CG.max_rank")
+        pre = self.preconditioner
+        if isinstance(pre, str):
+            if pre != "none" and pre not in BUILDERS:
+                raise ValueError(f"`CG.preconditioner` must be one of {['none', *BUILDERS]}, None or a built "
+                                 f"preconditioner; got {pre!r}.")
+        elif pre is not None and not isinstance(pre, Preconditioner):
+            raise TypeError(f"`CG.preconditioner` must be one of {['none', *BUILDERS]}, None or a built "
+                            f"preconditioner (cif_jax.nystrom_preconditioner(...), ...); got {type(pre).__name__}.")
+        if self.product_dtype is not None:
+            check_product_dtype(self.product_dtype, jnp.float64)
+
+    @property
+    def step_budget(self) -> int:
+        return self.max_steps
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the preconditioner is settled (built, or none): :meth:`prepare` has nothing left to do."""
+        return not isinstance(self.preconditioner, str) or self.preconditioner == "none"
+
+    def describe(self) -> str:
+        pre = self.preconditioner
+        name = "none" if pre is None else pre if isinstance(pre, str) else pre.describe()
+        extra = "" if self.product_dtype is None else f",product_dtype={jnp.dtype(self.product_dtype).name}"
+        return (f"cg(rtol={self.rtol:g},atol={self.atol:g},max_steps={self.max_steps},"
+                f"max_restarts={self.max_restarts},preconditioner={name}{extra})")
+
+    def nystrom(self):
+        return self.preconditioner if isinstance(self.preconditioner, NystromPreconditioner) else None
+
+    def share_nystrom(self, nystrom):
+        if isinstance(self.preconditioner, str) and self.preconditioner in ("auto", "nystrom"):
+            return dataclasses.replace(self, preconditioner=nystrom, choice="shared Nystrom factors")
+        return self
+
+    def prepare(self, task, *, damping, num_systems, batch_size=None, curvature=None, key=None, progress=False):
+        """This CG with its preconditioner built (or ``"auto"`` decided) for ``task``; a settled one is returned as is.
+
+        Args:
+            task: the model snapshot and training data.
+            damping: lambda > 0 of the solves it will serve.
+            num_systems: how many systems it will solve (``"auto"`` weighs its build
+                against this many solves; pass the total when it serves several calls).
+            batch_size, curvature: as the solves (a preconditioner belongs to one curvature).
+            key: PRNG key of the Nystrom sketch (None: ``jax.random.key(0)``).
+            progress: show progress.
+        """
+        if self.prepared:
+            return self if self.preconditioner != "none" else dataclasses.replace(self, preconditioner=None)
+        _checks.task(task)
+        lam = _checks.damping(damping)
+        num_systems = _checks.positive_int(num_systems, "num_systems")
+        curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+        key = jax.random.key(DEFAULT_KEY_SEED) if key is None else _as_key(key)
+        built, note = BUILDERS[self.preconditioner](
+            task, damping=lam, num_systems=num_systems, rtol=self.rtol, key=key, batch_size=batch_size,
+            curvature=curvature, rhs_batch_size=self.rhs_batch_size, max_rank=self.max_rank, progress=progress)
+        return dataclasses.replace(self, preconditioner=built, choice=note or self.preconditioner)
+
+    def solve(self, task, rhs, *, damping, batch_size=None, curvature=None, mesh=None, key=None, progress=False,
+              warn=True):
+        _checks.task(task)
+        lam = _checks.damping(damping)
+        batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+        plan = _distributed.check_mesh(mesh)
+        rhs = _check_rhs(task, rhs)
+        curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+        if plan is not None:
+            _distributed.check_task(plan, task, curvature)
+        _distributed.finite_rows(rhs, "right-hand sides", what="row")
+        rhs = rhs.astype(task.dtype)
+        product_dtype = check_product_dtype(self.product_dtype, task.dtype)
+        solver = self.prepare(task, damping=lam, num_systems=rhs.shape[0], batch_size=batch_size,
+                              curvature=curvature, key=key, progress=progress)
+        pre = solver.preconditioner
+        if pre is not None:
+            pre = pre.check(task, curvature)
+            pre.check_damping(lam)
+            pre = pre.for_jit()
+        if plan is None:
+            x, res, steps, ok = _solve_local(task, rhs, lam, self.rtol, self.atol, self.max_steps, self.max_restarts,
+                                             batch_size, self.rhs_batch_size, progress, curvature, pre, product_dtype)
+        else:
+            x, res, steps, ok = _distributed.solve_rows(plan, task, rhs, lam, self.rtol, self.atol, self.max_steps,
+                                                        self.max_restarts, batch_size, self.rhs_batch_size, progress,
+                                                        curvature, pre, product_dtype)
+        hint = (f"Raise `max_steps` (now {self.max_steps}), increase `damping`, or loosen `rtol`"
+                + (" (float32 CG stalls near 1e-6)." if rhs.dtype == jnp.float32 else "."))
+        # The kernel judged convergence on the unscaled residuals (rhs may be a global array here).
+        return self._judge(SolveResult(x, res, steps, ok), None, warn, "CG", hint)
+
+
+def _two_norm(tree):
+    """The 2-norm of a pytree (lineax's stopping test with this norm is the paper's eq. 9)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+class LineaxSolver(AbstractSolver):
+    """A lineax solver on the damped GGN, vmapped over the right-hand sides, with true residuals and restarts.
+
+    The lineax solver (e.g. ``lineax.CG``, ``lineax.GMRES``) solves the scaled
+    systems ``(I + GGN / lambda) y = b / ||b||`` that :class:`CG` solves, each
+    system in its own iteration (``jax.vmap`` over a block of right-hand sides).
+    After it, the true residual of ``H~ x = b`` is recomputed; systems above
+    ``rtol ||b|| + atol`` are solved again for the residual (at most
+    ``max_restarts`` times). :meth:`cg` configures ``lineax.CG`` so that its own
+    stopping test is eq. 9 (2-norm, relative to ``||b||``), since lineax's default
+    test is elementwise.
+
+    Attributes:
+        solver: the lineax solver (an ``lineax.AbstractLinearSolver`` that works on a
+            matrix-free positive semidefinite operator).
+        rtol, atol: judge the result: ``||b - H~ x||_2 <= rtol ||b||_2 + atol``.
+        max_restarts: solves of the residual system while the true residual misses it.
+        rhs_batch_size: systems per vmapped block (None: all).
+        preconditioner: None or a built :class:`cif_jax.precondition.Preconditioner`,
+            passed to lineax as ``options["preconditioner"]``.
+
+    Example:
+        >>> solver = cj.LineaxSolver.cg(rtol=1e-4, max_steps=1000)
+        >>> solver = cj.LineaxSolver(lineax.GMRES(rtol=1e-6, atol=1e-6), rtol=1e-4)
+    """
+
+    solver: object
+    rtol: float = eqx.field(static=True, default=1e-4)
+    atol: float = eqx.field(static=True, default=0.0)
+    max_restarts: int = eqx.field(static=True, default=3)
+    rhs_batch_size: int | None = eqx.field(static=True, default=None)
+    preconditioner: object = None
+
+    def __check_init__(self):
+        import lineax as lx
+
+        if not isinstance(self.solver, lx.AbstractLinearSolver):
+            raise TypeError(f"`LineaxSolver.solver` must be a lineax solver such as lineax.CG(...); got "
+                            f"{type(self.solver).__name__}.")
+        _checks.solver_settings(self.rtol, self.atol, 1, self.max_restarts)
+        _checks.positive_int(self.rhs_batch_size, "LineaxSolver.rhs_batch_size", allow_none=True)
+        if self.preconditioner is not None and not isinstance(self.preconditioner, Preconditioner):
+            raise TypeError("`LineaxSolver.preconditioner` must be None or a built preconditioner; got "
+                            f"{type(self.preconditioner).__name__}.")
+
+    @classmethod
+    def cg(cls, *, rtol: float = 1e-4, max_steps: int = 1000, max_restarts: int = 3, rhs_batch_size=None,
+           preconditioner=None, stabilise_every: int | None = None) -> LineaxSolver:
+        """``lineax.CG`` whose stopping test is eq. 9: 2-norm, ``rtol`` relative to ``||b||``.
+
+        On the normalised scaled system, lineax's test with ``rtol=0``, ``atol=rtol``
+        and a 2-norm is ``||r||_2 <= rtol``. ``stabilise_every=None`` keeps the
+        recursive residual (replacing it periodically made float32 CG diverge on
+        ill-conditioned GGNs; the true residual is checked afterwards instead).
+        """
+        import lineax as lx
+
+        _checks.solver_settings(rtol, 0.0, max_steps, max_restarts)
+        inner = lx.CG(rtol=0.0, atol=rtol, norm=_two_norm, stabilise_every=stabilise_every, max_steps=max_steps)
+        return cls(inner, rtol=rtol, atol=0.0, max_restarts=max_restarts, rhs_batch_size=rhs_batch_size,
+                   preconditioner=preconditioner)
+
+    @property
+    def step_budget(self) -> int:
+        steps = getattr(self.solver, "max_steps", None)
+        return -1 if steps is None else int(steps) * (self.max_restarts + 1)
+
+    def describe(self) -> str:
+        pre = "none" if self.preconditioner is None else self.preconditioner.describe()
+        return (f"lineax({type(self.solver).__name__},rtol={self.rtol:g},atol={self.atol:g},"
+                f"max_restarts={self.max_restarts},preconditioner={pre})")
+
+    def nystrom(self):
+        return self.preconditioner if isinstance(self.preconditioner, NystromPreconditioner) else None
+
+    def solve(self, task, rhs, *, damping, batch_size=None, curvature=None, mesh=None, key=None, progress=False,
+              warn=True):
+        if mesh is not None:
+            raise ValueError("`mesh` applies to cif_jax.CG; LineaxSolver runs on one device.")
+        _checks.task(task)
+        lam = _checks.damping(damping)
+        batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+        rhs = _check_rhs(task, rhs)
+        curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+        _checks.finite_rows(rhs, "right-hand sides", what="row")
+        rhs = rhs.astype(task.dtype)
+        pre = self.preconditioner
+        if pre is not None:
+            pre = pre.check(task, curvature)
+            pre.check_damping(lam)
+            pre = pre.for_jit()
+        num = rhs.shape[0]
+        block = balanced_block(num, self.rhs_batch_size)
+        settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(self.rtol, rhs.dtype), jnp.asarray(self.atol, rhs.dtype))
+        parts = []
+        starts = range(0, num, block)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="lineax solves", unit="block", total=math.ceil(num / block))
+        for start in starts:
+            chunk = rhs[start : start + block]
+            short = block - chunk.shape[0]
+            if short:
+                chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
+            out = _lineax_block(task, chunk, *settings, self.solver, pre, self.max_restarts, batch_size, curvature)
+            parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], out))
+        x, res, steps = (jnp.concatenate(col) for col in zip(*parts))
+        result = SolveResult(x, res, steps, jnp.ones(res.shape, bool))
+        return self._judge(result, rhs, warn, "lineax", "Raise the lineax solver's `max_steps`, increase "
+                           "`damping`, or loosen `rtol`.")
+
+
+@eqx.filter_jit
+def _lineax_block(task, rhs, lam, rtol, atol, lsolver, preconditioner, max_restarts, batch_size, curvature):
+    import lineax as lx
+
+    mv = ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature)
+    p, dtype = rhs.shape[1], rhs.dtype
+    struct = jax.ShapeDtypeStruct((p,), dtype)
+    op = lx.FunctionLinearOperator(lambda y: y + mv(y) / lam, struct, tags=lx.positive_semidefinite_tag)
+    options = {}
+    if preconditioner is not None:
+        minv = preconditioner.inverse(lam)
+        options["preconditioner"] = lx.FunctionLinearOperator(lambda r: minv(r[None])[0], struct,
+                                                              tags=lx.positive_semidefinite_tag)
+
+    def one(b):
+        sol = lx.linear_solve(op, b, lsolver, options=options, throw=False)
+        return sol.value, jnp.asarray(sol.stats["num_steps"], jnp.int32)
+
+    bnorm = jnp.linalg.norm(rhs, axis=1)
+    scale = jnp.where(bnorm > 0, bnorm, jnp.ones((), dtype))
+    bhat = rhs / scale[:, None]
+    target = rtol + atol / scale
+
+    def residual(y):  # true residual of H~ x = b, relative to ||b||, with x = ||b|| y / lambda
+        x = y * (scale / lam)[:, None]
+        return jnp.linalg.norm(rhs - (jax.vmap(mv)(x) + lam * x), axis=1) / scale
+
+    y, steps = jax.vmap(one)(bhat)
+    y = jnp.where(jnp.isfinite(y), y, 0)
+    res = residual(y)
 
     def cond(state):
-        return any_(state[4])
+        _, _, res, k = state
+        return jnp.any(res > target) & (k < max_restarts)
 
     def body(state):
-        x, r, p, rz, active, steps, it = state
-        ap = apply_a(p)
-        pap = dot(p, ap)
-        ok = active & (pap > 0)
-        alpha = jnp.where(ok, rz / jnp.where(pap > 0, pap, 1), 0)
-        x = x + alpha[:, None] * p
-        it = it + 1
-        r = r - alpha[:, None] * ap
-        z = minv(r)
-        rz_new = dot(r, z)
-        beta = jnp.where(ok, rz_new / jnp.where(rz > 0, rz, 1), 0)
-        p = jnp.where(ok[:, None], z + beta[:, None] * p, p)
-        steps = steps + ok.astype(jnp.int32)
-        active = ok & (jnp.linalg.norm(r, axis=1) > target) & (steps < limit) & (rz_new > 0)
-        return x, r, p, jnp.where(ok, rz_new, rz), active, steps, it
+        y, steps, res, k = state
+        redo = res > target
+        r = jnp.where(redo[:, None], bhat - jax.vmap(op.mv)(y), 0)
+        dy, more = jax.vmap(one)(r)
+        y_new = y + jnp.where(jnp.isfinite(dy), dy, 0)
+        res_new = residual(y_new)
+        better = redo & (res_new < res)
+        return (jnp.where(better[:, None], y_new, y), steps + jnp.where(redo, more, 0),
+                jnp.where(better, res_new, res), k + 1)
 
-    init = (x0, r, z, rz, active, steps, jnp.asarray(0, jnp.int32))
-    x, *_, steps, _ = lax.while_loop(cond, body, init)
-    return x, steps
+    y, steps, res, _ = jax.lax.while_loop(cond, body, (y, steps, res, jnp.asarray(0, jnp.int32)))
+    return y * (scale / lam)[:, None], res, steps
 
 
-def cast_floats(tree, dtype):
-    """``tree`` with every floating-point leaf cast to ``dtype`` (integer labels untouched)."""
-    return jax.tree_util.tree_map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+def _check_rhs(task: Task, rhs):
+    rhs = _distributed.as_rows(rhs)
+    p = task.num_params
+    if rhs.ndim != 2 or rhs.shape[1] != p:
+        raise ValueError(f"`rhs` must have shape (R, p) = (R, {p}); got {rhs.shape}.")
+    if rhs.shape[0] == 0:
+        raise ValueError("`rhs` has no rows: nothing to solve.")
+    return rhs
 
 
-def low_precision(mv_of_task, task: Task, product_dtype):
-    """``mv`` in ``product_dtype``: params and inputs cast once, vectors cast in and back out.
+def check_solver(solver) -> AbstractSolver:
+    """``solver=``: None (a default :class:`CG`) or a solver object."""
+    if solver is None:
+        return CG()
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"`solver` must be None or a solver object (cif_jax.CG(...), cif_jax.LiSSA(...), "
+            f"cif_jax.LineaxSolver(...)); got {solver!r}."
+        )
+    return solver
 
-    ``mv_of_task(task) -> mv`` builds the undamped product for a task; the returned
-    function takes and returns rows in the task's dtype.
+
+def solve_ggn(
+    task: Task,
+    rhs: Float[Array, "r p"],
+    *,
+    damping: float,
+    solver: AbstractSolver | None = None,
+    batch_size: int | None = None,
+    curvature=None,
+    mesh=None,
+    key=None,
+    progress: bool = False,
+    warn: bool = True,
+) -> SolveResult:
+    """Solves ``H~ x_r = b_r`` for every row of ``rhs``, reporting true residuals.
+
+    The results do not depend on ``batch_size`` or the solver's ``rhs_batch_size``
+    beyond float rounding: each system runs its own iteration; blocks only share
+    the data passes.
+
+    Args:
+        task: the model snapshot and training data.
+        rhs: (R, p) right-hand sides (for the cache: cluster means, eq. 8; for IF:
+            gradient sums, eq. 3).
+        damping: lambda > 0 of eq. (2).
+        solver: a solver object (None: ``cif_jax.CG()``, preconditioner ``"auto"``).
+        batch_size: examples per chunk of each GGN product (None: all at once).
+        curvature: a :class:`cif_jax.CurvatureSample`: the GGN of a weighted subset of
+            the examples (None: all N).
+        mesh: a ``jax.sharding.Mesh`` to spread the solves over (None: one device). The
+            rows of ``rhs`` are split over its axis ``"rhs"``, each device running its
+            own CG on its share (``rhs_batch_size`` then counts systems per device);
+            the examples are split over its axis ``"data"`` (when it has one) and the
+            GGN products summed across it. ``rhs`` may be a global array whose rows
+            the processes of a multi-process run hold in parts. The results are the
+            single-device ones (to the tolerance and float rounding), whole, in every
+            process. :func:`cif_jax.solver_mesh` builds such a mesh.
+        key: PRNG key of a randomized preconditioner build (None: a fixed key).
+        progress: show progress bars.
+        warn: warn when some system did not meet the tolerance.
+
+    Returns:
+        A :class:`SolveResult`.
     """
-    low = Task(task.apply_fn, task.loss_fn, cast_floats(task.params, product_dtype),
-               cast_floats(task.inputs, product_dtype), task.targets)
-    mv = mv_of_task(low)
-    return lambda v: mv(v.astype(product_dtype)).astype(v.dtype)
-
-
-def inner_rtol(product_dtype) -> float:
-    """Relative tolerance of each refinement's CG in ``product_dtype``: sqrt(machine epsilon).
-
-    Low-precision CG can cut a residual by about ``eps * kappa`` before rounding in its
-    products dominates; asking each inner solve for ``sqrt(eps)`` (3.5e-4 in float32,
-    0.088 in bfloat16) stays above that for the condition numbers met here, and each
-    refinement then gains about that factor on the true residual.
-    """
-    return float(np.sqrt(float(jnp.finfo(product_dtype).eps)))
+    return check_solver(solver).solve(task, rhs, damping=damping, batch_size=batch_size, curvature=curvature,
+                                      mesh=mesh, key=key, progress=progress, warn=warn)
 
 
 @eqx.filter_jit
@@ -152,247 +552,9 @@ def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batc
     build = lambda t: jax.vmap(ggn_matvec_fn(t, batch_size=batch_size, curvature=curvature))
     mv = build(task)
     mv_low = None if product_dtype is None else low_precision(build, task, product_dtype)
-    return _solve_system(mv, inverse_fn(preconditioner, lam), rhs, lam, rtol, atol, max_steps, max_restarts,
-                         mv_low=mv_low, inner=0.0 if product_dtype is None else inner_rtol(product_dtype))
-
-
-def _solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_=jnp.any, mv_low=None, inner=0.0):
-    """The solve of one block, traceable: ``mv`` the undamped GGN on rows, ``minv`` the preconditioner.
-
-    With ``mv_low`` (the same product in a lower precision) the solve is mixed-precision
-    iterative refinement: CG iterates with ``mv_low`` to relative tolerance ``inner``;
-    every restart starts from the residual of the accurate ``mv``, and the reported
-    residuals and the stopping rule are those of ``mv``.
-    """
-    dtype = rhs.dtype
-    lam_ = jnp.asarray(lam, dtype)
-
-    def scaled(y):  # (I + GGN / lambda) y, row by row
-        return y + mv(y) / lam_
-
-    if mv_low is None:
-        cheap = scaled
-    else:
-        def cheap(y):
-            return y + mv_low(y) / lam_
-
-    bnorm = jnp.linalg.norm(rhs, axis=1)
-    scale = jnp.where(bnorm > 0, bnorm, jnp.ones((), dtype))
-    bhat = rhs / scale[:, None]
-    target = jnp.asarray(rtol, dtype) + jnp.asarray(atol, dtype) / scale
-
-    def true_residual(y):  # ||b - H~ x|| / ||b|| with x = ||b|| y / lambda, on the unscaled system
-        x = y * (scale / lam_)[:, None]
-        return jnp.linalg.norm(rhs - (mv(x) + lam_ * x), axis=1) / scale
-
-    limit = jnp.full(rhs.shape[0], max_steps, jnp.int32)
-    inner_ = jnp.asarray(inner, dtype)
-    y, steps = _block_cg(cheap, bhat, jnp.zeros_like(bhat), jnp.maximum(target, inner_), limit, minv, any_)
-    res = true_residual(y)
-    # Mixed precision keeps the best iterate: a refinement that does not lower the true
-    # residual (products too coarse for this operator, e.g. bfloat16 on a stiff GGN) is
-    # undone and ends that system's refinement, so the solve never returns worse than x = 0.
-    stalled = jnp.zeros(rhs.shape[0], bool)
-    if mv_low is not None:
-        worse = ~(res < 1)
-        y = jnp.where(worse[:, None], jnp.zeros_like(y), y)
-        res = jnp.where(worse, jnp.ones_like(res), res)
-        stalled = worse & (jnp.linalg.norm(bhat, axis=1) > 0)
-
-    def cond(state):
-        _, steps, res, stalled, k = state
-        return any_((res > target) & (steps < max_steps) & ~stalled) & (k < max_restarts)
-
-    def body(state):
-        y, steps, res, stalled, k = state
-        # Restart from the current iterate; systems already within tolerance stay frozen
-        # (their explicit initial residual is below target), the budget is what is left.
-        # Aim below the target for systems that missed it: their scaled-system residual can
-        # already sit at the target while the unscaled one, rounded differently, is just above.
-        aim = jnp.where(res > target, 0.5 * target, target)
-        if mv_low is None:
-            y, more = _block_cg(scaled, bhat, y, aim, limit - steps, minv, any_)
-            return y, steps + more, true_residual(y), stalled, k + 1
-        # A refinement step: the accurate residual, then cheap CG on the correction,
-        # asked for a factor `inner` (never below the final aim); stalled systems sit out.
-        r0 = bhat - scaled(y)
-        aim = jnp.where(stalled, jnp.inf, jnp.maximum(aim, inner_ * jnp.linalg.norm(r0, axis=1)))
-        y_new, more = _block_cg(cheap, bhat, y, aim, limit - steps, minv, any_, r0=r0)
-        res_new = true_residual(y_new)
-        better = res_new < res
-        y = jnp.where(better[:, None], y_new, y)
-        return y, steps + more, jnp.where(better, res_new, res), stalled | ~better, k + 1
-
-    y, steps, res, _, _ = lax.while_loop(cond, body, (y, steps, res, stalled, jnp.asarray(0, jnp.int32)))
-    x = y * (scale / lam_)[:, None]
-    return x, res, steps, res <= target
-
-
-def solve_ggn(
-    task: Task,
-    rhs: Float[Array, "r p"],
-    *,
-    damping: float,
-    rtol: float = 1e-4,
-    atol: float = 0.0,
-    max_steps: int = 1000,
-    max_restarts: int = 3,
-    batch_size: int | None = None,
-    rhs_batch_size: int | None = None,
-    curvature=None,
-    preconditioner=None,
-    product_dtype=None,
-    progress: bool = False,
-    warn: bool = True,
-    mesh=None,
-    rhs_axis: str | None = "rhs",
-    data_axis: str | None = None,
-) -> SolveResult:
-    """Solves ``H~ x_r = b_r`` for every row of ``rhs`` by CG, reporting true residuals.
-
-    The results do not depend on ``batch_size`` or ``rhs_batch_size`` beyond float
-    rounding: each system runs its own CG iteration; blocks only share the data
-    passes.
-
-    Args:
-        task: the model snapshot and training data.
-        rhs: (R, p) right-hand sides (for the cache: cluster means, eq. 8; for IF:
-            gradient sums, eq. 3).
-        damping: lambda > 0 of eq. (2).
-        rtol: stop when ``||b - H~ x||_2 <= rtol ||b||_2 + atol`` (eq. 9). In float32
-            CG stalls near 1e-6; ask for less.
-        atol: absolute part of the tolerance (default 0).
-        max_steps: CG iterations per system, restarts included.
-        max_restarts: restarts from the current iterate when the recomputed true
-            residual is above tolerance.
-        batch_size: examples per chunk of each GGN product (None: all at once).
-        rhs_batch_size: at most this many systems solved together per call (None: all).
-            Memory grows with it. The systems are split into equal blocks (50 with
-            at most 16 per block: 4 blocks of 13), the last zero-padded, so one
-            compiled program serves all and little work is spent on padding.
-        curvature: a :class:`cif_jax.CurvatureSample`: the GGN of a weighted subset of
-            the examples (None: all N).
-        preconditioner: None or ``"none"`` (plain CG), ``"jacobi"`` (built here), or a
-            built :class:`cif_jax.NystromPreconditioner` / :class:`cif_jax.JacobiPreconditioner`
-            for this task and curvature. It changes the iteration count, not the
-            tolerance: the stopping rule and the residuals are those of ``H~``.
-        product_dtype: a floating dtype of lower precision than the task's (e.g.
-            ``jnp.float32`` for a float64 task, ``jnp.bfloat16`` for a float32 one) to
-            run the GGN products of the CG iterations in (None: the task's dtype). The
-            solve becomes mixed-precision iterative refinement: each CG pass runs on
-            the cheap products to relative tolerance sqrt(eps) of ``product_dtype``,
-            and every restart starts from the true residual in the task's dtype, so
-            the tolerance, the stopping rule and the reported residuals are exactly
-            those of full precision. Each refinement counts as a restart: raise
-            ``max_restarts`` for tolerances far below sqrt(eps). A refinement that
-            does not lower the true residual is undone and ends that system's
-            refinement (products too coarse for the operator), so the result is
-            never worse than x = 0 and is reported honestly. Measured on LeNet-5
-            (digits, float64 copy of the task, 2 CPU cores, ``benchmarks/``): a
-            float32 product costs a third of a float64 one, but float32 CG needs
-            more iterations (193 against 115 to rtol 1e-8; 97 against 60 to 1e-4),
-            so a solve takes 0.9-0.97x the time; bfloat16 products on the float32
-            task could not refine at damping 1e-3 (the solve returns x = 0 with
-            residual 1 and warns).
-        progress: show a progress bar over blocks of systems.
-        warn: warn when some system did not meet the tolerance.
-        mesh: a ``jax.sharding.Mesh`` to spread the solves over (None: one device).
-            The rows of ``rhs`` are split over ``rhs_axis``, each device running its
-            own CG on its share (``rhs_batch_size`` then counts systems per device);
-            with ``data_axis`` the examples are split over that axis too and the GGN
-            products summed across it. ``rhs`` may be a global array whose rows the
-            processes of a multi-process run hold in parts. The results are the
-            single-device ones (to the tolerance and float rounding), whole, in every
-            process. See :mod:`cif_jax.distributed`.
-        rhs_axis: the mesh axis for the right-hand sides (None: not split).
-        data_axis: the mesh axis for the examples (None: every device holds them all).
-
-    Returns:
-        A :class:`SolveResult`.
-    """
-    _checks.task(task)
-    lam = _checks.damping(damping)
-    rtol, atol, max_steps, max_restarts = _checks.solver_settings(rtol, atol, max_steps, max_restarts)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
-    plan = _distributed.check_mesh(mesh, rhs_axis, data_axis)
-    rhs = _distributed.as_rows(rhs)
-    p = task.num_params
-    if rhs.ndim != 2 or rhs.shape[1] != p:
-        raise ValueError(f"`rhs` must have shape (R, p) = (R, {p}); got {rhs.shape}.")
-    if rhs.shape[0] == 0:
-        raise ValueError("`rhs` has no rows: nothing to solve.")
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    if plan is not None:
-        _distributed.check_task(plan, task, curvature)
-    _distributed.finite_rows(rhs, "right-hand sides", what="row")
-    rhs = rhs.astype(task.dtype)
-    preconditioner = _check_preconditioner(preconditioner, task, curvature, batch_size=batch_size)
-    product_dtype = check_product_dtype(product_dtype, task.dtype)
-    return _solve_rows(task, rhs, lam, rtol, atol, max_steps, int(max_restarts), batch_size, rhs_batch_size,
-                       progress, warn, curvature, preconditioner, plan, product_dtype)
-
-
-def check_product_dtype(product_dtype, task_dtype):
-    """Validates ``product_dtype``: None, or a floating dtype less precise than the task's.
-
-    Returns None when it equals the task's dtype (plain full-precision CG).
-    """
-    if product_dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(product_dtype)
-    except TypeError:
-        raise TypeError(f"`product_dtype` must be a floating dtype such as jnp.float32, got {product_dtype!r}.") \
-            from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"`product_dtype` must be a floating dtype such as jnp.float32, got {dt}.")
-    task_dtype = jnp.dtype(task_dtype)
-    if dt == task_dtype:
-        return None
-    if jnp.finfo(dt).eps < jnp.finfo(task_dtype).eps:
-        raise ValueError(
-            f"`product_dtype={dt}` is more precise than the task ({task_dtype}): mixed precision runs the "
-            "products in a *lower* precision. Cast the task's params and data instead, or pass None."
-        )
-    return dt
-
-
-def _solve_rows(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress, warn,
-                curvature=None, preconditioner=None, plan=None, product_dtype=None):
-    num = rhs.shape[0]
-    preconditioner = for_jit(preconditioner)
-    if plan is None:
-        x, res, steps, ok = _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
-                                         rhs_batch_size, progress, curvature, preconditioner, product_dtype)
-    else:
-        x, res, steps, ok = _distributed.solve_rows(plan, task, rhs, lam, rtol, atol, max_steps, max_restarts,
-                                                    batch_size, rhs_batch_size, progress, curvature, preconditioner,
-                                                    product_dtype)
-    result = SolveResult(x, res, steps, ok)
-    if warn and not bool(ok.all()):
-        bad = np.flatnonzero(~np.asarray(ok))
-        warnings.warn(
-            f"{bad.size} of {num} CG solves did not reach the requested tolerance (rtol={rtol:g}, atol={atol:g}): "
-            f"largest true relative residual {float(res.max()):.3g} (systems {bad[:10].tolist()}). Raise "
-            f"`max_steps` (now {max_steps}), increase `damping`, or loosen `rtol`"
-            + (" (float32 CG stalls near 1e-6)" if rhs.dtype == jnp.float32 else "")
-            + ". The residuals are stored and enter the error bound.",
-            stacklevel=3,
-        )
-    return result
-
-
-def balanced_block(num: int, rhs_batch_size: int | None) -> int:
-    """Systems per block: at most ``rhs_batch_size``, as few blocks, the padding spread thin.
-
-    ``ceil(num / ceil(num / rhs_batch_size))``: 50 systems with at most 16 per block
-    run as 4 blocks of 13 (2 padding systems), not 16 + 16 + 16 + 2 padded to 16 (14).
-    A padding system costs a full product every CG step of its block.
-    """
-    if rhs_batch_size is None or rhs_batch_size >= num:
-        return num
-    return -(-num // -(-num // rhs_batch_size))
+    minv = None if preconditioner is None else preconditioner.inverse(lam)
+    return solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts,
+                        mv_low=mv_low, inner=0.0 if product_dtype is None else inner_rtol(product_dtype))
 
 
 def _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress,

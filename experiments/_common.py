@@ -62,8 +62,10 @@ def finish_args(args, *, quick_dataset: str = "digits", full_dataset: str = "mni
 
 
 def solver_kwargs(args, preconditioner=None) -> dict:
-    return dict(damping=args.damping, rtol=args.rtol, max_steps=args.max_steps, batch_size=args.batch_size,
-                rhs_batch_size=args.rhs_batch_size, preconditioner=preconditioner)
+    """``damping``, ``batch_size`` and a ``cj.CG`` solver from the command line (``preconditioner`` as ``cj.CG``)."""
+    return dict(damping=args.damping, batch_size=args.batch_size,
+                solver=cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
+                             preconditioner=preconditioner))
 
 
 def nystrom(task, args):
@@ -82,10 +84,10 @@ def folds_for(n: int, k: int, seed: int):
     return cfolds.kfold_indices(n, k, seed=seed + k)
 
 
-def build_cache(task, args, *, num_clusters: int, sketch_dim: int = 32, normalize: bool = False, preconditioner=None,
-                seed: int | None = None, correction="calibrated"):
+def build_cache(task, args, *, num_clusters: int, sketch_dim: int = 32, normalize: bool = False,
+                preconditioner="auto", seed: int | None = None, correction="calibrated"):
     """A CiF cache (with the library's default correction unless told otherwise); warnings
-    (dominant cluster) are returned, not printed."""
+    (dominant cluster) are returned, not printed. ``preconditioner`` as ``cj.CG`` (None: plain CG)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cache = cj.build_cache(task, num_clusters=num_clusters, sketch_dim=sketch_dim,

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cif_jax as cj
+
 import _common as ec
 from benchmarks.common import WORKDIR
 from cif_jax import correction as ccorr
@@ -120,8 +122,8 @@ def _reference(task, args, chunk: int = 256):
         if not os.path.exists(part):
             t0 = time.perf_counter()
             res = ec.cj.solve_ggn(task, jnp.asarray(g[start:start + chunk], task.dtype), damping=args.damping,
-                                  rtol=args.rtol, max_steps=args.max_steps, batch_size=args.batch_size,
-                                  rhs_batch_size=32, preconditioner=pre, warn=False)
+                                  solver=ec.cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=32, preconditioner=pre), batch_size=args.batch_size,
+                                  warn=False)
             tmp = part + ".tmp.npz"
             np.savez(tmp, x=np.asarray(res.solutions), residuals=np.asarray(res.residuals),
                      steps=np.asarray(res.num_steps), seconds=time.perf_counter() - t0)

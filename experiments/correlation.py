@@ -111,14 +111,14 @@ def main():
         retrain_grad = float(np.asarray(re.grad_norm).max())
 
         t = time.perf_counter()
-        res = cj.influence_solve(task, folds, damping=args.damping, rtol=rtol, max_steps=args.max_steps)
+        res = cj.influence_solve(task, folds, damping=args.damping, solver=cj.CG(rtol=rtol, max_steps=args.max_steps))
         g_eval = cj.mean_subset_gradients(task, folds)
         scores["IF"] = np.asarray((res.solutions * g_eval).sum(axis=1))
         seconds["IF"] = time.perf_counter() - t
 
         t = time.perf_counter()
         cache = cj.build_cache(task, num_clusters=args.clusters, sketch_dim=args.sketch_dim, damping=args.damping,
-                               rtol=rtol, max_steps=args.max_steps, key=jax.random.key(args.seed),
+                               solver=cj.CG(rtol=rtol, max_steps=args.max_steps), key=jax.random.key(args.seed),
                                normalize_sketches=True)
         scores["CiF"] = np.asarray(cj.fold_loss_delta(cache, task, folds))
         seconds["CiF"] = time.perf_counter() - t

@@ -92,16 +92,16 @@ def faithfulness(model, seed, lam, data, args, rng, *, groups, results):
     pos = {int(i): j for j, i in enumerate(pool)}
     local = [np.array([pos[int(i)] for i in s]) for s in sets]
     t1 = time.perf_counter()
-    terms = cj.interaction_terms(task, target, pool, damping=lam, rtol=1e-10)
+    terms = cj.interaction_terms(task, target, pool, damping=lam, solver=cj.CG(rtol=1e-10))
     f_, i_, fi = (np.asarray(a) for a in cj.group_influence(terms, local))
     exact_seconds = time.perf_counter() - t1
     t2 = time.perf_counter()
-    fb = cj.second_order_group_influence(task, target, sets, damping=lam, rtol=1e-10)
+    fb = cj.second_order_group_influence(task, target, sets, damping=lam, solver=cj.CG(rtol=1e-10))
     fb_seconds = time.perf_counter() - t2
     preds = {"F": f_, "F+B": np.asarray(fb.total), "F+I": fi, "F+I+B": fi + np.asarray(fb.correction)}
     for c in (10, 50):
         cache = cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=lam, key=jax.random.key(c),
-                               rtol=1e-10, normalize_sketches=True)
+                               solver=cj.CG(rtol=1e-10), normalize_sketches=True)
         ct = cj.cache_interaction_terms(cache, target, task=task)
         preds[f"CiF F+I (C={c})"] = np.asarray(cj.group_influence(ct, sets)[2])
         bound = cj.interaction_error_bound(cache, target, sets, task=task)
@@ -137,7 +137,7 @@ def class_pairs(task, target, y, k, lam, rng, args):
     """Mean I_ij per class pair on a pool of training examples (seed 003, Fig. 2)."""
     n = task.num_examples
     pair_pool = rng.choice(n, size=min(args.pair_pool, n), replace=False)
-    pt = cj.interaction_terms(task, target, pair_pool, damping=lam, rtol=1e-10)
+    pt = cj.interaction_terms(task, target, pair_pool, damping=lam, solver=cj.CG(rtol=1e-10))
     pair = np.asarray(pt.coords) @ np.asarray(pt.curved).T
     labels = np.asarray(y)[pair_pool]
     mat = np.full((k, k), np.nan)

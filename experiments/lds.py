@@ -119,14 +119,12 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
     scores, seconds = {}, {}
     g_train, t_g = timed(lambda: cj.per_example_grads(task))
     g_test, _ = timed(lambda: cj.per_example_grads(cj.Task(apply, loss, params, xt, yt)))
-    sol, t_if = timed(lambda: cj.solve_ggn(task, g_test, damping=lam, rtol=args.rtol or 1e-8,
-                                           max_steps=args.max_steps).solutions)
+    sol, t_if = timed(lambda: cj.solve_ggn(task, g_test, damping=lam, solver=cj.CG(rtol=args.rtol or 1e-8, max_steps=args.max_steps)).solutions)
     scores["IF"] = np.asarray(sol @ g_train.T) / n
     seconds["IF"] = t_if + t_g
     for c in settings["clusters"]:
         cache, t_c = timed(lambda: cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=lam,
-                                                  rtol=args.rtol or 1e-8, max_steps=args.max_steps,
-                                                  key=jax.random.key(c), normalize_sketches=True))
+                                                  solver=cj.CG(rtol=args.rtol or 1e-8, max_steps=args.max_steps), key=jax.random.key(c), normalize_sketches=True))
         alphas, t_a = timed(lambda: cj.cluster_alphas(cache, g_test))
         scores[f"CiF C={c}"] = np.asarray(alphas)[:, np.asarray(cache.assignments)] / n
         seconds[f"CiF C={c}"] = t_c + t_a

@@ -121,8 +121,9 @@ def main():
     n = task.num_examples
     sizes = [m for m in sizes if m < n]
     lam = args.damping
-    kw = dict(damping=lam, rtol=args.sample_rtol, max_steps=args.max_steps, batch_size=args.batch_size,
-              rhs_batch_size=args.rhs_batch_size, max_restarts=6)
+    kw = dict(damping=lam, batch_size=args.batch_size,
+              solver=cj.CG(rtol=args.sample_rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
+                           max_restarts=6, preconditioner=None))
 
     # Test gradients and the reference on the full GGN.
     test_x, test_y = ds.x_test[: args.test_points], ds.y_test[: args.test_points]

@@ -99,8 +99,7 @@ def main():
 
     # Terms over the whole pool: one call gives F, I and B ([delta, h, delta] / [H_f delta, delta, h]).
     t1 = time.perf_counter()
-    full = cj.second_order_terms(task, target, np.arange(n), damping=args.damping, interaction=True, rtol=rtol,
-                                 max_steps=args.max_steps, rhs_batch_size=None)
+    full = cj.second_order_terms(task, target, np.arange(n), damping=args.damping, interaction=True, solver=cj.CG(rtol=rtol, max_steps=args.max_steps, rhs_batch_size=None))
     terms_seconds = time.perf_counter() - t1
     q = task.num_params
     first = full.first_order
@@ -112,8 +111,7 @@ def main():
         "F+I+B": full,
     }
     t2 = time.perf_counter()
-    cache = cj.build_cache(task, correction=None, num_clusters=args.clusters, sketch_dim=32, damping=args.damping, rtol=rtol,
-                           max_steps=args.max_steps, key=jax.random.key(args.seed + 1), normalize_sketches=True)
+    cache = cj.build_cache(task, correction=None, num_clusters=args.clusters, sketch_dim=32, damping=args.damping, solver=cj.CG(rtol=rtol, max_steps=args.max_steps), key=jax.random.key(args.seed + 1), normalize_sketches=True)
     terms[f"F+I (cache C={args.clusters})"] = cj.cache_interaction_terms(cache, target, task=task)
     terms["F+I (cache I, exact F)"] = cj.cache_interaction_terms(cache, target, task=task, first_order="exact")
     cache_seconds = time.perf_counter() - t2

@@ -138,14 +138,13 @@ def test_grads(task, xt, yt, summed):
 def if_scores(task, xt, yt, lam, args, summed=False):
     g_train = cj.per_example_grads(task)
     g_test = test_grads(task, xt, yt, summed)
-    sol = cj.solve_ggn(task, g_test, damping=lam, rtol=1e-8, max_steps=args.max_steps).solutions
+    sol = cj.solve_ggn(task, g_test, damping=lam, solver=cj.CG(rtol=1e-8, max_steps=args.max_steps)).solutions
     out = np.asarray(sol @ g_train.T) / task.num_examples
     return out[0] if summed else out
 
 
 def cif_scores(task, xt, yt, lam, args, clusters, summed=False):
-    cache = cj.build_cache(task, correction=None, num_clusters=clusters, sketch_dim=32, damping=lam, rtol=1e-8,
-                           max_steps=args.max_steps, key=jax.random.key(clusters), normalize_sketches=True)
+    cache = cj.build_cache(task, correction=None, num_clusters=clusters, sketch_dim=32, damping=lam, solver=cj.CG(rtol=1e-8, max_steps=args.max_steps), key=jax.random.key(clusters), normalize_sketches=True)
     g_test = test_grads(task, xt, yt, summed)
     out = np.asarray(cj.cluster_alphas(cache, g_test))[:, np.asarray(cache.assignments)] / task.num_examples
     return out[0] if summed else out
@@ -285,14 +284,13 @@ def mislabel_part(x, y, xt, yt, args, settings):
     # paper's g_i . v_c(i) / N alone.
     def if_self():
         g = cj.per_example_grads(task)
-        sol = cj.solve_ggn(task, g, damping=args.damping, rtol=1e-8, max_steps=args.max_steps,
-                           rhs_batch_size=256).solutions
+        sol = cj.solve_ggn(task, g, damping=args.damping, solver=cj.CG(rtol=1e-8, max_steps=args.max_steps, rhs_batch_size=256)).solutions
         return jnp.sum(g * sol, axis=1) / n
 
     scores["IF self"], seconds["IF self"] = timed(if_self)
     for c in (10, 50):
         cache, t_build = timed(lambda c=c: cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=args.damping,
-                                                          rtol=1e-8, max_steps=args.max_steps, key=jax.random.key(c),
+                                                          solver=cj.CG(rtol=1e-8, max_steps=args.max_steps), key=jax.random.key(c),
                                                           normalize_sketches=True))
         scores[f"CiF self C={c}"], t_q = timed(lambda cache=cache: cj.self_influence(cache, task))
         seconds[f"CiF self C={c}"] = t_build + t_q
@@ -414,8 +412,7 @@ def cost_part(x, y, xt, yt, args, settings):
                 return cj.stride_scores(ops, Ht, classes=yt).coef
 
         def cif_setup():
-            return cj.build_cache(task, correction=None, num_clusters=50, sketch_dim=32, damping=lam, rtol=1e-6,
-                                  max_steps=args.max_steps, key=jax.random.key(0))
+            return cj.build_cache(task, correction=None, num_clusters=50, sketch_dim=32, damping=lam, solver=cj.CG(rtol=1e-6, max_steps=args.max_steps), key=jax.random.key(0))
 
         def warm(fn):  # the second call: compiled
             fn()
@@ -425,8 +422,7 @@ def cost_part(x, y, xt, yt, args, settings):
         ops, timing["STRIDE setup"] = warm(stride_setup)
         _, timing["STRIDE query"] = warm(lambda: stride_query(ops))
         g_train, timing["IF setup"] = warm(lambda: cj.per_example_grads(task))
-        _, timing["IF query"] = warm(lambda: cj.solve_ggn(task, cj.per_example_grads(test), damping=lam, rtol=1e-6,
-                                                          max_steps=args.max_steps).solutions @ g_train.T)
+        _, timing["IF query"] = warm(lambda: cj.solve_ggn(task, cj.per_example_grads(test), damping=lam, solver=cj.CG(rtol=1e-6, max_steps=args.max_steps)).solutions @ g_train.T)
         cache, timing["CiF setup"] = warm(cif_setup)
         _, timing["CiF query"] = warm(lambda: cj.cluster_alphas(cache, cj.per_example_grads(test)))
         _, timing["TRAK setup+query"] = warm(lambda: cj.trak(task, xt, yt, sketch_dim=settings["trak_dim"],

@@ -33,8 +33,9 @@ SAMPLE_IDX = np.arange(1, 46, 3)
 SAMPLE_W = np.linspace(0.5, 2.0, SAMPLE_IDX.size)
 
 
-def _solve(task, rhs, **kw):
-    return cj.solve_ggn(task, rhs, damping=LAM, rtol=RTOL, **kw)
+def _solve(task, rhs, *, rhs_batch_size=None, preconditioner=None, **kw):
+    return cj.solve_ggn(task, rhs, damping=LAM, solver=cj.CG(rtol=RTOL, rhs_batch_size=rhs_batch_size,
+                                                             preconditioner=preconditioner), **kw)
 
 
 def _compare(out, sharded, single, dense, prefix):
@@ -66,14 +67,14 @@ def main() -> dict:
     # 2. Per-query IF with the Q systems over the devices (same compiled solves as 1).
     subsets = random_subsets()
     want = dense_influence(problem, masks_of(subsets))
-    got = cj.influence(task, subsets, damping=LAM, rtol=RTOL, rhs_batch_size=RHS_BATCH, mesh=rhs_mesh, progress=True)
-    ref = cj.influence(task, subsets, damping=LAM, rtol=RTOL, rhs_batch_size=RHS_BATCH)
+    got = cj.influence(task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH), mesh=rhs_mesh, progress=True)
+    ref = cj.influence(task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH))
     out["influence_vs_single"] = row_rel_err(got, ref)
     out["influence_vs_dense"] = row_rel_err(got, want)
 
     # 3. The cache: the C = 5 cluster solves over 2 devices (same compiled solves as 1).
-    kw = dict(num_clusters=5, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0), rtol=RTOL,
-              rhs_batch_size=RHS_BATCH)
+    kw = dict(num_clusters=5, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0),
+              solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
         plain = cj.build_cache(task, **kw)
@@ -94,7 +95,7 @@ def main() -> dict:
     pre = cj.jacobi_preconditioner(task, curvature=sample)
     grid = Mesh(np.array(devices[:4]).reshape(2, 2), ("rhs", "data"))
     single = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH)
-    sharded = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH, mesh=grid, data_axis="data")
+    sharded = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH, mesh=grid)
     _compare(out, sharded, single, dense_solve(ggn_s, rhs), "grid")
 
     # 5. A right-hand side of NaNs is refused on the sharded path too.
@@ -106,15 +107,15 @@ def main() -> dict:
     except ValueError as err:
         out["nan_refused"] = str(err)
 
-    # 6. A mesh axis of 2 devices named neither as rhs_axis nor as data_axis is refused.
+    # 6. A mesh axis of 2 devices named neither "rhs" nor "data" is refused.
     try:
-        _solve(task, rhs, mesh=grid)
+        _solve(task, rhs, mesh=Mesh(np.array(devices[:4]).reshape(2, 2), ("rhs", "model")))
         out["unnamed_axis_refused"] = ""
     except ValueError as err:
         out["unnamed_axis_refused"] = str(err)
     one = cj.Task(task.apply_fn, task.loss_fn, task.params, task.inputs[:1], task.targets[:1])
     try:
-        _solve(one, rhs, mesh=data_mesh, rhs_axis=None, data_axis="data")
+        _solve(one, rhs, mesh=data_mesh)
         out["too_few_examples_refused"] = ""
     except ValueError as err:
         out["too_few_examples_refused"] = str(err)

@@ -240,8 +240,7 @@ def cache_for(name: str, dtype: str = "float64", rtol: float = RTOL, num_cluster
         warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
         return cj.build_cache(
             problem.task, num_clusters=num_clusters, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0),
-            rtol=rtol, correction=correction,
-        )
+            solver=cj.CG(rtol=rtol, preconditioner=None), correction=correction)
 
 
 # -- dense helpers ----------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_influence_runs_through_adapter(adapter):
     grads, ggn = _hand_references(task, layout, offset)
     subsets = random_subsets()
     want = dense_solve(ggn, masks_of(subsets).astype(np.float64) @ grads) / N
-    got = cj.influence(task, subsets, damping=LAM, rtol=RTOL)
+    got = cj.influence(task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL))
     assert row_rel_err(got, want) < 1e-9
 
 

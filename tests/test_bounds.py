@@ -33,7 +33,7 @@ def tight():
 def loose(problem):
     with pytest.warns(UserWarning, match="did not reach"):
         return cj.build_cache(problem.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
-                              key=jax.random.key(0), rtol=RTOL, max_steps=2, correction=None)
+                              key=jax.random.key(0), solver=cj.CG(rtol=RTOL, max_steps=2, preconditioner=None), correction=None)
 
 
 def _reference(problem, cache):

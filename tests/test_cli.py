@@ -33,13 +33,15 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
     assert result["speedup"] > 0 and math.isfinite(result["speedup"])
     assert (out / "cif_vs_if.png").stat().st_size > 0 and (out / "times.png").stat().st_size > 0
     assert (out / "cache.npz").exists()
-    assert result["preconditioner"]["kind"] == "none"
+    # The default: the correction's Nystrom factors (rank min(256, p)) precondition every solve.
+    assert result["preconditioner"]["kind"] == f"nystrom(rank={min(256, result['num_params'])})"
+    assert result["preconditioner"]["choice"] == "shared Nystrom factors"
     # A second run loads the checkpoint instead of retraining; with a shared Nystrom
     # preconditioner the solves meet the same true tolerance.
     assert main(argv + ["--no-plots", "--preconditioner", "nystrom", "--rank", "8"]) == 0
     second = json.loads((out / "results.json").read_text())
     assert second["trained_or_loaded"] == "loaded"
-    assert second["preconditioner"]["kind"] == "nystrom" and second["preconditioner"]["rank"] == 8
+    assert second["preconditioner"]["kind"] == "nystrom(rank=8)" and second["preconditioner"]["rank"] == 8
     assert all(row["if_max_residual"] <= 1e-4 * 1.01 for row in second["per_k"])
     assert max(second["cache"]["residuals"]) <= 1e-4 * 1.01
     assert "Spearman" in capsys.readouterr().out

@@ -23,10 +23,9 @@ TOL = 1e-9
 FOLDS = [np.arange(k, N, 6) for k in range(6)]  # 6 folds of 8: a partition
 
 
-def _build(problem, correction, *, num_clusters=NUM_CLUSTERS, preconditioner=None):
+def _build(problem, correction, *, num_clusters=NUM_CLUSTERS, preconditioner="auto"):
     return cj.build_cache(problem.task, num_clusters=num_clusters, sketch_dim=SKETCH_DIM, damping=LAM,
-                          key=jax.random.key(0), rtol=RTOL, batch_size=BATCH, correction=correction,
-                          preconditioner=preconditioner)
+                          key=jax.random.key(0), solver=cj.CG(rtol=RTOL, preconditioner=preconditioner), batch_size=BATCH, correction=correction)
 
 
 @pytest.fixture(scope="module", params=PROBLEMS)

@@ -47,7 +47,8 @@ def no_work(monkeypatch):
     for module, names in {
         "cif_jax.solve": ("_solve_block",),
         "cif_jax.distributed": ("solve_rows", "_sharded_block"),
-        "cif_jax.cache": ("_sketch_pass", "_means_pass", "_solve_rows", "nystrom_preconditioner"),
+        "cif_jax.cache": ("_sketch_pass", "_means_pass", "nystrom_preconditioner"),
+        "cif_jax.precondition": ("auto_nystrom", "_jacobi", "_products"),
         "cif_jax.correction": ("_terms_pass",),
         "cif_jax.influence": ("_subset_gradient_sums",),
     }.items():
@@ -71,20 +72,13 @@ def _calls(task, rhs):
     "kwargs, error, match",
     [
         (dict(mesh="gpu"), TypeError, "must be a `jax.sharding.Mesh`"),
-        (dict(mesh=None, data_axis="data"), ValueError, "`data_axis` needs a `mesh`"),
-        (dict(mesh=None, rhs_axis="x"), ValueError, "`rhs_axis` = 'x' needs a `mesh`"),
-        (dict(mesh="one", rhs_axis="x"), ValueError,
-         r"`rhs_axis` = 'x' is not an axis of the mesh \(its axes: \('rhs',\)\)"),
-        (dict(mesh="one", data_axis="data"), ValueError, "`data_axis` = 'data' is not an axis"),
-        (dict(mesh="one", rhs_axis=None), ValueError, "both None"),
-        (dict(mesh="one", data_axis="rhs"), ValueError, "must be different mesh axes"),
-        (dict(mesh="one", rhs_axis=3), TypeError, "mesh axis name"),
+        (dict(mesh="named", names=("batch",)), ValueError, r"the mesh has axes \('batch',\).*'rhs'"),
     ],
 )
 def test_mesh_arguments_are_checked_before_any_work(no_work, kwargs, error, match):
     problem = softmax_problem()
-    if kwargs.get("mesh") == "one":
-        kwargs = dict(kwargs, mesh=_one_device_mesh())
+    if kwargs.get("mesh") == "named":
+        kwargs = dict(mesh=_one_device_mesh(kwargs["names"][0]))
     for call in _calls(problem.task, problem.grads[:2]):
         with pytest.raises(error, match=match):
             call(**kwargs)
@@ -123,7 +117,7 @@ def test_rhs_layout_places_every_row_once(num, shards, block):
 @pytest.mark.parametrize("num, cap, want", [(50, 16, 13), (48, 16, 16), (5, 2, 2), (7, 3, 3), (10, None, 10),
                                             (3, 8, 3), (17, 16, 9)])
 def test_balanced_blocks(num, cap, want):
-    from cif_jax.solve import balanced_block
+    from cif_jax._cg import balanced_block
 
     assert balanced_block(num, cap) == want
 
@@ -232,6 +226,6 @@ def test_sharded_cache_equals_the_plain_cache(forced_devices):
 
 def test_sharded_path_refuses_bad_input(forced_devices):
     assert "NaN or Inf for 1 row(s), e.g. [3]" in forced_devices["nan_refused"]
-    assert "mesh axis 'data' has 2 devices but is neither" in forced_devices["unnamed_axis_refused"]
+    assert "mesh axis 'model' has 2 devices but is neither" in forced_devices["unnamed_axis_refused"]
     # Two data shards need two examples: one would leave a shard with none.
     assert "has 2 devices but there are only 1 training examples" in forced_devices["too_few_examples_refused"]

@@ -18,12 +18,14 @@ from _models import LAM, N, NUM_CLUSTERS, NUM_QUERIES, SKETCH_DIM, cache_for, cr
 
 _EXPENSIVE = {
     "cif_jax.gradients": ("_per_example_grads", "_subset_gradient_sums"),
-    "cif_jax.influence": ("_subset_gradient_sums", "solve_ggn"),
+    "cif_jax.influence": ("_subset_gradient_sums",),
     "cif_jax.queries": ("_subset_gradient_sums",),
     "cif_jax.bounds": ("_subset_gradient_sums",),
-    "cif_jax.cache": ("_sketch_pass", "_means_pass", "_solve_rows", "kmeans_fit", "nystrom_preconditioner"),
+    "cif_jax.cache": ("_sketch_pass", "_means_pass", "kmeans_fit", "nystrom_preconditioner"),
+    "cif_jax.precondition": ("auto_nystrom", "_jacobi", "_products"),
+    "cif_jax.kfac": ("_build",),
     "cif_jax.correction": ("_terms_pass", "per_example_grads"),
-    "cif_jax.solve": ("_solve_block",),
+    "cif_jax.solve": ("_solve_block", "_lineax_block"),
     "cif_jax.ggn": ("_apply_damped", "_damped_operator"),
 }
 
@@ -177,27 +179,40 @@ def test_damping_must_be_positive_and_finite(task, problem, no_work, damping):
 
 
 def test_zero_tolerance_is_refused(task, problem, no_work):
+    # Solver settings are checked when the solver object is made, before any call.
     with pytest.raises(ValueError, match="`rtol` and `atol` are both 0"):
-        _build(task, rtol=0.0, atol=0.0)
-    with pytest.raises(ValueError, match="`rtol` and `atol` are both 0"):
-        cj.solve_ggn(task, problem.grads[:2], damping=LAM, rtol=0.0)
+        cj.CG(rtol=0.0, atol=0.0)
 
 
-@pytest.mark.parametrize("settings", [dict(rtol=0.0), dict(max_steps=0), dict(rhs_batch_size=0)])
-def test_influence_checks_solver_settings_before_the_gradient_pass(task, no_work, settings):
-    with pytest.raises(ValueError, match="rtol|max_steps|rhs_batch_size"):
+@pytest.mark.parametrize("settings", [dict(rhs_batch_size=0), dict(batch_size=0), dict(solver="cg"),
+                                      dict(mesh="gpu")])
+def test_influence_checks_its_settings_before_the_gradient_pass(task, no_work, settings):
+    with pytest.raises((TypeError, ValueError), match="rhs_batch_size|batch_size|solver|mesh"):
+        if "rhs_batch_size" in settings:
+            settings = dict(solver=cj.CG(**settings))
         cj.influence(task, [np.arange(3)], damping=LAM, **settings)
+
+
+@pytest.mark.parametrize("preconditioner", ["auto", "nystrom", "jacobi", "kfac", "ekfac"])
+def test_preconditioner_builds_wait_for_valid_input(task, problem, no_work, preconditioner):
+    solver = cj.CG(preconditioner=preconditioner)
+    with pytest.raises(ValueError, match="`damping`"):
+        cj.solve_ggn(task, problem.grads[:8], damping=-1.0, solver=solver)
+    with pytest.raises(ValueError, match="right-hand sides contain NaN"):
+        cj.solve_ggn(task, np.full((8, problem.num_params), np.nan), damping=LAM, solver=solver)
+    with pytest.raises(ValueError, match="`num_clusters`"):
+        _build(task, num_clusters=N + 1, solver=solver)
 
 
 def test_other_bad_settings(task, problem, no_work):
     with pytest.raises(ValueError, match="`rtol` must be finite and >= 0"):
-        _build(task, rtol=-1e-3)
+        cj.CG(rtol=-1e-3)
     with pytest.raises(ValueError, match="`max_steps` must be at least 1"):
-        _build(task, max_steps=0)
+        cj.CG(max_steps=0)
     with pytest.raises(ValueError, match="`batch_size` must be at least 1"):
         cj.per_example_grads(task, batch_size=0)
     with pytest.raises(ValueError, match="`max_restarts`"):
-        cj.solve_ggn(task, problem.grads[:2], damping=LAM, max_restarts=-1)
+        cj.CG(max_restarts=-1)
     with pytest.raises(ValueError, match=r"`rhs` must have shape \(R, p\)"):
         cj.solve_ggn(task, problem.grads[:2, :-1], damping=LAM)
     with pytest.raises(ValueError, match=r"`vectors` must have shape \(k, p\)"):

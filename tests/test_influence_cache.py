@@ -53,18 +53,18 @@ def _dense_residuals(problem, means, responses):
 def test_influence_matches_dense_solve(problem):
     subsets = random_subsets()
     want = dense_influence(problem, masks_of(subsets))
-    got = cj.influence(problem.task, subsets, damping=LAM, rtol=RTOL)
+    got = cj.influence(problem.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL))
     assert got.shape == (NUM_QUERIES, problem.num_params)
     assert got.dtype == jnp.float64
     assert row_rel_err(got, want) < SOLVE_TOL
     # The same subsets as a boolean mask give the same answer.
-    by_mask = cj.influence(problem.task, masks_of(subsets), damping=LAM, rtol=RTOL)
+    by_mask = cj.influence(problem.task, masks_of(subsets), damping=LAM, solver=cj.CG(rtol=RTOL))
     np.testing.assert_allclose(np.asarray(by_mask), np.asarray(got), rtol=1e-13, atol=0)
 
 
 def test_influence_solve_reports_true_residuals(softmax):
     subsets = random_subsets()
-    res = cj.influence_solve(softmax.task, subsets, damping=LAM, rtol=RTOL)
+    res = cj.influence_solve(softmax.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL))
     sums = masks_of(subsets).astype(np.float64) @ softmax.grads
     dense = _dense_residuals(softmax, sums, np.asarray(res.solutions) * N)
     assert bool(res.converged.all())
@@ -157,7 +157,7 @@ def test_one_cluster_per_example_is_influence(softmax):
     for seed in range(3):
         subsets = random_subsets(seed=10 + seed)
         cif = cj.param_delta(cache, subsets)
-        per_query = cj.influence(softmax.task, subsets, damping=LAM, rtol=RTOL)
+        per_query = cj.influence(softmax.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL))
         assert row_rel_err(cif, per_query) < 1e-10
         assert row_rel_err(cif, dense_influence(softmax, masks_of(subsets))) < 1e-10
 
@@ -165,7 +165,7 @@ def test_one_cluster_per_example_is_influence(softmax):
 def test_normalized_sketches_change_only_the_partition(softmax):
     ref = cache_for("softmax")
     cache = cj.build_cache(softmax.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
-                           key=jax.random.key(0), rtol=RTOL, normalize_sketches=True)
+                           key=jax.random.key(0), solver=cj.CG(rtol=RTOL), normalize_sketches=True)
     assert cache.normalize_sketches and not ref.normalize_sketches
     # The stored sketches are the raw ones; k-means saw them normalised.
     np.testing.assert_allclose(np.asarray(cache.sketches), np.asarray(ref.sketches), rtol=1e-13, atol=1e-15)
@@ -179,9 +179,8 @@ def test_normalized_sketches_change_only_the_partition(softmax):
 
 def test_influence_does_not_depend_on_batch_sizes(softmax):
     subsets = random_subsets(seed=2)
-    ref = cj.influence(softmax.task, subsets, damping=LAM, rtol=RTOL)
-    chunked = cj.influence(softmax.task, subsets, damping=LAM, rtol=RTOL, batch_size=BATCH,
-                           rhs_batch_size=RHS_BATCH)
+    ref = cj.influence(softmax.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL))
+    chunked = cj.influence(softmax.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH), batch_size=BATCH)
     assert row_rel_err(chunked, ref) < 1e-11
 
 
@@ -189,7 +188,7 @@ def test_cache_does_not_depend_on_batch_sizes(softmax):
     ref = cache_for("softmax")
     # N = 48 in chunks of 7 (short last chunk); C = 5 systems in blocks of 2 (zero-padded last block).
     chunked = cj.build_cache(softmax.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
-                             key=jax.random.key(0), rtol=RTOL, batch_size=BATCH, rhs_batch_size=RHS_BATCH)
+                             key=jax.random.key(0), solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH), batch_size=BATCH)
     np.testing.assert_allclose(np.asarray(chunked.sketches), np.asarray(ref.sketches), rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(np.asarray(chunked.assignments), np.asarray(ref.assignments))
     assert row_rel_err(chunked.means, ref.means) < 1e-13
@@ -207,7 +206,7 @@ def test_cache_does_not_depend_on_batch_sizes(softmax):
 def test_early_stop_is_caught_and_residuals_are_true(softmax):
     with pytest.warns(UserWarning, match="did not reach"):
         loose = cj.build_cache(softmax.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
-                               key=jax.random.key(0), rtol=RTOL, max_steps=2, correction=None)
+                               key=jax.random.key(0), solver=cj.CG(rtol=RTOL, max_steps=2, preconditioner=None), correction=None)
     a, mu, _, _ = _dense_cache_reference(softmax, loose)
     dense = _dense_residuals(softmax, mu, loose.responses)
     np.testing.assert_allclose(np.asarray(loose.residuals), dense, rtol=1e-10)
@@ -215,7 +214,7 @@ def test_early_stop_is_caught_and_residuals_are_true(softmax):
     np.testing.assert_array_equal(np.asarray(loose.num_steps), 2)
 
     with pytest.warns(UserWarning, match="did not reach"):
-        res = cj.solve_ggn(softmax.task, mu, damping=LAM, rtol=RTOL, max_steps=2)
+        res = cj.solve_ggn(softmax.task, mu, damping=LAM, solver=cj.CG(rtol=RTOL, max_steps=2, preconditioner=None))
     assert not bool(res.converged.any())
     np.testing.assert_allclose(np.asarray(res.residuals), _dense_residuals(softmax, mu, res.solutions), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(res.solutions), np.asarray(loose.responses), rtol=1e-12)
@@ -224,7 +223,7 @@ def test_early_stop_is_caught_and_residuals_are_true(softmax):
 def test_zero_right_hand_side_is_solved_exactly(softmax):
     rhs = dense_means(softmax.grads, cache_for("softmax").assignments, NUM_CLUSTERS)
     rhs[2] = 0.0
-    res = cj.solve_ggn(softmax.task, rhs, damping=LAM, rtol=RTOL)
+    res = cj.solve_ggn(softmax.task, rhs, damping=LAM, solver=cj.CG(rtol=RTOL))
     assert bool(res.converged.all())
     assert float(res.residuals[2]) == 0.0 and not np.any(np.asarray(res.solutions[2]))
     assert row_rel_err(np.delete(np.asarray(res.solutions), 2, 0), dense_solve(softmax.ggn, np.delete(rhs, 2, 0))) \
@@ -237,7 +236,7 @@ def test_zero_right_hand_side_is_solved_exactly(softmax):
 def test_float32_influence_and_cache():
     p32 = softmax_problem("float32")
     subsets = random_subsets()
-    got = cj.influence(p32.task, subsets, damping=LAM, rtol=1e-5)
+    got = cj.influence(p32.task, subsets, damping=LAM, solver=cj.CG(rtol=1e-5))
     assert got.dtype == jnp.float32
     assert row_rel_err(got, dense_influence(p32, masks_of(subsets))) < 1e-4
 
@@ -254,7 +253,7 @@ def test_float32_influence_and_cache():
     assert np.all(dense <= 5e-5)
 
     # A float32 solve at rtol 1e-4 meets it.
-    res = cj.solve_ggn(p32.task, mu, damping=LAM, rtol=1e-4)
+    res = cj.solve_ggn(p32.task, mu, damping=LAM, solver=cj.CG(rtol=1e-4))
     assert res.solutions.dtype == jnp.float32 and res.residuals.dtype == jnp.float32
     assert bool(res.converged.all()) and np.all(np.asarray(res.residuals) <= 1e-4)
     assert np.all(_dense_residuals(p32, mu, res.solutions) <= 2e-4)
@@ -313,7 +312,7 @@ def logistic():
 
     theta0 = minimise(jnp.ones(LOO_N), flat0)
     task = cj.Task(_logistic_apply, logistic_loss, unravel(theta0), x, y)
-    solved = cj.influence_solve(task, LOO_SUBSETS, damping=LOO_LAM, rtol=LOO_RTOL)
+    solved = cj.influence_solve(task, LOO_SUBSETS, damping=LOO_LAM, solver=cj.CG(rtol=LOO_RTOL))
     return dict(task=task, theta0=theta0, minimise=minimise, solved=solved,
                 hessian=np.asarray(hess(theta0, jnp.ones(LOO_N))), grads=np.asarray(jax.jacrev(losses)(theta0)))
 
@@ -331,7 +330,7 @@ def test_tolerance_1e_10_is_met(logistic):
 
 def test_influence_predicts_leave_out_retraining(logistic):
     theta0, minimise = logistic["theta0"], logistic["minimise"]
-    predicted = np.asarray(cj.influence(logistic["task"], LOO_SUBSETS, damping=LOO_LAM, rtol=LOO_RTOL))
+    predicted = np.asarray(cj.influence(logistic["task"], LOO_SUBSETS, damping=LOO_LAM, solver=cj.CG(rtol=LOO_RTOL)))
     np.testing.assert_array_equal(predicted, np.asarray(logistic["solved"].solutions))
     for q, s in enumerate(LOO_SUBSETS):
         weights = np.ones(LOO_N)

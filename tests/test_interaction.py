@@ -62,7 +62,7 @@ SUBSETS = [np.array([0, 3, 7]), np.array([5]), np.array([1, 2, 4, 8, 9, 11])]
 def test_quadratic_target_is_exact():
     task, target = _linear_regression()
     pool = np.arange(12)
-    terms = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL)
+    terms = cj.interaction_terms(task, target, pool, damping=LAM, solver=cj.CG(rtol=RTOL))
     flat, _ = ravel_pytree(task.params)
     grads = np.asarray(cj.per_example_grads(task))
     h = _dense_ggn(task)
@@ -78,7 +78,7 @@ def test_quadratic_target_is_exact():
 
 def test_pairwise_terms_sum_to_the_group_term():
     task, target = _linear_regression()
-    terms = cj.interaction_terms(task, target, np.arange(12), damping=LAM, rtol=RTOL)
+    terms = cj.interaction_terms(task, target, np.arange(12), damping=LAM, solver=cj.CG(rtol=RTOL))
     pair = np.asarray(terms.coords) @ np.asarray(terms.curved).T  # I_ij
     np.testing.assert_allclose(pair, pair.T, rtol=1e-9, atol=1e-15)
     _, inter, _ = cj.group_influence(terms, SUBSETS)
@@ -88,7 +88,7 @@ def test_pairwise_terms_sum_to_the_group_term():
 
 def test_cross_entropy_remainder_is_third_order_and_hessian_matches_finite_differences():
     problem, task, target = _ce_target(6)
-    terms = cj.interaction_terms(task, target, np.arange(10), damping=LAM, rtol=RTOL, kind="hessian")
+    terms = cj.interaction_terms(task, target, np.arange(10), damping=LAM, solver=cj.CG(rtol=RTOL), kind="hessian")
     s = np.array([0, 2, 5, 9])
     f, i, _ = cj.group_influence(terms, [s])
     delta = np.asarray(terms.coords)[s].sum(axis=0)
@@ -109,12 +109,12 @@ def test_cross_entropy_remainder_is_third_order_and_hessian_matches_finite_diffe
 
 def test_cache_with_one_cluster_per_example_equals_exact():
     problem, task, target = _ce_target(7)
-    cache = cj.build_cache(task, num_clusters=N, sketch_dim=4, damping=LAM, key=jax.random.key(0), rtol=RTOL)
-    exact = cj.interaction_terms(task, target, np.arange(N), damping=LAM, rtol=RTOL)
+    cache = cj.build_cache(task, num_clusters=N, sketch_dim=4, damping=LAM, key=jax.random.key(0), solver=cj.CG(rtol=RTOL))
+    exact = cj.interaction_terms(task, target, np.arange(N), damping=LAM, solver=cj.CG(rtol=RTOL))
     groups = [np.array([0, 1, 2]), np.array([10, 20, 30, 40]), np.arange(N)]
     want = cj.group_influence(exact, groups)
     for first_order in ("cache", "exact"):
-        terms = cj.cache_interaction_terms(cache, target, first_order=first_order, task=task, rtol=RTOL)
+        terms = cj.cache_interaction_terms(cache, target, first_order=first_order, task=task, solver=cj.CG(rtol=RTOL))
         got = cj.group_influence(terms, groups)
         for a, b in zip(got, want):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-8, atol=1e-14)
@@ -123,7 +123,7 @@ def test_cache_with_one_cluster_per_example_equals_exact():
 def test_cache_terms_are_cif_at_its_delta():
     # With C < N, F + I is exactly the expansion at CiF's hat delta_S (eq. 10).
     problem, task, target = _ce_target(8)
-    cache = cj.build_cache(task, num_clusters=6, sketch_dim=4, damping=LAM, key=jax.random.key(1), rtol=RTOL)
+    cache = cj.build_cache(task, num_clusters=6, sketch_dim=4, damping=LAM, key=jax.random.key(1), solver=cj.CG(rtol=RTOL))
     terms = cj.cache_interaction_terms(cache, target, task=task)
     hat = np.asarray(cj.param_delta(cache, SUBSETS))
     hf = np.asarray(_dense_ggn(target)) - LAM * np.eye(hat.shape[1])
@@ -209,8 +209,8 @@ def test_target_curvature_operator():
 def test_interaction_error_bound_holds_on_sampled_subsets():
     problem, task, target = _ce_target(9)
     rng = np.random.default_rng(9)
-    cache = cj.build_cache(task, num_clusters=5, sketch_dim=4, damping=LAM, key=jax.random.key(2), rtol=1e-6)
-    exact = cj.interaction_terms(task, target, np.arange(N), damping=LAM, rtol=RTOL)
+    cache = cj.build_cache(task, num_clusters=5, sketch_dim=4, damping=LAM, key=jax.random.key(2), solver=cj.CG(rtol=1e-6))
+    exact = cj.interaction_terms(task, target, np.arange(N), damping=LAM, solver=cj.CG(rtol=RTOL))
     approx = cj.cache_interaction_terms(cache, target, task=task)
     groups = [rng.choice(N, size=m, replace=False) for m in (1, 2, 5, 10, 20, 40) for _ in range(4)]
     true_i = np.asarray(cj.group_influence(exact, groups)[1])
@@ -224,7 +224,7 @@ def test_interaction_error_bound_holds_on_sampled_subsets():
 
 def test_second_order_baseline_matches_dense_formula():
     problem, task, target = _ce_target(10)
-    out = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, rtol=RTOL)
+    out = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, solver=cj.CG(rtol=RTOL))
     g = np.asarray(cj.target_gradient(target))
     u = dense_solve(problem.ggn, g[None, :])[0]
     for q, s in enumerate(SUBSETS):
@@ -239,8 +239,8 @@ def test_second_order_baseline_matches_dense_formula():
 def test_target_factors_builder_equals_exact():
     problem, task, target = _ce_target(11)
     pool = np.arange(0, N, 3)
-    exact = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL)
-    factored = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL, method="target_factors")
+    exact = cj.interaction_terms(task, target, pool, damping=LAM, solver=cj.CG(rtol=RTOL))
+    factored = cj.interaction_terms(task, target, pool, damping=LAM, solver=cj.CG(rtol=RTOL), method="target_factors")
     assert factored.coords.shape == (pool.size, 9 * 3)  # |V| q
     groups = [np.array([0, 1, 2]), np.array([3]), np.arange(pool.size)]
     for a, b in zip(cj.group_influence(factored, groups), cj.group_influence(exact, groups)):
@@ -259,10 +259,10 @@ def test_second_order_terms_evaluate_basu_on_any_group(interaction):
     """B(S) from the pair terms equals the F + B baseline's correction (and I + B with the interaction)."""
     problem, task, target = _ce_target(12)
     pool = np.arange(N)
-    terms = cj.second_order_terms(task, target, pool, damping=LAM, rtol=RTOL, interaction=interaction)
+    terms = cj.second_order_terms(task, target, pool, damping=LAM, solver=cj.CG(rtol=RTOL), interaction=interaction)
     assert terms.coords.shape == (N, (3 if interaction else 2) * problem.num_params)
-    base = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, rtol=RTOL)
-    exact = cj.interaction_terms(task, target, pool, damping=LAM, rtol=RTOL)
+    base = cj.second_order_group_influence(task, target, SUBSETS, damping=LAM, solver=cj.CG(rtol=RTOL))
+    exact = cj.interaction_terms(task, target, pool, damping=LAM, solver=cj.CG(rtol=RTOL))
     want = np.asarray(base.correction) + (np.asarray(cj.group_influence(exact, SUBSETS)[1]) if interaction else 0.0)
     for setting in ("remove", "add"):
         f, second, total = (np.asarray(a) for a in cj.group_influence(terms, SUBSETS, setting=setting))

@@ -38,8 +38,7 @@ def _dense_residual(problem, rhs, x):
 
 def test_refinement_reaches_float64_accuracy(mlp):
     rhs = _rhs(mlp)
-    out = cj.solve_ggn(mlp.task, rhs, damping=LAM, rtol=TIGHT, max_restarts=RESTARTS, product_dtype=jnp.float32,
-                       rhs_batch_size=RHS_BATCH)
+    out = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=cj.CG(rtol=TIGHT, max_restarts=RESTARTS, product_dtype=jnp.float32, rhs_batch_size=RHS_BATCH))
     assert out.solutions.dtype == jnp.float64
     assert bool(out.converged.all())
     # The reported residuals are the float64 ones: recomputed here from the dense GGN.
@@ -52,8 +51,7 @@ def test_refinement_reaches_float64_accuracy(mlp):
 def test_without_refinement_the_cheap_products_stop_near_float32_reach(mlp):
     rhs = _rhs(mlp)
     with pytest.warns(UserWarning, match="did not reach the requested tolerance"):
-        out = cj.solve_ggn(mlp.task, rhs, damping=LAM, rtol=TIGHT, max_restarts=0, product_dtype=jnp.float32,
-                           rhs_batch_size=RHS_BATCH)
+        out = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=cj.CG(rtol=TIGHT, max_restarts=0, product_dtype=jnp.float32, rhs_batch_size=RHS_BATCH))
     res = _dense_residual(mlp, rhs, np.asarray(out.solutions))
     # One float32 CG pass asked for sqrt(eps32) = 3.5e-4: far above 1e-10, and reported honestly.
     assert not bool(out.converged.any())
@@ -63,41 +61,37 @@ def test_without_refinement_the_cheap_products_stop_near_float32_reach(mlp):
 
 def test_same_dtype_is_plain_cg(mlp):
     rhs = _rhs(mlp)
-    plain = cj.solve_ggn(mlp.task, rhs, damping=LAM, rtol=TIGHT, rhs_batch_size=RHS_BATCH)
-    same = cj.solve_ggn(mlp.task, rhs, damping=LAM, rtol=TIGHT, product_dtype=jnp.float64, rhs_batch_size=RHS_BATCH)
+    plain = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=cj.CG(rtol=TIGHT, rhs_batch_size=RHS_BATCH))
+    same = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=cj.CG(rtol=TIGHT, product_dtype=jnp.float64, rhs_batch_size=RHS_BATCH))
     np.testing.assert_array_equal(np.asarray(plain.solutions), np.asarray(same.solutions))
     np.testing.assert_array_equal(np.asarray(plain.num_steps), np.asarray(same.num_steps))
 
 
 def test_with_a_preconditioner(mlp):
     rhs = _rhs(mlp, seed=1)
-    out = cj.solve_ggn(mlp.task, rhs, damping=LAM, rtol=TIGHT, max_restarts=RESTARTS, product_dtype="float32",
-                       preconditioner="jacobi", rhs_batch_size=RHS_BATCH)
+    out = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=cj.CG(rtol=TIGHT, max_restarts=RESTARTS, product_dtype="float32", preconditioner="jacobi", rhs_batch_size=RHS_BATCH))
     assert bool(out.converged.all())
     assert row_rel_err(out.solutions, dense_solve(mlp.ggn, rhs)) <= SOLVE_TOL
 
 
 def test_influence_and_cache(mlp):
     subsets = random_subsets()
-    got = cj.influence(mlp.task, subsets, damping=LAM, rtol=TIGHT, max_restarts=RESTARTS,
-                       product_dtype=jnp.float32, rhs_batch_size=RHS_BATCH)
+    got = cj.influence(mlp.task, subsets, damping=LAM, solver=cj.CG(rtol=TIGHT, max_restarts=RESTARTS, product_dtype=jnp.float32, rhs_batch_size=RHS_BATCH))
     assert row_rel_err(got, dense_influence(mlp, masks_of(subsets))) <= SOLVE_TOL
-    kw = dict(num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(3), rtol=TIGHT,
-              max_restarts=RESTARTS, rhs_batch_size=RHS_BATCH)
-    mixed = cj.build_cache(mlp.task, product_dtype=jnp.float32, **kw)
+    kw = dict(num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(3))
+    mixed = cj.build_cache(mlp.task, solver=cj.CG(rtol=TIGHT, max_restarts=RESTARTS, rhs_batch_size=RHS_BATCH,
+                                                  product_dtype=jnp.float32), **kw)
     assert float(mixed.residuals.max()) <= TIGHT
     want = dense_solve(mlp.ggn, np.asarray(mixed.means))
     assert row_rel_err(mixed.responses, want) <= SOLVE_TOL
 
 
 def test_on_a_mesh(mlp):
-    # The sharded path with an rhs and a data axis (psum of the products); more devices: tests/test_distributed.py.
-    axes = ("rhs", "data")
+    # The sharded path with a data axis (psum of the products; a "data" axis without an "rhs" axis is
+    # used even on one device); more devices: tests/test_distributed.py.
     rhs = _rhs(mlp, seed=2)
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(axes)), axes)
-    data_axis = "data" if "data" in axes else None
-    out = cj.solve_ggn(mlp.task, rhs, damping=LAM, rtol=TIGHT, max_restarts=RESTARTS, product_dtype=jnp.float32,
-                       mesh=mesh, data_axis=data_axis, rhs_batch_size=RHS_BATCH)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    out = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=cj.CG(rtol=TIGHT, max_restarts=RESTARTS, product_dtype=jnp.float32, rhs_batch_size=RHS_BATCH), mesh=mesh)
     assert bool(out.converged.all())
     assert row_rel_err(out.solutions, dense_solve(mlp.ggn, rhs)) <= SOLVE_TOL
 
@@ -114,10 +108,10 @@ def test_bad_product_dtype(dtype, error, match):
     task = softmax_problem("float32").task
     rhs = np.ones((1, task.num_params), np.float32)
     for call in (
-        lambda: cj.solve_ggn(task, rhs, damping=LAM, product_dtype=dtype),
-        lambda: cj.influence(task, [np.arange(3)], damping=LAM, product_dtype=dtype),
+        lambda: cj.solve_ggn(task, rhs, damping=LAM, solver=cj.CG(product_dtype=dtype)),
+        lambda: cj.influence(task, [np.arange(3)], damping=LAM, solver=cj.CG(product_dtype=dtype)),
         lambda: cj.build_cache(task, num_clusters=2, sketch_dim=2, damping=LAM, key=jax.random.key(0),
-                               product_dtype=dtype),
+                               solver=cj.CG(product_dtype=dtype)),
     ):
         with pytest.raises(error, match=match):
             call()
@@ -137,8 +131,7 @@ def test_too_coarse_products_never_make_the_solution_worse(mlp):
     rhs = _rhs(mlp, seed=3)
     lam = 1e-5
     with pytest.warns(UserWarning, match="did not reach the requested tolerance"):
-        out = cj.solve_ggn(mlp.task, rhs, damping=lam, rtol=TIGHT, max_restarts=RESTARTS,
-                           product_dtype=jnp.bfloat16, rhs_batch_size=RHS_BATCH)
+        out = cj.solve_ggn(mlp.task, rhs, damping=lam, solver=cj.CG(rtol=TIGHT, max_restarts=RESTARTS, product_dtype=jnp.bfloat16, rhs_batch_size=RHS_BATCH))
     h = mlp.ggn + (lam - LAM) * np.eye(mlp.num_params)
     res = np.linalg.norm(rhs - np.asarray(out.solutions) @ h.T, axis=1) / np.linalg.norm(rhs, axis=1)
     assert res.max() <= 1.0 + 1e-12

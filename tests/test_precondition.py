@@ -152,9 +152,8 @@ def test_preconditioned_solves_match_dense(mlp, kind):
                                         rhs_batch_size=RHS_BATCH)
     rhs = problem.grads[:5]
     want = dense_solve(problem.ggn, rhs)
-    plain = cj.solve_ggn(task, jnp.asarray(rhs), damping=LAM, rtol=RTOL, batch_size=BATCH, rhs_batch_size=RHS_BATCH)
-    got = cj.solve_ggn(task, jnp.asarray(rhs), damping=LAM, rtol=RTOL, batch_size=BATCH, rhs_batch_size=RHS_BATCH,
-                       preconditioner=pre)
+    plain = cj.solve_ggn(task, jnp.asarray(rhs), damping=LAM, solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH, preconditioner=None), batch_size=BATCH)
+    got = cj.solve_ggn(task, jnp.asarray(rhs), damping=LAM, solver=cj.CG(rtol=RTOL, rhs_batch_size=RHS_BATCH, preconditioner=pre), batch_size=BATCH)
     assert row_rel_err(got.solutions, want) < SOLVE_TOL
     assert bool(got.converged.all())
     assert float(got.residuals.max()) <= RTOL
@@ -170,15 +169,14 @@ def test_influence_and_cache_with_a_shared_preconditioner(mlp):
     pre = cj.nystrom_preconditioner(task, key=jax.random.key(4), rank=20, batch_size=BATCH, rhs_batch_size=4)
     subsets = random_subsets()
     want = dense_solve(mlp.ggn, masks_of(subsets).astype(np.float64) @ mlp.grads) / N
-    got = cj.influence_solve(task, subsets, damping=LAM, rtol=RTOL, batch_size=BATCH, preconditioner=pre)
+    got = cj.influence_solve(task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL, preconditioner=pre), batch_size=BATCH)
     assert row_rel_err(got.solutions, want) < SOLVE_TOL
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
-        kwargs = dict(num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0),
-                      rtol=RTOL)
+        kwargs = dict(num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM, key=jax.random.key(0))
         plain = cache_for("mlp")  # the suite's shared cache, built with these settings and no preconditioner
-        fast = cj.build_cache(task, preconditioner=pre, **kwargs)
-        jac = cj.build_cache(task, preconditioner="jacobi", **kwargs)
+        fast = cj.build_cache(task, solver=cj.CG(rtol=RTOL, preconditioner=pre), **kwargs)
+        jac = cj.build_cache(task, solver=cj.CG(rtol=RTOL, preconditioner="jacobi"), **kwargs)
     assert row_rel_err(fast.responses, plain.responses) < SOLVE_TOL
     assert row_rel_err(jac.responses, plain.responses) < SOLVE_TOL
     assert int(fast.num_steps.sum()) < int(plain.num_steps.sum())
@@ -206,13 +204,12 @@ def test_influence_and_cache_on_a_curvature_sample(mlp):
     h = _sample_ggn(mlp, SAMPLE_IDX, SAMPLE_W) + LAM * np.eye(mlp.num_params)
     subsets = random_subsets()
     want = dense_solve(h, masks_of(subsets).astype(np.float64) @ mlp.grads) / N
-    got = cj.influence(mlp.task, subsets, damping=LAM, rtol=RTOL, batch_size=BATCH, curvature=_sample())
+    got = cj.influence(mlp.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL), batch_size=BATCH, curvature=_sample())
     assert row_rel_err(got, want) < SOLVE_TOL
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
         cache = cj.build_cache(mlp.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
-                               key=jax.random.key(0), rtol=RTOL, batch_size=BATCH, curvature=_sample(),
-                               preconditioner="jacobi")
+                               key=jax.random.key(0), solver=cj.CG(rtol=RTOL, preconditioner="jacobi"), batch_size=BATCH, curvature=_sample())
     assert row_rel_err(cache.responses, dense_solve(h, np.asarray(cache.means))) < SOLVE_TOL
     assert cache.curvature == cj.curvature.describe(_sample())
     # The identifier depends on the sample, not on the weights' scale.
@@ -226,7 +223,7 @@ def test_curvature_sample_survives_save_and_load(mlp, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
         cache = cj.build_cache(mlp.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
-                               key=jax.random.key(0), rtol=1e-6, batch_size=BATCH, curvature=_sample())
+                               key=jax.random.key(0), solver=cj.CG(rtol=1e-6), batch_size=BATCH, curvature=_sample())
     cj.save_cache(tmp_path / "c.npz", cache)
     assert cj.load_cache(tmp_path / "c.npz", task=mlp.task).curvature == cache.curvature
 
@@ -268,18 +265,16 @@ def test_preconditioner_must_match_the_task_and_curvature(mlp):
                     soft.task.inputs, soft.task.targets)
     rhs = jnp.asarray(soft.grads[:2])
     with pytest.raises(ValueError, match="fingerprint"):
-        cj.solve_ggn(moved, rhs, damping=LAM, preconditioner=pre)
+        cj.solve_ggn(moved, rhs, damping=LAM, solver=cj.CG(preconditioner=pre))
     with pytest.raises(ValueError, match="curvature"):
-        cj.solve_ggn(soft.task, rhs, damping=LAM, preconditioner=pre, curvature=_sample())
+        cj.solve_ggn(soft.task, rhs, damping=LAM, solver=cj.CG(preconditioner=pre), curvature=_sample())
     with pytest.raises(ValueError, match="acts on"):
-        cj.solve_ggn(mlp.task, jnp.asarray(mlp.grads[:2]), damping=LAM, preconditioner=pre)
-    with pytest.raises(ValueError, match="needs a PRNG key"):
-        cj.solve_ggn(soft.task, rhs, damping=LAM, preconditioner="nystrom")
+        cj.solve_ggn(mlp.task, jnp.asarray(mlp.grads[:2]), damping=LAM, solver=cj.CG(preconditioner=pre))
     with pytest.raises(ValueError, match="'jacobi'"):
         cj.build_cache(soft.task, num_clusters=2, sketch_dim=2, damping=LAM, key=jax.random.key(0),
-                       preconditioner="diagonal")
-    with pytest.raises(TypeError, match="NystromPreconditioner"):
-        cj.influence(soft.task, [np.array([0])], damping=LAM, preconditioner=np.eye(3))
+                       solver=cj.CG(preconditioner="diagonal"))
+    with pytest.raises(TypeError, match="CG.preconditioner"):
+        cj.influence(soft.task, [np.array([0])], damping=LAM, solver=cj.CG(preconditioner=np.eye(3)))
 
 
 @pytest.mark.parametrize(

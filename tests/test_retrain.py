@@ -59,7 +59,7 @@ def _loo(n):
     task0 = cj.Task(linear_apply, cross_entropy, theta0, task.inputs, task.targets)
     # One IF call: every single example, then all N (the last row is H~^{-1} g_bar).
     d_if = np.asarray(cj.influence(task0, np.concatenate([np.eye(n, dtype=bool), np.ones((1, n), bool)]),
-                                   damping=WD, rtol=1e-12))
+                                   damping=WD, solver=cj.CG(rtol=1e-12)))
     flat_all, flat_kept = _flat_rows(by_all.params), _flat_rows(by_kept.params)
     g_eval = L.loss_grads(theta0, xe, ye).mean(axis=0)  # closed form, numpy
     loss = np.array([L.ce_losses(L.unflatten(f, 3, 3), xe, ye).mean() for f in flat_all])

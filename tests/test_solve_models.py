@@ -28,7 +28,7 @@ def task():
 @pytest.mark.parametrize("num_rhs", [1, 3])
 def test_lenet_solves_converge_to_true_residual(task, num_rhs):
     rhs = cj.per_example_grads(task)[:num_rhs]
-    result = cj.solve_ggn(task, rhs, damping=1e-2, rtol=1e-4, max_steps=500)
+    result = cj.solve_ggn(task, rhs, damping=1e-2, solver=cj.CG(rtol=1e-4, max_steps=500))
     assert result.solutions.dtype == jnp.float32
     assert bool(jnp.isfinite(result.solutions).all())
     assert bool(result.converged.all())

@@ -74,8 +74,7 @@ def export(task, folds, path):
 
 
 def if_scores(task, folds, args, pre):
-    res = cj.influence_solve(task, folds, damping=args.damping, rtol=args.rtol, max_steps=args.max_steps,
-                             batch_size=args.batch_size, rhs_batch_size=args.rhs_block, preconditioner=pre)
+    res = cj.influence_solve(task, folds, damping=args.damping, solver=cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_block, preconditioner=pre), batch_size=args.batch_size)
     g = cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
     return np.asarray(jnp.sum(res.solutions * g, axis=1)), res
 
@@ -98,8 +97,7 @@ def ours(task, folds, args):
         warnings.simplefilter("ignore")  # one step does not converge: this only compiles
         for name, (pre, _) in pres.items():
             for block in (folds[: args.rhs_block], folds[: args.sample_folds]):
-                cj.influence_solve(task, block, damping=args.damping, rtol=args.rtol, max_steps=1,
-                                   batch_size=args.batch_size, rhs_batch_size=args.rhs_block, preconditioner=pre)
+                cj.influence_solve(task, block, damping=args.damping, solver=cj.CG(rtol=args.rtol, max_steps=1, rhs_batch_size=args.rhs_block, preconditioner=pre), batch_size=args.batch_size)
     cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
     cj.mean_subset_gradients(task, folds[: args.sample_folds], batch_size=args.batch_size)
 
@@ -131,9 +129,7 @@ def ours(task, folds, args):
         pre, t_build = pres[name]
 
         def run(c=c, pre=pre):
-            cache = cj.build_cache(task, num_clusters=c, sketch_dim=32, key=jax.random.key(0), rtol=args.rtol,
-                                   max_steps=args.max_steps, rhs_batch_size=args.rhs_block, preconditioner=pre,
-                                   **kw)
+            cache = cj.build_cache(task, num_clusters=c, sketch_dim=32, key=jax.random.key(0), solver=cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_block, preconditioner=pre), **kw)
             return cj.fold_loss_delta(cache, task, folds, batch_size=args.batch_size), cache
 
         t, (s, cache) = timed(run, warmup=False)
