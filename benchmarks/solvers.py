@@ -6,10 +6,12 @@
 Three sections, each comparing side by side in one run on the same trained model,
 operator, damping (1e-3) and true tolerance (rtol 1e-4, the library default):
 
-* ``model``: CG iterations measured at Nystrom ranks 0-256 against those
-  :func:`cif_jax.precondition.predicted_iterations` predicts from the rank-32
-  probe's spectrum (what ``preconditioner="auto"`` sees) and from each sketch's
-  own; the median ratio is the model's calibration (``ITERATION_FACTOR``).
+* ``model``: CG iterations measured at Nystrom ranks 0-256 against the cost
+  model's predictions (:mod:`cif_jax.precondition`): plain CG from the rank-32
+  probe and its error estimate (what ``preconditioner="auto"`` sees), each rank
+  from its own estimated condition number, and each doubling as the model
+  predicts it before building it. The ratios measured / unscaled model are the
+  model's calibration (``PLAIN_FACTOR``, ``PRECONDITIONED_FACTOR``).
 * ``targets``: caches built with every setting at its default (``cj.CG()``, the
   default correction) for C = 10 and 50, timed compiled, as multiples of one plain
   single-vector solve at the same tolerance; also without the correction, where
@@ -70,27 +72,36 @@ def solve_timed(task, rhs, solver):
 
 def section_model(task, name):
     rhs = fold_rhs(task, 8)
-    sketches = {r: cj.nystrom_preconditioner(task, key=jax.random.key(7), rank=r, error_iters=0, batch_size=BATCH)
-                for r in RANKS if r}
-    probe = np.asarray(sketches[32].eigenvalues)
+    sketches = {r: cj.nystrom_preconditioner(task, key=jax.random.key(7), rank=r, batch_size=BATCH,
+                                             error_iters=precondition.ERROR_ITERS) for r in RANKS if r}
+    kappa = {r: pre.condition_estimate(LAM) for r, pre in sketches.items()}
+    probe = sketches[32]
     rows = []
     for r in RANKS:
         pre = sketches.get(r)
         _, res = solve_timed(task, rhs, cj.CG(rtol=RTOL, preconditioner=pre, rhs_batch_size=8))
-        own = np.asarray(pre.eigenvalues) if pre is not None else probe
+        if r == 0:
+            predicted = precondition.plain_iterations(probe.eigenvalues, float(probe.error_estimate), LAM, RTOL)
+            factor, ahead = precondition.PLAIN_FACTOR, None
+        else:
+            predicted = precondition.preconditioned_iterations(kappa[r], RTOL)
+            factor, ahead = precondition.PRECONDITIONED_FACTOR, None
+            if r // 2 in sketches:  # the doubling as the model predicted it from the sketch of half the rank
+                half = np.asarray(sketches[r // 2].eigenvalues, np.float64)
+                decay = half[-1] / half[r // 4 - 1]
+                ahead = precondition.preconditioned_iterations(1 + (kappa[r // 2] - 1) * decay, RTOL)
         rows.append({
             "rank": r,
             "measured_iterations": float(np.mean(np.asarray(res.num_steps))),
-            "predicted_from_probe": precondition.predicted_iterations(probe, LAM, RTOL, r),
-            "predicted_from_own_sketch": precondition.predicted_iterations(own, LAM, RTOL, r),
+            "predicted": predicted,
+            "predicted_before_building": ahead,
+            "kappa_estimate": kappa.get(r),
+            "measured_over_unscaled_model": float(np.mean(np.asarray(res.num_steps))) / (predicted / factor),
             "max_residual": float(np.max(np.asarray(res.residuals))),
         })
-        log(f"  {name} rank {r}: {rows[-1]['measured_iterations']:.1f} iterations measured, "
-            f"{rows[-1]['predicted_from_probe']:.1f} predicted (probe), "
-            f"{rows[-1]['predicted_from_own_sketch']:.1f} (own sketch)")
-    unit = lambda row, key: row[key] / precondition.ITERATION_FACTOR
-    ratios = [row["measured_iterations"] / unit(row, "predicted_from_own_sketch") for row in rows]
-    return {"rows": rows, "measured_over_unscaled_model": ratios, "median_ratio": float(np.median(ratios))}
+        log(f"  {name} rank {r}: {rows[-1]['measured_iterations']:.1f} iterations measured, {predicted:.1f} "
+            f"predicted" + ("" if ahead is None else f" ({ahead:.1f} before building it)"))
+    return {"rows": rows}
 
 
 def section_targets(task, name):
@@ -151,16 +162,20 @@ def write_markdown(result, path):
     lines = ["# Solvers at their defaults", "",
              f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), {m['platform']}; jax {m['jax']}, "
              f"cif_jax {m['cif_jax']}. Load average at the end {m['load_average']}.",
-             f"Command: `{result['command']}`. Digits (N = 1,437), damping {LAM:g}, true relative residual "
+             f"Command: `{result['command']}`. Digits (N = 1,438), damping {LAM:g}, true relative residual "
              f"{RTOL:g}, {BATCH} examples per chunk.", ""]
     for model, sec in result.get("model", {}).items():
         lines += [f"## Cost model: CG iterations measured and predicted ({model})", "",
-                  "| Nystrom rank | measured | predicted from the rank-32 probe | predicted from its own sketch |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {r['rank']} | {r['measured_iterations']:.1f} | {r['predicted_from_probe']:.1f} | "
-                  f"{r['predicted_from_own_sketch']:.1f} |" for r in sec["rows"]]
-        lines += ["", f"Measured / unscaled model, median: {sec['median_ratio']:.2f} "
-                      f"(`ITERATION_FACTOR` = {precondition.ITERATION_FACTOR}).", ""]
+                  "Rank 0 is plain CG, predicted from the rank-32 probe; rank r from its own estimated condition "
+                  "number; the last column is the prediction made from the sketch of half the rank, before building.",
+                  "", "| Nystrom rank | kappa estimate | measured | predicted | measured / unscaled model | "
+                  "predicted before building |", "| --- | --- | --- | --- | --- | --- |"]
+        fmt = lambda v: "" if v is None else f"{v:.1f}"
+        lines += [f"| {r['rank']} | {fmt(r['kappa_estimate'])} | {r['measured_iterations']:.1f} | "
+                  f"{r['predicted']:.1f} | {r['measured_over_unscaled_model']:.2f} | "
+                  f"{fmt(r['predicted_before_building'])} |" for r in sec["rows"]]
+        lines += ["", f"Factors in the library: PLAIN_FACTOR = {precondition.PLAIN_FACTOR}, "
+                      f"PRECONDITIONED_FACTOR = {precondition.PRECONDITIONED_FACTOR}.", ""]
     for model, sec in result.get("targets", {}).items():
         lines += [f"## Cache cost at the defaults ({model})", "",
                   f"One plain single-vector solve: {sec['plain_solve_seconds']:.2f} s, {sec['plain_iterations']} "

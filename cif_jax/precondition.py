@@ -466,46 +466,40 @@ class _Sketch:
 PROBE_RANK = 32
 #: Fewer systems than this are solved without a preconditioner (the probe would cost more than it saves).
 MIN_SYSTEMS = 4
-#: Measured CG iterations over the model's count (digits LeNet-5 and MLP, ranks 0-256; see the README).
-ITERATION_FACTOR = 0.55
+#: Power iterations (GGN products) estimating ``||E||`` after each sketch of the cost model.
+ERROR_ITERS = 10
+#: Preconditioned CG: measured iterations over ``0.5 sqrt(kappa) ln(2 / rtol)`` (0.43-0.61 on digits
+#: LeNet-5 and an MLP at ranks 32-256, ``benchmarks/solvers.py``).
+PRECONDITIONED_FACTOR = 0.52
+#: Plain CG: measured iterations over the deflation model of :func:`plain_iterations` (digits LeNet-5 and
+#: an MLP, ``benchmarks/solvers.py``).
+PLAIN_FACTOR = 1.1
+#: Plain CG: iterations the deflation model charges per large eigenvalue it steps past.
+DEFLATION_COST = 1.5
 
 
-def _tail(s: np.ndarray, upto: int) -> np.ndarray:
-    """Eigenvalues 1..upto: the observed ones, then a power law fitted to the observed lower half."""
-    r = s.size
-    if upto <= r:
-        return s[:upto]
-    lo = max(r // 2, 1)
-    i = np.arange(lo, r) + 1.0
-    v = s[lo:r]
-    ok = v > 0
-    if ok.sum() >= 2:
-        slope = -np.polyfit(np.log(i[ok]), np.log(v[ok]), 1)[0]
-        slope = max(slope, 0.0)
-    else:
-        slope = 0.0
-    last = s[-1]
-    j = np.arange(r, upto) + 1.0
-    return np.concatenate([s, last * (j / r) ** (-slope)])
+def preconditioned_iterations(kappa: float, rtol: float) -> float:
+    """CG iterations predicted at an (estimated) preconditioned condition number ``kappa``."""
+    return PRECONDITIONED_FACTOR * 0.5 * math.sqrt(max(kappa, 1.0)) * math.log(2 / rtol)
 
 
-def predicted_iterations(eigenvalues, damping: float, rtol: float, rank: int) -> float:
-    """CG iterations predicted for ``H~ x = b`` with the top ``rank`` eigen-directions preconditioned away.
+def plain_iterations(eigenvalues, error: float, damping: float, rtol: float) -> float:
+    """Plain CG iterations predicted from the top eigenvalues and the size of the rest.
 
-    Deflating ``m`` of the remaining large eigenvalues costs about one iteration
-    each (CG's superlinear phase); the rest converge at the rate of the condition
-    number ``(s_{m+1} + lambda) / lambda`` left, ``0.5 sqrt(kappa) ln(2 / rtol)``
-    steps. The model takes the best m, on the observed spectrum extended by a
-    power law, times :data:`ITERATION_FACTOR` (the bound is pessimistic by a
-    roughly constant factor on the spectra measured).
+    The sketch's eigenvalues are the top of the spectrum; ``error`` (the estimated
+    norm of what the sketch misses) is the level of the many directions below, which
+    CG cannot step past one by one. CG steps past the ``m`` largest eigenvalues at
+    :data:`DEFLATION_COST` iterations each, then converges at the rate of the
+    condition number left, ``(max(s_{m+1}, error) + lambda) / lambda``; the model
+    takes the best ``m``, times :data:`PLAIN_FACTOR`; never more than the plain CG
+    bound at the whole condition number (:func:`preconditioned_iterations` at
+    ``(s_1 + lambda) / lambda``), which decides when the spectrum is flat.
     """
-    s = np.asarray(eigenvalues, np.float64)
-    upto = max(16 * max(s.size, rank, 1), 4096)
-    full = _tail(s, upto)
-    m = np.arange(rank, upto)
-    kappa = (full[m] + damping) / damping
-    steps = (m - rank) + 0.5 * np.sqrt(kappa) * math.log(2 / rtol)
-    return ITERATION_FACTOR * float(max(steps.min(), 1.0))
+    error = max(float(error), 0.0)
+    sigma = np.maximum(np.concatenate([np.asarray(eigenvalues, np.float64), [error]]), error)
+    steps = DEFLATION_COST * np.arange(sigma.size) + 0.5 * np.sqrt((sigma + damping) / damping) * math.log(2 / rtol)
+    whole = preconditioned_iterations((sigma[0] + damping) / damping, rtol)
+    return min(PLAIN_FACTOR * float(steps.min()), whole)
 
 
 def auto_nystrom(
@@ -524,17 +518,24 @@ def auto_nystrom(
 ):
     """Chooses between plain CG and a Nystrom preconditioner, and its rank, by predicted GGN products.
 
-    A probe sketch of rank :data:`PROBE_RANK` shows the top of the spectrum. For
-    each candidate rank r (the probe's, doubling up to ``max_rank``), the cost in
-    GGN-vector products is the products still to make, ``r - r_made``, plus
-    ``num_systems`` times the iterations :func:`predicted_iterations` expects,
-    each costing ``1 + r / m`` products (applying the rank-r preconditioner takes
-    about ``4 r p`` flops, a product over m examples about ``4 m p``); plain CG
-    costs ``num_systems`` times the unpreconditioned prediction. The
-    sketch grows one doubling at a time while a larger rank is predicted cheaper
-    (each growth sharpens the spectrum the next decision sees). Below
-    :data:`MIN_SYSTEMS` systems no probe is made. With ``force`` a Nystrom
-    preconditioner is always built (the rank still chosen by the model).
+    A probe sketch of rank :data:`PROBE_RANK`, with a power-iteration estimate of
+    the norm ``||E||`` of what it misses, gives the preconditioned condition number
+    ``kappa_r = (s_r + lambda + ||E||) / lambda`` (Frangella, Tropp and Udell 2023,
+    prop. 5.3) and the top of the spectrum. Costs are counted in GGN-vector
+    products, for ``num_systems`` systems over m examples:
+
+    * plain CG: ``num_systems * plain_iterations(...)``;
+    * the rank-r preconditioner already built: ``num_systems *
+      preconditioned_iterations(kappa_r) * (1 + r / m)`` (applying it takes about
+      ``4 r p`` flops, a product over m examples about ``4 m p``);
+    * doubling the rank: ``r + ERROR_ITERS`` more products, and the same at
+      ``kappa_2r``, predicted as ``1 + (kappa_r - 1) s_r / s_{r/2}`` (the decay
+      the sketch shows over its last doubling).
+
+    The sketch doubles while that is predicted cheaper (each doubling measures
+    ``kappa`` again), up to ``max_rank``. Below :data:`MIN_SYSTEMS` systems no probe
+    is made. With ``force`` a Nystrom preconditioner is always built (the rank
+    still chosen by the model).
 
     Returns:
         ``(preconditioner or None, note)``: the note says what was chosen and why.
@@ -547,31 +548,35 @@ def auto_nystrom(
     start = time.perf_counter()
     bar = _bar(progress)
     sketch = _Sketch(task, _as_key(key), batch_size, curvature, rhs_batch_size, bar)
-    sketch.grow(min(PROBE_RANK, top))
     examples = task.num_examples if curvature is None else int(curvature.indices.shape[0])
+    sketch.grow(min(PROBE_RANK, top))
+    err = sketch.error_estimate(ERROR_ITERS)
+    plain = num_systems * plain_iterations(sketch.s, float(err), lam, rtol)
     while True:
         s = np.asarray(sketch.s, np.float64)
-        plain = num_systems * predicted_iterations(s, lam, rtol, 0)
-        made = sketch.rank
-        ranks = [made]
-        while ranks[-1] < top:
-            ranks.append(min(2 * ranks[-1], top))
-        costs = [(r - made) + num_systems * predicted_iterations(s, lam, rtol, r) * (1 + r / examples)
-                 for r in ranks]
-        best = int(np.argmin(costs))
-        if plain <= costs[best] and not force:
+        r = sketch.rank
+        kappa = (s[-1] + lam + float(err)) / lam
+        here = num_systems * preconditioned_iterations(kappa, rtol) * (1 + r / examples)
+        grown = math.inf
+        if r < top:
+            decay = s[-1] / s[max(r // 2 - 1, 0)] if s[max(r // 2 - 1, 0)] > 0 else 1.0
+            kappa_next = 1 + (kappa - 1) * decay
+            r_next = min(2 * r, top)
+            grown = (r_next - r + ERROR_ITERS
+                     + num_systems * preconditioned_iterations(kappa_next, rtol) * (1 + r_next / examples))
+        if plain <= min(here, grown) and not force:
             if bar is not None:
                 bar.close()
-            return None, (f"none (probe rank {made}: predicted {plain:.0f} products plain, "
-                          f"{costs[best]:.0f} at rank {ranks[best]})")
-        if best == 0:
+            return None, (f"none (probe rank {r}, kappa~{kappa:.3g}: predicted {plain:.0f} products plain, "
+                          f"{min(here, grown):.0f} preconditioned)")
+        if grown >= here:
             break
-        sketch.grow(ranks[1])
+        sketch.grow(r_next)
+        err = sketch.error_estimate(ERROR_ITERS)
     if bar is not None:
         bar.close()
-    note = (f"auto: rank {sketch.rank}, predicted {costs[0]:.0f} solve products against {plain:.0f} plain "
-            f"({sketch.num_products} build products)")
-    err = jnp.asarray(jnp.nan, task.dtype)
+    note = (f"auto: rank {sketch.rank}, kappa~{kappa:.3g}, predicted {here:.0f} solve products against {plain:.0f} "
+            f"plain ({sketch.num_products} build products)")
     return sketch.preconditioner(err, time.perf_counter() - start, note), note
 
 

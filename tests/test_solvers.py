@@ -155,15 +155,20 @@ def test_nystrom_approximate_inverse_is_the_dense_formula(mlp):
 # -- the cost model --------------------------------------------------------------------------------
 
 
-def test_predicted_iterations_fall_with_rank_and_damping():
-    s = 10.0 ** -np.arange(0, 6, 0.1)  # a decaying spectrum, 60 observed eigenvalues
-    it = [precondition.predicted_iterations(s, 1e-4, 1e-4, r) for r in (0, 8, 16, 32, 60)]
-    assert all(a >= b for a, b in zip(it, it[1:])) and it[0] > 2 * it[-1]
-    assert precondition.predicted_iterations(s, 1e-1, 1e-4, 0) < precondition.predicted_iterations(s, 1e-4, 1e-4, 0)
-    # A flat spectrum at the damping level: preconditioning cannot help much.
-    flat = np.full(40, 1e-4)
-    assert precondition.predicted_iterations(flat, 1e-4, 1e-4, 32) > 0.5 * precondition.predicted_iterations(
-        flat, 1e-4, 1e-4, 0)
+def test_iteration_models_follow_the_cg_bound():
+    # Preconditioned: 0.5 sqrt(kappa) ln(2 / rtol), scaled; monotone in kappa and in the tolerance.
+    k = precondition.preconditioned_iterations
+    np.testing.assert_allclose(k(100.0, 1e-4), precondition.PRECONDITIONED_FACTOR * 5 * np.log(2e4), rtol=1e-12)
+    assert k(1.0, 1e-4) < k(10.0, 1e-4) < k(100.0, 1e-4) and k(100.0, 1e-2) < k(100.0, 1e-6)
+    # Plain: the best number of large eigenvalues to step past; a spectrum with a few large outliers
+    # costs the outliers plus the rate of the rest, not the rate of the whole condition number.
+    plain = precondition.plain_iterations
+    outliers = np.array([1e3, 1e2, 1e1] + [1e-3] * 5)
+    bound = precondition.PLAIN_FACTOR * 0.5 * np.sqrt((1e3 + 1e-4) / 1e-4) * np.log(2e4)
+    assert plain(outliers, 1e-3, 1e-4, 1e-4) < 0.2 * bound
+    assert plain(outliers, 1e-3, 1e-1, 1e-4) < plain(outliers, 1e-3, 1e-4, 1e-4)
+    # What the sketch misses counts: a large remainder cannot be stepped past.
+    assert plain(outliers, 1.0, 1e-4, 1e-4) > plain(outliers, 1e-3, 1e-4, 1e-4)
 
 
 def test_auto_skips_the_probe_for_few_systems(mlp):
