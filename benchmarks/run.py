@@ -27,13 +27,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cif_jax as cj  # noqa: E402
-from cif_jax import folds as cfolds  # noqa: E402
-from cif_jax import stats  # noqa: E402
-from cif_jax._chunks import chunk_sum  # noqa: E402
-from cif_jax.ggn import _apply_undamped  # noqa: E402
-from cif_jax.gradients import streamed_sum  # noqa: E402
-from common import machine, timed, trained_task  # noqa: E402
+from common import machine, timed, trained_task
+
+import cif_jax as cj
+from cif_jax import folds as cfolds
+from cif_jax import stats
+from cif_jax._chunks import chunk_sum
+from cif_jax.ggn import _apply_undamped
+from cif_jax.gradients import streamed_sum
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

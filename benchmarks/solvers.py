@@ -40,10 +40,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cif_jax as cj  # noqa: E402
-from cif_jax import folds as cfolds  # noqa: E402
-from cif_jax import precondition  # noqa: E402
-from common import machine, timed, trained_task  # noqa: E402
+from common import machine, timed, trained_task
+
+import cif_jax as cj
+from cif_jax import folds as cfolds
+from cif_jax import precondition
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LAM, RTOL, BATCH = 1e-3, 1e-4, 512

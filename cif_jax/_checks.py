@@ -59,7 +59,7 @@ def task(task) -> None:
     y = jax.tree_util.tree_map(lambda a: a[:take], task.targets)
     try:
         out = jax.eval_shape(task.apply_fn, task.params, x)
-    except Exception as err:  # noqa: BLE001 - re-raised with context
+    except Exception as err:
         raise ValueError(
             f"`Task.apply_fn(params, inputs[:{take}])` failed; check that the inputs match the model: {err}"
         ) from err
@@ -71,7 +71,7 @@ def task(task) -> None:
             )
     try:
         loss = jax.eval_shape(task.loss_fn, out, y)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise ValueError(
             f"`Task.loss_fn(outputs, targets[:{take}])` failed; check that targets match the model outputs "
             f"(outputs have shape {jax.tree_util.tree_map(lambda s: s.shape, out)}): {err}"

@@ -21,7 +21,7 @@ from .queries import _check_task, cluster_counts
 from .task import Task
 
 
-def error_bound(cache: InfluenceCache, subset_size) -> tuple[Float[Array, "..."], Float[Array, "..."]]:
+def error_bound(cache: InfluenceCache, subset_size) -> tuple[Float[Array, ...], Float[Array, ...]]:
     """Theorem 3.1: the expected parameter error for a uniformly random subset of size m.
 
     .. math::

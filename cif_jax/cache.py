@@ -21,15 +21,16 @@ import numpy as np
 from jaxtyping import Array, Float, Int, UInt
 
 from . import _checks
-from . import distributed as _distributed
-from .gradients import raise_on_bad, streamed_map, streamed_sum
-from .kmeans import kmeans_fit
-from .sketch import DEFAULT_BLOCK_SIZE, sketch as _sketch_rows
 from . import correction as _correction
 from . import curvature as _curvature
+from . import distributed as _distributed
 from .correction import CalibratedCorrection, CorrectionTerms, ExactCorrection, NystromCorrection
+from .gradients import raise_on_bad, streamed_map, streamed_sum
+from .kmeans import kmeans_fit
 from .lissa import LiSSA
 from .precondition import nystrom_preconditioner
+from .sketch import DEFAULT_BLOCK_SIZE
+from .sketch import sketch as _sketch_rows
 from .solve import check_solver as _check_solver
 from .task import Task, fingerprint
 
@@ -81,7 +82,7 @@ class InfluenceCache(eqx.Module):
     deviation_norms: Float[Array, " n"]
     sketches: Float[Array, "n d"]
     centroids: Float[Array, "c d"]
-    sketch_key: UInt[Array, "..."]
+    sketch_key: UInt[Array, ...]
     num_examples: int = eqx.field(static=True)
     damping: float = eqx.field(static=True)
     sketch_dim: int = eqx.field(static=True)
@@ -318,6 +319,9 @@ def build_cache(
     if isinstance(correction, CalibratedCorrection):
         sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples)
         extra, inverse = np.unique(sample, return_inverse=True)
+        # Padded (repeating one draw) to a fixed count: every build with these settings reuses one
+        # compiled gradient pass and one compiled solve, whatever the number of distinct draws.
+        extra = np.concatenate([extra, np.full(correction.num_samples - extra.size, extra[0], extra.dtype)])
         g_extra, d_extra = phase("calibration gradients",
                                  lambda: _correction.deviations(task, extra, assignments, means, batch_size))
         rhs = jnp.concatenate([means, d_extra])

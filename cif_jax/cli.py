@@ -128,8 +128,7 @@ def run_cv(args) -> dict:
     from cif_jax import data as cdata
     from cif_jax import folds as cfolds
     from cif_jax import models as cmodels
-    from cif_jax import stats
-    from cif_jax import training
+    from cif_jax import stats, training
 
     try:
         ds = cdata.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, subsample=args.subsample)
@@ -239,7 +238,7 @@ def run_cv(args) -> dict:
         m = int(round(n / k))
         scatter, solver_term = cj.error_bound(cache, m)
         row = {
-            "K": k, "if_folds": int(len(chosen)), "if_seconds": if_time,
+            "K": k, "if_folds": len(chosen), "if_seconds": if_time,
             "if_seconds_all_folds": if_time * k / len(chosen) + pre_time / len(args.k),
             "cif_query_seconds": cif_query,
             "if_max_residual": float(res.residuals.max()), "if_mean_steps": float(res.num_steps.mean()),

@@ -53,9 +53,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import _checks
+from ._cg import balanced_block, inner_rtol, low_precision, solve_system
 from .curvature import CurvatureSample
 from .ggn import ggn_matvec_fn
-from ._cg import balanced_block, inner_rtol, low_precision, solve_system
 from .task import Task
 
 

@@ -531,7 +531,7 @@ def _conv_patches_agree(eqn, patches, order, feature_axis) -> bool:
         mat = jnp.asarray(np.transpose(rhs, order).reshape(-1, rhs.shape[order[-1]]))
         got = jnp.moveaxis(jnp.matmul(jnp.moveaxis(patches(lhs), feature_axis, -1), mat, precision=_HIGHEST), -1,
                            feature_axis)
-    except Exception:  # noqa: BLE001 - an unexpected configuration is simply not factored
+    except Exception:
         return False
     tol = 1e3 * float(jnp.finfo(want.dtype).eps) * (float(jnp.max(jnp.abs(want))) + 1.0)
     return got.shape == want.shape and float(jnp.max(jnp.abs(got - want))) <= tol
@@ -591,7 +591,7 @@ class _Model:
 
         try:
             closed = jax.make_jaxpr(fn)(list(leaves), x1)
-        except Exception as err:  # noqa: BLE001 - reported in the fallback warning
+        except Exception as err:
             raise _Untaggable(f"tracing apply_fn to a jaxpr failed ({type(err).__name__}: {err})") from err
         jaxpr = closed.jaxpr
         if len(jaxpr.outvars) != 1:
@@ -616,7 +616,7 @@ class _Model:
             layer["name"] = (f"{names[layer['kernel']]}{bias}: A {layer['din'] + (layer['bias'] is not None)}^2, "
                              f"G {layer['dout']}^2, {layer['positions']} position(s)")
         self.layers = layers
-        self.dots = {layer["path"]: (l, layer["act_fn"]) for l, layer in enumerate(layers)}
+        self.dots = {layer["path"]: (i, layer["act_fn"]) for i, layer in enumerate(layers)}
         self.calls = {layer["path"][:d] for layer in layers for d in range(1, len(layer["path"]))}
         in_blocks = {layer["kernel"] for layer in layers} | {layer["bias"] for layer in layers} - {None}
         self.diag_leaves = [j for j in range(len(leaves)) if j not in in_blocks]

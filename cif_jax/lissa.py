@@ -24,20 +24,18 @@ true residuals of the full and pool operators.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int
 
 from . import _baselines, _checks
 from . import curvature as _curvature
 from .ggn import ggn_matvec_fn
-from .solve import AbstractSolver, SolveResult
 from .sketch import _as_key
+from .solve import AbstractSolver, SolveResult
 from .task import Task
 
 #: Power iterations per sampled operator when ``scale="auto"``.

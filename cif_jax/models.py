@@ -35,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -46,11 +47,11 @@ from flax import nnx
 from jax import lax
 
 __all__ = [
+    "MLP",
+    "MODEL_NAMES",
     "AlexNet",
     "Conv2d",
     "LeNet5",
-    "MLP",
-    "MODEL_NAMES",
     "ResNet18",
     "build_from_config",
     "build_model",
@@ -481,7 +482,7 @@ class MLP(nnx.Module):
         dkw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
-        self.hidden_layers = nnx.List([_dense(a, b, **dkw) for a, b in zip(widths[:-1], widths[1:])])
+        self.hidden_layers = nnx.List([_dense(a, b, **dkw) for a, b in itertools.pairwise(widths)])
         self.out = _dense(widths[-1], self.num_classes, last=True, **dkw)
 
     def __call__(self, x: jax.Array) -> jax.Array:

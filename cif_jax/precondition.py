@@ -378,7 +378,6 @@ def nystrom_preconditioner(
     rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
     curvature = _curvature.check(curvature, task.num_examples, task.dtype)
     key = _as_key(key)
-    dtype = task.dtype
 
     start_time = time.perf_counter()
     bar = _bar(progress)

@@ -156,7 +156,6 @@ def _overlap(cache: InfluenceCache, subs, ev) -> Float[Array, " q"]:
     """Sum of ``t_i`` over ``S cap V`` divided by ``|V|``; ``ev`` None means V = S."""
     t = _terms(cache).values
     q = int(subs.sizes.size)
-    n = cache.num_examples
     in_v = in_eval_sets(subs, ev)
     ids, idx = subs.query_ids[in_v], subs.indices[in_v]
     size_v = subs.sizes if ev is None else np.broadcast_to(ev.sizes, (q,))

@@ -167,7 +167,7 @@ def stride_features(
     head = jax.tree_util.tree_map(lambda a: a[:2], inputs)
     try:
         h = jax.eval_shape(feature_fn, task.params, head)
-    except Exception as err:  # noqa: BLE001 - re-raised with context
+    except Exception as err:
         raise ValueError(f"`feature_fn(task.params, inputs[:2])` failed; check that it fits the task: {err}") from err
     z = jax.eval_shape(task.apply_fn, task.params, head)
     if getattr(h, "ndim", None) != 2:

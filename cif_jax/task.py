@@ -110,7 +110,7 @@ class Task(eqx.Module):
     # -- adapters ------------------------------------------------------------------
 
     @classmethod
-    def from_nnx(cls, model, loss_fn, inputs, targets) -> "Task":
+    def from_nnx(cls, model, loss_fn, inputs, targets) -> Task:
         """Builds a task from a ``flax.nnx`` module.
 
         The parameters are the module's ``nnx.Param`` leaves; any other state is
@@ -123,7 +123,7 @@ class Task(eqx.Module):
         return cls(_NnxApply(graphdef, rest), loss_fn, params, inputs, targets)
 
     @classmethod
-    def from_linen(cls, module, variables, loss_fn, inputs, targets, *, collection: str = "params") -> "Task":
+    def from_linen(cls, module, variables, loss_fn, inputs, targets, *, collection: str = "params") -> Task:
         """Builds a task from a ``flax.linen`` module and its variables.
 
         ``variables[collection]`` are the parameters; other collections (e.g.
@@ -139,7 +139,7 @@ class Task(eqx.Module):
         return cls(_LinenApply(module, rest, collection), loss_fn, params, inputs, targets)
 
     @classmethod
-    def from_equinox(cls, model, loss_fn, inputs, targets) -> "Task":
+    def from_equinox(cls, model, loss_fn, inputs, targets) -> Task:
         """Builds a task from an Equinox model whose ``__call__`` takes one example.
 
         The parameters are the model's inexact-array leaves; the model is

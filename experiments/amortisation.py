@@ -20,9 +20,8 @@ exact measured crossing ``Q* = build(C) / (t_IHVP - t_lin)`` is drawn beside it.
 
 from __future__ import annotations
 
-import numpy as np
-
 import _common as ec
+import numpy as np
 
 
 def main():

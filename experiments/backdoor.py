@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 
+import _common as ec
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +38,6 @@ from cif_jax import data as cdata
 from cif_jax import models as cmodels
 from cif_jax import training
 from cif_jax.cli import TRAINING
-
-import _common as ec
 
 REGIMES = ("fixed", "random-low-contrast")
 

@@ -20,9 +20,8 @@ clusters alone answer) comes free from the same solves and the same alphas.
 
 from __future__ import annotations
 
-import numpy as np
-
 import _common as ec
+import numpy as np
 
 
 def main():

@@ -29,13 +29,11 @@ import json
 import os
 import time
 
+import _common as ec
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import cif_jax as cj
-
-import _common as ec
 from benchmarks.common import WORKDIR
 from cif_jax import correction as ccorr
 from cif_jax import stats

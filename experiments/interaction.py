@@ -29,15 +29,14 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import _common as ec  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from lds import loss, mlp  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
-
-import _common as ec  # noqa: E402
-from lds import loss, mlp  # noqa: E402
 
 
 def linear(params, x):

@@ -30,6 +30,7 @@ document reports 0.116 on MNIST with its own metric (app. C.1), not this subset 
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 
@@ -37,14 +38,13 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import _common as ec  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
-
-import _common as ec  # noqa: E402
 
 
 def linear(params, x):
@@ -65,7 +65,7 @@ def loss(outputs, targets):
 
 def init_params(key, sizes, zero=False):
     params = {}
-    for j, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+    for j, (a, b) in enumerate(itertools.pairwise(sizes), start=1):
         key, sub = jax.random.split(key)
         w = jax.random.normal(sub, (a, b), jnp.float64) / np.sqrt(a)
         params[f"w{j}"] = jnp.zeros_like(w) if zero else w

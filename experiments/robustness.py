@@ -19,9 +19,8 @@ the point here; results agree within the CG tolerance).
 
 from __future__ import annotations
 
-import numpy as np
-
 import _common as ec
+import numpy as np
 
 
 def main():

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import time
 
+import _common as ec
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import cif_jax as cj
-
-import _common as ec
 
 
 def _spearman_rows(a, b):
@@ -55,10 +54,9 @@ def class_removal(task, ds, args, samplers, m, kw):
     from scipy.special import log_softmax
     from sklearn.metrics import f1_score
 
-    from cif_jax.cli import TRAINING
     from cif_jax import models as cmodels
+    from cif_jax.cli import TRAINING
 
-    n = task.num_examples
     labels = np.asarray(task.targets)
     classes = args.removal_classes or ([0, 3, 8] if args.quick else list(range(ds.num_classes)))
     subsets = [np.flatnonzero(labels == c) for c in classes]
@@ -188,7 +186,7 @@ def main():
 
     # LiSSA against CG on one sample's operator and on the full one, at the experiment's damping.
     lissa_rows = []
-    for label, sample in (("uniform M=%d" % sizes[-1], cj.uniform_sample(n, size=sizes[-1], key=jax.random.key(7))),
+    for label, sample in ((f"uniform M={sizes[-1]}", cj.uniform_sample(n, size=sizes[-1], key=jax.random.key(7))),
                           ("full", None)):
         cg = cj.solve_ggn(task, g_test, curvature=sample, warn=False, **kw)
         t0 = time.perf_counter()

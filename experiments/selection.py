@@ -36,14 +36,13 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import _common as ec  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from lds import init_params, loss  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
-
-import _common as ec  # noqa: E402
-from lds import init_params, loss  # noqa: E402
 
 
 def mlp(params, x):

@@ -48,15 +48,14 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import _common as ec  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from lds import init_params, loss, timed  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax import data as cdata  # noqa: E402
-
-import _common as ec  # noqa: E402
-from lds import init_params, loss, timed  # noqa: E402
 
 PUBLISHED = {
     "lds (document's metric, MNIST)": {"STRIDE": 0.116, "TracIn": 0.103, "EK-FAC": 0.105},
@@ -100,7 +99,7 @@ def train(x, y, sizes, settings, *, seed, keep=None, lam, checkpoints=False):
 
 
 def stride_ops(task, x, settings, *, layer, num_subsets, seed=11, **fit):
-    feats = lambda prm, xx: hidden(prm, xx, layer)  # noqa: E731
+    feats = lambda prm, xx: hidden(prm, xx, layer)
     H, Z = cj.stride_features(task, x, feature_fn=feats)
     subs = cj.stride_subsets(jax.random.key(seed), x.shape[0], num_subsets=num_subsets,
                              subset_size=settings["stride_subset_size"])
@@ -159,17 +158,17 @@ def baseline_scores(task, xt, yt, lam, args, *, ckpts, lrs, settings, which, sum
     out, secs = {}, {}
     for name in which:
         if name == "IF":
-            fn = lambda: if_scores(task, xt, yt, lam, args, summed=summed)  # noqa: E731
+            fn = lambda: if_scores(task, xt, yt, lam, args, summed=summed)
         elif name.startswith("CiF"):
             c = int(name.split("=")[1])
-            fn = lambda c=c: cif_scores(task, xt, yt, lam, args, c, summed=summed)  # noqa: E731
+            fn = lambda c=c: cif_scores(task, xt, yt, lam, args, c, summed=summed)
         elif name == "TRAK":
-            fn = lambda: cj.trak(task, xt, yt, sketch_dim=settings["trak_dim"], key=jax.random.key(7),  # noqa: E731
+            fn = lambda: cj.trak(task, xt, yt, sketch_dim=settings["trak_dim"], key=jax.random.key(7),
                                  ridge=1e-6)
         elif name == "Grad-Dot":
-            fn = lambda: cj.grad_dot(task, xt, yt)  # noqa: E731
+            fn = lambda: cj.grad_dot(task, xt, yt)
         elif name == "TracIn":
-            fn = lambda: cj.tracin(task, xt, yt, checkpoints=ckpts, learning_rates=lrs)  # noqa: E731
+            fn = lambda: cj.tracin(task, xt, yt, checkpoints=ckpts, learning_rates=lrs)
         else:
             raise ValueError(name)
         s, secs[name] = timed(fn)
@@ -394,7 +393,7 @@ def cost_part(x, y, xt, yt, args, settings):
         sizes = [d, width, k]
         _, ckpts, _ = train(x, y, sizes, short, seed=args.seed, lam=args.damping)
         task = cj.Task(network, loss, ckpts[-1], x, y)
-        feats = lambda prm, xx: hidden(prm, xx, 1)  # noqa: E731
+        feats = lambda prm, xx: hidden(prm, xx, 1)
         test = cj.Task(network, loss, task.params, xt, yt)
         lam = args.damping
 

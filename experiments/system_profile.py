@@ -15,9 +15,8 @@ folds) and the workload total (per-query time x queries; extrapolated when
 
 from __future__ import annotations
 
-import numpy as np
-
 import _common as ec
+import numpy as np
 
 
 def main():

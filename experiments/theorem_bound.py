@@ -19,11 +19,10 @@ not measured here, and the solutions do not depend on it beyond the tolerance.
 
 from __future__ import annotations
 
+import _common as ec
 import numpy as np
 
 import cif_jax as cj
-
-import _common as ec
 
 
 def main():

@@ -24,9 +24,22 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models import (  # noqa: E402
+    BATCH,
+    LAM,
+    RHS_BATCH,
+    RTOL,
+    SKETCH_DIM,
+    dense_influence,
+    dense_means,
+    dense_solve,
+    masks_of,
+    mlp_problem,
+    random_subsets,
+    row_rel_err,
+)
+
 import cif_jax as cj  # noqa: E402
-from _models import BATCH, LAM, RHS_BATCH, RTOL, SKETCH_DIM, dense_influence, dense_means, dense_solve, \
-    masks_of, mlp_problem, random_subsets, row_rel_err  # noqa: E402
 
 #: A curvature sample of 15 examples: uneven over 2 data shards.
 SAMPLE_IDX = np.arange(1, 46, 3)

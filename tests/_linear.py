@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from _models import cross_entropy, linear_apply
 
 import cif_jax as cj
-from _models import cross_entropy, linear_apply
 
 
 def blobs(n: int, *, seed: int = 0, d: int = 3, k: int = 3, num_eval: int = 20):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +134,7 @@ def _f64(tree):
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def softmax_problem(dtype: str = "float64") -> Problem:
     """Multinomial logistic regression: logits ``x W + b``, closed-form J_i and W_i."""
     rng = np.random.default_rng(0)
@@ -179,7 +180,7 @@ def _mlp_single(unravel):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mlp_problem() -> Problem:
     """A tanh MLP classifier: J_i by ``jax.jacfwd`` per example, closed-form softmax W_i."""
     rng = np.random.default_rng(1)
@@ -197,7 +198,7 @@ def mlp_problem() -> Problem:
     return _finish("mlp", task, flat, grads, jac, out_hess)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def regression_problem() -> Problem:
     """A tanh MLP with two outputs and a weighted squared error: W_i = diag(1, 3)."""
     rng = np.random.default_rng(2)
@@ -228,7 +229,7 @@ def output_grads(problem: Problem) -> np.ndarray:
     return np.stack([fn(o, t) for o, t in zip(outputs, targets)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_for(name: str, dtype: str = "float64", rtol: float = RTOL, num_clusters: int = NUM_CLUSTERS,
               correction=None):
     """The suite's shared caches (built once per session): plain CG and, unless asked, no

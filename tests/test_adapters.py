@@ -14,11 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import (
+    LAM,
+    RTOL,
+    N,
+    ce_output_hessian,
+    ce_single,
+    cross_entropy,
+    dense_solve,
+    masks_of,
+    random_subsets,
+    row_rel_err,
+)
 from flax import nnx
 
 import cif_jax as cj
-from _models import LAM, N, RTOL, ce_output_hessian, ce_single, cross_entropy, dense_solve, masks_of, \
-    random_subsets, row_rel_err
 
 IN, HIDDEN, OUT = 3, 5, 3
 _rng = np.random.default_rng(11)

@@ -11,14 +11,14 @@ explicit matrices.
 
 import importlib
 
+import _linear as L
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import BATCH, IN_DIM, NUM_CLASSES, N, regression_problem, softmax_problem
 
 import cif_jax as cj
-import _linear as L
-from _models import BATCH, IN_DIM, N, NUM_CLASSES, regression_problem, softmax_problem
 
 NUM_EVAL = 6
 TOL = 1e-12  # float64 dot products and d x d solves at this size: measured <= 2e-15

@@ -9,10 +9,20 @@ whose solves stop after two CG steps, where the solver term matters.
 import jax
 import numpy as np
 import pytest
+from _models import (
+    LAM,
+    NUM_CLUSTERS,
+    RTOL,
+    SKETCH_DIM,
+    N,
+    cache_for,
+    dense_influence,
+    dense_means,
+    random_masks,
+    softmax_problem,
+)
 
 import cif_jax as cj
-from _models import LAM, N, NUM_CLUSTERS, RTOL, SKETCH_DIM, cache_for, dense_influence, dense_means, \
-    random_masks, softmax_problem
 
 NUM_SUBSETS = 500
 SUBSET_SIZES = (1, 8, 24, 47)

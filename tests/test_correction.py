@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import BATCH, LAM, NUM_CLUSTERS, PROBLEMS, RTOL, SKETCH_DIM, N, dense_means, dense_solve, get_problem
 
 import cif_jax as cj
-from _models import BATCH, LAM, N, NUM_CLUSTERS, PROBLEMS, RTOL, SKETCH_DIM, dense_means, dense_solve, get_problem
 
 # Dense solves vs CG at RTOL = 1e-12 on condition numbers <= ~500: agreement 1e-15 .. 1e-11.
 TOL = 1e-9

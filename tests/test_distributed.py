@@ -18,11 +18,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _models import LAM, NUM_CLUSTERS, RTOL, SKETCH_DIM, softmax_problem
 from jax.sharding import Mesh
 
 import cif_jax as cj
 from cif_jax import distributed
-from _models import LAM, NUM_CLUSTERS, RTOL, SKETCH_DIM, softmax_problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -11,10 +11,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import (
+    LAM,
+    NUM_CLUSTERS,
+    NUM_QUERIES,
+    SKETCH_DIM,
+    N,
+    cache_for,
+    cross_entropy,
+    linear_apply,
+    random_subsets,
+    softmax_problem,
+)
 
 import cif_jax as cj
-from _models import LAM, N, NUM_CLUSTERS, NUM_QUERIES, SKETCH_DIM, cache_for, cross_entropy, linear_apply, \
-    random_subsets, softmax_problem
 
 _EXPENSIVE = {
     "cif_jax.gradients": ("_per_example_grads", "_subset_gradient_sums"),
@@ -104,12 +114,13 @@ def test_class_targets_must_fit_the_outputs(task, no_work):
         bad = cj.Task(linear_apply, cross_entropy, task.params, task.inputs, jnp.asarray(y))
         for call in (lambda: cj.per_example_grads(bad), lambda: cj.influence(bad, [np.arange(3)], damping=LAM),
                      lambda: _build(bad), lambda: cj.ggn_operator(bad, damping=LAM)):
-            with pytest.raises(ValueError, match=rf"outside \[0, 3\).*examples \[5, 7\]"):
+            with pytest.raises(ValueError, match=r"outside \[0, 3\).*examples \[5, 7\]"):
                 call()
     # Integer targets that are not class indices of a (B, q) output are left alone: regression
     # targets shaped like the outputs.
-    from cif_jax import _checks
     from _models import get_problem
+
+    from cif_jax import _checks
 
     reg = get_problem("regression").task
     y = jnp.asarray(np.round(np.asarray(reg.targets) * 10)).astype(jnp.int32)

@@ -11,10 +11,21 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
+from _models import (
+    BATCH,
+    LAM,
+    PROBLEMS,
+    N,
+    get_problem,
+    masks_of,
+    output_grads,
+    random_subsets,
+    rel_err,
+    row_rel_err,
+    softmax_problem,
+)
 
 import cif_jax as cj
-from _models import BATCH, LAM, N, PROBLEMS, get_problem, masks_of, output_grads, random_subsets, rel_err, \
-    row_rel_err, softmax_problem
 
 TIGHT = 1e-12  # float64, no iteration involved: rounding only (measured ~1e-16)
 

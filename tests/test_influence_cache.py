@@ -11,12 +11,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import (
+    BATCH,
+    LAM,
+    NUM_CLUSTERS,
+    NUM_QUERIES,
+    PROBLEMS,
+    RHS_BATCH,
+    RTOL,
+    SKETCH_DIM,
+    N,
+    cache_for,
+    dense_influence,
+    dense_means,
+    dense_solve,
+    get_problem,
+    masks_of,
+    random_subsets,
+    rel_err,
+    row_rel_err,
+    softmax_problem,
+)
 from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
-from _models import BATCH, LAM, N, NUM_CLUSTERS, NUM_QUERIES, PROBLEMS, RHS_BATCH, RTOL, SKETCH_DIM, \
-    cache_for, dense_influence, dense_means, dense_solve, get_problem, masks_of, random_subsets, rel_err, \
-    row_rel_err, softmax_problem
 
 # Solves at RTOL = 1e-12 on condition numbers <= ~500: measured agreement 1e-15 .. 1e-11.
 SOLVE_TOL = 1e-9

@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import LAM, N, cross_entropy, dense_solve, linear_apply, softmax_problem, weighted_squared_error
 from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
-from _models import LAM, N, cross_entropy, dense_solve, linear_apply, mlp_apply, softmax_problem, \
-    weighted_squared_error
 
 RTOL = 1e-12
 

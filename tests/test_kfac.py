@@ -20,15 +20,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import (
+    BATCH,
+    LAM,
+    NUM_CLUSTERS,
+    REG_SCALE,
+    RTOL,
+    SKETCH_DIM,
+    N,
+    ce_output_hessian,
+    cross_entropy,
+    dense_solve,
+    linear_apply,
+    masks_of,
+    mlp_problem,
+    random_subsets,
+    row_rel_err,
+    softmax_problem,
+    weighted_squared_error,
+)
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
 from cif_jax import models as cmodels
 from cif_jax.precondition import inverse_fn
-from _models import BATCH, LAM, N, NUM_CLUSTERS, REG_SCALE, RTOL, SKETCH_DIM, ce_output_hessian, \
-    cross_entropy, dense_solve, linear_apply, masks_of, mlp_problem, random_subsets, row_rel_err, softmax_problem, \
-    weighted_squared_error
 
 SOLVE_TOL = 1e-9  # as tests/test_precondition.py: RTOL = 1e-12 on condition numbers <= ~500
 FACTOR_TOL = 1e-12  # float64 sums of N products of O(1) terms
@@ -61,7 +77,7 @@ class SmallCNN(nnx.Module):
         return self.from1(self.pre1(x))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cnn():
     """(task, model, dense GGN with LAM, per-example output Hessians)."""
     rng = np.random.default_rng(5)
@@ -75,7 +91,7 @@ def cnn():
     return task, model, *dense_ggn(task)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(which, kind):
     """The suite's shared preconditioners (unchunked builds; chunking is checked once, on the MLP)."""
     task = mlp_problem().task if which == "mlp" else cnn()[0]
@@ -384,7 +400,7 @@ def test_influence_and_cache_take_a_built_kfac_preconditioner():
 # -- the EK-FAC estimator ------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def linear_squared():
     """One linear layer, weighted squared loss: GGN = diag(REG_SCALE) (x) E[[x,1][x,1]^T], exactly Kronecker."""
     rng = np.random.default_rng(7)

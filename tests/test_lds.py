@@ -9,6 +9,7 @@ IF scores (numpy) predict 50%-subset retraining well and with the right sign.
 
 import functools
 
+import _linear as L
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,6 @@ import pytest
 from scipy.stats import spearmanr
 
 import cif_jax as cj
-import _linear as L
 
 WD = 0.05
 GD = dict(num_steps=150, learning_rate=3.0, momentum=0.5, weight_decay=WD)  # converges here to ||grad|| ~ 1e-16
@@ -144,7 +144,7 @@ def _convex_setup(n=60):
     return task, xe, ye, keep, seeds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _convex_lds_problem():
     """L2 logistic regression: 40 random halves of N = 60, two seeds each; exact IF and Grad-Dot scores.
 

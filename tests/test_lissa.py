@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import LAM, N, dense_solve, row_rel_err, softmax_problem
 
 import cif_jax as cj
-from _models import LAM, N, dense_solve, row_rel_err, softmax_problem
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import (
+    LAM,
+    NUM_CLUSTERS,
+    RHS_BATCH,
+    SKETCH_DIM,
+    dense_influence,
+    dense_solve,
+    masks_of,
+    mlp_problem,
+    random_subsets,
+    row_rel_err,
+    softmax_problem,
+)
 from jax.sharding import Mesh
 
 import cif_jax as cj
-from _models import LAM, NUM_CLUSTERS, RHS_BATCH, SKETCH_DIM, dense_influence, dense_solve, mlp_problem, \
-    random_subsets, masks_of, row_rel_err, softmax_problem
 
 TIGHT = 1e-10  # far below float32's ~1e-7: only refinement in float64 gets there
 #: Solution error <= kappa * residual; kappa(H~) <= ~500 on these problems (LAM = 1e-2).

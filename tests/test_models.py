@@ -180,7 +180,7 @@ def test_im2col_conv_gradients_equal_lax_conv(case, getkey):
     grads = {}
     for impl, conv in convs.items():
         graphdef, params = nnx.split(conv)
-        f = lambda p, xx: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(xx)))  # noqa: E731
+        f = lambda p, xx: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(xx)))
         grads[impl] = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(grads["im2col"]), jax.tree.leaves(grads["lax"])):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import N, cache_for, softmax_problem
 
 import cif_jax as cj
-from _models import N, cache_for, softmax_problem
 
 
 @pytest.fixture(scope="module")

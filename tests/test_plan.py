@@ -3,11 +3,11 @@
 import equinox as eqx
 import jax.numpy as jnp
 import pytest
+from _models import N, mlp_problem
 
 import cif_jax as cj
 from cif_jax.ggn import _apply_undamped
 from cif_jax.plan import parse_bytes
-from _models import N, mlp_problem
 
 
 def _temp(task, bs, k):

@@ -12,10 +12,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import (
+    BATCH,
+    LAM,
+    NUM_CLUSTERS,
+    PROBLEMS,
+    RHS_BATCH,
+    RTOL,
+    SKETCH_DIM,
+    N,
+    cache_for,
+    dense_solve,
+    get_problem,
+    masks_of,
+    mlp_problem,
+    random_subsets,
+    row_rel_err,
+    softmax_problem,
+)
 
 import cif_jax as cj
-from _models import BATCH, RHS_BATCH, LAM, N, NUM_CLUSTERS, PROBLEMS, RTOL, SKETCH_DIM, cache_for, dense_solve, get_problem, \
-    mlp_problem, random_subsets, masks_of, row_rel_err, softmax_problem
 
 SOLVE_TOL = 1e-9  # as tests/test_influence_cache.py: RTOL = 1e-12 on condition numbers <= ~500
 

@@ -5,10 +5,10 @@ References are numpy loops over the cache's own assignments and responses.
 
 import numpy as np
 import pytest
+from _models import N, cache_for
 
 import cif_jax as cj
 from cif_jax import _checks
-from _models import N, cache_for
 
 Q, M = 20_000, 6
 

@@ -14,18 +14,18 @@
 import functools
 import importlib
 
+import _linear as L
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _models import LAM, REG_SCALE, N, cross_entropy, linear_apply, softmax_problem, weighted_squared_error
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
 from cif_jax.models import MLP
-import _linear as L
-from _models import LAM, N, REG_SCALE, cross_entropy, linear_apply, softmax_problem, weighted_squared_error
 
 WD = 0.05  # L2 coefficient of the convex problem; IF uses damping = WD
 # Heavy-ball settings that converge on these problems to ||grad F|| ~ 1e-16 (condition number ~ 20).
@@ -44,7 +44,7 @@ def _rel(got, want):
 # -- the convex problem -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loo(n):
     """Base model, LOO retraining under both normalisations, and IF for every example, at size n.
 

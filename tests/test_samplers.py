@@ -7,7 +7,6 @@ deterministic anyway).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 import cif_jax as cj
 from cif_jax import stride as st
-from cif_jax.models import LeNet5, MLP
+from cif_jax.models import MLP, LeNet5
 
 N, D, C = 12, 3, 3
 

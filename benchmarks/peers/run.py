@@ -95,7 +95,7 @@ def ours(task, folds, args):
     # Solves: compiled first on one block with max_steps=1, so the timings below are runs.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one step does not converge: this only compiles
-        for name, (pre, _) in pres.items():
+        for pre, _ in pres.values():
             for block in (folds[: args.rhs_block], folds[: args.sample_folds]):
                 cj.influence_solve(task, block, damping=args.damping, solver=cj.CG(rtol=args.rtol, max_steps=1, rhs_batch_size=args.rhs_block, preconditioner=pre), batch_size=args.batch_size)
     cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
@@ -249,7 +249,7 @@ def main():
     exact = scores["IF nystrom"]
     if "pydvl_cg_nystrom" in peers:
         pv = peers["pydvl_cg_nystrom"]
-        methods["pyDVL CG + Nystrom (rank %d)" % pv["nystrom_rank"]] = {
+        methods[f"pyDVL CG + Nystrom (rank {pv['nystrom_rank']})"] = {
             "seconds": pv["extrapolated_total_seconds"], "extrapolated": True, "folds_timed": pv["solves_timed"],
             "build_seconds": pv["fit_seconds"], "seconds_per_solve": pv["seconds_per_solve"],
             "mean_iterations": float(np.mean([r["iterations"] for r in pv["rows"]])),

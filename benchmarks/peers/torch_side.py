@@ -281,12 +281,12 @@ def main():
     try:
         import pydvl
         out["pydvl"] = pydvl.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     try:
         import kronfluence
         out["kronfluence"] = kronfluence.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     if "pydvl" not in args.skip:
         out["pydvl_cg_nystrom"] = run_pydvl(model, x, y, folds, args, log)
