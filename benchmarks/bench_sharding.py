@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ def _inner(args) -> None:
     if args.inner == "devices":
         runs = {"rhs": dict(mesh=cj.solver_mesh())}
         if not args.skip_data:
-            runs["data"] = dict(mesh=jax.sharding.Mesh(jax.devices()[:2], ("data",)))
+            runs["data"] = dict(mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",)))
     report = {"devices": len(jax.devices())}
     arrays = {}
     for name, kw in runs.items():
@@ -100,24 +99,6 @@ def _rel_rows(got, want) -> float:
     return float(np.max(np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)))
 
 
-def _machine() -> dict:
-    import jax
-
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-            "load_average_1min_at_start": load}
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-rhs", type=int, default=16, help="right-hand sides (even: halves per device)")
@@ -141,11 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.num_rhs < 2 or args.num_rhs % 2:
         raise SystemExit("--num-rhs must be even (each of 2 devices or processes holds half).")
+    from common import machine
+
     result = {
         "benchmark": "sharded solves: single device vs 2 forced host devices vs 2 processes",
         "workload": {"model": "lenet5", "dataset": "digits", "num_rhs": args.num_rhs, "damping": args.damping,
                      "rtol": args.rtol, "batch_size": args.batch_size, "dtype": "float32", "repeats": args.repeats},
-        "machine": _machine(),
+        "machine": machine(),
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

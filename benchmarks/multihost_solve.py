@@ -97,10 +97,10 @@ def lenet_problem(num_rhs: int, seed: int = 0):
     import optax
 
     import cif_jax as cj
-    from cif_jax import data as cdata
-    from cif_jax import models as cmodels
-    from cif_jax import training
-    from cif_jax.cli import TRAINING
+    from cif_jax.workloads import data as cdata
+    from cif_jax.workloads import models as cmodels
+    from cif_jax.workloads import training
+    from cif_jax.workloads.training import TRAINING
 
     ds = cdata.load_dataset("digits", seed=seed)
     config = cmodels.model_config("lenet5", in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
@@ -175,7 +175,7 @@ def worker(args) -> None:
     global_rhs = jax.make_array_from_process_local_data(NamedSharding(mesh, P("rhs")), local_rows, rhs.shape)
     report["rhs_local_rows"] = [int(s.data.shape[0]) for s in global_rhs.addressable_shards]
 
-    def timed(name, fn):
+    def timed_run(name, fn):
         """``fn(max_steps)`` once with one CG step (compiles: the settings are traced), then timed."""
         jax.block_until_ready(fn(1).solutions)
         times = []
@@ -188,15 +188,15 @@ def worker(args) -> None:
         report[f"steps_{name}"] = np.asarray(out.num_steps).tolist()
         return out
 
-    sharded = timed("rhs_sharded", lambda k: cj.solve_ggn(task, global_rhs, mesh=mesh, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
+    sharded = timed_run("rhs_sharded", lambda k: cj.solve_ggn(task, global_rhs, mesh=mesh, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
     arrays = {"rhs_sharded": np.asarray(sharded.solutions), "residuals_rhs_sharded": np.asarray(sharded.residuals)}
     if not args.skip_data:
         data_mesh = cj.solver_mesh(data_shards=count)
-        by_data = timed("data_sharded", lambda k: cj.solve_ggn(task, rhs, mesh=data_mesh, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
+        by_data = timed_run("data_sharded", lambda k: cj.solve_ggn(task, rhs, mesh=data_mesh, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
         arrays["data_sharded"] = np.asarray(by_data.solutions)
         arrays["residuals_data_sharded"] = np.asarray(by_data.residuals)
     if not args.skip_alone and me == 0:  # the reference: one process alone, on its own device
-        alone = timed("one_process", lambda k: cj.solve_ggn(task, rhs, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
+        alone = timed_run("one_process", lambda k: cj.solve_ggn(task, rhs, solver=cj.CG(rtol=rtol, max_steps=k, preconditioner=None), **settings))
         arrays["alone"] = np.asarray(alone.solutions)
         arrays["residuals_alone"] = np.asarray(alone.residuals)
     if args.problem == "small" and "alone" in arrays:

@@ -30,11 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine, timed, trained_task
 
 import cif_jax as cj
-from cif_jax import folds as cfolds
-from cif_jax import stats
-from cif_jax._chunks import chunk_sum
-from cif_jax.ggn import _apply_undamped
-from cif_jax.gradients import streamed_sum
+from cif_jax.core.chunks import chunk_sum
+from cif_jax.core.ggn import apply_undamped
+from cif_jax.core.gradients import streamed_sum
+from cif_jax.workloads import folds as cfolds
+from cif_jax.workloads import stats
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -96,9 +96,9 @@ def section_products(task, cfg, state):
     t_one = None
     for k in cfg["block_ks"]:
         v = jax.random.normal(jax.random.key(k), (k, task.num_params), task.dtype)
-        compiled = eqx.filter_jit(_apply_undamped).lower(task, bs, v, None).compile()
+        compiled = eqx.filter_jit(apply_undamped).lower(task, bs, v, None).compile()
         mem = compiled.compiled.memory_analysis()
-        t, _ = timed(lambda: _apply_undamped(task, bs, v, None), repeats=max(2, 16 // k))
+        t, _ = timed(lambda: apply_undamped(task, bs, v, None), repeats=max(2, 16 // k))
         if k == 1:
             t_one = t
         rows.append({"k": k, "seconds_per_vector": t / k, "per_vector_vs_k1": (t / k) / t_one if t_one else None,
@@ -323,14 +323,14 @@ def section_sweeps(task, cfg, state):
         n = int(n_full * frac)
         sub, _ = trained_task(cfg["dataset"], cfg["model"], subsample_n=n)
         v = jax.random.normal(jax.random.key(0), (1, sub.num_params), sub.dtype)
-        t_prod, _ = timed(lambda: _apply_undamped(sub, bs, v, None), repeats=3)
+        t_prod, _ = timed(lambda: apply_undamped(sub, bs, v, None), repeats=3)
         t_pex, _ = timed(lambda: _per_example_pass(sub, bs), repeats=2)
         out["N"].append({"N": n, "ggn_product_seconds": t_prod, "per_example_pass_seconds": t_pex})
         log(f"  N={n}: product {t_prod:.3f} s, per-example pass {t_pex:.3f} s")
     for name in cfg["sweep_models"]:
         sub, _ = trained_task(cfg["dataset"], name)
         v = jax.random.normal(jax.random.key(0), (1, sub.num_params), sub.dtype)
-        t_prod, _ = timed(lambda: _apply_undamped(sub, bs, v, None), repeats=3)
+        t_prod, _ = timed(lambda: apply_undamped(sub, bs, v, None), repeats=3)
         t_pex, _ = timed(lambda: _per_example_pass(sub, bs), repeats=2)
         t_grad, _ = timed(lambda: _full_gradient(sub, bs), repeats=3)
         out["p"].append({"model": name, "p": sub.num_params, "ggn_product_seconds": t_prod,
@@ -436,7 +436,7 @@ def section_sharding(task, cfg, state):
 
 
 def _combination_inverse(combo, lam):
-    from cif_jax.kfac import inverse, inverse_sqrt
+    from cif_jax.solvers.kfac import inverse, inverse_sqrt
 
     kind, pre, ut, s = combo
     if kind == "split":
@@ -461,8 +461,8 @@ def _combination_inverse(combo, lam):
 
 @eqx.filter_jit
 def _combination_solve(task, rhs, lam, rtol, max_steps, batch_size, combo):
-    from cif_jax.ggn import ggn_matvec_fn
-    from cif_jax.solve import _solve_system
+    from cif_jax.core.ggn import ggn_matvec_fn
+    from cif_jax.solvers.cg import solve_system as _solve_system
 
     mv = jax.vmap(ggn_matvec_fn(task, batch_size=batch_size))
     return _solve_system(mv, _combination_inverse(combo, lam), rhs, lam, rtol, 0.0, max_steps, 3)
@@ -470,8 +470,8 @@ def _combination_solve(task, rhs, lam, rtol, max_steps, batch_size, combo):
 
 def _split_sketch(task, pre, rank, cfg, key):
     """Nystrom factors (U^T, s) of the whitened operator ``S (I + GGN/lambda) S``."""
-    from cif_jax import precondition as cpre
-    from cif_jax.kfac import inverse_sqrt
+    from cif_jax.solvers import precondition as cpre
+    from cif_jax.solvers.kfac import inverse_sqrt
 
     lam = cfg["damping"]
     root = jax.jit(inverse_sqrt(pre, lam))
@@ -493,8 +493,8 @@ def _timed_combination(task, rhs, cfg, rows, combo, name, build_seconds, extra):
 
 def section_kfac(task, cfg, state):
     """K-FAC and EK-FAC: as preconditioners of the exact solves, with a Nystrom sketch, and as estimators."""
-    from cif_jax import precondition as cpre
-    from cif_jax.kfac import _top_directions
+    from cif_jax.solvers import precondition as cpre
+    from cif_jax.solvers.kfac.blocks import top_directions
 
     lam, rtol, bs, block = cfg["damping"], cfg["rtol"], cfg["batch_size"], cfg["rhs_block"]
     n = task.num_examples
@@ -527,7 +527,7 @@ def section_kfac(task, cfg, state):
         pre, t_pre = built[kind]
 
         def guided():
-            q = jnp.asarray(_top_directions(pre, r))
+            q = jnp.asarray(top_directions(pre, r))
             ut, s, _ = cpre._nystrom_factor(q, cpre._products(task, q, bs, None, block, None))
             return cj.NystromPreconditioner(ut, s, jnp.asarray(jnp.nan, q.dtype), cj.fingerprint(task), "full", r, 0.0)
 
@@ -584,7 +584,7 @@ def section_precision(task, cfg, state):
     with bfloat16 products. Each row: mean iterations (refinement restarts
     included), largest true residual in the task's dtype, seconds per solve.
     """
-    from cif_jax.solve import cast_floats
+    from cif_jax.solvers.cg import cast_floats
 
     bs = cfg["batch_size"]
     _, rhs32 = _fold_rhs(task, cfg["num_rhs"])

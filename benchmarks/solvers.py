@@ -7,7 +7,7 @@ Three sections, each comparing side by side in one run on the same trained model
 operator, damping (1e-3) and true tolerance (rtol 1e-4, the library default):
 
 * ``model``: CG iterations measured at Nystrom ranks 0-256 against the cost
-  model's predictions (:mod:`cif_jax.precondition`): plain CG from the rank-32
+  model's predictions (:mod:`cif_jax.solvers.precondition`): plain CG from the rank-32
   probe and its error estimate (what ``preconditioner="auto"`` sees), each rank
   from its own estimated condition number, and each doubling as the model
   predicts it before building it. The ratios measured / unscaled model are the
@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine, timed, trained_task
 
 import cif_jax as cj
-from cif_jax import folds as cfolds
-from cif_jax import precondition
+from cif_jax.solvers import precondition
+from cif_jax.workloads import folds as cfolds
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LAM, RTOL, BATCH = 1e-3, 1e-4, 512

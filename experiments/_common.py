@@ -1,10 +1,10 @@
 """Shared pieces of the paper-experiment scripts (never imported by the library).
 
-Every script follows the protocol of ``cif-jax cv`` (``cif_jax/cli.py``): the
-training settings of ``cif_jax.cli.TRAINING``, a trained checkpoint cached under
+Every script follows the protocol of ``cif-jax cv`` (``cif_jax/workloads/cli.py``): the
+training settings of ``cif_jax.workloads.cli.TRAINING``, a trained checkpoint cached under
 ``benchmarks/_work`` (``benchmarks/common.trained_task``), the damped GGN with
 damping 1e-3, CG with a *true* relative residual tolerance used identically by
-IF and CiF, fold workloads from ``cif_jax.folds.kfold_indices(N, K, seed=seed + K)``
+IF and CiF, fold workloads from ``cif_jax.workloads.folds.kfold_indices(N, K, seed=seed + K)``
 and fold scores ``Delta l(S_k; S_k)`` (removing a fold, the change of that fold's
 mean loss).
 """
@@ -28,9 +28,17 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
-from benchmarks.common import machine, trained_task  # noqa: E402,F401
-from cif_jax import folds as cfolds  # noqa: E402
-from cif_jax import stats  # noqa: E402
+from cif_jax.workloads import folds as cfolds  # noqa: E402
+from cif_jax.workloads import runs, stats  # noqa: E402
+from cif_jax.workloads.runs import machine, timed  # noqa: E402,F401  (shared with the benchmarks)
+
+#: Trained checkpoints, shared with the benchmarks (the same protocol, so the same models).
+WORKDIR = os.path.join(ROOT, "benchmarks", "_work")
+
+
+def trained_task(dataset: str, model: str, *, seed: int = 0, subsample_n: int | None = None):
+    """:func:`cif_jax.workloads.runs.trained_task` with checkpoints under ``benchmarks/_work``."""
+    return runs.trained_task(dataset, model, workdir=WORKDIR, seed=seed, subsample_n=subsample_n)
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
 

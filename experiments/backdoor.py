@@ -34,10 +34,10 @@ import optax
 from sklearn.metrics import average_precision_score
 
 import cif_jax as cj
-from cif_jax import data as cdata
-from cif_jax import models as cmodels
-from cif_jax import training
-from cif_jax.cli import TRAINING
+from cif_jax.workloads import data as cdata
+from cif_jax.workloads import models as cmodels
+from cif_jax.workloads import training
+from cif_jax.workloads.training import TRAINING
 
 REGIMES = ("fixed", "random-low-contrast")
 

@@ -34,9 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import WORKDIR
-from cif_jax import correction as ccorr
-from cif_jax import stats
+from cif_jax.cif import correction as ccorr
+from cif_jax.workloads import stats
 
 RANKS = (64, 128, 256)
 SAMPLES = (16, 32, 64)
@@ -105,8 +104,8 @@ def _reference(task, args, chunk: int = 256):
     The solves run in chunks of ``chunk`` examples, each written to ``benchmarks/_work`` as it
     finishes (atomically), so an interrupted run (hours for MNIST-5k) resumes at the next chunk.
     """
-    os.makedirs(WORKDIR, exist_ok=True)
-    stem = os.path.join(WORKDIR, f"correction-{args.dataset}-{args.model}-seed{args.seed}")
+    os.makedirs(ec.WORKDIR, exist_ok=True)
+    stem = os.path.join(ec.WORKDIR, f"correction-{args.dataset}-{args.model}-seed{args.seed}")
     g = np.asarray(ec.cj.per_example_grads(task, batch_size=args.batch_size), np.float64)
     n = g.shape[0]
     info_path = stem + "-info.json"

@@ -41,7 +41,7 @@ from lds import init_params, linear, loss, mlp  # noqa: E402
 from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
-from cif_jax import data as cdata  # noqa: E402
+from cif_jax.workloads import data as cdata  # noqa: E402
 
 METHODS = ("LOO", "IF", "CiF", "CiF paper", "PBRF")
 

@@ -54,8 +54,8 @@ def class_removal(task, ds, args, samplers, m, kw):
     from scipy.special import log_softmax
     from sklearn.metrics import f1_score
 
-    from cif_jax import models as cmodels
-    from cif_jax.cli import TRAINING
+    from cif_jax.workloads import models as cmodels
+    from cif_jax.workloads.training import TRAINING
 
     labels = np.asarray(task.targets)
     classes = args.removal_classes or ([0, 3, 8] if args.quick else list(range(ds.num_classes)))

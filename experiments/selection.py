@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from lds import init_params, loss  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
-from cif_jax import data as cdata  # noqa: E402
+from cif_jax.workloads import data as cdata  # noqa: E402
 
 
 def mlp(params, x):

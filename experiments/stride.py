@@ -55,7 +55,7 @@ from lds import init_params, loss, timed  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
-from cif_jax import data as cdata  # noqa: E402
+from cif_jax.workloads import data as cdata  # noqa: E402
 
 PUBLISHED = {
     "lds (document's metric, MNIST)": {"STRIDE": 0.116, "TracIn": 0.103, "EK-FAC": 0.105},

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cif_jax.cli import main
+from cif_jax.workloads.cli import main
 
 
 def test_cv_small_run_writes_real_results(tmp_path, capsys):
@@ -16,7 +16,7 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
             "--rhs-batch-size", "8", "--output", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
-    from cif_jax.data import load_dataset
+    from cif_jax.workloads.data import load_dataset
 
     expected_n = load_dataset("digits", seed=0, subsample=0.1).x_train.shape[0]
     assert result["num_train"] == expected_n and 130 <= expected_n <= 150  # ~10% of 1,437 training images

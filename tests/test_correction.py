@@ -1,4 +1,4 @@
-"""The self-influence correction (cif_jax.correction) against dense float64 references.
+"""The self-influence correction (cif_jax.cif.correction) against dense float64 references.
 
 References (tests/_models.py): per-example gradients from ``jax.grad`` in a loop, the
 damped GGN built from closed-form output Hessians, dense solves. The partition is
@@ -278,7 +278,7 @@ def test_calibrated_scale_is_the_hansen_hurwitz_ratio(low_rank):
 
 
 def test_calibration_with_one_draw_reports_unknown_uncertainty():
-    from cif_jax.correction import calibrate
+    from cif_jax.cif.correction import calibrate
 
     raw = np.array([1.0, 2.0, -0.5, 0.0])
     scale, stderr, spread = calibrate(raw, np.array([1]), np.array([1.5]))
@@ -306,7 +306,7 @@ def test_nystrom_factors_built_when_none_given(problem):
 
 
 def test_factor_rank_is_capped_by_memory(monkeypatch):
-    from cif_jax import correction as cc
+    from cif_jax.cif import correction as cc
 
     assert cc.factor_rank(256, 57, 8) == 57
     assert cc.factor_rank(256, 10**6, 4) == 256  # 4 x 256 x 10^6 x 4 bytes = 3.8 GiB fits

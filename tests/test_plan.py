@@ -6,13 +6,13 @@ import pytest
 from _models import N, mlp_problem
 
 import cif_jax as cj
-from cif_jax.ggn import _apply_undamped
-from cif_jax.plan import parse_bytes
+from cif_jax.core.ggn import apply_undamped
+from cif_jax.core.plan import parse_bytes
 
 
 def _temp(task, bs, k):
     v = jnp.zeros((k, task.num_params), task.dtype)
-    return eqx.filter_jit(_apply_undamped).lower(task, bs, v, None).compile().compiled.memory_analysis() \
+    return eqx.filter_jit(apply_undamped).lower(task, bs, v, None).compile().compiled.memory_analysis() \
         .temp_size_in_bytes
 
 

@@ -141,7 +141,7 @@ def test_adaptive_rank_stops_at_the_target_or_the_cap(mlp):
 
 
 def test_inverse_matches_the_dense_formula(mlp):
-    from cif_jax.precondition import inverse_fn
+    from cif_jax.solvers.precondition import inverse_fn
 
     pre = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(3), rank=12, batch_size=BATCH, rhs_batch_size=4)
     u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
@@ -227,12 +227,12 @@ def test_influence_and_cache_on_a_curvature_sample(mlp):
         cache = cj.build_cache(mlp.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
                                key=jax.random.key(0), solver=cj.CG(rtol=RTOL, preconditioner="jacobi"), batch_size=BATCH, curvature=_sample())
     assert row_rel_err(cache.responses, dense_solve(h, np.asarray(cache.means))) < SOLVE_TOL
-    assert cache.curvature == cj.curvature.describe(_sample())
+    assert cache.curvature == cj.core.curvature.describe(_sample())
     # The identifier depends on the sample, not on the weights' scale.
     scaled = cj.CurvatureSample(jnp.asarray(SAMPLE_IDX), jnp.asarray(4 * SAMPLE_W))
-    assert cj.curvature.describe(scaled) == cache.curvature
+    assert cj.core.curvature.describe(scaled) == cache.curvature
     other = cj.CurvatureSample(jnp.asarray(SAMPLE_IDX[:-1]), jnp.asarray(SAMPLE_W[:-1]))
-    assert cj.curvature.describe(other) != cache.curvature
+    assert cj.core.curvature.describe(other) != cache.curvature
 
 
 def test_curvature_sample_survives_save_and_load(mlp, tmp_path):

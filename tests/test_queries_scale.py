@@ -8,7 +8,7 @@ import pytest
 from _models import N, cache_for
 
 import cif_jax as cj
-from cif_jax import _checks
+from cif_jax.core import checks as _checks
 
 Q, M = 20_000, 6
 

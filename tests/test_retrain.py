@@ -4,7 +4,7 @@
   to convergence agrees with per-query IF (damping = the L2 coefficient), and
   better as N grows (the gap is second order: relative error ~ 1/N).
 * ``train_many`` follows a numpy heavy-ball loop with closed-form gradients, and
-  equals cold-start ``cif_jax.training.train`` with one full batch (so
+  equals cold-start ``cif_jax.workloads.training.train`` with one full batch (so
   ``retrain`` removes the right rows and reports the right differences).
 * The PBRF: one SGD step is exactly ``(lr/N) sum_{i in S} g_i`` (its first-order
   expansion); on a linear model with squared error the objective is quadratic
@@ -25,7 +25,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import cif_jax as cj
-from cif_jax.models import MLP
+from cif_jax.workloads.models import MLP
 
 WD = 0.05  # L2 coefficient of the convex problem; IF uses damping = WD
 # Heavy-ball settings that converge on these problems to ||grad F|| ~ 1e-16 (condition number ~ 20).
@@ -96,7 +96,7 @@ def test_kept_normalisation_matches_the_shifted_first_order_formula():
     assert corrected[40] > 2.0 * corrected[160]  # measured 0.141 -> 0.048
 
 
-# -- train_many against numpy and against cif_jax.training.train -----------------------------
+# -- train_many against numpy and against cif_jax.workloads.training.train -----------------------------
 
 
 def test_train_many_follows_a_numpy_heavy_ball_loop():
@@ -216,10 +216,10 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the input was validated")
 
-    mod = importlib.import_module("cif_jax.retrain")
+    mod = importlib.import_module("cif_jax.baselines.retrain")
     for name in ("_train_many", "_pbrf", "_evaluate_many"):
         monkeypatch.setattr(mod, name, forbidden)
-    monkeypatch.setattr(importlib.import_module("cif_jax.training"), "train", forbidden)
+    monkeypatch.setattr(importlib.import_module("cif_jax.workloads.training"), "train", forbidden)
 
 
 def test_train_many_bad_input(no_work):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cif_jax.sketch import DEFAULT_BLOCK_SIZE, jl_projection, sketch
+from cif_jax.cif.sketch import DEFAULT_BLOCK_SIZE, jl_projection, sketch
 
 
 def _reference_projection(key, sketch_dim, num_params, block_size, dtype):

@@ -13,7 +13,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import cif_jax as cj
-from cif_jax.models import build_model
+from cif_jax.workloads.models import build_model
 
 
 @pytest.fixture(scope="module")

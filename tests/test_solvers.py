@@ -16,7 +16,7 @@ import pytest
 from _models import BATCH, LAM, NUM_CLUSTERS, RTOL, SKETCH_DIM, dense_solve, mlp_problem, row_rel_err
 
 import cif_jax as cj
-from cif_jax import precondition
+from cif_jax.solvers import precondition
 
 SOLVE_TOL = 1e-9  # as tests/test_precondition.py: RTOL = 1e-12 on condition numbers <= ~500
 

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 import cif_jax as cj
-from cif_jax import stride as st
-from cif_jax.models import MLP, LeNet5
+from cif_jax.baselines import stride as st
+from cif_jax.workloads.models import MLP, LeNet5
 
 N, D, C = 12, 3, 3
 
@@ -183,7 +183,7 @@ def test_linearity_term_and_sketch_eq13():
     key = jax.random.key(3)
     _, k_sketch, _ = jax.random.split(key, 3)
     R = cj.jl_projection(k_sketch, 3, N, dtype=jnp.float64).T
-    from cif_jax import _checks
+    from cif_jax.core import checks as _checks
 
     subs = _checks.subsets(S, N)
     Xs = st._sketch(jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), R, 12)
@@ -370,8 +370,8 @@ def test_linear_encoder_matches_closed_form_refits(lambda_stab):
 
 def test_digits_end_to_end_scores_are_finite():
     """Features from a trained nnx MLP on digits, operators, responses and Lasso scores: finite, right shapes."""
-    from cif_jax import data as cdata
-    from cif_jax.training import train
+    from cif_jax.workloads import data as cdata
+    from cif_jax.workloads.training import train
 
     ds = cdata.load_dataset("digits", seed=0)
     x = np.asarray(ds.x_train[:300].reshape(300, -1), np.float32)

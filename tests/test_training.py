@@ -1,4 +1,4 @@
-"""Tests for cif_jax.training: SGD protocol, evaluation, checkpoints."""
+"""Tests for cif_jax.workloads.training: SGD protocol, evaluation, checkpoints."""
 
 import os
 
@@ -9,8 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from cif_jax.models import build_from_config, model_config
-from cif_jax.training import (
+from cif_jax.workloads.models import build_from_config, model_config
+from cif_jax.workloads.training import (
     History,
     evaluate,
     learning_rates,
@@ -144,7 +144,7 @@ def test_optimizer_direction_is_pytorch_sgd():
 
 def test_compiled_step_is_reused_across_calls(tiny):
     """Leave-fold-out retraining calls `train` many times: it must not recompile each time."""
-    from cif_jax import training
+    from cif_jax.workloads import training
 
     x, y, k = tiny
     cfg = _lenet_cfg(k)

@@ -2,7 +2,7 @@
 
 Workload: LeNet-5 on ``mnist5k`` (N = 5,000, p = 61,706, float32, trained as
 ``cif-jax cv`` trains it), damped GGN with damping 1e-3, the 150 fold queries of
-K = 50 and K = 100 (``cif_jax.folds.kfold_indices(N, K, seed=K)``), fold score
+K = 50 and K = 100 (``cif_jax.workloads.folds.kfold_indices(N, K, seed=K)``), fold score
 ``Delta l(S_k; S_k) = (1/N) g_V^T H~^{-1} sum_{i in S_k} g_i``, true relative
 residual 1e-4.
 
@@ -48,7 +48,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from benchmarks.common import WORKDIR, machine, timed, trained_task  # noqa: E402
-from cif_jax import folds as cfolds  # noqa: E402
+from cif_jax.workloads import folds as cfolds  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PEERS_PYTHON = os.path.join(HERE, ".venv", "bin", "python")
@@ -141,6 +141,46 @@ def ours(task, folds, args):
     return out, scores
 
 
+def ours_defaults(task, folds, args):
+    """Our methods with every solver setting at its default (``solver=None``: ``cj.CG()``, preconditioner "auto").
+
+    First calls, compilation and the preconditioner's build or choice included: what a user who passes only
+    ``damping`` and ``batch_size`` pays.
+    """
+    out, scores = {}, {}
+    kw = dict(damping=args.damping, batch_size=args.batch_size)
+
+    def if_run():
+        solver = cj.CG().prepare(task, num_systems=len(folds), **kw)  # what influence_solve does inside
+        res = cj.influence_solve(task, folds, solver=solver, **kw)
+        g = cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
+        return np.asarray(jnp.sum(res.solutions * g, axis=1)), res, solver
+
+    t, (exact, res, solver) = timed(if_run, warmup=False)
+    out["IF (defaults)"] = {"seconds": t, "extrapolated": False, "compilation_included": True,
+                            "solver": solver.describe(), "choice": solver.choice,
+                            "mean_iterations": float(np.mean(res.num_steps)),
+                            "max_true_residual": float(np.max(res.residuals))}
+    scores["IF (defaults)"] = exact
+    log(f"IF (defaults): {t:.1f} s, {solver.choice}, {np.mean(res.num_steps):.1f} iterations")
+    for c in args.clusters:
+        def run(c=c):
+            cache = cj.build_cache(task, num_clusters=c, sketch_dim=32, key=jax.random.key(0), **kw)
+            return cj.fold_loss_delta(cache, task, folds, batch_size=args.batch_size), cache
+
+        t, (s, cache) = timed(run, warmup=False)
+        label = f"CiF C={c} (defaults)"
+        scores[label] = np.asarray(s)
+        scores[f"CiF C={c} (defaults), paper's estimator"] = np.asarray(
+            cj.fold_loss_delta(cache, task, folds, batch_size=args.batch_size, corrected=False))
+        out[label] = {"seconds": t, "extrapolated": False, "compilation_included": True, "solver": cache.solver,
+                      "cache_timings": {k: float(v) for k, v in cache.timings}}
+        out[f"CiF C={c} (defaults), paper's estimator"] = {"seconds": t, "extrapolated": False,
+                                                           "note": "the same cache, corrected=False"}
+        log(f"{label}: {t:.1f} s ({cache.solver})")
+    return out, scores
+
+
 def ekfac_estimator(task, folds, args):
     """Our APPROXIMATE EK-FAC estimator (kronfluence's method, ``cj.ekfac_influence``): no CG, no residual control."""
     def run():
@@ -206,6 +246,9 @@ def main():
     p.add_argument("--peers-python", default=PEERS_PYTHON)
     p.add_argument("--skip-peers", nargs="*", default=[], choices=["pydvl", "kronfluence"])
     p.add_argument("--output", default=RESULTS)
+    p.add_argument("--defaults", action="store_true",
+                   help="our IF and CiF at the library's default solver settings only, then the peers; written "
+                        "to peers-defaults-cpu.{json,md}")
     p.add_argument("--approx-only", action="store_true",
                    help="only add our EK-FAC estimator's row to an existing peers-cpu.json of this machine")
     args = p.parse_args()
@@ -229,9 +272,12 @@ def main():
     path = os.path.join(WORKDIR, f"peers-{args.dataset}.npz")
     export(task, folds, path)
     log(f"exported {path}; N = {n}, p = {task.num_params}, {len(folds)} folds")
-    methods, scores = ours(task, folds, args)
-    row, scores["EK-FAC estimator (ours, approximate)"] = ekfac_estimator(task, folds, args)
-    methods["EK-FAC estimator (ours, approximate)"] = row
+    if args.defaults:
+        methods, scores = ours_defaults(task, folds, args)
+    else:
+        methods, scores = ours(task, folds, args)
+        row, scores["EK-FAC estimator (ours, approximate)"] = ekfac_estimator(task, folds, args)
+        methods["EK-FAC estimator (ours, approximate)"] = row
 
     peers = {}
     if not os.path.exists(args.peers_python):
@@ -246,7 +292,7 @@ def main():
         subprocess.run(cmd, check=True)
         with open(peer_json) as f:
             peers = json.load(f)
-    exact = scores["IF nystrom"]
+    exact = scores["IF (defaults)" if args.defaults else "IF nystrom"]
     if "pydvl_cg_nystrom" in peers:
         pv = peers["pydvl_cg_nystrom"]
         methods[f"pyDVL CG + Nystrom (rank {pv['nystrom_rank']})"] = {
@@ -273,7 +319,7 @@ def main():
                                                        f"({'met' if methods[pv_key]['seconds'] >= 3 * best_if else 'missed'})")
     if "kronfluence EK-FAC" in methods:
         kf_s = methods["kronfluence EK-FAC"]["seconds"]
-        for k in (k for k in methods if k.startswith("CiF C=10")):
+        for k in (k for k in methods if k.startswith("CiF C=10") and "paper" not in k):
             v = methods[k]
             ok = v["seconds"] <= kf_s and v["spearman_vs_exact"] >= 0.97
             targets[f"{k} vs kronfluence"] = (f"{v['seconds']:.1f} s vs {kf_s:.1f} s, Spearman "
@@ -282,6 +328,7 @@ def main():
               "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dataset": args.dataset, "num_train": n,
               "num_params": int(task.num_params), "num_folds": len(folds), "damping": args.damping,
               "rtol": args.rtol, "peers": {k: v for k, v in peers.items() if not isinstance(v, dict)},
+              "command": "python benchmarks/peers/run.py " + " ".join(sys.argv[1:]),
               "methods": methods, "targets": targets,
               "fold_scores": {k: np.asarray(v).tolist() for k, v in scores.items()}}
     write(result, args)
@@ -289,7 +336,8 @@ def main():
 
 def write(result, args):
     os.makedirs(args.output, exist_ok=True)
-    for name, text in (("peers-cpu.json", json.dumps(result, indent=2)), ("peers-cpu.md", markdown(result))):
+    stem = "peers-defaults-cpu" if getattr(args, "defaults", False) else "peers-cpu"
+    for name, text in ((f"{stem}.json", json.dumps(result, indent=2)), (f"{stem}.md", markdown(result))):
         tmp = os.path.join(args.output, name + ".tmp")
         with open(tmp, "w") as f:
             f.write(text)

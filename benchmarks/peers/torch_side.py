@@ -34,7 +34,7 @@ from torch import nn
 
 
 class LeNet5(nn.Module):
-    """The same network as ``cif_jax.models.LeNet5`` on 28x28x1 (kernel 5, paddings 2 and 0)."""
+    """The same network as ``cif_jax.workloads.models.LeNet5`` on 28x28x1 (kernel 5, paddings 2 and 0)."""
 
     def __init__(self):
         super().__init__()

@@ -1,0 +1,1 @@
+"""Per-query IF and the related methods: attribution, retraining, LDS, PBRF, STRIDE, Lasso, interaction, LiSSA."""

@@ -1,0 +1,205 @@
+"""Saving and loading influence caches: versioned, checksummed, written atomically.
+
+A cache file is an ``.npz`` archive with one array per field and a JSON header
+(``__header__``) holding the format version, the static fields, and each array's
+shape, dtype and SHA-256. It is written to a temporary file in the target folder,
+flushed to disk and renamed over the target, so a reader never sees a partial
+file. :func:`load_cache` refuses a file whose header, shapes, dtypes or checksums
+do not match, and (given a task) a cache built from other params or data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..core.task import Task
+from .cache import InfluenceCache
+from .correction import CorrectionTerms
+
+FORMAT = "cif_jax.InfluenceCache"
+FORMAT_VERSION = 4
+# 3: adds the static field "solver"; version 2 files are read as solver="cg".
+# 4: adds the self-influence correction (arrays "correction.*", static "correction_method" and
+#    "correction_rank"); version 2 and 3 files are read with no correction.
+
+_ARRAYS = (
+    "assignments", "cluster_sizes", "responses", "means", "residuals", "mean_norms", "num_steps",
+    "cluster_scatter", "scatter_trace", "deviation_norms", "sketches", "centroids", "sketch_key",
+)
+_STATIC = (
+    "num_examples", "damping", "sketch_dim", "sketch_block_size", "normalize_sketches", "rtol", "atol",
+    "max_steps", "fingerprint", "curvature", "solver", "correction_method", "correction_rank",
+)
+_CORRECTION = ("values", "raw", "grad_norms", "residuals", "sample", "sample_values", "sample_residuals", "scale",
+               "scale_stderr", "ratio_std")
+
+
+class CacheFileError(ValueError):
+    """A cache file that cannot be used: missing, corrupt, of another version, or for another task."""
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def save_cache(path: str | os.PathLike, cache: InfluenceCache) -> None:
+    """Writes ``cache`` to ``path`` (``.npz``) atomically.
+
+    Args:
+        path: target file; its folder must exist. An existing file is replaced only
+            once the new one is complete.
+        cache: the :class:`InfluenceCache` to save.
+    """
+    if not isinstance(cache, InfluenceCache):
+        raise TypeError(f"`save_cache(cache=...)` must be an InfluenceCache, got {type(cache).__name__}.")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CacheFileError(f"cannot save the cache to {path!r}: folder {folder!r} does not exist.")
+    arrays = {name: np.asarray(getattr(cache, name)) for name in _ARRAYS}
+    corr = cache.correction
+    if corr is not None:
+        arrays.update({f"correction.{name}": np.asarray(getattr(corr, name)) for name in _CORRECTION})
+    static = {name: getattr(cache, name) for name in _STATIC if not name.startswith("correction_")}
+    static["correction_method"] = None if corr is None else corr.method
+    static["correction_rank"] = None if corr is None else corr.rank
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "static": static,
+        "timings": [list(t) for t in cache.timings],
+        "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _digest(v)} for k, v in arrays.items()},
+    }
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cif_cache.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> InfluenceCache:
+    """Reads a cache written by :func:`save_cache`, checking it thoroughly.
+
+    Args:
+        path: the cache file.
+        task: optional; if given, the cache must have been built from exactly this
+            task's params and data (fingerprint), else :class:`CacheFileError`.
+
+    Raises:
+        CacheFileError: missing, truncated or corrupt file; another format version;
+            inconsistent shapes or dtypes; a checksum or fingerprint mismatch.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CacheFileError(f"no cache file at {path!r}.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "__header__" not in data.files:
+                raise CacheFileError(f"{path!r} is not a cif_jax cache (no header).")
+            header = json.loads(bytes(data["__header__"]).decode())
+            arrays = {name: data[name] for name in data.files if name != "__header__"}
+    except CacheFileError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise CacheFileError(f"{path!r} is truncated or corrupt and cannot be read: {err}") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CacheFileError(f"{path!r} is not a cif_jax cache (format {header.get('format')!r}).")
+    version = header.get("format_version")
+    if version == 2 and isinstance(header.get("static"), dict) and "solver" not in header["static"]:
+        header["static"]["solver"] = "cg"  # version 2 had CG only
+        version = 3
+    if version == 3 and isinstance(header.get("static"), dict):
+        header["static"].update(correction_method=None, correction_rank=None)  # no correction before version 4
+        version = FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise CacheFileError(
+            f"{path!r} has cache format version {version}; this cif_jax reads version {FORMAT_VERSION}. "
+            "Rebuild the cache with this version."
+        )
+    if not isinstance(header.get("arrays"), dict) or not isinstance(header.get("static"), dict):
+        raise CacheFileError(f"{path!r} has an incomplete header (no array manifest or static fields).")
+    if set(header["static"]) != set(_STATIC):
+        raise CacheFileError(
+            f"{path!r}: header static fields {sorted(header['static'])} differ from the expected {sorted(_STATIC)}."
+        )
+    method = header["static"]["correction_method"]
+    names = list(_ARRAYS) + ([] if method is None else [f"correction.{name}" for name in _CORRECTION])
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise CacheFileError(f"{path!r} holds arrays its header does not account for: {extra[:5]}.")
+    for name in names:
+        if name not in arrays:
+            raise CacheFileError(f"{path!r} lacks the array {name!r}: the file is incomplete.")
+        spec = header["arrays"].get(name, {})
+        arr = arrays[name]
+        if list(arr.shape) != spec.get("shape") or str(arr.dtype) != spec.get("dtype"):
+            raise CacheFileError(f"{path!r}: array {name!r} has shape {arr.shape}/{arr.dtype}, header says "
+                                 f"{spec.get('shape')}/{spec.get('dtype')}.")
+        if _digest(arr) != spec.get("sha256"):
+            raise CacheFileError(f"{path!r}: array {name!r} fails its checksum; the file is corrupt.")
+    static = header["static"]
+    n = static["num_examples"]
+    c, p = arrays["responses"].shape
+    expected = {
+        "assignments": (n,), "cluster_sizes": (c,), "means": (c, p), "residuals": (c,), "mean_norms": (c,),
+        "num_steps": (c,), "cluster_scatter": (c,), "deviation_norms": (n,), "scatter_trace": (),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise CacheFileError(f"{path!r}: array {name!r} has shape {arrays[name].shape}, expected {shape}.")
+    if arrays["means"].dtype != arrays["responses"].dtype:
+        raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
+    correction = None
+    if method is not None:
+        m = arrays["correction.sample"].shape
+        want = {name: (n,) for name in ("values", "raw", "grad_norms", "residuals")}
+        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
+        if len(m) != 1:
+            raise CacheFileError(f"{path!r}: array 'correction.sample' has shape {m}, expected (m,).")
+        for name, shape in want.items():
+            arr = arrays[f"correction.{name}"]
+            if arr.shape != shape:
+                raise CacheFileError(f"{path!r}: array 'correction.{name}' has shape {arr.shape}, expected {shape}.")
+            if arr.dtype != arrays["responses"].dtype:
+                raise CacheFileError(f"{path!r}: array 'correction.{name}' has dtype {arr.dtype}, the cache "
+                                     f"{arrays['responses'].dtype}.")
+        if not np.issubdtype(arrays["correction.sample"].dtype, np.integer):
+            raise CacheFileError(f"{path!r}: array 'correction.sample' must hold integers.")
+        rank = static["correction_rank"]
+        if not isinstance(method, str) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise CacheFileError(f"{path!r}: the header's correction fields are malformed ({method!r}, {rank!r}).")
+        correction = CorrectionTerms(**{name: jnp.asarray(arrays[f"correction.{name}"]) for name in _CORRECTION},
+                                     method=method, rank=rank)
+    static = {k: v for k, v in static.items() if not k.startswith("correction_")}
+    try:
+        cache = InfluenceCache(
+            **{name: jnp.asarray(arrays[name]) for name in _ARRAYS},
+            **static,
+            timings=tuple((str(k), float(v)) for k, v in header.get("timings", [])),
+            correction=correction,
+        )
+    except (TypeError, ValueError) as err:
+        raise CacheFileError(f"{path!r}: the header's fields are malformed: {err}") from err
+    if task is not None:
+        from ..core.task import fingerprint
+
+        if task.num_examples != n or task.num_params != p or fingerprint(task) != cache.fingerprint:
+            raise CacheFileError(
+                f"{path!r} was built for another model snapshot or data set than this task (fingerprint "
+                "mismatch); rebuild the cache for this task."
+            )
+    return cache

@@ -1,0 +1,1 @@
+"""The model snapshot and its data (``Task``), per-example gradients, GGN products, curvature samples, input checks."""

@@ -1,0 +1,653 @@
+"""Preconditioners shared by every damped-GGN solve: randomized Nystrom and Jacobi.
+
+All C cluster systems of a cache and all Q per-query IF systems use one operator,
+``H~ = GGN + lambda I``; what is learnt about it once serves every solve. Both
+preconditioners here describe the *undamped* GGN, so one build serves any
+damping; :class:`cif_jax.CG` takes them as ``preconditioner=``. They change the
+number of CG iterations, never the answer: every solve still stops on the true
+residual of the unpreconditioned system. Every preconditioner implements the
+small interface :class:`Preconditioner` (``size``, ``inverse``), so CG never
+asks which kind it holds. :func:`auto_nystrom` is the cost model behind
+``CG(preconditioner="auto")``, the default.
+
+**Nystrom** (Frangella, Tropp and Udell, "Randomized Nystrom preconditioning",
+SIAM J. Matrix Anal. Appl. 2023, algorithms 2.1 and 5.1). With an orthonormal
+random test matrix Q (p x r) and Y = GGN Q (r products, run as block products
+sharing one data pass per block), the stable Nystrom approximation
+``GGN ~ U diag(s) U^T`` is formed with a small shift nu:
+``B = Q^T (Y + nu Q)``, ``C = chol(B)``, ``F = (Y + nu Q) C^{-T} = U Sigma V^T``,
+``s = max(Sigma^2 - nu, 0)``. The preconditioner is
+
+.. math::
+
+    P^{-1} = (s_r + \\lambda)\\, U (\\mathrm{diag}(s) + \\lambda I)^{-1} U^\\top + (I - U U^\\top),
+
+and the preconditioned condition number is at most
+``(s_r + lambda + ||E||) / lambda`` with ``E = GGN - U diag(s) U^T`` (their
+proposition 5.3); ``||E||`` is estimated by power iteration (E is PSD). With
+``rank="auto"`` the rank doubles, reusing every product already made, until that
+estimate is at most ``condition_target`` or ``max_rank`` is reached.
+
+**Jacobi**: ``P = diag(GGN) + lambda I``, the exact diagonal
+``(1/N) sum_i sum_a (J_i^T e_a) * (J_i^T W_i e_a)`` (elementwise), one
+vector-Jacobian product per example and output.
+
+**K-FAC / EK-FAC** (a Kronecker-factored block per layer, the exact diagonal
+elsewhere) live in :mod:`cif_jax.solvers.kfac`; ``"kfac"`` and ``"ekfac"`` are built on
+request like ``"jacobi"``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float
+
+from ..core import checks as _checks
+from ..core import curvature as _curvature
+from ..core.checks import as_key
+from ..core.chunks import chunk_sum
+from ..core.ggn import apply_undamped
+from ..core.task import Task, fingerprint
+
+#: Default cap on the Nystrom rank for ``rank="auto"``.
+DEFAULT_MAX_RANK = 512
+#: Default estimated condition number at which ``rank="auto"`` stops growing the rank.
+DEFAULT_CONDITION_TARGET = 10.0
+
+
+class Preconditioner(eqx.Module):
+    """What CG needs of a preconditioner: an approximation P of the undamped GGN of one task.
+
+    Subclasses (:class:`NystromPreconditioner`, :class:`JacobiPreconditioner`,
+    :class:`cif_jax.KFACPreconditioner`) store undamped quantities, so one build
+    serves any damping, and implement :meth:`inverse`. The rest is shared: the
+    check that a preconditioner belongs to a task (:meth:`check`), and the copy
+    without bookkeeping that jitted solves take (:meth:`for_jit`).
+
+    Subclasses have these static fields (declare them with ``eqx.field(static=True)``):
+
+    Attributes:
+        fingerprint: of the task it was built from (:func:`cif_jax.fingerprint`).
+        curvature: ``"full"`` or the identifier of the curvature sample it describes.
+        seconds: wall-clock build time.
+    """
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """p, the number of parameters it acts on."""
+
+    @abc.abstractmethod
+    def inverse(self, damping) -> Callable:
+        """``R -> lambda (P + lambda I)^{-1} R`` on the rows of R; traceable.
+
+        The preconditioner of the scaled system ``I + GGN / lambda`` that the CG
+        kernel solves. Scalar multiples give the same CG iterates; the scaling
+        leaves a direction of zero curvature unchanged.
+        """
+
+    @property
+    def dtype(self):
+        """The floating dtype of its arrays."""
+        leaves = [x for x in jax.tree_util.tree_leaves(self) if hasattr(x, "dtype")]
+        return jnp.result_type(*leaves) if leaves else jnp.dtype(float)
+
+    def approximate_inverse(self, damping) -> Callable:
+        """``R -> (P + lambda I)^{-1} R`` on the rows of R: the preconditioner as an approximate solver."""
+        scaled = self.inverse(damping)
+        return lambda r: scaled(r) / jnp.asarray(damping, r.dtype)
+
+    def check_damping(self, damping: float) -> float:
+        """Raises when ``P + lambda I`` cannot be inverted to working precision; returns lambda."""
+        return _checks.damping(damping)
+
+    def describe(self) -> str:
+        """A short stable description (recorded with a cache's solver settings)."""
+        return type(self).__name__.removesuffix("Preconditioner").lower()
+
+    def for_jit(self):
+        """This preconditioner with its bookkeeping (fingerprint, build time, ...) blanked.
+
+        Those fields are static, so a jitted solve would compile anew for every
+        build (a new ``seconds``); only the arrays and the layout matter to it.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        blank = {k: v for k, v in _BLANK.items() if k in names}
+        return dataclasses.replace(self, **blank)
+
+    def check(self, task: Task, curvature):
+        """This preconditioner in the task's dtype, after checking it was built for ``task`` and ``curvature``."""
+        if self.size != task.num_params:
+            raise ValueError(f"the preconditioner acts on {self.size} parameters; the task has p = {task.num_params}.")
+        if self.fingerprint != fingerprint(task):
+            raise ValueError(
+                "the preconditioner was built from another model snapshot or data set (fingerprint mismatch); "
+                "rebuild it for this task."
+            )
+        want = _curvature.describe(curvature)
+        if self.curvature != want:
+            raise ValueError(
+                f"the preconditioner was built for curvature {self.curvature!r}, the solve uses {want!r}; "
+                "build it with the same `curvature=`."
+            )
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, task.dtype), self)
+
+
+_BLANK = {"fingerprint": "", "curvature": "", "seconds": 0.0, "num_products": 0, "note": ""}
+
+
+class NystromPreconditioner(Preconditioner):
+    """A rank-r Nystrom approximation ``U diag(s) U^T`` of the undamped GGN.
+
+    Attributes:
+        basis: (r, p) U^T, orthonormal rows in ``ravel_pytree`` order.
+        eigenvalues: (r,) s, descending, >= 0.
+        error_estimate: () a power-iteration estimate of ``||GGN - U diag(s) U^T||_2``
+            (a lower estimate of it; NaN when not estimated).
+        fingerprint: of the task it was built from.
+        curvature: ``"full"`` or the curvature sample's identifier.
+        num_products: GGN-vector products spent building it (sketch and error estimate).
+        seconds: wall-clock build time.
+        note: how the rank was chosen (``preconditioner="auto"``), or empty.
+    """
+
+    basis: Float[Array, "r p"]
+    eigenvalues: Float[Array, " r"]
+    error_estimate: Float[Array, ""]
+    fingerprint: str = eqx.field(static=True)
+    curvature: str = eqx.field(static=True)
+    num_products: int = eqx.field(static=True)
+    seconds: float = eqx.field(static=True)
+    note: str = eqx.field(static=True, default="")
+
+    @property
+    def rank(self) -> int:
+        """r."""
+        return self.basis.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.basis.shape[1]
+
+    def describe(self) -> str:
+        return f"nystrom(rank={self.rank})"
+
+    def inverse(self, damping):
+        u, s = self.basis, self.eigenvalues
+        lam_ = jnp.asarray(damping, s.dtype)
+        factor = (s[-1] + lam_) / (s + lam_) - 1
+
+        def apply(r):
+            return r + ((r @ u.T) * factor[None, :]) @ u
+
+        return apply
+
+    def approximate_inverse(self, damping):
+        u, s = self.basis, self.eigenvalues
+        lam_ = jnp.asarray(damping, s.dtype)
+
+        def apply(r):  # U diag(1/(s+lam)) U^T r + (I - U U^T) r / lam
+            c = r @ u.T
+            return (r - c @ u) / lam_ + (c / (s + lam_)[None, :]) @ u
+
+        return apply
+
+    def condition_estimate(self, damping: float) -> float:
+        """Estimated bound ``(s_r + lambda + ||E||) / lambda`` on the preconditioned condition number."""
+        lam = _checks.damping(damping)
+        err = float(self.error_estimate)
+        err = 0.0 if math.isnan(err) else err
+        return (float(self.eigenvalues[-1]) + lam + err) / lam
+
+
+class JacobiPreconditioner(Preconditioner):
+    """The diagonal of the undamped GGN.
+
+    Attributes:
+        diagonal: (p,) ``diag(GGN)`` in ``ravel_pytree`` order.
+        fingerprint, curvature, seconds: as :class:`NystromPreconditioner`.
+    """
+
+    diagonal: Float[Array, " p"]
+    fingerprint: str = eqx.field(static=True)
+    curvature: str = eqx.field(static=True)
+    seconds: float = eqx.field(static=True)
+
+    @property
+    def size(self) -> int:
+        return self.diagonal.shape[0]
+
+    def inverse(self, damping):
+        d = self.diagonal
+
+        def apply(r):
+            return r / (1 + d / jnp.asarray(damping, d.dtype))[None, :]
+
+        return apply
+
+    def check_damping(self, damping: float) -> float:
+        lam = _checks.damping(damping)
+        d = np.asarray(self.diagonal) + lam
+        if not d.max() / d.min() * float(jnp.finfo(self.diagonal.dtype).eps) < 1:
+            raise ValueError(f"`damping` = {lam:g} makes the damped diagonal singular to working precision; raise it.")
+        return lam
+
+
+def inverse_fn(preconditioner, lam):
+    """``R -> P^{-1} R`` (rows of R) for the scaled system ``(I + GGN / lambda)``; None without a preconditioner."""
+    return None if preconditioner is None else preconditioner.inverse(lam)
+
+
+# --------------------------------------------------------------------------------------------- Nystrom
+
+
+def _orthonormal_block(key, existing, k, p, dtype):
+    """k new orthonormal rows, orthogonal to the rows of ``existing`` (m, p)."""
+    x = jax.random.normal(key, (k, p), dtype)
+    if existing is not None:
+        for _ in range(2):  # twice is enough (Kahan / Parlett)
+            x = x - (x @ existing.T) @ existing
+    q, _ = jnp.linalg.qr(x.T)
+    return q.T
+
+
+_orthonormal_block_jit = jax.jit(_orthonormal_block, static_argnums=(2, 3, 4))
+
+
+@jax.jit
+def _nystrom_factor(q, y):
+    """Stable Nystrom factorisation from orthonormal rows q (r, p) and y = GGN q (rows)."""
+    p = q.shape[1]
+    eps = jnp.finfo(y.dtype).eps
+    gram = y @ y.T
+    norm_y = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh((gram + gram.T) / 2)[-1], 0))
+    nu = jnp.sqrt(jnp.asarray(p, y.dtype)) * eps * norm_y
+    nu = jnp.maximum(nu, jnp.finfo(y.dtype).tiny)
+    y_nu = y + nu * q
+    b = q @ y_nu.T
+    b = (b + b.T) / 2
+    c = jnp.linalg.cholesky(b)
+    f_rows = jax.scipy.linalg.solve_triangular(c, y_nu, lower=True)  # (r, p) = (Y_nu C^{-T})^T
+    _, sigma, ut = jnp.linalg.svd(f_rows, full_matrices=False)
+    s = jnp.maximum(sigma**2 - nu, 0)
+    return ut, s, jnp.all(jnp.isfinite(c))
+
+
+def _products(task, vectors, batch_size, curvature, block, bar):
+    """GGN products of the rows of ``vectors``, ``block`` rows per data pass (last block padded)."""
+    out = []
+    num = vectors.shape[0]
+    for start in range(0, num, block):
+        chunk = vectors[start : start + block]
+        short = block - chunk.shape[0]
+        if short:
+            chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
+        res = apply_undamped(task, batch_size, chunk, curvature)
+        out.append(res[: block - short])
+        if bar is not None:
+            bar.update(block - short)
+    return jnp.concatenate(out)
+
+
+def _error_estimate(task, ut, s, key, iters, batch_size, curvature, bar):
+    """Power iteration on the PSD residual ``GGN - U diag(s) U^T`` (a lower estimate of its norm)."""
+    p = ut.shape[1]
+    v = jax.random.normal(key, (1, p), ut.dtype)
+    v = v / jnp.linalg.norm(v)
+    est = jnp.asarray(0.0, ut.dtype)
+    for _ in range(iters):
+        w = _products(task, v, batch_size, curvature, 1, bar) - ((v @ ut.T) * s[None, :]) @ ut
+        est = jnp.linalg.norm(w)
+        if not bool(est > 0):
+            break
+        v = w / est
+    return est
+
+
+def nystrom_preconditioner(
+    task: Task,
+    *,
+    key,
+    rank: int | str = "auto",
+    damping: float | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    initial_rank: int = 64,
+    condition_target: float = DEFAULT_CONDITION_TARGET,
+    error_iters: int = 10,
+    batch_size: int | None = None,
+    rhs_batch_size: int | None = 16,
+    curvature=None,
+    progress: bool = False,
+) -> NystromPreconditioner:
+    """Builds a randomized Nystrom preconditioner of the undamped GGN from block products.
+
+    Args:
+        task: the model snapshot and training data.
+        key: PRNG key for the random test matrix and the error estimate.
+        rank: r, an integer (fixed rank), or ``"auto"``: start at ``initial_rank`` and
+            double (reusing the products made) until the estimated preconditioned
+            condition number ``(s_r + damping + ||E||) / damping`` is at most
+            ``condition_target``, or the rank reaches ``max_rank``.
+        damping: lambda > 0 of the solves it will serve; needed for ``rank="auto"``.
+        max_rank, initial_rank, condition_target: the adaptive rule's settings.
+        error_iters: power iterations (one GGN product each) estimating ``||E||`` per
+            round; 0 skips the estimate (then only ``s_r`` enters the rule).
+        batch_size: examples per chunk of each GGN product.
+        rhs_batch_size: test vectors per data pass (block products).
+        curvature: a :class:`cif_jax.CurvatureSample` (the solves must use the same).
+        progress: show a progress bar over products.
+
+    Returns:
+        A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
+        :func:`cif_jax.solve_ggn`, :func:`cif_jax.baselines.influence` or :func:`cif_jax.build_cache`.
+    """
+    _checks.task(task)
+    p = task.num_params
+    if isinstance(rank, str):
+        if rank != "auto":
+            raise ValueError(f"`rank` must be a positive integer or 'auto', got {rank!r}.")
+        if damping is None:
+            raise ValueError("`rank='auto'` needs the `damping` of the solves it will serve.")
+        max_rank = _checks.positive_int(max_rank, "max_rank")
+        initial_rank = _checks.positive_int(initial_rank, "initial_rank")
+        condition_target = float(condition_target)
+        if not condition_target > 1:
+            raise ValueError(f"`condition_target` must be > 1, got {condition_target}.")
+        adaptive = True
+        first = min(initial_rank, max_rank, p)
+    else:
+        rank = _checks.positive_int(rank, "rank")
+        adaptive = False
+        first = min(rank, p)
+        if rank > p:
+            raise ValueError(f"`rank` = {rank} exceeds the number of parameters p = {p}.")
+    lam = _checks.damping(damping) if damping is not None else None
+    if isinstance(error_iters, bool) or not isinstance(error_iters, (int, np.integer)) or error_iters < 0:
+        raise ValueError(f"`error_iters` must be an integer >= 0, got {error_iters!r}.")
+    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+    rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
+    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+    key = as_key(key)
+
+    start_time = time.perf_counter()
+    bar = _bar(progress)
+    sketch = _Sketch(task, key, batch_size, curvature, rhs_batch_size, bar)
+    target_rank = first
+    while True:
+        sketch.grow(target_rank)
+        err = sketch.error_estimate(error_iters)
+        if not adaptive:
+            break
+        kappa = (float(sketch.s[-1]) + lam + (0.0 if error_iters == 0 else float(err))) / lam
+        if bar is not None:
+            bar.set_postfix_str(f"rank {target_rank}, kappa~{kappa:.3g}")
+        if kappa <= condition_target or target_rank >= min(max_rank, p):
+            break
+        target_rank = min(2 * target_rank, max_rank, p)
+    if bar is not None:
+        bar.close()
+    return sketch.preconditioner(err, time.perf_counter() - start_time)
+
+
+def _bar(progress):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="Nystrom products", unit="product")
+
+
+class _Sketch:
+    """A Nystrom sketch of the undamped GGN that grows, reusing every product made so far."""
+
+    def __init__(self, task, key, batch_size, curvature, rhs_batch_size, bar):
+        self.task, self.key, self.batch_size, self.curvature = task, key, batch_size, curvature
+        self.rhs_batch_size, self.bar = rhs_batch_size, bar
+        self.q = self.y = self.ut = self.s = None
+        self.num_products = 0
+        self.round = 0
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.q is None else int(self.q.shape[0])
+
+    def grow(self, rank: int):
+        """Adds test vectors up to ``rank`` and refactors."""
+        task, p = self.task, self.task.num_params
+        new = rank - self.rank
+        block = new if self.rhs_batch_size is None else min(self.rhs_batch_size, new)
+        q_new = _orthonormal_block_jit(jax.random.fold_in(self.key, 2 * self.round), self.q, new, p, task.dtype)
+        y_new = _products(task, q_new, self.batch_size, self.curvature, block, self.bar)
+        self.num_products += new
+        self.q = q_new if self.q is None else jnp.concatenate([self.q, q_new])
+        self.y = y_new if self.y is None else jnp.concatenate([self.y, y_new])
+        self.ut, self.s, ok = _nystrom_factor(self.q, self.y)
+        if not bool(ok):
+            raise FloatingPointError(
+                "the Nystrom factorisation failed (Cholesky of Q^T Y not positive definite); the GGN products are "
+                "not symmetric PSD to working precision. Check that the loss is convex in the outputs."
+            )
+        self.round += 1
+
+    def error_estimate(self, iters: int):
+        if not iters:
+            return jnp.asarray(jnp.nan, self.task.dtype)
+        self.num_products += iters
+        return _error_estimate(self.task, self.ut, self.s, jax.random.fold_in(self.key, 2 * self.round - 1), iters,
+                               self.batch_size, self.curvature, self.bar)
+
+    def preconditioner(self, err, seconds, note="") -> NystromPreconditioner:
+        return NystromPreconditioner(
+            basis=self.ut,
+            eigenvalues=self.s,
+            error_estimate=err,
+            fingerprint=fingerprint(self.task),
+            curvature=_curvature.describe(self.curvature),
+            num_products=self.num_products,
+            seconds=seconds,
+            note=note,
+        )
+
+
+# ------------------------------------------------------------------------------------------ the cost model
+
+#: Rank of the first sketch ``preconditioner="auto"`` takes to see the spectrum.
+PROBE_RANK = 32
+#: Fewer systems than this are solved without a preconditioner (the probe would cost more than it saves).
+MIN_SYSTEMS = 4
+#: Power iterations (GGN products) estimating ``||E||`` after each sketch of the cost model.
+ERROR_ITERS = 10
+#: Preconditioned CG: measured iterations over ``0.5 sqrt(kappa) ln(2 / rtol)`` (0.43-0.61 on digits
+#: LeNet-5 and an MLP at ranks 32-256, ``benchmarks/solvers.py``).
+PRECONDITIONED_FACTOR = 0.52
+#: Plain CG: measured iterations over the deflation model of :func:`plain_iterations` (digits LeNet-5 and
+#: an MLP, ``benchmarks/solvers.py``).
+PLAIN_FACTOR = 1.1
+#: Plain CG: iterations the deflation model charges per large eigenvalue it steps past.
+DEFLATION_COST = 1.5
+
+
+def preconditioned_iterations(kappa: float, rtol: float) -> float:
+    """CG iterations predicted at an (estimated) preconditioned condition number ``kappa``."""
+    return PRECONDITIONED_FACTOR * 0.5 * math.sqrt(max(kappa, 1.0)) * math.log(2 / rtol)
+
+
+def plain_iterations(eigenvalues, error: float, damping: float, rtol: float) -> float:
+    """Plain CG iterations predicted from the top eigenvalues and the size of the rest.
+
+    The sketch's eigenvalues are the top of the spectrum; ``error`` (the estimated
+    norm of what the sketch misses) is the level of the many directions below, which
+    CG cannot step past one by one. CG steps past the ``m`` largest eigenvalues at
+    :data:`DEFLATION_COST` iterations each, then converges at the rate of the
+    condition number left, ``(max(s_{m+1}, error) + lambda) / lambda``; the model
+    takes the best ``m``, times :data:`PLAIN_FACTOR`; never more than the plain CG
+    bound at the whole condition number (:func:`preconditioned_iterations` at
+    ``(s_1 + lambda) / lambda``), which decides when the spectrum is flat.
+    """
+    error = max(float(error), 0.0)
+    sigma = np.maximum(np.concatenate([np.asarray(eigenvalues, np.float64), [error]]), error)
+    steps = DEFLATION_COST * np.arange(sigma.size) + 0.5 * np.sqrt((sigma + damping) / damping) * math.log(2 / rtol)
+    whole = preconditioned_iterations((sigma[0] + damping) / damping, rtol)
+    return min(PLAIN_FACTOR * float(steps.min()), whole)
+
+
+def auto_nystrom(
+    task: Task,
+    *,
+    damping: float,
+    num_systems: int,
+    rtol: float,
+    key,
+    batch_size=None,
+    curvature=None,
+    rhs_batch_size: int | None = 16,
+    max_rank: int = DEFAULT_MAX_RANK,
+    progress: bool = False,
+    force: bool = False,
+):
+    """Chooses between plain CG and a Nystrom preconditioner, and its rank, by predicted GGN products.
+
+    A probe sketch of rank :data:`PROBE_RANK`, with a power-iteration estimate of
+    the norm ``||E||`` of what it misses, gives the preconditioned condition number
+    ``kappa_r = (s_r + lambda + ||E||) / lambda`` (Frangella, Tropp and Udell 2023,
+    prop. 5.3) and the top of the spectrum. Costs are counted in GGN-vector
+    products, for ``num_systems`` systems over m examples:
+
+    * plain CG: ``num_systems * plain_iterations(...)``;
+    * the rank-r preconditioner already built: ``num_systems *
+      preconditioned_iterations(kappa_r) * (1 + r / m)`` (applying it takes about
+      ``4 r p`` flops, a product over m examples about ``4 m p``);
+    * doubling the rank: ``r + ERROR_ITERS`` more products, and the same at
+      ``kappa_2r``, predicted as ``1 + (kappa_r - 1) s_r / s_{r/2}`` (the decay
+      the sketch shows over its last doubling).
+
+    The sketch doubles while that is predicted cheaper (each doubling measures
+    ``kappa`` again), up to ``max_rank``. Below :data:`MIN_SYSTEMS` systems no probe
+    is made. With ``force`` a Nystrom preconditioner is always built (the rank
+    still chosen by the model).
+
+    Returns:
+        ``(preconditioner or None, note)``: the note says what was chosen and why.
+    """
+    lam = _checks.damping(damping)
+    p = task.num_params
+    top = min(max_rank, p)
+    if not force and (num_systems < MIN_SYSTEMS or top < 1):
+        return None, f"none ({num_systems} system(s): fewer than {MIN_SYSTEMS}, no probe)"
+    start = time.perf_counter()
+    bar = _bar(progress)
+    sketch = _Sketch(task, as_key(key), batch_size, curvature, rhs_batch_size, bar)
+    examples = task.num_examples if curvature is None else int(curvature.indices.shape[0])
+    sketch.grow(min(PROBE_RANK, top))
+    err = sketch.error_estimate(ERROR_ITERS)
+    plain = num_systems * plain_iterations(sketch.s, float(err), lam, rtol)
+    while True:
+        s = np.asarray(sketch.s, np.float64)
+        r = sketch.rank
+        kappa = (s[-1] + lam + float(err)) / lam
+        here = num_systems * preconditioned_iterations(kappa, rtol) * (1 + r / examples)
+        grown = math.inf
+        if r < top:
+            decay = s[-1] / s[max(r // 2 - 1, 0)] if s[max(r // 2 - 1, 0)] > 0 else 1.0
+            kappa_next = 1 + (kappa - 1) * decay
+            r_next = min(2 * r, top)
+            grown = (r_next - r + ERROR_ITERS
+                     + num_systems * preconditioned_iterations(kappa_next, rtol) * (1 + r_next / examples))
+        if plain <= min(here, grown) and not force:
+            if bar is not None:
+                bar.close()
+            return None, (f"none (probe rank {r}, kappa~{kappa:.3g}: predicted {plain:.0f} products plain, "
+                          f"{min(here, grown):.0f} preconditioned)")
+        if grown >= here:
+            break
+        sketch.grow(r_next)
+        err = sketch.error_estimate(ERROR_ITERS)
+    if bar is not None:
+        bar.close()
+    note = (f"auto: rank {sketch.rank}, kappa~{kappa:.3g}, predicted {here:.0f} solve products against {plain:.0f} "
+            f"plain ({sketch.num_products} build products)")
+    return sketch.preconditioner(err, time.perf_counter() - start, note), note
+
+
+# ---------------------------------------------------------------------------------------------- Jacobi
+
+
+def jacobi_batch(batch_size):
+    return 64 if batch_size is None else batch_size
+
+
+@eqx.filter_jit
+def _ggn_diagonal(task: Task, batch_size, curvature):
+    flat, unravel = ravel_pytree(task.params)
+    if curvature is None:
+        data = (task.inputs, task.targets, jnp.ones(task.num_examples, flat.dtype))
+    else:
+        take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, curvature.indices, axis=0), tree)
+        data = (take(task.inputs), take(task.targets), curvature.weights.astype(flat.dtype))
+    one = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[None], tree)
+
+    def example(x, y, w):
+        out, vjp_fn = jax.vjp(lambda fp: task.apply_fn(unravel(fp), one(x))[0], flat)
+        m = out.size
+
+        def loss_one(o):
+            return task.loss_fn(o.reshape(out.shape)[None], one(y))[0]
+
+        hess = jax.hessian(loss_one)(out.reshape(-1)).reshape(m, m)
+        # diag(J^T W J) = sum_a (J^T e_a) * (J^T W e_a): m vector-Jacobian products and an
+        # (m, m) x (m, p) product. (A square root W = L L^T by `eigh` did the same with a
+        # LAPACK call per example, which deadlocked XLA:CPU on jaxlib 0.10.2 for one chunk
+        # of 512 examples followed by a short chunk of 288.)
+        cols = jax.vmap(lambda c: vjp_fn(c.reshape(out.shape))[0])(jnp.eye(m, dtype=out.dtype))  # (m, p): J^T e_a
+        weighted = jnp.matmul((hess + hess.T) / 2, cols, precision=jax.lax.Precision.HIGHEST)
+        return w * jnp.sum(cols * weighted, axis=0)
+
+    def chunk(c):
+        return jnp.sum(jax.vmap(example)(*c), axis=0)
+
+    total = chunk_sum(chunk, data, batch_size)
+    return total / jnp.sum(data[2])
+
+
+def build_jacobi(task, batch_size, curvature):
+    start = time.perf_counter()
+    diag = jax.block_until_ready(_ggn_diagonal(task, batch_size, curvature))
+    if not bool(jnp.all(jnp.isfinite(diag))):
+        raise ValueError("the GGN diagonal holds NaN or Inf; check the model snapshot and the data.")
+    return JacobiPreconditioner(
+        diagonal=diag,
+        fingerprint=fingerprint(task),
+        curvature=_curvature.describe(curvature),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def jacobi_preconditioner(task: Task, *, batch_size: int | None = 64, curvature=None) -> JacobiPreconditioner:
+    """Builds the Jacobi (diagonal GGN) preconditioner, exactly.
+
+    ``diag(GGN) = (1/N) sum_i sum_a (J_i^T e_a) * (J_i^T W_i e_a)``: one
+    vector-Jacobian product per example and model output, so it costs about
+    (number of outputs) per-example gradient passes.
+
+    Args:
+        task: the model snapshot and training data.
+        batch_size: examples per chunk (memory about ``batch_size * outputs * p``).
+        curvature: a :class:`cif_jax.CurvatureSample` (the solves must use the same).
+
+    Returns:
+        A :class:`JacobiPreconditioner`.
+    """
+    _checks.task(task)
+    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+    return build_jacobi(task, batch_size, curvature)

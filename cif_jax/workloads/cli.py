@@ -1,0 +1,375 @@
+"""The ``cif-jax`` command line. ``cif-jax cv``: one CiF cache against per-query IF on fold workloads.
+
+Mirrors the paper's Table 1: a single cache answers the leave-fold-out
+workloads for every K, while per-query IF pays one solve per fold; both use the
+same damped GGN, CG and tolerance. Prints a table, writes JSON and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10")
+MODELS = ("lenet5", "mlp", "alexnet", "resnet18")
+
+
+class CliError(Exception):
+    """A user error: reported as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cif-jax", description="Clustered Influence Functions in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cv = sub.add_parser(
+        "cv",
+        help="K-fold leave-fold-out workload: one CiF cache vs per-query IF (paper Table 1).",
+        description="Train (or load) a model, build one CiF cache, answer the leave-fold-out workloads for "
+        "every K from it, run per-query IF on the same folds, and report times and agreement.",
+    )
+    cv.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits)")
+    cv.add_argument("--model", default="lenet5", help=f"one of {', '.join(MODELS)} (default: lenet5)")
+    cv.add_argument("--data-dir", default=None, help="TFDS data_dir for mnist/cifar10 (prepared beforehand)")
+    cv.add_argument("--subsample", type=float, default=None, help="stratified fraction of the training set")
+    cv.add_argument("--epochs", type=int, default=None, help="training epochs (default: per dataset)")
+    cv.add_argument("--lr", type=float, default=None, help="learning rate (default: per dataset)")
+    cv.add_argument("--checkpoint", default=None, help="checkpoint path (default: in the output folder)")
+    cv.add_argument("--num-clusters", "-C", type=int, default=10, help="CiF clusters C (default 10)")
+    cv.add_argument("--sketch-dim", "-d", type=int, default=32, help="JL sketch dimension (default 32)")
+    cv.add_argument("--k", type=int, nargs="+", default=[50, 100], help="fold counts K (default: 50 100)")
+    cv.add_argument("--damping", type=float, default=1e-3, help="GGN damping lambda (default 1e-3)")
+    cv.add_argument("--rtol", type=float, default=1e-3,
+                    help="CG true relative residual, for CiF and IF alike (default 1e-3)")
+    cv.add_argument("--max-steps", type=int, default=1000, help="CG iteration cap per system (default 1000)")
+    cv.add_argument("--normalize-sketches", action="store_true", help="cluster unit-normalised sketches")
+    cv.add_argument("--correction", default="calibrated", choices=("calibrated", "nystrom", "exact", "none"),
+                    help="estimator of the per-example self-influence correction (default: calibrated); 'none' "
+                         "reports the paper's estimator only")
+    cv.add_argument("--if-folds", type=int, default=None,
+                    help="run the IF baseline on this many random folds per K only (reported as such)")
+    cv.add_argument("--batch-size", type=int, default=512, help="examples per chunk in data passes")
+    cv.add_argument("--rhs-batch-size", type=int, default=16, help="systems per CG block")
+    cv.add_argument("--preconditioner", default="auto",
+                    choices=("auto", "none", "jacobi", "kfac", "ekfac", "nystrom"),
+                    help="shared by every CiF and IF solve (default: auto: the correction's Nystrom factors, or "
+                         "plain CG or Nystrom by the cost model; 'none' is the paper's plain CG)")
+    cv.add_argument("--rank", default="auto",
+                    help="Nystrom rank with --preconditioner nystrom: an integer, or 'auto' (the cost model)")
+    cv.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    cv.add_argument("--seed", type=int, default=0)
+    cv.add_argument("--output", "-o", default=None, help="output folder (default: cif_runs/cv-<dataset>-<model>)")
+    cv.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "cv":
+            run_cv(args)
+    except CliError as err:
+        print(f"cif-jax: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _validate(args) -> str:
+    if args.dataset not in DATASETS:
+        raise CliError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
+    if args.model not in MODELS:
+        raise CliError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}.")
+    for name in ("num_clusters", "sketch_dim", "max_steps", "batch_size", "rhs_batch_size", "bootstrap"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1.")
+    if any(k < 2 for k in args.k):
+        raise CliError("every --k must be at least 2 (a fold workload needs two folds).")
+    if not (args.damping > 0 and math.isfinite(args.damping)):
+        raise CliError("--damping must be a positive number.")
+    if not (args.rtol > 0):
+        raise CliError("--rtol must be positive.")
+    if args.rank != "auto":
+        try:
+            args.rank = int(args.rank)
+        except ValueError:
+            raise CliError(f"--rank must be an integer or 'auto', got {args.rank!r}.") from None
+        if args.rank < 1:
+            raise CliError("--rank must be at least 1.")
+    if args.if_folds is not None and args.if_folds < 3:
+        raise CliError("--if-folds must be at least 3 (correlations need three folds).")
+    out = args.output or os.path.join("cif_runs", f"cv-{args.dataset}-{args.model}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise CliError(f"cannot write to the output folder {out!r} ({err.strerror}); pass --output DIR.") from None
+    return out
+
+
+def run_cv(args) -> dict:
+    out = _validate(args)
+    import jax
+    import optax
+
+    import cif_jax as cj
+    from cif_jax.workloads import data as cdata
+    from cif_jax.workloads import folds as cfolds
+    from cif_jax.workloads import models as cmodels
+    from cif_jax.workloads import runs, stats, training
+
+    try:
+        ds = cdata.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, subsample=args.subsample)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise CliError(str(err).splitlines()[0] if str(err) else repr(err)) from None
+    n = int(ds.x_train.shape[0])
+    if max(args.k) > n:
+        raise CliError(f"--k {max(args.k)} exceeds the {n} training examples of {args.dataset}.")
+    if args.num_clusters > n:
+        raise CliError(f"--num-clusters {args.num_clusters} exceeds the {n} training examples.")
+    config = cmodels.model_config(args.model, in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
+    epochs, lr, schedule = training.TRAINING[args.dataset]
+    epochs = args.epochs or epochs
+    lr = args.lr or lr
+    ckpt = args.checkpoint or os.path.join(out, f"model-seed{args.seed}-e{epochs}-lr{lr:g}.ckpt")
+
+    t0 = time.perf_counter()
+    if os.path.exists(ckpt):
+        try:
+            model = training.load_checkpoint(ckpt, config=config)
+        except ValueError as err:
+            raise CliError(f"checkpoint {ckpt!r} does not fit this model: {str(err).splitlines()[0]} "
+                           "Delete it or pass another --checkpoint.") from None
+        trained = "loaded"
+    else:
+        model = cmodels.build_from_config(config, seed=args.seed)
+        model, _ = training.train(model, ds.x_train, ds.y_train, epochs=epochs, learning_rate=lr,
+                                  schedule=schedule, seed=args.seed, progress=True)
+        training.save_checkpoint(ckpt, model, config=config,
+                                 metadata={"epochs": epochs, "learning_rate": lr, "seed": args.seed})
+        trained = "trained"
+    train_time = time.perf_counter() - t0
+    test_loss, test_acc = training.evaluate(model, ds.x_test, ds.y_test)
+    print(f"model {args.model} on {args.dataset}: {trained} in {train_time:.1f} s, N = {n}, "
+          f"p = {cmodels.count_params(model):,}, test accuracy {test_acc:.3f}")
+
+    task = cj.Task.from_nnx(model, optax.softmax_cross_entropy_with_integer_labels, ds.x_train, ds.y_train)
+    # One solver, and one preconditioner, for every solve, CiF's and IF's alike; its build
+    # time is counted in both totals.
+    solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
+                   preconditioner=args.preconditioner)
+    pre_key = jax.random.fold_in(jax.random.key(args.seed), 1)
+    correction = None if args.correction == "none" else args.correction
+    t0 = time.perf_counter()
+    if args.preconditioner == "nystrom" and args.rank != "auto":
+        if args.rank > task.num_params:
+            raise CliError(f"--rank {args.rank} exceeds the {task.num_params:,} parameters.")
+        solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
+                       preconditioner=cj.nystrom_preconditioner(
+                           task, key=pre_key, rank=args.rank, damping=args.damping, batch_size=args.batch_size,
+                           rhs_batch_size=args.rhs_batch_size, progress=True))
+    elif args.preconditioner in ("auto", "nystrom") and correction in ("calibrated", "nystrom"):
+        # The correction needs rank-r Nystrom factors of the full GGN anyway: they serve every solve.
+        rank = min(cj.CalibratedCorrection().rank, task.num_params)
+        solver = solver.share_nystrom(cj.nystrom_preconditioner(
+            task, key=pre_key, rank=rank, error_iters=0, batch_size=args.batch_size,
+            rhs_batch_size=args.rhs_batch_size, progress=True))
+    else:
+        if_systems = sum(k if args.if_folds is None else min(args.if_folds, k) for k in args.k)
+        solver = solver.prepare(task, damping=args.damping, num_systems=args.num_clusters + if_systems,
+                                batch_size=args.batch_size, key=pre_key, progress=True)
+    pre_time = time.perf_counter() - t0
+    pre = solver.preconditioner
+    pre_info = {"solver": solver.describe(), "choice": solver.choice, "seconds": pre_time,
+                "kind": "none" if pre is None else pre.describe()}
+    if isinstance(pre, cj.NystromPreconditioner):
+        pre_info.update(rank=pre.rank, products=pre.num_products)
+    print(f"preconditioner: {pre_info['kind']} ({solver.choice or args.preconditioner}), {pre_time:.1f} s")
+    solver_kw = dict(damping=args.damping, batch_size=args.batch_size, solver=solver)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = cj.build_cache(task, num_clusters=args.num_clusters, sketch_dim=args.sketch_dim,
+                               key=jax.random.key(args.seed), normalize_sketches=args.normalize_sketches,
+                               correction=None if args.correction == "none" else args.correction,
+                               progress=True, **solver_kw)
+    for w in caught:
+        print(f"warning: {w.message}")
+    build_time = cache.timing["total"] + pre_time
+    cj.save_cache(os.path.join(out, "cache.npz"), cache)
+
+    rng = np.random.default_rng(args.seed)
+    corrected = cache.correction is not None
+    rows = []
+    for k in args.k:
+        folds = cfolds.kfold_indices(n, k, seed=args.seed + k)
+        # One gradient pass gives the K x C alphas; every fold score (and the cross-fold
+        # matrix of section 5.4) is then O(|S| + C): the paper's, the correction, both.
+        t0 = time.perf_counter()
+        matrix = np.asarray(jax.block_until_ready(
+            cj.fold_matrix(cache, task, folds, batch_size=args.batch_size, corrected=False)))
+        paper = np.diag(matrix).copy()
+        cif = paper + np.asarray(cj.overlap_correction(cache, folds, folds)) if corrected else paper
+        cif_query = time.perf_counter() - t0
+        chosen = np.arange(k) if args.if_folds is None or args.if_folds >= k else np.sort(
+            rng.choice(k, args.if_folds, replace=False))
+        sel = [folds[i] for i in chosen]
+        t0 = time.perf_counter()
+        res = cj.influence_solve(task, sel, progress=True, **solver_kw)
+        g_eval = cj.mean_subset_gradients(task, sel, batch_size=args.batch_size)
+        if_matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
+        if_time = time.perf_counter() - t0
+        ifs = np.diag(if_matrix).copy()
+        corr = stats.bootstrap_correlations(cif[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
+        corr_paper = stats.bootstrap_correlations(paper[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
+        off = ~np.eye(len(chosen), dtype=bool)
+        cross_cif, cross_if = matrix[np.ix_(chosen, chosen)][off], if_matrix[off]
+        m = int(round(n / k))
+        scatter, solver_term = cj.error_bound(cache, m)
+        row = {
+            "K": k, "if_folds": len(chosen), "if_seconds": if_time,
+            "if_seconds_all_folds": if_time * k / len(chosen) + pre_time / len(args.k),
+            "cif_query_seconds": cif_query,
+            "if_max_residual": float(res.residuals.max()), "if_mean_steps": float(res.num_steps.mean()),
+            "estimator": "corrected" if corrected else "paper",
+            "pearson": corr["pearson"]._asdict(), "spearman": corr["spearman"]._asdict(),
+            "median_ratio": float(np.median(cif[chosen] / ifs)),
+            "paper": {"pearson": corr_paper["pearson"]._asdict(), "spearman": corr_paper["spearman"]._asdict(),
+                      "median_ratio": float(np.median(paper[chosen] / ifs))},
+            "cross_fold": {"pairs": int(off.sum()), "pearson": stats.pearson(cross_cif, cross_if),
+                           "spearman": stats.spearman(cross_cif, cross_if),
+                           "median_ratio": float(np.median(cross_cif / cross_if))},
+            "bound_subset_size": m, "bound_scatter_term": float(scatter), "bound_solver_term": float(solver_term),
+            "fold_scores_cif": cif.tolist(), "fold_scores_paper": paper.tolist(), "fold_scores_if": ifs.tolist(),
+            "if_fold_ids": chosen.tolist(),
+        }
+        if corrected:
+            b = cj.corrected_error_bound(cache, task, folds, batch_size=args.batch_size)
+            row["corrected_bound"] = {
+                "cross_mean": float(b.cross.mean()), "correction_mean": float(b.correction.mean()),
+                "solver_mean": float(b.solver.mean()), "correction_is_bound": b.correction_is_bound,
+                "mean_abs_score": float(np.abs(cif).mean()),
+            }
+        rows.append(row)
+
+    if_total = sum(r["if_seconds_all_folds"] for r in rows)
+    cif_total = build_time + sum(r["cif_query_seconds"] for r in rows)
+    result = {
+        "dataset": args.dataset, "model": args.model, "num_train": n, "num_params": task.num_params,
+        "test_accuracy": test_acc, "train_seconds": train_time, "trained_or_loaded": trained,
+        "num_clusters": args.num_clusters, "sketch_dim": args.sketch_dim, "damping": args.damping,
+        "rtol": args.rtol, "max_steps": args.max_steps, "normalize_sketches": args.normalize_sketches,
+        "correction": None if cache.correction is None else {
+            "method": cache.correction.method, "rank": cache.correction.rank,
+            "scale": float(cache.correction.scale), "scale_stderr": float(cache.correction.scale_stderr),
+            "num_samples": int(cache.correction.sample.size)},
+        "preconditioner": pre_info,
+        "seed": args.seed, "bootstrap": args.bootstrap,
+        "cache": {"timings": cache.timing, "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(),
+                  "residuals": np.asarray(cache.residuals).tolist(),
+                  "cg_steps": np.asarray(cache.num_steps).tolist(),
+                  "scatter_trace": float(cache.scatter_trace)},
+        "if_seconds_total": if_total, "cif_seconds_total": cif_total, "speedup": if_total / cif_total,
+        "if_extrapolated": any(r["if_folds"] < r["K"] for r in rows),
+        "per_k": rows,
+        "machine": runs.machine(),
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _print_table(result)
+    if not args.no_plots:
+        _plots(result, out)
+    print(f"results written to {os.path.join(out, 'results.json')}" + ("" if args.no_plots else " (+ PNG plots)"))
+    return result
+
+
+def _print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    extrap = " (extrapolated from --if-folds)" if r["if_extrapolated"] else ""
+    table = Table(title=f"CiF vs per-query IF, {r['dataset']}/{r['model']}: one cache (C = {r['num_clusters']}, "
+                        f"d = {r['sketch_dim']}) for K = {' + '.join(str(x['K']) for x in r['per_k'])}")
+    for name in ("K", "workload / estimator", "IF time (s)", "CiF query (s)", "Pearson (95% CI)",
+                 "Spearman (95% CI)", "median CiF/IF"):
+        table.add_column(name, justify="left" if name.startswith("workload") else "right")
+
+    def ci(c):
+        return f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+
+    for x in r["per_k"]:
+        folds = "" if x["if_folds"] == x["K"] else f" ({x['if_folds']} folds)"
+        first = "V = S, corrected" if x["estimator"] == "corrected" else "V = S, paper (eq. 11)"
+        table.add_row(str(x["K"]), first, f"{x['if_seconds']:.1f}{folds}", f"{x['cif_query_seconds']:.3f}",
+                      ci(x["pearson"]), ci(x["spearman"]), f"{x['median_ratio']:.3f}")
+        if x["estimator"] == "corrected":
+            p = x["paper"]
+            table.add_row("", "V = S, paper (eq. 11)", "", "", ci(p["pearson"]), ci(p["spearman"]),
+                          f"{p['median_ratio']:.3f}")
+        c = x["cross_fold"]
+        table.add_row("", f"cross-fold V != S ({c['pairs']} pairs)", "", "", f"{c['pearson']:.3f}",
+                      f"{c['spearman']:.3f}", f"{c['median_ratio']:.3f}")
+    # Piped or logged output gets room for the seven columns (rich assumes 80 without a terminal).
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    console.print(table)
+    corr = r.get("correction")
+    what = "" if corr is None else (f"; correction {corr['method']}, scale {corr['scale']:.3f} +- "
+                                    f"{corr['scale_stderr']:.3f}")
+    console.print(f"IF total {r['if_seconds_total']:.1f} s{extrap}; CiF total {r['cif_seconds_total']:.1f} s "
+                  f"(cache build {r['cache']['timings']['total']:.1f} s, once{what}); speedup IF/CiF "
+                  f"{r['speedup']:.1f}x. Same damping {r['damping']:g}, CG rtol {r['rtol']:g} (true residual).")
+    for x in r["per_k"]:
+        line = (f"K = {x['K']}: Theorem 3.1 (eq. 37, parameter units, random subset of {x['bound_subset_size']}): "
+                f"scatter {x['bound_scatter_term']:.3g} + solver {x['bound_solver_term']:.3g}")
+        b = x.get("corrected_bound")
+        if b is not None:
+            kind = "bound" if b["correction_is_bound"] else "95% estimate"
+            line += (f"; corrected score (loss units, mean over folds; mean |score| {b['mean_abs_score']:.3g}): "
+                     f"cross {b['cross_mean']:.3g} + correction {b['correction_mean']:.3g} ({kind}) + solver "
+                     f"{b['solver_mean']:.3g}")
+        console.print(line)
+
+
+def _plots(r: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = r["per_k"]
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.5 * len(ks), 4), squeeze=False)
+    for ax, x in zip(axes[0], ks):
+        cif = np.asarray(x["fold_scores_cif"])[x["if_fold_ids"]]
+        ifs = np.asarray(x["fold_scores_if"])
+        paper = np.asarray(x["fold_scores_paper"])[x["if_fold_ids"]]
+        if x["estimator"] == "corrected":
+            ax.scatter(ifs, paper, s=10, c="tab:gray", label="paper (eq. 11)")
+        ax.scatter(ifs, cif, s=12, label=x["estimator"])
+        ax.legend(loc="upper left", fontsize=8)
+        lo, hi = min(ifs.min(), cif.min(), paper.min()), max(ifs.max(), cif.max(), paper.max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel("IF fold loss change")
+        ax.set_ylabel("CiF fold loss change")
+        ax.set_title(f"K = {x['K']}: Spearman {x['spearman']['value']:.3f}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cif_vs_if.png"), dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(["IF (all folds)", "CiF (build + queries)"], [r["if_seconds_total"], r["cif_seconds_total"]],
+           color=["tab:gray", "tab:blue"])
+    ax.set_ylabel("seconds")
+    ax.set_title(f"speedup {r['speedup']:.1f}x")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "times.png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
