@@ -32,3 +32,23 @@ def test_save_and_query():
     here, there = _load("save_and_query").main()
     # The other process reads the same responses: its answers agree to float32 rounding of its own training.
     np.testing.assert_allclose(there, here, rtol=1e-4, atol=1e-7)
+
+
+def test_linen_mislabels():
+    found, flipped = _load("linen_mislabels").main(steps=600)
+    assert found >= flipped // 2  # chance would find about 1.6 of 17
+
+
+def test_multi_device_runs_on_two_forced_host_devices():
+    """A subprocess: the device count is fixed when jax starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run([sys.executable, str(EXAMPLES / "multi_device.py")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "2 devices" in run.stdout
+    gap = float(run.stdout.split("largest relative difference ")[1].split()[0])
+    assert gap < 1e-3  # both solves meet rtol 1e-4; float32
