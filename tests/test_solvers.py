@@ -237,9 +237,10 @@ def test_lineax_solver_restarts_and_reports_what_it_reached(mlp):
     assert not bool(got.converged.any())
     np.testing.assert_allclose(np.asarray(got.residuals), _dense_residuals(mlp, rhs, got.solutions), rtol=1e-6)
     assert np.all(np.asarray(got.num_steps) <= 12)
-    # Any lineax solver: GMRES on the same scaled system.
-    gmres = cj.LineaxSolver(lx.GMRES(rtol=0.0, atol=1e-13, max_steps=400), rtol=1e-10)
-    got = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=gmres)
+    # Any lineax solver: BiCGStab on the same scaled system. (GMRES works too, but its vmapped
+    # least-squares step once crashed XLA:CPU's compiler in CI, so the suite does not compile it.)
+    bicgstab = cj.LineaxSolver(lx.BiCGStab(rtol=0.0, atol=1e-13, max_steps=400), rtol=1e-10)
+    got = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=bicgstab)
     assert row_rel_err(got.solutions, dense_solve(mlp.ggn, np.asarray(rhs))) < 1e-8
 
 
