@@ -316,19 +316,3 @@ def test_error_bound_subset_size(cache):
         cj.error_bound(cache, N + 1)
     with pytest.raises(TypeError, match="integer"):
         cj.error_bound(cache, 2.5)
-
-
-def test_batch_dependent_models_are_refused(problem, no_work):
-    """Batch normalisation in training mode: every output depends on the batch; refused before any work."""
-
-    def batch_norm_apply(params, x):
-        z = x @ params["w"] + params["b"][None, :]
-        return (z - z.mean(axis=0, keepdims=True)) / (z.std(axis=0, keepdims=True) + 1e-3)
-
-    base = problem.task
-    task = cj.Task(batch_norm_apply, base.loss_fn, base.params, base.inputs, base.targets)
-    for call in (lambda: cj.per_example_grads(task),
-                 lambda: cj.influence(task, [np.arange(3)], damping=LAM),
-                 lambda: _build(task)):
-        with pytest.raises(ValueError, match="depends on the other examples in its batch"):
-            call()

@@ -85,48 +85,6 @@ def task(task) -> None:
             "`optax.softmax_cross_entropy_with_integer_labels`, not a mean."
         )
     _class_targets(task, out)
-    _batch_independent(task)
-
-
-#: Examples whose outputs are compared alone and together by :func:`_batch_independent`.
-INDEPENDENCE_EXAMPLES = 3
-
-
-def _batch_independent(task) -> None:
-    """The model's output for an example must not depend on the other examples of its batch.
-
-    Per-example gradients, chunked passes and the GGN all assume it; batch
-    normalisation in training mode breaks it silently (every chunk size gives other
-    numbers). A few examples are run together and one by one; the outputs must agree
-    to float rounding. Skipped when the task's arrays are traced (inside a transform).
-    """
-    m = min(INDEPENDENCE_EXAMPLES, task.num_examples)
-    leaves = jax.tree_util.tree_leaves((task.params, task.inputs))
-    if m < 2 or any(isinstance(a, jax.core.Tracer) for a in leaves):
-        return
-    x = jax.tree_util.tree_map(lambda a: jnp.asarray(a[:m]), task.inputs)
-    together = jax.tree_util.tree_leaves(task.apply_fn(task.params, x))
-    alone = [jax.tree_util.tree_leaves(task.apply_fn(task.params, jax.tree_util.tree_map(lambda a: a[i:i + 1], x)))
-             for i in range(m)]
-    for k, whole in enumerate(together):
-        whole = np.asarray(whole, np.float64)
-        if not np.issubdtype(whole.dtype, np.floating):
-            continue
-        parts = np.concatenate([np.asarray(a[k], np.float64) for a in alone])
-        eps = float(jnp.finfo(together[k].dtype).eps) if jnp.issubdtype(together[k].dtype, jnp.floating) else 1e-7
-        finite = np.isfinite(whole) & np.isfinite(parts)  # NaN/Inf are reported by the passes that meet them
-        if not finite.any():
-            continue
-        scale = max(float(np.max(np.abs(whole[finite]))), 1.0)
-        gap = float(np.max(np.abs(whole - parts)[finite]))
-        if gap > 1e4 * eps * scale:
-            raise ValueError(
-                f"`Task.apply_fn`'s output for an example depends on the other examples in its batch: {m} examples "
-                f"run together and one by one differ by {gap:.3g} (outputs of size up to {scale:.3g}). "
-                "Per-example gradients and GGN products assume independent examples. Batch normalisation in "
-                "training mode does this: evaluate the model in inference mode (flax nnx `model.eval()`, linen "
-                "`use_running_average=True`, equinox `inference=True`)."
-            )
 
 
 def _class_targets(task, out) -> None:
