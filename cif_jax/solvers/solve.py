@@ -416,23 +416,10 @@ class LineaxSolver(AbstractSolver):
             pre = pre.check(task, curvature)
             pre.check_damping(lam)
             pre = pre.for_jit()
-        num = rhs.shape[0]
-        block = balanced_block(num, self.rhs_batch_size)
         settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(self.rtol, rhs.dtype), jnp.asarray(self.atol, rhs.dtype))
-        parts = []
-        starts = range(0, num, block)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="lineax solves", unit="block", total=math.ceil(num / block))
-        for start in starts:
-            chunk = rhs[start : start + block]
-            short = block - chunk.shape[0]
-            if short:
-                chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
-            out = _lineax_block(task, chunk, *settings, self.solver, pre, self.max_restarts, batch_size, curvature)
-            parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], out))
-        x, res, steps = (jnp.concatenate(col) for col in zip(*parts))
+        x, res, steps = _in_blocks(rhs, self.rhs_batch_size, lambda chunk: _lineax_block(
+            task, chunk, *settings, self.solver, pre, self.max_restarts, batch_size, curvature), progress,
+            "lineax solves")
         result = SolveResult(x, res, steps, jnp.ones(res.shape, bool))
         return self._judge(result, rhs, warn, "lineax", "Raise the lineax solver's `max_steps`, increase "
                            "`damping`, or loosen `rtol`.")
@@ -568,25 +555,30 @@ def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batc
                         mv_low=mv_low, inner=0.0 if product_dtype is None else inner_rtol(product_dtype))
 
 
-def _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress,
-                 curvature, preconditioner, product_dtype=None):
-    """The systems in blocks of ``rhs_batch_size`` on one device."""
+def _in_blocks(rhs, rhs_batch_size, solve_block, progress, desc):
+    """``solve_block`` on equal blocks of the rows of ``rhs`` (the last zero-padded); the outputs' columns joined."""
     num = rhs.shape[0]
     block = balanced_block(num, rhs_batch_size)
-    parts = []
-    # Settings as arrays: a new damping, tolerance or step budget reuses the compiled program.
-    settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(rtol, rhs.dtype), jnp.asarray(atol, rhs.dtype),
-                jnp.asarray(max_steps, jnp.int32), jnp.asarray(max_restarts, jnp.int32))
     starts = range(0, num, block)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="CG solves", unit="block", total=math.ceil(num / block))
+        starts = tqdm(starts, desc=desc, unit="block", total=math.ceil(num / block))
+    parts = []
     for start in starts:
         chunk = rhs[start : start + block]
         short = block - chunk.shape[0]
         if short:
             chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
-        out = _solve_block(task, chunk, *settings, batch_size, curvature, preconditioner, product_dtype)
-        parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], out))
+        parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], solve_block(chunk)))
     return tuple(jnp.concatenate(col) for col in zip(*parts))
+
+
+def _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress,
+                 curvature, preconditioner, product_dtype=None):
+    """The systems in blocks of ``rhs_batch_size`` on one device."""
+    # Settings as arrays: a new damping, tolerance or step budget reuses the compiled program.
+    settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(rtol, rhs.dtype), jnp.asarray(atol, rhs.dtype),
+                jnp.asarray(max_steps, jnp.int32), jnp.asarray(max_restarts, jnp.int32))
+    return _in_blocks(rhs, rhs_batch_size, lambda chunk: _solve_block(
+        task, chunk, *settings, batch_size, curvature, preconditioner, product_dtype), progress, "CG solves")
