@@ -188,6 +188,48 @@ def write(name: str, args, result: dict) -> str:
     return path
 
 
+class Cells:
+    """Resumable results: each finished cell is written to disk at once; a restart skips it.
+
+    ``cells(key, compute)`` returns the stored value of ``key`` if an earlier run finished
+    it, else calls ``compute()`` and writes the value (atomically, with every other
+    finished cell) to ``<output>/<stem>.cells.json`` before returning it. The file
+    records ``settings``: a restart with other settings is refused (delete the file
+    or pass other ``--output``), so cells from two protocols never mix. Values must be
+    JSON (dicts, lists, numbers); the seconds inside a cell are those of the run that
+    computed it, with that run's machine and load average beside them.
+    """
+
+    def __init__(self, name: str, args, settings: dict):
+        os.makedirs(args.output, exist_ok=True)
+        self.path = os.path.join(args.output, f"{stem(name, args)}.cells.json")
+        self.settings = json.loads(json.dumps(settings))
+        self.values, self.runs = {}, []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved["settings"] != self.settings:
+                changed = sorted(k for k in set(saved["settings"]) | set(self.settings)
+                                 if saved["settings"].get(k) != self.settings.get(k))
+                raise SystemExit(f"{os.path.relpath(self.path, ROOT)} was written with other settings "
+                                 f"(differ: {changed}); delete it or pass another --output")
+            self.values, self.runs = saved["cells"], saved["runs"]
+            print(f"resuming {os.path.relpath(self.path, ROOT)}: {len(self.values)} cells done")
+        self.runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+                          "argv": sys.argv[1:]})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def __call__(self, key: str, compute):
+        if key not in self.values:
+            value = json.loads(json.dumps(compute()))
+            self.values[key] = value
+            self.runs[-1]["load_average_at_last_cell"] = list(os.getloadavg())
+            runs.write_json(self.path, {"settings": self.settings, "runs": self.runs, "cells": self.values})
+        return self.values[key]
+
+
 def stem(name: str, args) -> str:
     return f"{name}-{args.dataset}" + ("-quick" if args.quick else "")
 

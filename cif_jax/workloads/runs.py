@@ -59,6 +59,8 @@ def machine() -> dict:
         "devices": [str(d) for d in devices],
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        # A run pinned with `taskset` uses fewer cores than the machine has.
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
