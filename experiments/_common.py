@@ -88,6 +88,18 @@ def nystrom(task, args):
                  "condition_estimate": float(pre.condition_estimate(args.damping))}
 
 
+def shared_nystrom(cells, task, args, key: str, needed):
+    """The shared Nystrom preconditioner and its info, built only if a cell in ``needed`` is missing.
+
+    Its build seconds are those of the run that first built it (stored under ``key``);
+    a rebuild on resume draws from the same key, so it is the same preconditioner.
+    """
+    if all(k in cells for k in needed):
+        return None, cells.values[key]
+    pre, built = nystrom(task, args)
+    return pre, cells(key, lambda: built)
+
+
 def folds_for(n: int, k: int, seed: int):
     return cfolds.kfold_indices(n, k, seed=seed + k)
 

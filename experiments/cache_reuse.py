@@ -69,11 +69,8 @@ def _solver_runs(cells, task, folds, args, seed, solver):
     prefix = f"seed{seed}/{solver}"
     pre, pre_info = None, {"kind": "plain" if solver == "plain" else "auto", "seconds": 0.0}
     needed = [f"{prefix}/IF/K{k}" for k in args.k] + [f"{prefix}/C{c}" for c in args.clusters]
-    if solver == "nystrom" and not all(key in cells for key in needed):
-        pre, built = ec.nystrom(task, args)
-        pre_info = cells(f"{prefix}/preconditioner", lambda: built)
-    elif solver == "nystrom":
-        pre_info = cells.values[f"{prefix}/preconditioner"]
+    if solver == "nystrom":
+        pre, pre_info = ec.shared_nystrom(cells, task, args, f"{prefix}/preconditioner", needed)
     preconditioner = "auto" if solver == "default" else pre
 
     def if_cell(k):

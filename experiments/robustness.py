@@ -14,7 +14,7 @@ One Nystrom preconditioner is shared by every IF and CiF solve (timing is not
 the point here; results agree within the CG tolerance).
 
     python experiments/robustness.py --quick   # digits: C {10,50} x d {32,128}, K {5,100}
-    python experiments/robustness.py           # mnist5k: C {10,50,100,500} x d {32,64,128,256}, K {5,100,250,500}
+    python experiments/robustness.py           # mnist5k: C {10,50,100} x d {32,128}, K {50,100,250}, raw + unit
 """
 
 from __future__ import annotations
@@ -32,53 +32,67 @@ def main():
                    help="sketch dims at which unit-normalised sketches are also clustered (quick: 32; full: all)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     args = ec.finish_args(p.parse_args())
-    clusters = args.clusters or ([10, 50] if args.quick else [10, 50, 100, 500])
-    dims = args.dims or ([32, 128] if args.quick else [32, 64, 128, 256])
-    ks = args.k or ([5, 100] if args.quick else [5, 100, 250, 500])
+    clusters = args.clusters or ([10, 50] if args.quick else [10, 50, 100])
+    dims = args.dims or [32, 128]
+    ks = args.k or ([5, 100] if args.quick else [50, 100, 250])
     norm_dims = args.normalized_dims or ([32] if args.quick else dims)
+    settings = {**{k: v for k, v in vars(args).items() if k != "output"}, "clusters": clusters, "dims": dims,
+                "k": ks, "normalized_dims": norm_dims}
+    store = ec.Cells("robustness", args, settings)
     task, ds = ec.trained_task(args.dataset, args.model, seed=args.seed)
     n = task.num_examples
     print(f"{args.dataset}/{args.model}: N = {n}, p = {task.num_params:,}; C {clusters}, d {dims}, K {ks}")
-    pre, pre_info = ec.nystrom(task, args)
+    grid = [(normalize, d, c) for normalize, dim_list in ((False, dims), (True, norm_dims))
+            for d in dim_list for c in clusters if c <= n]
+    needed = [f"IF/K{k}" for k in ks] + [_key(*g) for g in grid]
+    pre, pre_info = ec.shared_nystrom(store, task, args, "preconditioner", needed)
     print(f"shared Nystrom preconditioner: rank {pre_info['rank']}, {pre_info['seconds']:.1f} s")
     folds = {k: ec.folds_for(n, k, args.seed) for k in ks}
-    ifs, if_info, if_mat = {}, {}, {}
-    for k in ks:
-        ifs[k], if_info[k], if_mat[k] = ec.if_fold_scores(task, folds[k], args, pre, return_matrix=True)
-        print(f"IF K = {k}: {if_info[k]['seconds']:.1f} s, max residual {if_info[k]['max_residual']:.2g}")
 
-    cells = []
-    for normalize, dim_list in ((False, dims), (True, norm_dims)):
-        for d in dim_list:
-            for c in clusters:
-                if c > n:
-                    continue
-                cache, warns = ec.build_cache(task, args, num_clusters=c, sketch_dim=d, normalize=normalize,
-                                              preconditioner=pre)
-                sizes = np.asarray(cache.cluster_sizes)
-                for k in ks:
-                    cif, paper, matrix, _ = ec.cif_fold_estimators(cache, task, folds[k], args)
-                    corr = ec.correlations(cif, ifs[k], resamples=args.bootstrap, seed=args.seed)
-                    corr_paper = ec.correlations(paper, ifs[k], resamples=args.bootstrap, seed=args.seed)
-                    cells.append({"normalized": normalize, "d": d, "C": c, "K": k, **corr,
-                                  "median_ratio": float(np.median(cif / ifs[k])),
-                                  "paper": {**corr_paper, "median_ratio": float(np.median(paper / ifs[k]))},
-                                  "cross_fold": ec.off_diagonal_agreement(matrix, if_mat[k]) if k > 2 else None,
-                                  "largest_cluster_share": float(sizes.max() / n),
-                                  "scatter_trace": float(cache.scatter_trace),
-                                  "build_seconds": ec.cache_timing(cache)["total"]})
-                print(f"{'unit' if normalize else 'raw '} d = {d:3d}, C = {c:3d} (largest cluster "
-                      f"{sizes.max() / n:.0%}): " + ", ".join(
-                          f"K={x['K']} {x['pearson']['value']:.3f}/{x['spearman']['value']:.3f} (paper "
-                          f"{x['paper']['pearson']['value']:.3f}/{x['paper']['spearman']['value']:.3f}"
-                          + (f", cross {x['cross_fold']['pearson']:.3f}/{x['cross_fold']['spearman']:.3f})"
-                             if x["cross_fold"] else ")")
-                          for x in cells[-len(ks):]))
+    def if_cell(k):
+        scores, info, matrix = ec.if_fold_scores(task, folds[k], args, pre, return_matrix=True)
+        print(f"IF K = {k}: {info['seconds']:.1f} s, max residual {info['max_residual']:.2g}")
+        return {**info, "scores": scores.tolist(), "matrix": matrix.tolist()}
+
+    ifs = {k: store(f"IF/K{k}", lambda k=k: if_cell(k)) for k in ks}
+
+    def cache_cell(normalize, d, c):
+        cache, warns = ec.build_cache(task, args, num_clusters=c, sketch_dim=d, normalize=normalize,
+                                      preconditioner=pre)
+        sizes = np.asarray(cache.cluster_sizes)
+        out = []
+        for k in ks:
+            if_scores, if_mat = np.asarray(ifs[k]["scores"]), np.asarray(ifs[k]["matrix"])
+            cif, paper, matrix, _ = ec.cif_fold_estimators(cache, task, folds[k], args)
+            out.append({"normalized": normalize, "d": d, "C": c, "K": k,
+                        **ec.correlations(cif, if_scores, resamples=args.bootstrap, seed=args.seed),
+                        "median_ratio": float(np.median(cif / if_scores)),
+                        "paper": {**ec.correlations(paper, if_scores, resamples=args.bootstrap, seed=args.seed),
+                                  "median_ratio": float(np.median(paper / if_scores))},
+                        "cross_fold": ec.off_diagonal_agreement(matrix, if_mat) if k > 2 else None,
+                        "largest_cluster_share": float(sizes.max() / n),
+                        "scatter_trace": float(cache.scatter_trace),
+                        "build_seconds": ec.cache_timing(cache)["total"], "warnings": warns})
+        print(f"{'unit' if normalize else 'raw '} d = {d:3d}, C = {c:3d} (largest cluster "
+              f"{sizes.max() / n:.0%}): " + ", ".join(
+                  f"K={x['K']} {x['pearson']['value']:.3f}/{x['spearman']['value']:.3f} (paper "
+                  f"{x['paper']['pearson']['value']:.3f}/{x['paper']['spearman']['value']:.3f}"
+                  + (f", cross {x['cross_fold']['pearson']:.3f}/{x['cross_fold']['spearman']:.3f})"
+                     if x["cross_fold"] else ")")
+                  for x in out))
+        return out
+
+    cells = [x for g in grid for x in store(_key(*g), lambda g=g: cache_cell(*g))]
     result = {**ec.task_info(task, ds, args), "preconditioner": pre_info, "clusters": clusters, "dims": dims,
               "K": ks, "normalized_dims": norm_dims, "bootstrap": args.bootstrap,
-              "if": {str(k): if_info[k] for k in ks}, "cells": cells}
+              "if": {str(k): {key: v for key, v in ifs[k].items() if key not in ("scores", "matrix")} for k in ks},
+              "cells": cells, "cell_runs": store.runs}
     ec.write("robustness", args, result)
     _plot(result, args)
+
+
+def _key(normalize, d, c):
+    return f"{'unit' if normalize else 'raw'}/d{d}/C{c}"
 
 
 def _plot(r, args):
