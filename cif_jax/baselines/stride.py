@@ -419,9 +419,9 @@ def stride_fit(
 
     Warns:
         UserWarning: examples in no subset (their scores will be 0); identical
-        columns of the membership (e.g. a single partition: examples of one
-        block cannot be told apart); ``K <= sketch_dim`` with ``lambda_lin > 0``
-        (the projector is then close to the identity and lin nearly vanishes).
+            columns of the membership (e.g. a single partition: examples of one
+            block cannot be told apart); ``K <= sketch_dim`` with ``lambda_lin > 0``
+            (the projector is then close to the identity and lin nearly vanishes).
     """
     H, Z, labels = _as_features(H, Z, labels)
     n, d = H.shape
