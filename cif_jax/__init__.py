@@ -80,6 +80,7 @@ from cif_jax.cif.queries import param_delta as param_delta
 from cif_jax.cif.queries import self_influence as self_influence
 from cif_jax.cif.sketch import jl_projection as jl_projection
 from cif_jax.cif.sketch import sketch as sketch
+from cif_jax.core.checkpoint import CheckpointError as CheckpointError
 from cif_jax.core.curvature import CurvatureSample as CurvatureSample
 from cif_jax.core.curvature import uniform_sample as uniform_sample
 from cif_jax.core.ggn import apply_ggn as apply_ggn

@@ -6,15 +6,20 @@ operator, solver and tolerance as the cache (:func:`cif_jax.solve_ggn`).
 
 from __future__ import annotations
 
+import hashlib
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
+from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
 from ..core import curvature as _curvature
 from ..core.gradients import gradient_sums_pass, raise_on_bad
-from ..core.task import Task
+from ..core.task import Task, fingerprint
 from ..solvers import distributed as _distributed
-from ..solvers.solve import AbstractSolver, SolveResult, check_solver
+from ..solvers.solve import AbstractSolver, SolveResult, check_solver, prepare_checkpointed, solve_checkpointed
 
 
 def influence_solve(
@@ -28,6 +33,7 @@ def influence_solve(
     mesh=None,
     key=None,
     progress: bool = False,
+    checkpoint_dir=None,
 ) -> SolveResult:
     """Per-query IF with solver diagnostics: ``solutions[q] = (1/N) H~^{-1} sum_{i in S_q} g_i``.
 
@@ -43,12 +49,34 @@ def influence_solve(
     if plan is not None:
         _distributed.check_task(plan, task, curvature)
     subs = _checks.subsets(subsets, task.num_examples)
-    sums, bad = gradient_sums_pass(task, jnp.asarray(subs.mask.T), batch_size)
-    raise_on_bad(bad)
-    result = solver.solve(task, sums, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh, key=key,
-                          progress=progress)
+    if checkpoint_dir is None:
+        sums, bad = gradient_sums_pass(task, jnp.asarray(subs.mask.T), batch_size)
+        raise_on_bad(bad)
+        result = solver.solve(task, sums, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
+                              key=key, progress=progress)
+    else:
+        result = _checkpointed(task, subs.mask, lam, solver, batch_size, curvature, mesh, key, progress,
+                               checkpoint_dir)
     n = jnp.asarray(task.num_examples, result.solutions.dtype)
     return result._replace(solutions=result.solutions / n)
+
+
+def _checkpointed(task, mask, lam, solver, batch_size, curvature, mesh, key, progress, directory):
+    """The gradient sums, the preconditioner and each block of solves saved in ``directory`` as they finish."""
+    mask = np.asarray(mask, bool)
+    ckpt = _checkpoint.Checkpoint(directory, kind="influence", settings={
+        "fingerprint": fingerprint(task), "subsets": hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
+        "num_subsets": int(mask.shape[0]), "damping": lam, "solver": solver.describe(),
+        "curvature": _curvature.describe(curvature),
+        "key": None if key is None else np.asarray(jax.random.key_data(_checks.as_key(key))).tolist()})
+    sums, bad = (jnp.asarray(a) for a in ckpt.arrays_tuple(
+        "sums", lambda: gradient_sums_pass(task, jnp.asarray(mask.T), batch_size)))
+    raise_on_bad(bad)
+    solver = prepare_checkpointed(solver, ckpt, lambda: solver.prepare(
+        task, damping=lam, num_systems=mask.shape[0], batch_size=batch_size, curvature=curvature, key=key,
+        progress=progress))
+    return solve_checkpointed(solver, task, sums, checkpoint=ckpt, name="solves", damping=lam,
+                              batch_size=batch_size, curvature=curvature, mesh=mesh, key=key, progress=progress)
 
 
 def influence(
@@ -62,6 +90,7 @@ def influence(
     mesh=None,
     key=None,
     progress: bool = False,
+    checkpoint_dir=None,
 ) -> Float[Array, "q p"]:
     """Per-query influence: the parameter change when each subset S is removed (paper eq. 3).
 
@@ -90,9 +119,17 @@ def influence(
             :func:`cif_jax.solve_ggn`; the gradient sums are computed in every process.
         key: PRNG key of a randomized preconditioner build (None: a fixed key).
         progress: show progress bars.
+        checkpoint_dir: a directory to make a long run resumable (None: keep
+            nothing). The gradient sums, the prepared preconditioner and every block
+            of solves are written there atomically as they finish; a second call with
+            the same task, subsets and settings reads them and solves the rest (the
+            result equals an uninterrupted run to the solver's tolerance). A
+            directory written for other subsets, another task or other settings is
+            refused (:class:`cif_jax.CheckpointError`).
 
     Returns:
         (Q, p) parameter changes, flat in ``ravel_pytree(params)`` order.
     """
     return influence_solve(task, subsets, damping=damping, solver=solver, batch_size=batch_size,
-                           curvature=curvature, mesh=mesh, key=key, progress=progress).solutions
+                           curvature=curvature, mesh=mesh, key=key, progress=progress,
+                           checkpoint_dir=checkpoint_dir).solutions

@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, UInt
 
+from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
 from ..core import curvature as _curvature
 from ..core.gradients import raise_on_bad, streamed_map, streamed_sum
 from ..core.task import Task, fingerprint
 from ..solvers import distributed as _distributed
-from ..solvers.precondition import nystrom_preconditioner
+from ..solvers.precondition import NystromPreconditioner, nystrom_preconditioner
 from ..solvers.solve import check_solver as _check_solver
+from ..solvers.solve import prepare_checkpointed, solve_checkpointed
 from . import correction as _correction
 from .correction import CalibratedCorrection, CorrectionTerms, ExactCorrection, NystromCorrection
 from .kmeans import kmeans_fit
@@ -158,6 +160,7 @@ def build_cache(
     correction="calibrated",
     progress: bool = False,
     mesh=None,
+    checkpoint_dir=None,
 ) -> InfluenceCache:
     """Builds a CiF cache: sketch, cluster, cluster means, C damped-GGN solves.
 
@@ -203,6 +206,19 @@ def build_cache(
         mesh: spread the C solves of phase II (and the examples of the GGN products,
             over an axis ``"data"``) over the devices of a ``jax.sharding.Mesh``, as
             :func:`cif_jax.solve_ggn`. Phase I runs in every process.
+        checkpoint_dir: a directory to make the build resumable (None: keep nothing).
+            Each finished phase is written there atomically as it ends: the
+            sketches, the k-means assignments, the cluster means, the Nystrom
+            factors, the prepared preconditioner, the scatter pass, and every block
+            of solved responses with its residuals. A second call with the same
+            task, settings and key reads what is there and computes the rest, so an
+            interrupted build (a killed job, a lost node) loses at most one phase or
+            one block of solves; the result equals an uninterrupted build to the
+            solver's tolerance. A directory written for another task (fingerprint)
+            or other settings is refused (:class:`cif_jax.CheckpointError`) before
+            any work. ``cache.timing`` counts the seconds of this call, reading
+            included. Only the process with ``jax.process_index() == 0`` should be
+            given a directory under multi-controller JAX, or each process its own.
 
     Returns:
         An :class:`InfluenceCache`, with phase timings in ``cache.timing``.
@@ -239,6 +255,22 @@ def build_cache(
     if shared is not None:
         shared.check(task, curvature)
 
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = _checkpoint.Checkpoint(checkpoint_dir, kind="cache", settings={
+            "fingerprint": fingerprint(task), "num_examples": n, "num_params": int(task.num_params),
+            "dtype": jnp.dtype(task.dtype).name, "num_clusters": num_clusters, "sketch_dim": sketch_dim,
+            "damping": lam, "key": np.asarray(key_data).tolist(), "normalize_sketches": bool(normalize_sketches),
+            "kmeans_max_iters": kmeans_max_iters, "kmeans_tol": kmeans_tol, "sketch_block_size": sketch_block_size,
+            "curvature": _curvature.describe(curvature), "correction": repr(correction),
+            "solver": solver.describe()})
+
+    def stored(name, fn):
+        """``fn()`` (a tuple of arrays), or its saved value when resuming."""
+        if ckpt is None:
+            return fn()
+        return tuple(None if a is None else jnp.asarray(a) for a in ckpt.arrays_tuple(name, fn))
+
     timings = []
     bar = None
     if progress:
@@ -259,8 +291,8 @@ def build_cache(
             bar.update(1)
         return out
 
-    sketches, bad = phase("gradients+sketch", lambda: _sketch_pass(task, sketch_key, sketch_dim, sketch_block_size,
-                                                                     batch_size))
+    sketches, bad = phase("gradients+sketch", lambda: stored("sketch", lambda: _sketch_pass(
+        task, sketch_key, sketch_dim, sketch_block_size, batch_size)))
     raise_on_bad(bad)
     points = sketches
     if normalize_sketches:
@@ -268,11 +300,12 @@ def build_cache(
         points = sketches / jnp.where(norms > 0, norms, 1)
     centroids, assignments = phase(
         "kmeans",
-        lambda: tuple(kmeans_fit(points, num_clusters, key=kmeans_key, max_iters=kmeans_max_iters,
-                                 tol=kmeans_tol)[:2]),
+        lambda: stored("kmeans", lambda: tuple(kmeans_fit(points, num_clusters, key=kmeans_key,
+                                                          max_iters=kmeans_max_iters, tol=kmeans_tol)[:2])),
     )
     assignments = assignments.astype(jnp.int32)
-    means, sizes, _ = phase("cluster means", lambda: _means_pass(task, assignments, num_clusters, batch_size))
+    means, sizes, _ = phase("cluster means", lambda: stored("means", lambda: _means_pass(
+        task, assignments, num_clusters, batch_size)))
 
     sizes_np = np.asarray(sizes)
     if num_clusters > 2 and sizes_np.max() > DOMINANT_CLUSTER_SHARE * n:
@@ -297,23 +330,45 @@ def build_cache(
                     "built Nystrom preconditioner, or `correction=None`.",
                     stacklevel=2,
                 )
-            source = phase("nystrom", lambda: nystrom_preconditioner(
-                task, key=jax.random.fold_in(key, 2), rank=rank, error_iters=0, batch_size=batch_size,
-                rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature))
+
+            def build_factors():
+                return nystrom_preconditioner(
+                    task, key=jax.random.fold_in(key, 2), rank=rank, error_iters=0, batch_size=batch_size,
+                    rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature)
+
+            if ckpt is not None:
+                fn = build_factors
+
+                def build_factors():
+                    return _checkpoint.module_from_arrays(NystromPreconditioner, ckpt.arrays(
+                        "nystrom", lambda: _checkpoint.module_arrays(fn())))
+
+            source = phase("nystrom", build_factors)
             solver = solver.share_nystrom(source)  # free: the factors precondition the solves too
         factors = _correction.nystrom_factors(source, correction.rank)
     num_calibration = correction.num_samples if isinstance(correction, CalibratedCorrection) else 0
     if not solver.prepared:
-        solver = phase("preconditioner", lambda: solver.prepare(
-            task, damping=lam, num_systems=num_clusters + num_calibration, batch_size=batch_size,
-            curvature=curvature, key=jax.random.fold_in(key, 4)))
+        unprepared = solver
+
+        def prepare():
+            return unprepared.prepare(task, damping=lam, num_systems=num_clusters + num_calibration,
+                                      batch_size=batch_size, curvature=curvature, key=jax.random.fold_in(key, 4))
+
+        solver = phase("preconditioner",
+                       prepare if ckpt is None else lambda: prepare_checkpointed(unprepared, ckpt, prepare))
+    solve_calls = []
 
     def solve(rhs):
-        return solver.solve(task, rhs, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
-                            progress=progress)
+        if ckpt is None:
+            return solver.solve(task, rhs, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
+                                progress=progress)
+        solve_calls.append(None)  # every call's blocks have their own names, in the (fixed) order of the calls
+        return solve_checkpointed(solver, task, rhs, checkpoint=ckpt, name=f"solves{len(solve_calls)}",
+                                  damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
+                                  progress=progress)
 
-    dev_sq, grad_norms, raw = phase(
-        "scatter", lambda: _correction.streamed_terms(task, assignments, means, factors, lam, batch_size))
+    dev_sq, grad_norms, raw = phase("scatter", lambda: stored("scatter", lambda: _correction.streamed_terms(
+        task, assignments, means, factors, lam, batch_size)))
     cluster_scatter = jax.ops.segment_sum(dev_sq, assignments, num_segments=num_clusters)
     # The calibration systems (a few per-example deviations) join the C cluster systems in one solve.
     if isinstance(correction, CalibratedCorrection):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
 from ..core import curvature as _curvature
 from ..core.checks import as_key
@@ -495,6 +496,68 @@ def check_solver(solver) -> AbstractSolver:
             f"cif_jax.LineaxSolver(...)); got {solver!r}."
         )
     return solver
+
+
+def prepare_checkpointed(solver: AbstractSolver, checkpoint, prepare) -> AbstractSolver:
+    """``prepare()`` (the prepared ``solver``), its preconditioner saved in ``checkpoint`` and read back on resume.
+
+    A :class:`CG` that settled on plain CG or on a Nystrom preconditioner is saved
+    (the factors, and what "auto" chose); any other preconditioner (Jacobi, K-FAC) is
+    rebuilt on resume, which its build's fixed key makes the same.
+    """
+    name = "preconditioner"
+    if isinstance(solver, CG) and name in checkpoint:
+        saved = checkpoint.load(name)
+        choice = str(saved["__choice__"])
+        if "__plain__" in saved:
+            return dataclasses.replace(solver, preconditioner=None, choice=choice)
+        pre = _checkpoint.module_from_arrays(NystromPreconditioner, saved)
+        return dataclasses.replace(solver, preconditioner=pre, choice=choice)
+    prepared = prepare()
+    if isinstance(prepared, CG) and (prepared.preconditioner is None
+                                     or isinstance(prepared.preconditioner, NystromPreconditioner)):
+        arrays = {"__choice__": np.asarray(prepared.choice)}
+        if prepared.preconditioner is None:
+            arrays["__plain__"] = np.asarray(True)
+        else:
+            arrays.update(_checkpoint.module_arrays(prepared.preconditioner))
+        checkpoint.save(name, arrays)
+    return prepared
+
+
+def solve_checkpointed(solver: AbstractSolver, task: Task, rhs, *, checkpoint, name: str, damping,
+                       batch_size=None, curvature=None, mesh=None, key=None, progress=False,
+                       warn=True) -> SolveResult:
+    """``solver.solve`` block by block, each block's :class:`SolveResult` saved in ``checkpoint`` as it finishes.
+
+    The blocks are those the solver would form (:func:`cif_jax.solvers.cg.balanced_block`
+    of its ``rhs_batch_size``, times the devices of a mesh's ``"rhs"`` axis), so the
+    result equals one uninterrupted solve to the solver's tolerance. A resumed run
+    reads the finished blocks and solves the rest. ``solver`` should be prepared
+    (:meth:`AbstractSolver.prepare`): each block is one call.
+    """
+    num = int(rhs.shape[0])
+    devices = 1
+    if mesh is not None and "rhs" in mesh.shape:
+        devices = int(mesh.shape["rhs"])
+    block = min(num, balanced_block(-(-num // devices), getattr(solver, "rhs_batch_size", None)) * devices)
+    starts = range(0, num, block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"{name} (checkpointed)", unit="block", total=math.ceil(num / block))
+    parts = []
+    for start in starts:
+        stop = min(num, start + block)
+        parts.append(checkpoint.arrays(
+            f"{name}-{start:07d}-{stop:07d}",
+            lambda start=start, stop=stop: solver.solve(
+                task, rhs[start:stop], damping=damping, batch_size=batch_size, curvature=curvature, mesh=mesh,
+                key=key, progress=False, warn=False)._asdict()))
+    result = SolveResult(*(jnp.concatenate([jnp.asarray(part[field]) for part in parts])
+                           for field in SolveResult._fields))
+    return solver._judge(result, None, warn, type(solver).__name__,
+                         "Raise `max_steps`, increase `damping`, or loosen `rtol`.")
 
 
 def solve_ggn(

@@ -1,0 +1,174 @@
+"""Resumable long computations: each finished phase is written to a directory, atomically.
+
+A :class:`Checkpoint` is a directory with a manifest (what is being computed, and
+with which settings) and one ``.npz`` file per finished phase or block of solves.
+A second run with the same manifest reads what is there and computes the rest; a
+directory written for another task or other settings is refused. Every file is
+written to a temporary name, flushed to disk and then renamed, so a run killed at
+any moment leaves only whole files, and each array's SHA-256 is checked on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+FORMAT = "cif_jax.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be resumed: other settings, another task, or damaged files."""
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} in the directory, {b!r} now")
+    return out
+
+
+class Checkpoint:
+    """A directory that holds the finished phases of one computation.
+
+    Args:
+        directory: created if missing. It must be empty or hold a checkpoint of the
+            same ``kind`` and ``settings``.
+        kind: what is computed (``"cache"``, ``"influence"``).
+        settings: a JSON-serialisable dict of everything that determines the result
+            (the task's fingerprint among them). Any difference refuses the directory.
+
+    Raises:
+        CheckpointError: the directory holds another computation, other settings,
+            files that are not a checkpoint's, or a damaged file (on load).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, kind: str, settings: dict):
+        self.directory = os.fspath(directory)
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind,
+                    "settings": json.loads(json.dumps(settings))}
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is a file, not a directory.")
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, MANIFEST)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"{path} cannot be read as a checkpoint manifest: {err}") from err
+            if saved.get("format") != FORMAT or saved.get("version") != FORMAT_VERSION:
+                raise CheckpointError(f"{path} is not a cif_jax checkpoint of format version {FORMAT_VERSION} "
+                                      f"(format {saved.get('format')!r}, version {saved.get('version')!r}).")
+            diff = _differences(saved, manifest)
+            if diff:
+                raise CheckpointError(
+                    f"`checkpoint_dir` {self.directory!r} holds a checkpoint of another computation; it differs in: "
+                    + "; ".join(diff[:6]) + ". Use another directory, or delete this one to start afresh.")
+        else:
+            stray = [name for name in os.listdir(self.directory) if ".tmp-" not in name]
+            if stray:
+                raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is not empty and holds no checkpoint "
+                                      f"manifest (e.g. {sorted(stray)[:3]}); give an empty or new directory.")
+            _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        self.loaded: list[str] = []  # phases read back rather than computed, in order
+
+    def _path(self, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad checkpoint phase name {name!r}")
+        return os.path.join(self.directory, f"{name}.npz")
+
+    def __contains__(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def load(self, name: str) -> dict[str, np.ndarray]:
+        path = self._path(name)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                arrays = {k: z[k] for k in meta["digests"]}
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path} cannot be read: {err}. Delete it to recompute that phase.") from err
+        for k, arr in arrays.items():
+            if _digest(arr) != meta["digests"][k]:
+                raise CheckpointError(f"{path}: array {k!r} does not match its SHA-256; the file is damaged. "
+                                      "Delete it to recompute that phase.")
+        self.loaded.append(name)
+        return arrays
+
+    def save(self, name: str, arrays: dict) -> None:
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        meta = json.dumps({"digests": {k: _digest(v) for k, v in arrays.items()}})
+        _atomic_write(self._path(name), lambda f: np.savez(f, __meta__=np.asarray(meta), **arrays))
+
+    def arrays(self, name: str, compute) -> dict[str, np.ndarray]:
+        """The arrays of phase ``name``: read back if finished, else ``compute()`` (a dict) and saved."""
+        if name in self:
+            return self.load(name)
+        out = {k: np.asarray(v) for k, v in compute().items()}
+        self.save(name, out)
+        return out
+
+    def arrays_tuple(self, name: str, compute) -> tuple:
+        """As :meth:`arrays` for a phase that returns a tuple of arrays (or None entries)."""
+
+        def as_dict():
+            out = {}
+            for i, v in enumerate(compute()):
+                out[f"none{i:02d}" if v is None else f"a{i:02d}"] = np.zeros(()) if v is None else v
+            return out
+
+        saved = self.arrays(name, as_dict)
+        count = len(saved)
+        return tuple(None if f"none{i:02d}" in saved else saved[f"a{i:02d}"] for i in range(count))
+
+
+def module_arrays(module) -> dict:
+    """An equinox Module's fields as a flat dict for :meth:`Checkpoint.save`: arrays as they are,
+    every other field (strings, numbers) in one JSON entry."""
+    arrays, statics = {}, {}
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name)
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            arrays[f"field_{field.name}"] = np.asarray(value)
+        else:
+            statics[field.name] = value
+    arrays["__statics__"] = np.asarray(json.dumps(statics))
+    return arrays
+
+
+def module_from_arrays(cls, arrays: dict):
+    """The inverse of :func:`module_arrays` for a Module of class ``cls``."""
+    import jax.numpy as jnp
+
+    kwargs = json.loads(str(arrays["__statics__"]))
+    for k, v in arrays.items():
+        if k.startswith("field_"):
+            kwargs[k[len("field_"):]] = jnp.asarray(v)
+    return cls(**kwargs)
