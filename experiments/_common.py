@@ -40,6 +40,13 @@ def trained_task(dataset: str, model: str, *, seed: int = 0, subsample_n: int | 
     """:func:`cif_jax.workloads.runs.trained_task` with checkpoints under ``benchmarks/_work``."""
     return runs.trained_task(dataset, model, workdir=WORKDIR, seed=seed, subsample_n=subsample_n)
 
+def checkpoint_path(dataset: str, model: str, seed: int = 0) -> str:
+    """Where :func:`trained_task` keeps the trained model of ``(dataset, model, seed)``."""
+    from cif_jax.workloads.training import TRAINING
+
+    return os.path.join(WORKDIR, f"{dataset}-{model}-seed{seed}-e{TRAINING[dataset][0]}.ckpt")
+
+
 RESULTS = os.path.join(ROOT, "experiments", "results")
 
 
@@ -69,8 +76,9 @@ def finish_args(args, *, quick_dataset: str = "digits", full_dataset: str = "mni
     return args
 
 
-def solver_kwargs(args, preconditioner=None) -> dict:
-    """``damping``, ``batch_size`` and a ``cj.CG`` solver from the command line (``preconditioner`` as ``cj.CG``)."""
+def solver_kwargs(args, preconditioner="auto") -> dict:
+    """``damping``, ``batch_size`` and a ``cj.CG`` solver from the command line (``preconditioner`` as
+    ``cj.CG``: the library's default "auto", None for plain CG, or a built one)."""
     return dict(damping=args.damping, batch_size=args.batch_size,
                 solver=cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
                              preconditioner=preconditioner))
@@ -146,7 +154,7 @@ def off_diagonal_agreement(cif_matrix, if_matrix) -> dict:
             "median_ratio": float(np.median(a / b))}
 
 
-def if_fold_scores(task, folds, args, preconditioner=None, *, return_solutions: bool = False,
+def if_fold_scores(task, folds, args, preconditioner="auto", *, return_solutions: bool = False,
                    return_matrix: bool = False):
     """Per-query IF on every fold: one damped-GGN solve per fold, then g_V . Delta theta.
 

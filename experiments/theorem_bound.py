@@ -53,8 +53,9 @@ def main():
             subsets.append(np.sort(rng.choice(n, m, replace=False)))
             subset_m.append(m)
     subset_m = np.asarray(subset_m)
-    ref_kwargs = ec.solver_kwargs(args, pre) | {"rtol": args.reference_rtol}
-    ref = cj.influence_solve(task, subsets, **ref_kwargs)
+    args_ref = type(args)(**vars(args))
+    args_ref.rtol = args.reference_rtol
+    ref = cj.influence_solve(task, subsets, **ec.solver_kwargs(args_ref, pre))
     ref_sol = np.asarray(ref.solutions)
     ref_norm = np.linalg.norm(ref_sol, axis=1)
     print(f"reference IF: {len(subsets)} solves, max true residual {float(np.max(ref.residuals)):.2g}")

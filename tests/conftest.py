@@ -11,6 +11,20 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drops JAX's compiled programs after every test module.
+
+    XLA:CPU's compiler (jaxlib 0.10.2) has segfaulted in ``backend_compile_and_load``
+    late in long runs of this suite, each time in a different test and never when
+    those tests ran alone; every crash came after hundreds of compilations in one
+    process. Clearing the caches between modules keeps that state small; modules
+    share no compiled programs worth keeping.
+    """
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def getkey():
     """Returns a function that hands out fresh, deterministic PRNG keys."""

@@ -316,3 +316,41 @@ def test_error_bound_subset_size(cache):
         cj.error_bound(cache, N + 1)
     with pytest.raises(TypeError, match="integer"):
         cj.error_bound(cache, 2.5)
+
+
+def test_batch_norm_in_training_mode_is_refused_with_the_fix_and_in_inference_mode_accepted():
+    import optax
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 3, rngs=rngs)
+            self.norm = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.dense(x))
+
+    net = Net(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 4)), jnp.float32)
+    y = jnp.asarray(np.arange(10) % 3, jnp.int32)
+    loss = optax.softmax_cross_entropy_with_integer_labels
+    with pytest.raises(ValueError, match="inference mode"):
+        cj.per_example_grads(cj.Task.from_nnx(net, loss, x, y))
+    net.eval()
+    grads = cj.per_example_grads(cj.Task.from_nnx(net, loss, x, y))
+    assert grads.shape[0] == 10 and bool(jnp.all(jnp.isfinite(grads)))
+
+    import flax.linen as linen
+
+    class LinenNet(linen.Module):
+        train: bool
+
+        @linen.compact
+        def __call__(self, x):
+            return linen.BatchNorm(use_running_average=not self.train)(linen.Dense(3)(x))
+
+    variables = LinenNet(train=False).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="use_running_average=True"):
+        cj.per_example_grads(cj.Task.from_linen(LinenNet(train=True), variables, loss, x, y))
+    grads = cj.per_example_grads(cj.Task.from_linen(LinenNet(train=False), variables, loss, x, y))
+    assert grads.shape[0] == 10 and bool(jnp.all(jnp.isfinite(grads)))

@@ -62,8 +62,12 @@ def task(task) -> None:
     try:
         out = jax.eval_shape(task.apply_fn, task.params, x)
     except Exception as err:
+        hint = ""
+        if any(word in str(err) for word in ("BatchStat", "batch_stats", "mutate", "immutable")):
+            hint = (" The model updates state in its forward pass (batch normalisation in training mode?): evaluate "
+                    "it in inference mode (flax nnx `model.eval()`, linen `use_running_average=True`).")
         raise ValueError(
-            f"`Task.apply_fn(params, inputs[:{take}])` failed; check that the inputs match the model: {err}"
+            f"`Task.apply_fn(params, inputs[:{take}])` failed; check that the inputs match the model: {err}{hint}"
         ) from err
     for leaf in jax.tree_util.tree_leaves(out):
         if leaf.ndim < 1 or leaf.shape[0] != take:

@@ -26,7 +26,13 @@ class Task(eqx.Module):
     Attributes:
         apply_fn: ``apply_fn(params, x_batch) -> outputs`` with outputs of shape
             ``(B, q)`` (more trailing dimensions are allowed). Must be a pure
-            function of ``params`` (no dropout, no running statistics).
+            function of ``params`` (no dropout, no running statistics), and each
+            example's output must depend on that example alone: per-example
+            gradients, chunked passes and GGN products assume it. Batch
+            normalisation in training mode breaks it; the adapters refuse it (the
+            forward pass would update state) with the fix (evaluate in inference
+            mode), but a hand-written ``apply_fn`` that normalises over its batch
+            is not detected, and its influence numbers change with ``batch_size``.
         loss_fn: ``loss_fn(outputs, targets_batch) -> losses`` of shape ``(B,)``, one
             loss per example, e.g.
             ``optax.softmax_cross_entropy_with_integer_labels``. It must be twice
