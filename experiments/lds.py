@@ -9,7 +9,10 @@ the same base model theta_0 (trained on all N the same way, seed 0):
 
 * IF: ``score(z, i) = (1/N) g_z . H~^{-1} g_i`` (one damped-GGN solve per test point);
 * CiF (C = 10, 50): the same with ``g_i`` replaced by its cluster's response,
-  ``alpha_{c(i)}(z) / N`` (paper eq. 11), from one cache;
+  ``alpha_{c(i)}(z) / N`` (paper eq. 11), from one cache. The test points are not
+  training points, so no evaluation set overlaps a removed set: the corrected
+  estimator adds nothing here and equals the paper's (the self terms matter for
+  the mislabel table of ``stride.py``, where an example is scored on itself);
 * Grad-Dot ``g_z . g_i``; TracIn over 4 checkpoints of the (deterministic,
   full-batch) training trajectory, weighted by the learning rate times the steps
   each checkpoint stands for; TRAK (one checkpoint, JL dimension d);
@@ -184,12 +187,15 @@ def main():
     pick = np.random.default_rng(args.seed).permutation(ds.x_test.shape[0])[:settings["test_points"]]
     xt = jnp.asarray(ds.x_test.reshape(ds.x_test.shape[0], -1)[pick], jnp.float64)
     yt = jnp.asarray(ds.y_test[pick], jnp.int32)
-    results = [run_model(m, x, y, xt, yt, args, settings, args.seed) for m in args.models]
+    cells = ec.Cells("lds", args, {**{k: v for k, v in vars(args).items() if k not in ("output", "models")},
+                                   **settings})
+    results = [cells(f"model/{m}", lambda m=m: run_model(m, x, y, xt, yt, args, settings, args.seed))
+               for m in args.models]
     out = {"settings": {"dataset": args.dataset, "num_train": int(x.shape[0]), "dtype": "float64",
                         "damping": args.damping, **settings},
            "published": {"dattri IF (CG), logistic regression, full MNIST": 0.80,
                          "dattri IF (CG), MLP, full MNIST": 0.26},
-           "results": results}
+           "results": results, "cell_runs": cells.runs}
     ec.write("lds", args, out)
     plt = ec.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
