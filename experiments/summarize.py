@@ -20,12 +20,12 @@ def ci(x):
 def cache_reuse(r):
     print(f"\n### cache_reuse ({r['dataset']}/{r['model']}, N = {r['num_train']}, p = {r['num_params']:,}, "
           f"rtol {r['rtol']:g}, B = {r['bootstrap']})\n")
-    print("| solver | C | IF time (s), K=50+100 | CiF time (s) | speedup | Pearson K=50 | Pearson K=100 | "
+    print("| seed | solver | C | IF time (s), K=50+100 | CiF time (s) | speedup | Pearson K=50 | Pearson K=100 | "
           "Spearman K=50 | Spearman K=100 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for x in r["runs"]:
         pk = {y["K"]: y for y in x["per_k"]}
-        print(f"| {x['solver']} | {x['C']} | {x['if_seconds_total']:.1f} | {x['cif_seconds_total']:.1f} | "
+        print(f"| {x.get('seed', r.get('seed'))} | {x['solver']} | {x['C']} | {x['if_seconds_total']:.1f} | {x['cif_seconds_total']:.1f} | "
               f"{x['speedup']:.1f}x | " + " | ".join(ci(pk[k][m]) for m in ("pearson", "spearman") for k in sorted(pk))
               + " |")
     if any("paper" in y for x in r["runs"] for y in x["per_k"]):
@@ -39,6 +39,24 @@ def cache_reuse(r):
                 print(f"| {x['solver']} | {x['C']} | {y['K']} | {p['pearson']['value']:.3f} / "
                       f"{p['spearman']['value']:.3f} / {p['median_ratio']:.3f} | {c['pearson']:.3f} / "
                       f"{c['spearman']:.3f} / {c['median_ratio']:.3f} |")
+
+
+def cache_reuse_summary(r):
+    """Mean ± sd over seeds (``cache_reuse`` with several seeds)."""
+    if len(r.get("seeds") or []) < 2:
+        return
+    print(f"\nMean ± sd over seeds {r['seeds']}:\n")
+    print("| solver | C | K | speedup | corrected Pearson | corrected Spearman | paper Pearson | paper Spearman | "
+          "cross-fold Pearson |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def ms(x, digits=3):
+        return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
+
+    for x in r["summary"]:
+        print(f"| {x['solver']} | {x['C']} | {x['K']} | {ms(x['speedup'], 1)}x | {ms(x['corrected_pearson'])} | "
+              f"{ms(x['corrected_spearman'])} | {ms(x['paper_pearson'])} | {ms(x['paper_spearman'])} | "
+              f"{ms(x['cross_fold_pearson'])} |")
 
 
 def theorem_bound(r):
@@ -113,6 +131,8 @@ def main():
         fn = globals().get(r.get("experiment", ""))
         if fn is not None:
             fn(r)
+            if r["experiment"] == "cache_reuse":
+                cache_reuse_summary(r)
             print(f"\n`{r['command']}` — {r['machine']['cpu']}, {r['machine']['cpu_count']} CPUs, jax "
                   f"{r['machine']['jax']}, load {r.get('load_average_1_5_15min_at_end', '?')}")
 
