@@ -3,6 +3,9 @@
 * The library's docstrings cite other names as ``:func:`cif_jax.x` ``; mkdocstrings
   renders the backticked part as code and leaves the role's prefix as text. The
   prefix is dropped, so the reference reads as code.
+* Inline code that names a public object (``cj.build_cache``, ``cif_jax.CG``, also
+  with a member: ``cj.CG.prepare``) links to its entry in the API reference, on
+  every page: the reference is read from ``docs/api/*.md``.
 * The figures that the experiments and benchmarks commit beside their results
   (``experiments/results/*.png``, ``benchmarks/results/*.png``) are added to the
   site as they are, and each of those two pages ends with all of its folder's
@@ -43,5 +46,29 @@ def on_page_markdown(markdown, page, **kwargs):
     return "\n".join(lines)
 
 
-def on_page_content(html, **kwargs):
-    return _ROLE.sub("", html)
+_CODE = re.compile(r"<code>(?:cj|cif_jax)\.([A-Za-z_]\w*)((?:\.[A-Za-z_]\w*)?)(\(\))?</code>")
+
+
+def _api_pages():
+    """``{public name: page url}`` from the ``::: cif_jax.NAME`` lines of ``docs/api/*.md``."""
+    out = {}
+    for path in glob.glob(os.path.join(ROOT, "docs", "api", "*.md")):
+        with open(path) as f:
+            for name in re.findall(r"^::: cif_jax\.(\w+)$", f.read(), flags=re.M):
+                out[name] = f"api/{os.path.splitext(os.path.basename(path))[0]}/"
+    return out
+
+
+def on_page_content(html, page, **kwargs):
+    html = _ROLE.sub("", html)
+    pages = _api_pages()
+    up = "../" * page.url.count("/")
+
+    def link(match):
+        name = match.group(1)
+        start = match.start()
+        if name not in pages or html.rfind("<a ", 0, start) > html.rfind("</a>", 0, start):
+            return match.group(0)  # not public, or already inside a link
+        return f'<a href="{up}{pages[name]}#cif_jax.{name}">{match.group(0)}</a>'
+
+    return _CODE.sub(link, html)
