@@ -22,6 +22,7 @@ from _models import mlp_problem, rel_err
 
 import cif_jax as cj
 from cif_jax.core import checkpoint as ckpt_module
+from cif_jax.solvers import solve as solve_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-8
@@ -137,7 +138,10 @@ def test_foreign_or_damaged_directories_are_refused(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(cj.CheckpointError, match="SHA-256"):
         build(good, num_clusters=4, correction=None)
-    path.write_bytes(b"truncated")
+    path.unlink()
+    build(good, num_clusters=4, correction=None)  # the deleted phase is recomputed
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a truncated zip
     with pytest.raises(cj.CheckpointError, match="cannot be read"):
         build(good, num_clusters=4, correction=None)
 
@@ -159,7 +163,7 @@ def test_influence_checkpoint_resumes_and_refuses_other_subsets(tmp_path):
         cj.influence(task, subsets[:8], damping=1e-2, solver=solver, checkpoint_dir=tmp_path)
 
 
-def test_auto_preconditioner_is_saved_and_restored(tmp_path):
+def test_auto_preconditioner_is_saved_and_restored(tmp_path, monkeypatch):
     task = mlp_problem().task
     rng = np.random.default_rng(1)
     subsets = [rng.choice(48, size=4, replace=False) for _ in range(12)]
@@ -170,6 +174,11 @@ def test_auto_preconditioner_is_saved_and_restored(tmp_path):
     for f in os.listdir(tmp_path):
         if f.startswith("solves-"):
             os.remove(tmp_path / f)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the preconditioner was rebuilt instead of read back")
+
+    monkeypatch.setitem(solve_module.BUILDERS, "nystrom", no_build)
     second = cj.influence_solve(task, subsets, damping=1e-2, solver=solver, checkpoint_dir=tmp_path)
     # The same preconditioner read back: the same iterations, the same solutions.
     np.testing.assert_array_equal(second.num_steps, first.num_steps)
@@ -186,7 +195,31 @@ def _settings_of(directory):
 def test_checkpointed_build_counts_blocks_of_the_solver(tmp_path):
     cache = build(tmp_path, num_clusters=NUM_CLUSTERS, correction=None,
                   solver=cj.CG(rtol=1e-10, rhs_batch_size=5, preconditioner=None))
-    blocks = sorted(f for f in os.listdir(tmp_path) if f.startswith("solves1-"))
-    # 24 systems with at most 5 per block: 5 balanced blocks of 5, the last of 4.
-    assert blocks == [f"solves1-{a:07d}-{b:07d}.npz" for a, b in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 24))]
+    blocks = sorted(f.rsplit("-", 1)[0] for f in os.listdir(tmp_path) if f.startswith("solves1-"))
+    # 24 systems with at most 5 per block: four blocks of 5 and one of 4 (each name ends with its inputs' digest).
+    assert blocks == [f"solves1-{a:07d}-{b:07d}" for a, b in ((0, 5), (5, 10), (10, 15), (15, 20), (20, 24))]
     assert cache.responses.shape[0] == NUM_CLUSTERS
+
+
+def test_exact_correction_resumes_across_a_change_of_batch_size(tmp_path):
+    """The exact correction groups its per-example systems by ``batch_size``; a resume with another
+    batch size must not read blocks of other examples (block names carry their inputs' digest)."""
+    want = build(None, num_clusters=6, correction="exact")
+    build(tmp_path, num_clusters=6, correction="exact", batch_size=16)
+    got = build(tmp_path, num_clusters=6, correction="exact", batch_size=None)
+    assert rel_err(got.correction.values, want.correction.values) < TOL
+    assert rel_err(got.responses, want.responses) < TOL
+
+
+def test_a_mesh_over_several_processes_is_refused():
+    class Device:
+        def __init__(self, i):
+            self.process_index = i
+
+    class Mesh:
+        devices = np.array([Device(0), Device(1)])
+
+    from cif_jax.cif import cache as cache_module
+
+    with pytest.raises(ValueError, match="several processes"):
+        cache_module._check_single_process(Mesh())

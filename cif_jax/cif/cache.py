@@ -133,6 +133,14 @@ def _means_pass(task, assignments, num_clusters, batch_size):
     return means, sizes, bad
 
 
+def _check_single_process(mesh) -> None:
+    """``checkpoint_dir`` needs every solve call to be made by every process alike: refuse multi-process meshes."""
+    if mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1:
+        raise ValueError("`checkpoint_dir` is not available with a mesh that spans several processes: each process "
+                         "would skip the blocks it finds on its own disk and the collective solves would no longer "
+                         "match. Drop `checkpoint_dir`, or run one process per host without a shared mesh.")
+
+
 def _check_key(key):
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key, jax.random.key_data(key)
@@ -213,12 +221,14 @@ def build_cache(
             of solved responses with its residuals. A second call with the same
             task, settings and key reads what is there and computes the rest, so an
             interrupted build (a killed job, a lost node) loses at most one phase or
-            one block of solves; the result equals an uninterrupted build to the
-            solver's tolerance. A directory written for another task (fingerprint)
-            or other settings is refused (:class:`cif_jax.CheckpointError`) before
-            any work. ``cache.timing`` counts the seconds of this call, reading
-            included. Only the process with ``jax.process_index() == 0`` should be
-            given a directory under multi-controller JAX, or each process its own.
+            one block of solves (the cheap steps that are not stored, such as the
+            calibration gradients or a Jacobi or K-FAC preconditioner, are redone);
+            the result equals an uninterrupted build to the solver's tolerance. A
+            directory written for another task (fingerprint) or other settings is
+            refused (:class:`cif_jax.CheckpointError`) before any work.
+            ``cache.timing`` counts the seconds of this call, reading included. Not
+            available with a mesh that spans several processes (the processes would
+            have to agree on which blocks to skip).
 
     Returns:
         An :class:`InfluenceCache`, with phase timings in ``cache.timing``.
@@ -257,13 +267,15 @@ def build_cache(
 
     ckpt = None
     if checkpoint_dir is not None:
+        _check_single_process(mesh)
         ckpt = _checkpoint.Checkpoint(checkpoint_dir, kind="cache", settings={
             "fingerprint": fingerprint(task), "num_examples": n, "num_params": int(task.num_params),
             "dtype": jnp.dtype(task.dtype).name, "num_clusters": num_clusters, "sketch_dim": sketch_dim,
             "damping": lam, "key": np.asarray(key_data).tolist(), "normalize_sketches": bool(normalize_sketches),
             "kmeans_max_iters": kmeans_max_iters, "kmeans_tol": kmeans_tol, "sketch_block_size": sketch_block_size,
-            "curvature": _curvature.describe(curvature), "correction": repr(correction),
-            "solver": solver.describe()})
+            "curvature": _curvature.describe(curvature),
+            "correction": None if correction is None else correction.describe(),
+            "solver": solver.describe(), "solver_arrays": _checkpoint.leaves_digest(solver)})
 
     def stored(name, fn):
         """``fn()`` (a tuple of arrays), or its saved value when resuming."""

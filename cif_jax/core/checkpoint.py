@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -27,7 +28,29 @@ class CheckpointError(ValueError):
 
 
 def _digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    """SHA-256 of an array's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def digest(*arrays) -> str:
+    """A short SHA-256 of several arrays (PRNG keys by their data): names blocks by their inputs."""
+    import jax
+
+    h = hashlib.sha256()
+    for a in arrays:
+        if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a = jax.random.key_data(a)
+        h.update(_digest(np.asarray(a)).encode())
+    return h.hexdigest()[:16]
+
+
+def leaves_digest(tree) -> str:
+    """:func:`digest` of a pytree's array leaves (a solver's preconditioner arrays, a LiSSA key)."""
+    import jax
+
+    return digest(*[leaf for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "dtype")])
 
 
 def _atomic_write(path: str, write) -> None:
@@ -77,6 +100,12 @@ class Checkpoint:
             raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is a file, not a directory.")
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, MANIFEST)
+        while not self._claim(path, manifest):
+            pass  # another run created the manifest meanwhile: compare with it
+        self.loaded: list[str] = []  # phases read back rather than computed, in order
+
+    def _claim(self, path: str, manifest: dict) -> bool:
+        """Checks the directory's manifest against ``manifest``, or writes it; False: lost a race, try again."""
         if os.path.exists(path):
             try:
                 with open(path) as f:
@@ -91,13 +120,25 @@ class Checkpoint:
                 raise CheckpointError(
                     f"`checkpoint_dir` {self.directory!r} holds a checkpoint of another computation; it differs in: "
                     + "; ".join(diff[:6]) + ". Use another directory, or delete this one to start afresh.")
-        else:
-            stray = [name for name in os.listdir(self.directory) if ".tmp-" not in name]
-            if stray:
-                raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is not empty and holds no checkpoint "
-                                      f"manifest (e.g. {sorted(stray)[:3]}); give an empty or new directory.")
-            _atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        self.loaded: list[str] = []  # phases read back rather than computed, in order
+            return True
+        stray = [name for name in os.listdir(self.directory) if ".tmp-" not in name]
+        if stray:
+            raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is not empty and holds no checkpoint "
+                                  f"manifest (e.g. {sorted(stray)[:3]}); give an empty or new directory.")
+        # Created exclusively (a hard link fails if the name exists), so two runs started at once with
+        # other settings cannot both claim the directory: the loser re-reads and compares.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+        return True
 
     def _path(self, name: str) -> str:
         if not name or "/" in name or name.startswith("."):
@@ -113,7 +154,7 @@ class Checkpoint:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["__meta__"]))
                 arrays = {k: z[k] for k in meta["digests"]}
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise CheckpointError(f"{path} cannot be read: {err}. Delete it to recompute that phase.") from err
         for k, arr in arrays.items():
             if _digest(arr) != meta["digests"][k]:

@@ -533,7 +533,10 @@ def solve_checkpointed(solver: AbstractSolver, task: Task, rhs, *, checkpoint, n
     The blocks are those the solver would form (:func:`cif_jax.solvers.cg.balanced_block`
     of its ``rhs_batch_size``, times the devices of a mesh's ``"rhs"`` axis), so the
     result equals one uninterrupted solve to the solver's tolerance. A resumed run
-    reads the finished blocks and solves the rest. ``solver`` should be prepared
+    reads the finished blocks and solves the rest. Each block's name carries a
+    digest of its right-hand sides, so a block is only ever read back for the very
+    systems it solved (other rows, e.g. after a change of ``batch_size`` regrouped
+    them, are solved again). ``solver`` should be prepared
     (:meth:`AbstractSolver.prepare`): each block is one call.
     """
     num = int(rhs.shape[0])
@@ -550,14 +553,14 @@ def solve_checkpointed(solver: AbstractSolver, task: Task, rhs, *, checkpoint, n
     for start in starts:
         stop = min(num, start + block)
         parts.append(checkpoint.arrays(
-            f"{name}-{start:07d}-{stop:07d}",
+            f"{name}-{start:07d}-{stop:07d}-{_checkpoint.digest(rhs[start:stop])}",
             lambda start=start, stop=stop: solver.solve(
                 task, rhs[start:stop], damping=damping, batch_size=batch_size, curvature=curvature, mesh=mesh,
                 key=key, progress=False, warn=False)._asdict()))
     result = SolveResult(*(jnp.concatenate([jnp.asarray(part[field]) for part in parts])
                            for field in SolveResult._fields))
     return solver._judge(result, None, warn, type(solver).__name__,
-                         "Raise `max_steps`, increase `damping`, or loosen `rtol`.")
+                         "Raise the solver's step budget, increase `damping`, or loosen `rtol`.")
 
 
 def solve_ggn(
