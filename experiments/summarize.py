@@ -31,12 +31,12 @@ def cache_reuse(r):
     if any("paper" in y for x in r["runs"] for y in x["per_k"]):
         print("\nThe rows above are the corrected estimator (issue #17). The paper's (eq. 11) and the cross-fold "
               "workload (V != S), Pearson / Spearman / median CiF/IF:\n")
-        print("| solver | C | K | paper (eq. 11) | cross-fold |")
-        print("|---|---|---|---|---|")
+        print("| seed | solver | C | K | paper (eq. 11) | cross-fold |")
+        print("|---|---|---|---|---|---|")
         for x in r["runs"]:
             for y in x["per_k"]:
                 p, c = y["paper"], y["cross_fold"]
-                print(f"| {x['solver']} | {x['C']} | {y['K']} | {p['pearson']['value']:.3f} / "
+                print(f"| {x.get('seed', r.get('seed'))} | {x['solver']} | {x['C']} | {y['K']} | {p['pearson']['value']:.3f} / "
                       f"{p['spearman']['value']:.3f} / {p['median_ratio']:.3f} | {c['pearson']:.3f} / "
                       f"{c['spearman']:.3f} / {c['median_ratio']:.3f} |")
 
