@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 mkdir -p benchmarks/_work/logs
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
-  names=(cache_reuse robustness system_profile)
+  names=(cache_reuse robustness system_profile correlation_lenet backdoor lds samplers_lissa)
 fi
 pin=()
 if [ -n "${CPUS:-}" ]; then
