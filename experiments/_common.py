@@ -28,6 +28,7 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
+from cif_jax.core.checkpoint import atomic_write  # noqa: E402
 from cif_jax.workloads import folds as cfolds  # noqa: E402
 from cif_jax.workloads import runs, stats  # noqa: E402
 from cif_jax.workloads.runs import machine, timed  # noqa: E402,F401  (shared with the benchmarks)
@@ -200,10 +201,8 @@ def write(name: str, args, result: dict) -> str:
                                               [os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]]),
               "machine": machine(), "load_average_1_5_15min_at_end": list(os.getloadavg()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **result}
     path = os.path.join(args.output, f"{stem(name, args)}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:  # then renamed: a resumable run never reads a half-written file
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
+    # Atomic: a resumable run never reads a half-written file.
+    atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"wrote {os.path.relpath(path, ROOT)}")
     return path
 

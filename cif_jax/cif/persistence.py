@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.checkpoint import atomic_write
 from ..core.task import Task
 from .cache import InfluenceCache
 from .correction import CorrectionTerms
@@ -78,17 +78,7 @@ def save_cache(path: str | os.PathLike, cache: InfluenceCache) -> None:
         "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _digest(v)} for k, v in arrays.items()},
     }
     arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cif_cache.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> InfluenceCache:

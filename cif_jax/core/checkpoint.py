@@ -14,8 +14,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "cif_jax.checkpoint"
@@ -36,8 +39,6 @@ def _digest(arr: np.ndarray) -> str:
 
 def digest(*arrays) -> str:
     """A short SHA-256 of several arrays (PRNG keys by their data): names blocks by their inputs."""
-    import jax
-
     h = hashlib.sha256()
     for a in arrays:
         if hasattr(a, "dtype") and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -48,19 +49,37 @@ def digest(*arrays) -> str:
 
 def leaves_digest(tree) -> str:
     """:func:`digest` of a pytree's array leaves (a solver's preconditioner arrays, a LiSSA key)."""
-    import jax
-
     return digest(*[leaf for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "dtype")])
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+#: The suffix of the temporary files :func:`atomic_write` renames into place.
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str | os.PathLike, write, *, exclusive: bool = False) -> bool:
+    """Writes a file so that readers see the old file or the new one, never a part of one.
+
+    ``write(f)`` fills a temporary file (a hidden ``.NAME.*.tmp`` in the same folder),
+    which is flushed to disk and then renamed to ``path``. ``exclusive``: create
+    ``path`` only if it does not exist (by a hard link, atomic too) and return False,
+    writing nothing, if it does. The temporary file never outlives the call.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.", suffix=TMP_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -121,24 +140,13 @@ class Checkpoint:
                     f"`checkpoint_dir` {self.directory!r} holds a checkpoint of another computation; it differs in: "
                     + "; ".join(diff[:6]) + ". Use another directory, or delete this one to start afresh.")
             return True
-        stray = [name for name in os.listdir(self.directory) if ".tmp-" not in name]
+        stray = [name for name in os.listdir(self.directory) if not name.endswith(TMP_SUFFIX)]
         if stray:
             raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is not empty and holds no checkpoint "
                                   f"manifest (e.g. {sorted(stray)[:3]}); give an empty or new directory.")
-        # Created exclusively (a hard link fails if the name exists), so two runs started at once with
-        # other settings cannot both claim the directory: the loser re-reads and compares.
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(manifest, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(tmp)
-        return True
+        # Created exclusively, so two runs started at once with other settings cannot both claim the
+        # directory: the loser re-reads and compares.
+        return atomic_write(path, lambda f: f.write(json.dumps(manifest, indent=1).encode()), exclusive=True)
 
     def _path(self, name: str) -> str:
         if not name or "/" in name or name.startswith("."):
@@ -166,7 +174,7 @@ class Checkpoint:
     def save(self, name: str, arrays: dict) -> None:
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         meta = json.dumps({"digests": {k: _digest(v) for k, v in arrays.items()}})
-        _atomic_write(self._path(name), lambda f: np.savez(f, __meta__=np.asarray(meta), **arrays))
+        atomic_write(self._path(name), lambda f: np.savez(f, __meta__=np.asarray(meta), **arrays))
 
     def arrays(self, name: str, compute) -> dict[str, np.ndarray]:
         """The arrays of phase ``name``: read back if finished, else ``compute()`` (a dict) and saved."""
@@ -206,8 +214,6 @@ def module_arrays(module) -> dict:
 
 def module_from_arrays(cls, arrays: dict):
     """The inverse of :func:`module_arrays` for a Module of class ``cls``."""
-    import jax.numpy as jnp
-
     kwargs = json.loads(str(arrays["__statics__"]))
     for k, v in arrays.items():
         if k.startswith("field_"):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import optax
 
+from ..core.checkpoint import atomic_write
 from ..core.task import Task
 from . import data as cdata
 from . import models as cmodels
@@ -73,10 +74,7 @@ def machine() -> dict:
 
 def write_json(path: str, obj) -> None:
     """Writes ``obj`` as JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def trained_task(dataset: str, model: str, *, workdir: str, seed: int = 0, subsample_n: int | None = None):
