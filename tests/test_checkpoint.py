@@ -219,7 +219,7 @@ def test_a_mesh_over_several_processes_is_refused():
     class Mesh:
         devices = np.array([Device(0), Device(1)])
 
-    from cif_jax.cif import cache as cache_module
+    from cif_jax.solvers import distributed
 
     with pytest.raises(ValueError, match="several processes"):
-        cache_module._check_single_process(Mesh())
+        distributed.check_single_process(Mesh())

@@ -6,8 +6,6 @@ operator, solver and tolerance as the cache (:func:`cif_jax.solve_ggn`).
 
 from __future__ import annotations
 
-import hashlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,12 +62,9 @@ def influence_solve(
 def _checkpointed(task, mask, lam, solver, batch_size, curvature, mesh, key, progress, directory):
     """The gradient sums, the preconditioner and each block of solves saved in ``directory`` as they finish."""
     mask = np.asarray(mask, bool)
-    if mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1:
-        raise ValueError("`checkpoint_dir` is not available with a mesh that spans several processes: each process "
-                         "would skip the blocks it finds on its own disk and the collective solves would no longer "
-                         "match. Drop `checkpoint_dir`.")
+    _distributed.check_single_process(mesh)
     ckpt = _checkpoint.Checkpoint(directory, kind="influence", settings={
-        "fingerprint": fingerprint(task), "subsets": hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
+        "fingerprint": fingerprint(task), "subsets": _checkpoint.digest(mask),
         "num_subsets": int(mask.shape[0]), "damping": lam, "solver": solver.describe(),
         "solver_arrays": _checkpoint.leaves_digest(solver),
         "curvature": _curvature.describe(curvature),

@@ -11,6 +11,7 @@ their true residuals (eq. 9).
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 
@@ -131,14 +132,6 @@ def _means_pass(task, assignments, num_clusters, batch_size):
     sizes = jnp.zeros(num_clusters, jnp.int32).at[assignments].add(1)
     means = sums / jnp.maximum(sizes, 1).astype(sums.dtype)[:, None]
     return means, sizes, bad
-
-
-def _check_single_process(mesh) -> None:
-    """``checkpoint_dir`` needs every solve call to be made by every process alike: refuse multi-process meshes."""
-    if mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1:
-        raise ValueError("`checkpoint_dir` is not available with a mesh that spans several processes: each process "
-                         "would skip the blocks it finds on its own disk and the collective solves would no longer "
-                         "match. Drop `checkpoint_dir`, or run one process per host without a shared mesh.")
 
 
 def _check_key(key):
@@ -267,7 +260,7 @@ def build_cache(
 
     ckpt = None
     if checkpoint_dir is not None:
-        _check_single_process(mesh)
+        _distributed.check_single_process(mesh)
         ckpt = _checkpoint.Checkpoint(checkpoint_dir, kind="cache", settings={
             "fingerprint": fingerprint(task), "num_examples": n, "num_params": int(task.num_params),
             "dtype": jnp.dtype(task.dtype).name, "num_clusters": num_clusters, "sketch_dim": sketch_dim,
@@ -348,14 +341,8 @@ def build_cache(
                     task, key=jax.random.fold_in(key, 2), rank=rank, error_iters=0, batch_size=batch_size,
                     rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature)
 
-            if ckpt is not None:
-                fn = build_factors
-
-                def build_factors():
-                    return _checkpoint.module_from_arrays(NystromPreconditioner, ckpt.arrays(
-                        "nystrom", lambda: _checkpoint.module_arrays(fn())))
-
-            source = phase("nystrom", build_factors)
+            source = phase("nystrom", build_factors if ckpt is None else lambda: ckpt.module(
+                "nystrom", NystromPreconditioner, build_factors))
             solver = solver.share_nystrom(source)  # free: the factors precondition the solves too
         factors = _correction.nystrom_factors(source, correction.rank)
     num_calibration = correction.num_samples if isinstance(correction, CalibratedCorrection) else 0
@@ -368,14 +355,13 @@ def build_cache(
 
         solver = phase("preconditioner",
                        prepare if ckpt is None else lambda: prepare_checkpointed(unprepared, ckpt, prepare))
-    solve_calls = []
+    solve_calls = itertools.count(1)  # every call's blocks have their own names, in the (fixed) order of the calls
 
     def solve(rhs):
         if ckpt is None:
             return solver.solve(task, rhs, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
                                 progress=progress)
-        solve_calls.append(None)  # every call's blocks have their own names, in the (fixed) order of the calls
-        return solve_checkpointed(solver, task, rhs, checkpoint=ckpt, name=f"solves{len(solve_calls)}",
+        return solve_checkpointed(solver, task, rhs, checkpoint=ckpt, name=f"solves{next(solve_calls)}",
                                   damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
                                   progress=progress)
 

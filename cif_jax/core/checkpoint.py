@@ -197,6 +197,10 @@ class Checkpoint:
         count = len(saved)
         return tuple(None if f"none{i:02d}" in saved else saved[f"a{i:02d}"] for i in range(count))
 
+    def module(self, name: str, cls, compute):
+        """As :meth:`arrays` for a phase whose value is an equinox Module of class ``cls``."""
+        return module_from_arrays(cls, self.arrays(name, lambda: module_arrays(compute())))
+
 
 def module_arrays(module) -> dict:
     """An equinox Module's fields as a flat dict for :meth:`Checkpoint.save`: arrays as they are,

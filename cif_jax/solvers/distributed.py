@@ -106,6 +106,19 @@ RHS_AXIS = "rhs"
 DATA_AXIS = "data"
 
 
+def check_single_process(mesh) -> None:
+    """Refuses a mesh spanning several processes where each process would decide alone (``checkpoint_dir``).
+
+    A resumable run skips the blocks of solves it finds on its own disk; under
+    multi-controller JAX the processes would then make different solve calls and the
+    collectives would no longer match.
+    """
+    if mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1:
+        raise ValueError("`checkpoint_dir` is not available with a mesh that spans several processes: each process "
+                         "would skip the blocks it finds on its own disk and the collective solves would no longer "
+                         "match. Drop `checkpoint_dir`, or run one process per host without a shared mesh.")
+
+
 def check_mesh(mesh) -> MeshPlan | None:
     """Validates ``mesh=`` on the host; None without a mesh.
 
