@@ -178,6 +178,19 @@ def if_fold_scores(task, folds, args, preconditioner="auto", *, return_solutions
     return out
 
 
+def correlation_matrix(scores: dict, methods) -> np.ndarray:
+    """Methods x methods: Spearman above the diagonal, Pearson below, ones on it (the paper's Fig. 2 layout)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    mat = np.eye(len(methods))
+    for a in range(len(methods)):
+        for b in range(a + 1, len(methods)):
+            u, v = scores[methods[a]], scores[methods[b]]
+            mat[a, b] = spearmanr(u, v).statistic
+            mat[b, a] = pearsonr(u, v).statistic
+    return mat
+
+
 def correlations(a, b, *, resamples: int, seed: int = 0) -> dict:
     c = stats.bootstrap_correlations(a, b, num_resamples=resamples, seed=seed)
     return {"pearson": c["pearson"]._asdict(), "spearman": c["spearman"]._asdict()}

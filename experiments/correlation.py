@@ -38,7 +38,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from lds import init_params, linear, loss, mlp  # noqa: E402
-from scipy.stats import pearsonr, spearmanr  # noqa: E402
 
 import cif_jax as cj  # noqa: E402
 from cif_jax.workloads import data as cdata  # noqa: E402
@@ -131,12 +130,7 @@ def main():
         scores["PBRF"] = fold_losses(task, flat0[None, :] + pb.param_delta, folds) - base_fold
         seconds["PBRF"] = time.perf_counter() - t
 
-        mat = np.eye(len(METHODS))
-        for a in range(len(METHODS)):
-            for b in range(a + 1, len(METHODS)):
-                u, v = scores[METHODS[a]], scores[METHODS[b]]
-                mat[a, b] = spearmanr(u, v).statistic
-                mat[b, a] = pearsonr(u, v).statistic
+        mat = ec.correlation_matrix(scores, METHODS)
         print(f"K = {num_folds}: " + ", ".join(f"{m} {seconds[m]:.0f} s" for m in METHODS), flush=True)
         print("  Spearman vs LOO: " + ", ".join(f"{m} {mat[0, j]:.3f}" for j, m in enumerate(METHODS) if j), flush=True)
         runs.append({"folds": num_folds, "fold_size": float(np.mean([len(f) for f in folds])),

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import spearmanr
 
 import cif_jax as cj
 from cif_jax.workloads import models as cmodels
@@ -149,12 +149,7 @@ def main():
     seconds = {"LOO": float(sum(x["seconds"] for x in loo)), "IF": results["IF"]["seconds"],
                "CiF": results["CiF"]["seconds"], "CiF paper": results["CiF"]["seconds"],
                "PBRF": results["PBRF"]["seconds"]}
-    mat = np.eye(len(METHODS))
-    for a in range(len(METHODS)):
-        for b in range(a + 1, len(METHODS)):
-            u, v = scores[METHODS[a]], scores[METHODS[b]]
-            mat[a, b] = spearmanr(u, v).statistic
-            mat[b, a] = pearsonr(u, v).statistic
+    mat = ec.correlation_matrix(scores, METHODS)
     noise_changes = np.asarray([x["changes"] for x in noise])[:, :m]
     floor = {"noise_std_per_fold": float(noise_changes.std()), "loo_std": float(scores["LOO"].std()),
              "if_std": float(scores["IF"].std()),

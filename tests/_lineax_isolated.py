@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
-from _models import LAM, RTOL, dense_solve, mlp_problem, row_rel_err
+from _models import LAM, RTOL, dense_residuals, dense_solve, mlp_problem, row_rel_err
 
 import cif_jax as cj
 
@@ -16,11 +16,6 @@ def mlp():
     return mlp_problem()
 
 
-def _dense_residuals(problem, rhs, x):
-    rhs, x = np.asarray(rhs), np.asarray(x)
-    return np.linalg.norm(rhs - x @ problem.ggn.T, axis=1) / np.linalg.norm(rhs, axis=1)
-
-
 def test_lineax_cg_matches_block_cg_with_true_residuals(mlp):
     rhs = mlp.grads[:5]
     ours = cj.solve_ggn(mlp.task, jnp.asarray(rhs), damping=LAM, solver=cj.CG(rtol=RTOL, preconditioner=None))
@@ -29,7 +24,7 @@ def test_lineax_cg_matches_block_cg_with_true_residuals(mlp):
         got = cj.solve_ggn(mlp.task, jnp.asarray(rhs), damping=LAM, solver=solver)
         assert row_rel_err(got.solutions, dense_solve(mlp.ggn, rhs)) < SOLVE_TOL
         assert row_rel_err(got.solutions, ours.solutions) < SOLVE_TOL
-        np.testing.assert_allclose(np.asarray(got.residuals), _dense_residuals(mlp, rhs, got.solutions), rtol=1e-6,
+        np.testing.assert_allclose(np.asarray(got.residuals), dense_residuals(mlp, rhs, got.solutions), rtol=1e-6,
                                    atol=1e-15)
         assert bool(got.converged.all())
 
@@ -41,7 +36,7 @@ def test_lineax_solver_restarts_and_reports_what_it_reached(mlp):
     with pytest.warns(UserWarning, match="did not reach"):
         got = cj.solve_ggn(mlp.task, rhs, damping=LAM, solver=short)
     assert not bool(got.converged.any())
-    np.testing.assert_allclose(np.asarray(got.residuals), _dense_residuals(mlp, rhs, got.solutions), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.residuals), dense_residuals(mlp, rhs, got.solutions), rtol=1e-6)
     assert np.all(np.asarray(got.num_steps) <= 12)
     # Any lineax solver: BiCGStab on the same scaled system. (GMRES works too, but its vmapped
     # least-squares step once crashed XLA:CPU's compiler in CI, so the suite does not compile it.)

@@ -269,6 +269,12 @@ def random_masks(num: int, size: int, *, seed: int, n: int = N) -> np.ndarray:
     return mask
 
 
+def dense_residuals(problem: Problem, rhs, x) -> np.ndarray:
+    """``||b - H~ x|| / ||b||`` per row (eq. 9) with the problem's dense H~, in float64."""
+    rhs, x = np.asarray(rhs, np.float64), np.asarray(x, np.float64)
+    return np.linalg.norm(rhs - x @ problem.ggn.T, axis=1) / np.linalg.norm(rhs, axis=1)
+
+
 def dense_solve(h: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solves h x_r = rhs_r for each row of rhs."""
     return np.linalg.solve(h, np.asarray(rhs, np.float64).T).T

@@ -24,6 +24,7 @@ from _models import (
     cache_for,
     dense_influence,
     dense_means,
+    dense_residuals,
     dense_solve,
     get_problem,
     masks_of,
@@ -58,13 +59,6 @@ def _dense_cache_reference(problem, cache):
     return a, mu, dense_solve(problem.ggn, mu), dev
 
 
-def _dense_residuals(problem, means, responses):
-    """``||mu_c - H~ v_c|| / ||mu_c||`` (eq. 9) with the dense H~."""
-    responses = np.asarray(responses, np.float64)
-    r = means - responses @ problem.ggn.T
-    return np.linalg.norm(r, axis=1) / np.linalg.norm(means, axis=1)
-
-
 # -- per-query influence (eq. 3) ----------------------------------------------------------
 
 
@@ -84,7 +78,7 @@ def test_influence_solve_reports_true_residuals(softmax):
     subsets = random_subsets()
     res = cj.influence_solve(softmax.task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL))
     sums = masks_of(subsets).astype(np.float64) @ softmax.grads
-    dense = _dense_residuals(softmax, sums, np.asarray(res.solutions) * N)
+    dense = dense_residuals(softmax, sums, np.asarray(res.solutions) * N)
     assert bool(res.converged.all())
     assert np.all(np.asarray(res.residuals) <= RTOL)
     assert np.all(dense <= 10 * RTOL)
@@ -113,7 +107,7 @@ def test_cache_matches_dense(problem):
 
     # Residuals: the stored ones meet the tolerance, and so do the densely recomputed ones.
     assert np.all(np.asarray(cache.residuals) <= RTOL)
-    assert np.all(_dense_residuals(problem, mu, cache.responses) <= 10 * RTOL)
+    assert np.all(dense_residuals(problem, mu, cache.responses) <= 10 * RTOL)
     assert cache.timing["total"] > 0 and {"gradients+sketch", "kmeans", "solves"} <= set(cache.timing)
 
 
@@ -226,7 +220,7 @@ def test_early_stop_is_caught_and_residuals_are_true(softmax):
         loose = cj.build_cache(softmax.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
                                key=jax.random.key(0), solver=cj.CG(rtol=RTOL, max_steps=2, preconditioner=None), correction=None)
     a, mu, _, _ = _dense_cache_reference(softmax, loose)
-    dense = _dense_residuals(softmax, mu, loose.responses)
+    dense = dense_residuals(softmax, mu, loose.responses)
     np.testing.assert_allclose(np.asarray(loose.residuals), dense, rtol=1e-10)
     assert np.all(dense > 1e-3)  # two CG steps are far from converged
     np.testing.assert_array_equal(np.asarray(loose.num_steps), 2)
@@ -234,7 +228,7 @@ def test_early_stop_is_caught_and_residuals_are_true(softmax):
     with pytest.warns(UserWarning, match="did not reach"):
         res = cj.solve_ggn(softmax.task, mu, damping=LAM, solver=cj.CG(rtol=RTOL, max_steps=2, preconditioner=None))
     assert not bool(res.converged.any())
-    np.testing.assert_allclose(np.asarray(res.residuals), _dense_residuals(softmax, mu, res.solutions), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(res.residuals), dense_residuals(softmax, mu, res.solutions), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(res.solutions), np.asarray(loose.responses), rtol=1e-12)
 
 
@@ -266,7 +260,7 @@ def test_float32_influence_and_cache():
     assert row_rel_err(cache.responses, v) < 1e-4
     np.testing.assert_allclose(float(cache.scatter_trace), np.sum(dev**2) / N, rtol=1e-4)
     # The stored float32 residuals agree with a float64 recomputation up to float32 rounding of H~ v.
-    dense = _dense_residuals(p32, mu, cache.responses)
+    dense = dense_residuals(p32, mu, cache.responses)
     assert np.all(np.asarray(cache.residuals) <= 1e-5)
     assert np.all(dense <= 5e-5)
 
@@ -274,7 +268,7 @@ def test_float32_influence_and_cache():
     res = cj.solve_ggn(p32.task, mu, damping=LAM, solver=cj.CG(rtol=1e-4))
     assert res.solutions.dtype == jnp.float32 and res.residuals.dtype == jnp.float32
     assert bool(res.converged.all()) and np.all(np.asarray(res.residuals) <= 1e-4)
-    assert np.all(_dense_residuals(p32, mu, res.solutions) <= 2e-4)
+    assert np.all(dense_residuals(p32, mu, res.solutions) <= 2e-4)
 
 
 # -- leave-one-out retraining ------------------------------------------------------------------

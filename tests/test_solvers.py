@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _models import BATCH, LAM, NUM_CLUSTERS, RTOL, SKETCH_DIM, dense_solve, mlp_problem, row_rel_err
+from _models import BATCH, LAM, NUM_CLUSTERS, RTOL, SKETCH_DIM, dense_residuals, dense_solve, mlp_problem, row_rel_err
 
 import cif_jax as cj
 from cif_jax.solvers import precondition
@@ -23,11 +23,6 @@ SOLVE_TOL = 1e-9  # as tests/test_precondition.py: RTOL = 1e-12 on condition num
 @pytest.fixture(scope="module")
 def mlp():
     return mlp_problem()
-
-
-def _dense_residuals(problem, rhs, x):
-    rhs, x = np.asarray(rhs), np.asarray(x)
-    return np.linalg.norm(rhs - x @ problem.ggn.T, axis=1) / np.linalg.norm(rhs, axis=1)
 
 
 # -- settings objects ----------------------------------------------------------------------
@@ -69,7 +64,7 @@ def test_every_preconditioner_gives_the_dense_solution(mlp, preconditioner):
         got = cj.solve_ggn(mlp.task, jnp.asarray(rhs), damping=LAM, batch_size=BATCH,
                            solver=cj.CG(rtol=RTOL, preconditioner=preconditioner))
     assert row_rel_err(got.solutions, dense_solve(mlp.ggn, rhs)) < SOLVE_TOL
-    np.testing.assert_allclose(np.asarray(got.residuals), _dense_residuals(mlp, rhs, got.solutions), rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(got.residuals), dense_residuals(mlp, rhs, got.solutions), rtol=1e-6,
                                atol=1e-15)
     assert bool(got.converged.all())
 
