@@ -27,7 +27,9 @@ from cif_jax.baselines.interaction import target_gradient as target_gradient
 # STRIDE: per-subset logit steering on frozen features, per-example scores by Lasso.
 from cif_jax.baselines.lasso import LassoSolution as LassoSolution
 from cif_jax.baselines.lasso import lasso as lasso
+from cif_jax.baselines.lds import DatamodelLDSResult as DatamodelLDSResult
 from cif_jax.baselines.lds import LDSResult as LDSResult
+from cif_jax.baselines.lds import datamodel_lds as datamodel_lds
 from cif_jax.baselines.lds import lds as lds
 from cif_jax.baselines.lds import random_subsets as random_subsets
 from cif_jax.baselines.lds import subset_losses as subset_losses

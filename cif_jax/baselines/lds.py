@@ -42,7 +42,7 @@ from ..workloads.stats import pearson_rows
 from . import common as _baselines
 from .retrain import evaluate_many, train_many
 
-__all__ = ["LDSResult", "lds", "random_subsets", "subset_losses"]
+__all__ = ["DatamodelLDSResult", "LDSResult", "datamodel_lds", "lds", "random_subsets", "subset_losses"]
 
 
 class LDSResult(NamedTuple):
@@ -57,6 +57,31 @@ class LDSResult(NamedTuple):
 
     score: float
     per_example: np.ndarray
+
+
+class DatamodelLDSResult(NamedTuple):
+    """The per-example LDS against a linear datamodel (STRIDE's appendix C.1).
+
+    Attributes:
+        score: mean over test examples of the Spearman correlation, across the N
+            training examples, between the attributions and ``datamodel``.
+        per_example: ``(num_test,)`` those correlations (NaN where undefined).
+        datamodel: ``(num_test, N)`` the linearised influence estimated from the
+            retrained subsets, in the library's sign (positive = training on the
+            example lowers the test loss).
+        split_half: mean over test examples of the Spearman correlation between
+            the datamodels estimated from two disjoint halves of the M subsets:
+            how reproducible the reference itself is.
+        ceiling: ``sqrt(2 r / (1 + r))`` with ``r = split_half`` (Spearman-Brown):
+            about the largest ``score`` an attribution equal to the noise-free
+            datamodel would reach against this M-subset estimate.
+    """
+
+    score: float
+    per_example: np.ndarray
+    datamodel: np.ndarray
+    split_half: float
+    ceiling: float
 
 
 def random_subsets(key: PRNGKeyArray, num_subsets: int, num_examples: int, *,
@@ -228,3 +253,104 @@ def lds(attributions: Float[Array, "t n"] | Callable[[np.ndarray], np.ndarray], 
         warnings.warn(f"LDS is undefined for {undefined} of {num_test} test examples (constant losses or "
                       "predictions across subsets); they are left out of the mean.", stacklevel=2)
     return LDSResult(float(np.nanmean(per_example)), per_example)
+
+
+def _datamodel(keep: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """(T, N) difference of mean losses without and with each example (library sign)."""
+    inside = keep.astype(np.float64)
+    counts_in = inside.sum(axis=0)
+    counts_out = keep.shape[0] - counts_in
+    mean_in = (inside.T @ losses) / counts_in[:, None]
+    mean_out = ((1.0 - inside).T @ losses) / counts_out[:, None]
+    return (mean_out - mean_in).T
+
+
+def _row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
+
+
+def datamodel_lds(attributions: Float[Array, "t n"], keep, losses, *,
+                  key: PRNGKeyArray | None = None) -> DatamodelLDSResult:
+    """Per-example LDS: rank agreement of attributions with a linear datamodel (STRIDE, app. C.1).
+
+    :func:`lds` asks how well summed scores predict the losses of the M retrained
+    subsets. STRIDE's metric instead compares the N per-example scores of a test
+    example z with a per-example "linearised influence" ``LDS(z) in R^N`` by
+    Spearman correlation across the training examples. This function estimates
+    that reference from the same retrained subsets as :func:`lds`, by the
+    difference-in-means datamodel (Ilyas et al. 2022)
+
+    .. math::
+
+        w_i(z) = \\overline{\\ell(z;\\theta_S)}_{\\,i \\notin S}
+        - \\overline{\\ell(z;\\theta_S)}_{\\,i \\in S},
+
+    which is unbiased for the coefficients of a linear datamodel
+    ``l(z; theta_S) = b + sum_{i in S} beta_i`` when membership is random with
+    probability 1/2 (``w_i = -beta_i``, up to O(1/N) from the fixed subset size
+    of :func:`random_subsets`). Its noise shrinks as ``1/sqrt(M)`` and the
+    per-example signal as ``1/sqrt(N)``, so with ``M << N`` the reference is
+    noisy: ``split_half`` and ``ceiling`` report how noisy, so that a low score
+    can be read against what any method could reach.
+
+    Args:
+        attributions: ``(num_test, N)`` per-example scores in the library's sign
+            convention (positive = helpful).
+        keep: ``(M, N)`` boolean masks of the training subsets (e.g.
+            :func:`random_subsets`), ``M >= 4``; every example must be in at least
+            one subset and out of at least one in each half of the M rows.
+        losses: ``(M, num_test)`` test losses of the models trained on each subset
+            (e.g. :func:`subset_losses`, or any quantity that falls as the model
+            gets better at the test example).
+        key: PRNG key of the random split into halves for ``split_half`` (None:
+            ``jax.random.key(0)``, so that the result is reproducible).
+
+    Returns:
+        :class:`DatamodelLDSResult`.
+
+    Raises:
+        ValueError: on mismatched shapes, fewer than 4 subsets, an example inside
+            or outside every subset of a half, or NaN/Inf scores or losses.
+    """
+    keep = np.asarray(keep)
+    if keep.dtype != bool or keep.ndim != 2:
+        raise ValueError(f"`keep` must be a boolean (M, N) mask of training subsets, got {keep.dtype} {keep.shape}.")
+    m, n = keep.shape
+    if m < 4:
+        raise ValueError(f"`keep` holds {m} subset(s); the datamodel and its split-half check need at least 4.")
+    losses = np.asarray(losses, np.float64)
+    if losses.ndim != 2 or losses.shape[0] != m:
+        raise ValueError(f"`losses` must have shape (M, num_test) = ({m}, num_test), got {losses.shape}.")
+    _checks.finite_rows(losses.T, "`losses`", what="test example")
+    num_test = losses.shape[1]
+    scores = np.asarray(attributions, np.float64)
+    if scores.shape != (num_test, n):
+        raise ValueError(f"`attributions` must have shape (num_test, N) = ({num_test}, {n}) to match `losses` "
+                         f"and `keep`, got {scores.shape}.")
+    _checks.finite_rows(scores, "`attributions`", what="test example")
+    order = np.asarray(jax.random.permutation(jax.random.key(0) if key is None else as_key(key), m))
+    halves = [np.sort(order[: m // 2]), np.sort(order[m // 2:])]
+    for rows, what in [(np.arange(m), "the M subsets"), *[(h, f"half {j} of the subsets") for j, h in enumerate(halves)]]:
+        counts = keep[rows].sum(axis=0)
+        bad = np.flatnonzero((counts == 0) | (counts == rows.size))
+        if bad.size:
+            raise ValueError(f"training example(s) {bad[:5].tolist()} are inside every or no subset of {what}; "
+                             "the datamodel needs each example both in and out. Draw more subsets "
+                             "(e.g. `random_subsets` with M >= 40).")
+    datamodel = _datamodel(keep, losses)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant rows give NaN, counted below
+        per_example = _row_spearman(scores, datamodel)
+        split = _row_spearman(_datamodel(keep[halves[0]], losses[halves[0]]),
+                              _datamodel(keep[halves[1]], losses[halves[1]]))
+    split_half = float(np.nanmean(split)) if np.isfinite(split).any() else float("nan")
+    ceiling = float(np.sqrt(max(2 * split_half / (1 + split_half), 0.0))) if np.isfinite(split_half) else float("nan")
+    undefined = int(np.isnan(per_example).sum())
+    if undefined == num_test:
+        warnings.warn("The datamodel LDS is undefined for every test example (constant scores or losses).",
+                      stacklevel=2)
+        return DatamodelLDSResult(float("nan"), per_example, datamodel, split_half, ceiling)
+    if undefined:
+        warnings.warn(f"The datamodel LDS is undefined for {undefined} of {num_test} test examples (constant "
+                      "scores or datamodel); they are left out of the mean.", stacklevel=2)
+    return DatamodelLDSResult(float(np.nanmean(per_example)), per_example, datamodel, split_half, ceiling)

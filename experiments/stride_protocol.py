@@ -1,0 +1,441 @@
+"""STRIDE under its own protocol (issue #19, item 8): the document's LDS (app. C.1) and mislabel test (C.2).
+
+``experiments/stride.py`` compares STRIDE with the parameter-space methods on the
+*subset* LDS of TRAK (``cj.lds``) with full-batch float64 training. This script
+instead follows the STRIDE document (seed 004) wherever it is specific:
+
+* **Base model** (its Tables 2-3): the MLP 784-512-256-10, Adam, learning rate
+  1e-3, batch 64 (the short last batch kept, weighted by its size), 20 epochs, no
+  weight decay, PyTorch's ``nn.Linear`` initialisation, float32.
+* **STRIDE** (its Table 4, MNIST column, and app. B.2): penultimate features (256),
+  rank 32, learning rate 5e-3, 250 iterations, lambda_lin = 10, lambda_stab = 1,
+  K = 50 subsets of |S_k| = 100 (``cj.stride_fit`` defaults); the response is the
+  shift of the predicted class's logit (its Alg. 1) and the Lasso splits it.
+* **LDS** (its app. C.1): for a test point z, the Spearman correlation across the
+  N training examples of the scores with the per-example "linearised influence".
+  The document does not say how that reference is obtained; we estimate it by a
+  linear datamodel (``cj.datamodel_lds``: the difference of the mean test loss of
+  the models trained without and with each example) from M models retrained,
+  with the base recipe, on random halves of the training set. The split-half
+  reliability of that reference bounds what any method can reach; it is reported.
+* **Mislabels** (its app. C.2 and Table 10): a random 10% of the training labels
+  moved to another class, the base model retrained on them; the scores summed
+  over clean test points; the |F| most negative flagged; precision = recall.
+* **Baselines** as in its tables: TracIn at the final checkpoint only (the
+  document: "effectively reducing it to a gradient similarity metric") and EK-FAC
+  (``cj.ekfac_preconditioner`` / ``cj.ekfac_solve``, damping 1e-3); beside them
+  the exact damped-GGN IF and CiF (C = 50; the paper's and the corrected estimator
+  agree for test points outside the training set, and differ for the
+  self-influence flags of the mislabel test, where both are given).
+
+STRIDE's diagnosis, if it stays near chance: its subset responses against the
+true subset effects (the datamodel summed over each subset), and the Lasso
+readout of those true subset effects: what any method that sees the training
+set through K = 50 subset responses can keep.
+
+    python experiments/stride_protocol.py --quick   # digits, small MLP, few retrainings
+    python experiments/stride_protocol.py           # mnist5k (resumable: results/stride_protocol-mnist5k.cells.json)
+
+Published (STRIDE, MNIST): LDS Spearman STRIDE 0.116, TracIn 0.103, EK-FAC 0.105;
+"No LDS loss" ablation 0.149; first layer -0.012; mislabel precision STRIDE
+0.921, EK-FAC 0.853, TracIn 0.785.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import warnings
+
+import _common as ec
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from scipy.stats import spearmanr
+
+import cif_jax as cj
+from cif_jax.core.checkpoint import atomic_write
+from cif_jax.workloads import data as cdata
+
+PUBLISHED = {
+    "lds spearman": {"STRIDE": 0.116, "TracIn": 0.103, "EK-FAC": 0.105},
+    "ablation lds spearman": {"STRIDE no LDS loss": 0.149, "STRIDE first layer": -0.012},
+    "mislabel precision": {"STRIDE": 0.921, "EK-FAC": 0.853, "TracIn": 0.785},
+}
+
+
+# -- the document's base model and its training recipe -------------------------------------
+
+
+def init_mlp(key, sizes):
+    """PyTorch ``nn.Linear`` initialisation: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    params = {}
+    for j, (a, b) in enumerate(itertools.pairwise(sizes), start=1):
+        key, kw, kb = jax.random.split(key, 3)
+        bound = 1.0 / np.sqrt(a)
+        params[f"w{j}"] = jax.random.uniform(kw, (a, b), jnp.float32, -bound, bound)
+        params[f"b{j}"] = jax.random.uniform(kb, (b,), jnp.float32, -bound, bound)
+    return params
+
+
+def hidden(params, x, layer):
+    """The post-ReLU output of hidden layer ``layer`` (1-based)."""
+    for j in range(1, layer + 1):
+        x = jax.nn.relu(x @ params[f"w{j}"] + params[f"b{j}"])
+    return x
+
+
+def network(params, x):
+    depth = len(params) // 2
+    return hidden(params, x, depth - 1) @ params[f"w{depth}"] + params[f"b{depth}"]
+
+
+def loss(outputs, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+
+
+def train_adam(init, x, y, rows, *, key, settings):
+    """Models trained at once (vmapped), model m on examples ``rows[m]`` (equal sizes).
+
+    Adam, ``epochs`` passes in a fresh random order each; every batch's loss is the
+    mean over its examples, the short last batch included (weighted by its size).
+    """
+    batch, epochs = settings["batch_size"], settings["epochs"]
+    num_models, size = rows.shape
+    steps = -(-size // batch)
+    pad = steps * batch - size
+    tx = optax.adam(settings["learning_rate"])
+
+    def one(rows_m, key_m):
+        def epoch(carry, k):
+            order = jnp.concatenate([jax.random.permutation(k, rows_m), jnp.zeros(pad, rows_m.dtype)])
+            weight = jnp.concatenate([jnp.ones(size, jnp.float32), jnp.zeros(pad, jnp.float32)])
+
+            def step(carry, b):
+                params, state = carry
+                idx = jax.lax.dynamic_slice(order, (b * batch,), (batch,))
+                w = jax.lax.dynamic_slice(weight, (b * batch,), (batch,))
+                grads = jax.grad(lambda p: jnp.sum(w * loss(network(p, x[idx]), y[idx])) / jnp.sum(w))(params)
+                updates, state = tx.update(grads, state, params)
+                return (optax.apply_updates(params, updates), state), None
+
+            return jax.lax.scan(step, carry, jnp.arange(steps))[0], None
+
+        final, _ = jax.lax.scan(epoch, (init, tx.init(init)), jax.random.split(key_m, epochs))
+        return final[0]
+
+    return jax.jit(jax.vmap(one))(jnp.asarray(rows), jax.random.split(key, num_models))
+
+
+def test_losses(params, xt, yt):
+    return jax.vmap(lambda p: loss(network(p, xt), yt))(params)
+
+
+# -- attribution methods (all (Q, N), library sign: positive = helpful) ---------------------
+
+
+def train_grad_products(task, vectors, chunk):
+    """``vectors @ g_i`` for every training example, streamed in chunks of ``chunk`` examples."""
+    out = []
+    for a in range(0, task.num_examples, chunk):
+        part = cj.Task(task.apply_fn, task.loss_fn, task.params, task.inputs[a:a + chunk], task.targets[a:a + chunk])
+        out.append(np.asarray(vectors @ cj.per_example_grads(part).T))
+    return np.concatenate(out, axis=1)
+
+
+def eval_grads(task, xt, yt):
+    return cj.per_example_grads(cj.Task(task.apply_fn, task.loss_fn, task.params, xt, yt))
+
+
+def stride_fit(task, settings, *, layer, num_subsets, seed=11, **fit):
+    feats = lambda prm, xx: hidden(prm, xx, layer)
+    H, Z = cj.stride_features(task, task.inputs, feature_fn=feats)
+    subs = cj.stride_subsets(jax.random.key(seed), task.num_examples, num_subsets=num_subsets,
+                             subset_size=settings["stride_subset_size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ops = cj.stride_fit(H, Z, task.targets, subs, key=jax.random.key(seed + 1), **fit)
+    return ops, feats
+
+
+def stride_scores(ops, feats, task, xt, *, response="logit"):
+    """STRIDE's per-example scores: the Lasso split of the predicted class's steering responses.
+
+    The document's sign: a positive response raises the predicted class's logit, i.e.
+    the subset helps the prediction, as the library's positive = helpful.
+    ``response="logprob"`` reads the shift of the class log-probability instead.
+    """
+    Ht, Zt = cj.stride_features(task, xt, feature_fn=feats)
+    classes = jnp.argmax(Zt, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if response == "logit":
+            return np.asarray(cj.stride_scores(ops, Ht, classes=classes).coef)
+        delta = jnp.stack([cj.stride_responses(ops, Ht, classes=jnp.full_like(classes, c))
+                           for c in range(Zt.shape[1])], -1)
+        lp = jax.nn.log_softmax(Zt[:, None, :] + delta, -1) - jax.nn.log_softmax(Zt, -1)[:, None, :]
+        Y = jnp.take_along_axis(lp, classes[:, None, None], axis=2)[..., 0]
+        return np.asarray(cj.lasso(ops.membership, Y).coef)
+
+
+def method_scores(name, task, xt, yt, args, settings):
+    n, lam, chunk = task.num_examples, args.damping, settings["grad_chunk"]
+    top = len(settings["hidden"])
+    if name.startswith("STRIDE"):
+        fits = {"STRIDE": dict(layer=top, num_subsets=50), "STRIDE K=200": dict(layer=top, num_subsets=200),
+                "STRIDE no LDS loss": dict(layer=top, num_subsets=50, lambda_stab=0.0, lambda_lin=0.0),
+                "STRIDE first layer": dict(layer=1, num_subsets=50),
+                "STRIDE log-prob response": dict(layer=top, num_subsets=50)}
+        ops, feats = stride_fit(task, settings, **fits[name])
+        return stride_scores(ops, feats, task, xt, response="logprob" if "log-prob" in name else "logit")
+    g = eval_grads(task, xt, yt)
+    if name == "TracIn":  # the document's TracIn: the final checkpoint only, i.e. g_z . g_i
+        return train_grad_products(task, g, chunk)
+    if name == "EK-FAC":
+        pre = cj.ekfac_preconditioner(task, damping=lam)
+        return train_grad_products(task, cj.ekfac_solve(pre, g, damping=lam), chunk) / n
+    if name == "IF":
+        sol = cj.solve_ggn(task, g, **ec.solver_kwargs(args)).solutions
+        return train_grad_products(task, sol, chunk) / n
+    if name == "CiF C=50":
+        cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True, correction=None)
+        return np.asarray(cj.cluster_alphas(cache, g))[:, np.asarray(cache.assignments)] / n
+    raise ValueError(name)
+
+
+class ScoreStore:
+    """Score matrices under ``benchmarks/_work/<stem>/`` (atomic .npy files; not committed).
+
+    The seconds of each computation go to the cells file, so that the timing of the
+    run that computed a matrix survives a restart on a machine without the matrices.
+    """
+
+    def __init__(self, cells, args, tag):
+        self.cells, self.tag = cells, tag
+        self.dir = os.path.join(ec.WORKDIR, f"{ec.stem('stride_protocol', args)}-{tag}")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def __call__(self, name, compute):
+        path = os.path.join(self.dir, name.replace(" ", "_").replace("=", "") + ".npy")
+        if os.path.exists(path):
+            return np.load(path)
+        t0 = time.perf_counter()
+        s = np.asarray(compute(), np.float64)
+        seconds = time.perf_counter() - t0
+        atomic_write(path, lambda f: np.save(f, s))
+        self.cells.values.pop(f"{self.tag}/seconds/{name}", None)  # this run's seconds replace an older run's
+        self.cells(f"{self.tag}/seconds/{name}", lambda: seconds)
+        print(f"  {name}: {s.shape} in {seconds:.1f} s", flush=True)
+        return s
+
+
+# -- 1. the document's LDS (C.1) --------------------------------------------------------------
+
+
+def lds_part(cells, x, y, xt, yt, args, settings):
+    n = x.shape[0]
+    sizes = [x.shape[1], *settings["hidden"], settings["num_classes"]]
+    init = init_mlp(jax.random.key(args.seed), sizes)
+    t0 = time.perf_counter()
+    base = jax.tree_util.tree_map(lambda a: a[0], train_adam(init, x, y, np.arange(n)[None], key=jax.random.key(
+        args.seed + 1), settings=settings))
+    base_seconds = time.perf_counter() - t0
+    acc = float(jnp.mean(jnp.argmax(network(base, xt), 1) == yt))
+    cells("lds/base", lambda: {"seconds": base_seconds, "test_accuracy_on_lds_points": acc})
+    task = cj.Task(network, loss, base, x, y)
+    print(f"[lds] base model p = {task.num_params}, accuracy on the {xt.shape[0]} test points {acc:.3f}", flush=True)
+
+    # The reference: M models on random halves, in blocks (one cell each), same recipe, own seeds.
+    m, block = settings["datamodel_models"], settings["retrain_block"]
+    keep = np.asarray(cj.random_subsets(jax.random.key(args.seed + 3), m, n))
+    rows = np.stack([np.flatnonzero(k) for k in keep])
+    for b in range(0, m, block):
+        def run(b=b):
+            t = time.perf_counter()
+            params = train_adam(init, x, y, rows[b:b + block], key=jax.random.fold_in(jax.random.key(args.seed + 4), b),
+                                settings=settings)
+            out = np.asarray(test_losses(params, xt, yt))
+            return {"losses": out.tolist(), "seconds": time.perf_counter() - t}
+        got = cells(f"lds/retrain/{b:05d}", run)
+        print(f"[lds] retrained models {b}..{b + block - 1} ({got['seconds']:.0f} s)", flush=True)
+    losses = np.concatenate([np.asarray(cells.values[f"lds/retrain/{b:05d}"]["losses"]) for b in range(0, m, block)])
+
+    store = ScoreStore(cells, args, "lds")
+    names = ["STRIDE", "STRIDE K=200", "STRIDE no LDS loss", "STRIDE first layer", "STRIDE log-prob response",
+             "TracIn", "EK-FAC", "IF", "CiF C=50"]
+    scores = {nm: store(nm, lambda nm=nm: method_scores(nm, task, xt, yt, args, settings)) for nm in names}
+    rng = np.random.default_rng(0)
+    scores["random"] = rng.normal(size=scores["IF"].shape)
+    out, ref = {}, None
+    for nm, s in scores.items():
+        res = cj.datamodel_lds(s, keep, losses, key=jax.random.key(args.seed))
+        ref = res
+        per = res.per_example
+        half = np.sqrt(np.nanvar(per) / np.isfinite(per).sum())
+        out[nm] = {"spearman": res.score, "ci95": [res.score - 1.96 * half, res.score + 1.96 * half],
+                   "subset_lds": cj.lds(s, keep, losses).score,
+                   "seconds": cells.values.get(f"lds/seconds/{nm}")}
+        print(f"[lds] {nm:26s} datamodel LDS {res.score:+.3f} +- {1.96 * half:.3f}   subset LDS "
+              f"{out[nm]['subset_lds']:+.3f}", flush=True)
+    print(f"[lds] reference split-half {ref.split_half:.3f}, ceiling {ref.ceiling:.3f} (M = {m})", flush=True)
+    diagnosis = stride_diagnosis(task, xt, settings, ref.datamodel, keep, losses)
+    return {"num_params": int(task.num_params), "base_seconds": base_seconds, "test_accuracy": acc,
+            "datamodel_models": m, "split_half": ref.split_half, "ceiling": ref.ceiling, "methods": out,
+            "stride_diagnosis": diagnosis}
+
+
+def stride_diagnosis(task, xt, settings, datamodel, keep, losses):
+    """Where STRIDE's signal is lost: in the subset responses, or in the K-subset readout?
+
+    * ``response_vs_true_subset_effect``: Spearman across the K subsets of STRIDE's
+      response y_k(z) with the datamodel summed over S_k (the reference's own
+      subset effect), averaged over z;
+    * ``lasso_of_true_subset_effects``: the datamodel LDS of the Lasso split of those
+      true subset effects: what a method with perfect subset responses keeps;
+    * ``min_norm_of_true_subset_effects``: the same with the dense minimum-norm split;
+    * ``covered_share``: examples in at least one subset (all, by construction).
+    """
+    ops, feats = stride_fit(task, settings, layer=len(settings["hidden"]), num_subsets=50)
+    Ht, Zt = cj.stride_features(task, xt, feature_fn=feats)
+    Y = np.asarray(cj.stride_responses(ops, Ht, classes=jnp.argmax(Zt, 1)))  # (Q, K)
+    X = np.asarray(ops.membership, np.float64)  # (K, N)
+    true = datamodel @ X.T  # (Q, K)
+    rho = np.nanmean([spearmanr(Y[q], true[q]).statistic for q in range(Y.shape[0])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w_lasso = np.asarray(cj.lasso(ops.membership, jnp.asarray(true, jnp.float32)).coef)
+    w_min = np.linalg.lstsq(X, true.T, rcond=None)[0].T
+    got = {"response_vs_true_subset_effect": float(rho),
+           "lasso_of_true_subset_effects": cj.datamodel_lds(w_lasso, keep, losses).score,
+           "min_norm_of_true_subset_effects": cj.datamodel_lds(w_min, keep, losses).score,
+           "covered_share": float((X.sum(0) > 0).mean())}
+    print("[lds] STRIDE diagnosis: " + ", ".join(f"{k} {v:.3f}" for k, v in got.items()), flush=True)
+    return got
+
+
+# -- 2. mislabels (C.2, Table 10) ---------------------------------------------------------------
+
+
+def mislabel_part(cells, x, y, xc, yc, args, settings):
+    n, k = x.shape[0], settings["num_classes"]
+    rng = np.random.default_rng(args.seed + 5)
+    flipped = np.sort(rng.choice(n, size=n // 10, replace=False))
+    y_noisy = np.asarray(y).copy()
+    y_noisy[flipped] = (y_noisy[flipped] + rng.integers(1, k, size=flipped.size)) % k
+    y_noisy = jnp.asarray(y_noisy, jnp.int32)
+    sizes = [x.shape[1], *settings["hidden"], k]
+    t0 = time.perf_counter()
+    base = jax.tree_util.tree_map(lambda a: a[0], train_adam(init_mlp(jax.random.key(args.seed), sizes), x, y_noisy,
+                                                             np.arange(n)[None], key=jax.random.key(args.seed + 1),
+                                                             settings=settings))
+    base_seconds = time.perf_counter() - t0
+    task = cj.Task(network, loss, base, x, y_noisy)
+    acc = float(jnp.mean(jnp.argmax(network(base, xc), 1) == yc))
+    train_acc = float(jnp.mean(jnp.argmax(network(base, x), 1) == y_noisy))
+    print(f"[mislabel] {flipped.size} flipped; noisy model: train accuracy (noisy labels) {train_acc:.3f}, "
+          f"clean test accuracy {acc:.3f}", flush=True)
+    store = ScoreStore(cells, args, "mislabel")
+    scores = {}
+    for nm in ["STRIDE", "STRIDE K=200", "TracIn", "EK-FAC", "IF", "CiF C=50"]:
+        # Summed over the clean test points: one (N,) score per training example.
+        scores[nm] = store(nm, lambda nm=nm: method_scores(nm, task, xc, yc, args, settings).sum(axis=0))
+    lam = args.damping
+
+    def ekfac_self():
+        pre = cj.ekfac_preconditioner(task, damping=lam)
+        out = []
+        for a in range(0, n, settings["grad_chunk"]):
+            part = cj.Task(network, loss, base, x[a:a + settings["grad_chunk"]], y_noisy[a:a + settings["grad_chunk"]])
+            g = cj.per_example_grads(part)
+            out.append(np.asarray(jnp.sum(g * cj.ekfac_solve(pre, g, damping=lam), axis=1)) / n)
+        return np.concatenate(out)
+
+    scores["EK-FAC self"] = store("EK-FAC self", ekfac_self)
+    cache = None
+    for corrected, nm in [(True, "CiF self C=50"), (False, "CiF self C=50 paper")]:
+        def cif_self(corrected=corrected):
+            nonlocal cache
+            if cache is None:
+                cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True)
+            return cj.self_influence(cache, task, corrected=corrected)
+        scores[nm] = store(nm, cif_self)
+    scores["random"] = np.random.default_rng(1).normal(size=n)
+    truth = np.zeros(n, bool)
+    truth[flipped] = True
+    rows = {}
+    for nm, s in scores.items():
+        # Test-influence scores flag the most harmful (lowest); self-influence the largest.
+        flagged = np.argsort(-s if " self" in nm else s, kind="stable")[:flipped.size]
+        p = float(truth[flagged].mean())
+        half = 1.96 * np.sqrt(p * (1 - p) / flipped.size)
+        rows[nm] = {"precision": p, "ci95": [p - half, p + half], "seconds": cells.values.get(f"mislabel/seconds/{nm}")}
+        print(f"[mislabel] {nm:22s} precision {p:.3f} +- {half:.3f}", flush=True)
+    return {"num_flipped": int(flipped.size), "clean_test_points": int(xc.shape[0]), "base_seconds": base_seconds,
+            "train_accuracy_noisy_labels": train_acc, "clean_test_accuracy": acc, "methods": rows}
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+def main():
+    p = ec.parser(__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["lds", "mislabel"])
+    p.add_argument("--models", type=int, default=None, help="datamodel retrainings M (default 64 quick, 1000 full)")
+    args = ec.finish_args(p.parse_args(), quick_dataset="digits", full_dataset="mnist5k")
+    q = args.quick
+    settings = {"hidden": [64, 32] if q else [512, 256], "learning_rate": 1e-3, "batch_size": 64,
+                "epochs": 20, "stride_subset_size": 100 if not q else 30,
+                "datamodel_models": args.models or (64 if q else 1000), "retrain_block": 16 if q else 50,
+                "lds_test_points": 20 if q else 100, "mislabel_test_points": 359 if q else 500,
+                "grad_chunk": 500, "damping": args.damping, "seed": args.seed}
+    ds = cdata.load_dataset(args.dataset, seed=args.seed)
+    x = jnp.asarray(ds.x_train.reshape(ds.x_train.shape[0], -1), jnp.float32)
+    y = jnp.asarray(ds.y_train, jnp.int32)
+    settings["num_classes"] = int(np.max(np.asarray(y))) + 1
+    xt_all = jnp.asarray(ds.x_test.reshape(ds.x_test.shape[0], -1), jnp.float32)
+    yt_all = jnp.asarray(ds.y_test, jnp.int32)
+    pick = np.random.default_rng(args.seed).permutation(xt_all.shape[0])
+    cells = ec.Cells("stride_protocol", args, settings)
+    out = {"settings": {"dataset": args.dataset, "num_train": int(x.shape[0]), "dtype": "float32", **settings},
+           "published": PUBLISHED, "results": {}}
+    if "lds" in args.parts:
+        lp = pick[:settings["lds_test_points"]]
+        out["results"]["lds"] = lds_part(cells, x, y, xt_all[lp], yt_all[lp], args, settings)
+    if "mislabel" in args.parts:
+        mp = pick[:settings["mislabel_test_points"]]
+        out["results"]["mislabel"] = mislabel_part(cells, x, y, xt_all[mp], yt_all[mp], args, settings)
+    ec.write("stride_protocol", args, out)
+    plot(out, args)
+
+
+def plot(out, args):
+    plt = ec.pyplot()
+    res = out["results"]
+    parts = [p for p in ["lds", "mislabel"] if p in res]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        rows = res[part]["methods"]
+        names = list(rows)
+        key = "spearman" if part == "lds" else "precision"
+        vals = [rows[m][key] for m in names]
+        err = np.array([[v - rows[m]["ci95"][0], rows[m]["ci95"][1] - v] for m, v in zip(names, vals)]).T
+        ax.barh(names, vals, xerr=err, color="tab:blue")
+        pub = PUBLISHED["lds spearman" if part == "lds" else "mislabel precision"]
+        for j, m in enumerate(names):
+            if m in pub:
+                ax.plot(pub[m], j, "r*", markersize=10, label="published" if m == "STRIDE" else None)
+        if part == "lds":
+            ax.axvline(res["lds"]["ceiling"], color="gray", ls="--", label="reference ceiling")
+            ax.set(xlabel="Spearman with the datamodel (app. C.1)", title=f"LDS, M = {res['lds']['datamodel_models']}")
+        else:
+            ax.set(xlabel="precision at |F|", title=f"mislabels ({res['mislabel']['num_flipped']} flipped)")
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(ec.figure_path("stride_protocol", args))
+
+
+if __name__ == "__main__":
+    main()
