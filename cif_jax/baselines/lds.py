@@ -72,9 +72,12 @@ class DatamodelLDSResult(NamedTuple):
         split_half: mean over test examples of the Spearman correlation between
             the datamodels estimated from two disjoint halves of the M subsets:
             how reproducible the reference itself is.
-        ceiling: ``sqrt(2 r / (1 + r))`` with ``r = split_half`` (Spearman-Brown):
-            about the largest ``score`` an attribution equal to the noise-free
-            datamodel would reach against this M-subset estimate.
+        ceiling: ``sqrt(2 r / (1 + r))`` with ``r = split_half`` (Spearman-Brown;
+            0 when ``r <= 0``): about the expected ``score`` of a perfect
+            attribution (the noise-free datamodel) against this M-subset
+            estimate. Not a strict bound: a method can exceed it by chance, and
+            as it is taken at the mean reliability it is slightly optimistic
+            when reliability varies across test examples.
     """
 
     score: float
@@ -297,8 +300,9 @@ def datamodel_lds(attributions: Float[Array, "t n"], keep, losses, *,
         attributions: ``(num_test, N)`` per-example scores in the library's sign
             convention (positive = helpful).
         keep: ``(M, N)`` boolean masks of the training subsets (e.g.
-            :func:`random_subsets`), ``M >= 4``; every example must be in at least
-            one subset and out of at least one in each half of the M rows.
+            :func:`random_subsets`), ``M >= 4`` (even M splits into equal halves);
+            every example must be in at least one subset and out of at least one
+            in each half of the M rows.
         losses: ``(M, num_test)`` test losses of the models trained on each subset
             (e.g. :func:`subset_losses`, or any quantity that falls as the model
             gets better at the test example).
@@ -338,13 +342,14 @@ def datamodel_lds(attributions: Float[Array, "t n"], keep, losses, *,
                              "the datamodel needs each example both in and out. Draw more subsets "
                              "(e.g. `random_subsets` with M >= 40).")
     datamodel = _datamodel(keep, losses)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # constant rows give NaN, counted below
-        per_example = _row_spearman(scores, datamodel)
-        split = _row_spearman(_datamodel(keep[halves[0]], losses[halves[0]]),
-                              _datamodel(keep[halves[1]], losses[halves[1]]))
+    per_example = _row_spearman(scores, datamodel)  # NaN for constant rows, counted below
+    split = _row_spearman(_datamodel(keep[halves[0]], losses[halves[0]]),
+                          _datamodel(keep[halves[1]], losses[halves[1]]))
     split_half = float(np.nanmean(split)) if np.isfinite(split).any() else float("nan")
-    ceiling = float(np.sqrt(max(2 * split_half / (1 + split_half), 0.0))) if np.isfinite(split_half) else float("nan")
+    if not np.isfinite(split_half):
+        ceiling = float("nan")
+    else:
+        ceiling = float(np.sqrt(2 * split_half / (1 + split_half))) if split_half > 0 else 0.0
     undefined = int(np.isnan(per_example).sum())
     if undefined == num_test:
         warnings.warn("The datamodel LDS is undefined for every test example (constant scores or losses).",
