@@ -162,8 +162,10 @@ def main():
         return
     sizes = args.sizes or ([100, 400] if args.quick else [200, 800, 1600])
     seeds = args.seeds or (2 if args.quick else 3)
-    cells = ec.Cells("samplers_lissa", args, {**{k: v for k, v in vars(args).items() if k != "output"},
-                                              "sizes": sizes, "seeds_per_cell": seeds})
+    # The cell keys name damping, sampler, M and seed, so those lists stay out of the cells' settings:
+    # a run with fewer of them is a slice that a later run with more extends.
+    cells = ec.Cells("samplers_lissa", args,
+                     {k: v for k, v in vars(args).items() if k not in ("output", "dampings", "sizes", "seeds")})
     child = [sys.executable, __file__, *sys.argv[1:]]
 
     def in_child(key):
