@@ -409,9 +409,10 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
     base_seconds = time.perf_counter() - t0
     task = cj.Task(network, loss, base, x, y_noisy)
     acc = float(jnp.mean(jnp.argmax(network(base, xc), 1) == yc))
-    train_acc = float(jnp.mean(jnp.argmax(network(base, x), 1) == y_noisy))
+    fits = np.asarray(jnp.argmax(network(base, x), 1) == y_noisy)
+    train_acc, memorised = float(fits.mean()), float(fits[flipped].mean())
     print(f"[mislabel] {flipped.size} flipped; noisy model: train accuracy (noisy labels) {train_acc:.3f}, "
-          f"clean test accuracy {acc:.3f}", flush=True)
+          f"on the flipped ones {memorised:.3f}, clean test accuracy {acc:.3f}", flush=True)
     store = ScoreStore(cells, args, "mislabel")
     scores = {}
     for nm in ["STRIDE", "STRIDE K=200", "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "TRAK"]:
@@ -435,8 +436,11 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
             nonlocal cache
             if cache is None:
                 cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True)
-            return cj.self_influence(cache, task, corrected=corrected)
+            return cj.self_influence(cache, task, corrected=corrected, batch_size=args.batch_size)
         scores[nm] = store(nm, cif_self, (n,))
+    # No attribution at all: the noisy model's own training loss. It tells how findable the flipped
+    # labels are for this model (the ones it has memorised have small losses and small gradients).
+    scores["training loss self"] = np.asarray(loss(network(base, x), y_noisy), np.float64)
     scores["random"] = np.random.default_rng(1).normal(size=n)
     truth = np.zeros(n, bool)
     truth[flipped] = True
@@ -449,7 +453,8 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
         rows[nm] = {"precision": p, "ci95": [p - half, p + half], "seconds": cells.values.get(f"mislabel/seconds/{nm}")}
         print(f"[mislabel] {nm:22s} precision {p:.3f} +- {half:.3f}", flush=True)
     return {"num_flipped": int(flipped.size), "clean_test_points": int(xc.shape[0]), "base_seconds": base_seconds,
-            "train_accuracy_noisy_labels": train_acc, "clean_test_accuracy": acc, "methods": rows}
+            "train_accuracy_noisy_labels": train_acc,
+            "flipped_memorised": memorised, "clean_test_accuracy": acc, "methods": rows}
 
 
 # -- driver -----------------------------------------------------------------------------------
