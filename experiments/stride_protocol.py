@@ -409,7 +409,8 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
     base_seconds = time.perf_counter() - t0
     task = cj.Task(network, loss, base, x, y_noisy)
     acc = float(jnp.mean(jnp.argmax(network(base, xc), 1) == yc))
-    fits = np.asarray(jnp.argmax(network(base, x), 1) == y_noisy)
+    train_logits = network(base, x)
+    fits = np.asarray(jnp.argmax(train_logits, 1) == y_noisy)
     train_acc, memorised = float(fits.mean()), float(fits[flipped].mean())
     print(f"[mislabel] {flipped.size} flipped; noisy model: train accuracy (noisy labels) {train_acc:.3f}, "
           f"on the flipped ones {memorised:.3f}, clean test accuracy {acc:.3f}", flush=True)
@@ -440,7 +441,7 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
         scores[nm] = store(nm, cif_self, (n,))
     # No attribution at all: the noisy model's own training loss. It tells how findable the flipped
     # labels are for this model (the ones it has memorised have small losses and small gradients).
-    scores["training loss self"] = np.asarray(loss(network(base, x), y_noisy), np.float64)
+    scores["training loss self"] = np.asarray(loss(train_logits, y_noisy), np.float64)
     scores["random"] = np.random.default_rng(1).normal(size=n)
     truth = np.zeros(n, bool)
     truth[flipped] = True
