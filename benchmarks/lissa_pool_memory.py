@@ -101,6 +101,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lissa-batch", type=int, default=32)
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--parts", nargs="+", default=list(PARTS))
+    p.add_argument("--baseline", default=None,
+                   help="an earlier run's JSON (e.g. before a library change), shown beside this one in the .md")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                     "lissa-pool-memory-cpu.json"))
@@ -110,11 +112,15 @@ def main(argv=None) -> dict:
         return {}
     from common import machine
 
+    baseline = None
+    if args.baseline is not None:  # read first: a bad path fails before any measurement
+        with open(args.baseline) as f:
+            baseline = json.load(f)
     rows = {}
     for part in args.parts:
         cmd = [sys.executable, os.path.abspath(__file__), "--part", part]
         for k, v in vars(args).items():
-            if k not in ("part", "parts", "output"):
+            if k not in ("part", "parts", "output", "baseline"):
                 cmd += [f"--{k.replace('_', '-')}", str(v)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -130,14 +136,44 @@ def main(argv=None) -> dict:
         for r in rows.values():
             r["above_base_mib"] = r["peak_rss_mib"] - base
     result = {"machine": machine(), "argv": sys.argv[1:] if argv is None else argv,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("part", "output")}, "parts": rows}
+              "settings": {k: v for k, v in vars(args).items() if k not in ("part", "output", "baseline")},
+              "parts": rows}
+    if baseline is not None:
+        result["baseline"] = {"path": os.path.relpath(args.baseline, os.path.dirname(args.output)),
+                              "library_commit": baseline.get("library_commit"), "parts": baseline["parts"]}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.output)
+    for path, text in ((args.output, json.dumps(result, indent=1)),
+                       (os.path.splitext(args.output)[0] + ".md", _markdown(result, baseline))):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
     return result
 
+
+def _markdown(result, baseline) -> str:
+    """The run as a table (peak resident MiB, XLA scratch MiB), beside a baseline run when given."""
+    m, st = result["machine"], result["settings"]
+    fmt = lambda v: "" if v is None else f"{v:,.0f}"
+    head = "| part | peak MiB | XLA scratch MiB |"
+    rule = "|---|---|---|"
+    if baseline is not None:
+        head += " peak MiB, baseline | XLA scratch MiB, baseline |"
+        rule += "---|---|"
+    lines = ["### Where LiSSA's memory goes (`benchmarks/lissa_pool_memory.py`)", "",
+             f"{st['dataset']} {st['model']}, {st['num_rhs']} right-hand sides, pool of {st['pool_size']} "
+             f"(uniform), minibatch {st['lissa_batch']}, chunks of {st['chunk']}, depth {st['depth']}; each part "
+             f"in a fresh process. Machine: {m.get('cpu')} ({m.get('cpus_usable')} usable core(s)), jax "
+             f"{m.get('jax')}, cif_jax {m.get('cif_jax')}, load {m.get('load_average')}."
+             + ("" if baseline is None else f" Baseline: {baseline.get('library_commit') or 'an earlier run'}."),
+             "", head, rule]
+    for part, r in result["parts"].items():
+        row = f"| {part} | {fmt(r['peak_rss_mib'])} | {fmt(r.get('xla_temp_mib'))} |"
+        if baseline is not None:
+            b = baseline["parts"].get(part, {})
+            row += f" {fmt(b.get('peak_rss_mib'))} | {fmt(b.get('xla_temp_mib'))} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
