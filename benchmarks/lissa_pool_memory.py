@@ -9,15 +9,21 @@ that one part's memory does not hide another's:
 * ``base``: imports, the trained task loaded, one forward pass (no right-hand sides);
 * ``loop/<pool>``: LiSSA's recursion alone (``depth`` steps, minibatches of
   ``--lissa-batch``), no residual check;
-* ``residual/full``: the true residual against the damped GGN of all N;
-* ``residual/pool``: the same against the pool's GGN;
-* ``residual/both``: both in one compiled program, as ``cif_jax.lissa`` does;
+* ``residual/full``: the library's true-residual check without a pool (the
+  damped GGN of all N examples);
+* ``residual/both``: the same with a pool, which also checks against the pool's
+  damped GGN (both in one program, as ``cif_jax.lissa`` does);
 * ``lissa/<pool>``: the whole ``cif_jax.lissa`` call, as the experiment makes it.
 
 ``<pool>`` is ``full`` (no pool) or ``uniform`` (``--pool-size`` examples).
 Right-hand sides are ``--num-rhs`` class gradient sums, as in the experiment
-(one per class). The figures are peaks of whole processes in MiB; ``- base``
-is what the part adds. Written to ``benchmarks/results/lissa-pool-memory-cpu.json``.
+(one per class). Two figures per part: the peak resident set of the whole
+process in MiB (host memory, Linux ``ru_maxrss``; it includes computing the
+right-hand sides and compiling, so it is noisy by a few hundred MiB between
+runs), and XLA's own figure for the compiled program's scratch buffers
+(``memory_analysis().temp_size_in_bytes``), the clean one. Written with the
+library's git commit to ``benchmarks/results/lissa-pool-memory-<platform>.{json,md}``;
+``--baseline`` puts an earlier run's figures beside (e.g. before a change).
 
     python benchmarks/lissa_pool_memory.py            # mnist5k LeNet-5, 10 rhs, M = 800
 """
@@ -32,8 +38,7 @@ import subprocess
 import sys
 import time
 
-PARTS = ("base", "loop/full", "loop/uniform", "residual/full", "residual/pool", "residual/both",
-         "lissa/full", "lissa/uniform")
+PARTS = ("base", "loop/full", "loop/uniform", "residual/full", "residual/both", "lissa/full", "lissa/uniform")
 
 
 def _child(part: str, args) -> dict:
@@ -55,7 +60,7 @@ def _child(part: str, args) -> dict:
     if part != "base":
         rhs = cj.subset_gradient_sums(task, subsets, batch_size=args.chunk) / task.num_examples
         lam = jnp.asarray(args.damping, task.dtype)
-        use_pool = part.endswith("uniform") or part.endswith("pool") or part.endswith("both")
+        use_pool = part.endswith("uniform") or part.endswith("both")
         idx, w = L._pool(task, pool if use_pool else None)
         if part.startswith("lissa/"):
             res = cj.lissa(task, rhs, damping=args.damping, scale=args.scale, depth=args.depth,
@@ -68,11 +73,6 @@ def _child(part: str, args) -> dict:
                     return L._one_repeat(task, b, idx, w, lam, jnp.asarray(args.scale, task.dtype), args.depth,
                                          jnp.asarray(0.0, task.dtype), args.lissa_batch, jax.random.key(0),
                                          args.chunk)[0]
-            elif part == "residual/pool":
-                mv = jax.vmap(L.ggn_matvec_fn(task, batch_size=args.chunk, curvature=cj.CurvatureSample(idx, w)))
-
-                def fn(b):
-                    return jnp.linalg.norm(b - mv(b) - lam * b, axis=1)
             else:  # residual/full (idx is None) or residual/both
 
                 def fn(b):
@@ -104,8 +104,7 @@ def main(argv=None) -> dict:
     p.add_argument("--baseline", default=None,
                    help="an earlier run's JSON (e.g. before a library change), shown beside this one in the .md")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                    "lissa-pool-memory-cpu.json"))
+    p.add_argument("--output", default=None, help="JSON path (default results/lissa-pool-memory-<platform>.json)")
     args = p.parse_args(argv)
     if args.part is not None:
         print("RESULT " + json.dumps(_child(args.part, args)))
@@ -116,6 +115,10 @@ def main(argv=None) -> dict:
     if args.baseline is not None:  # read first: a bad path fails before any measurement
         with open(args.baseline) as f:
             baseline = json.load(f)
+        differ = {k: (v, baseline["settings"].get(k)) for k, v in vars(args).items()
+                  if k not in ("part", "parts", "output", "baseline") and baseline["settings"].get(k) != v}
+        if differ:
+            raise SystemExit(f"--baseline ran another workload; these settings differ (this run, baseline): {differ}")
     rows = {}
     for part in args.parts:
         cmd = [sys.executable, os.path.abspath(__file__), "--part", part]
@@ -125,17 +128,23 @@ def main(argv=None) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"part {part!r} failed:\n{proc.stderr[-3000:]}")
-        out = proc.stdout
-        rows[part] = json.loads(out.split("RESULT ", 1)[1])
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"part {part!r} printed no result:\n{proc.stdout[-2000:]}")
+        rows[part] = json.loads(lines[-1][len("RESULT "):])
         r = rows[part]
         extra = "" if "xla_temp_mib" not in r else (
-            f"  (after compile {r['peak_rss_after_compile_mib']:6.0f} MiB, XLA temp {r['xla_temp_mib'] or 0:6.0f} MiB)")
+            f"  (after compile {r['peak_rss_after_compile_mib']:6.0f} MiB, XLA temp {_fmt(r['xla_temp_mib']):>6} MiB)")
         print(f"{part:>16}: {r['peak_rss_mib']:8.0f} MiB  {r['seconds']:7.1f} s{extra}", flush=True)
     base = rows.get("base", {}).get("peak_rss_mib")
     if base is not None:
         for r in rows.values():
             r["above_base_mib"] = r["peak_rss_mib"] - base
-    result = {"machine": machine(), "argv": sys.argv[1:] if argv is None else argv,
+    info = machine()
+    if args.output is None:
+        args.output = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"lissa-pool-memory-{info['platform']}.json")
+    result = {"machine": info, "library_commit": _commit(), "argv": sys.argv[1:] if argv is None else argv,
               "settings": {k: v for k, v in vars(args).items() if k not in ("part", "output", "baseline")},
               "parts": rows}
     if baseline is not None:
@@ -151,10 +160,28 @@ def main(argv=None) -> dict:
     return result
 
 
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:,.0f}"
+
+
+def _commit() -> str | None:
+    """The imported library's git commit (``+dirty`` with uncommitted changes), or None outside a checkout."""
+    import cif_jax
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cif_jax.__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "cif_jax"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def _markdown(result, baseline) -> str:
     """The run as a table (peak resident MiB, XLA scratch MiB), beside a baseline run when given."""
     m, st = result["machine"], result["settings"]
-    fmt = lambda v: "" if v is None else f"{v:,.0f}"
     head = "| part | peak MiB | XLA scratch MiB |"
     rule = "|---|---|---|"
     if baseline is not None:
@@ -168,10 +195,10 @@ def _markdown(result, baseline) -> str:
              + ("" if baseline is None else f" Baseline: {baseline.get('library_commit') or 'an earlier run'}."),
              "", head, rule]
     for part, r in result["parts"].items():
-        row = f"| {part} | {fmt(r['peak_rss_mib'])} | {fmt(r.get('xla_temp_mib'))} |"
+        row = f"| {part} | {_fmt(r['peak_rss_mib'])} | {_fmt(r.get('xla_temp_mib'))} |"
         if baseline is not None:
             b = baseline["parts"].get(part, {})
-            row += f" {fmt(b.get('peak_rss_mib'))} | {fmt(b.get('xla_temp_mib'))} |"
+            row += f" {_fmt(b.get('peak_rss_mib'))} | {_fmt(b.get('xla_temp_mib'))} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
 
