@@ -179,32 +179,41 @@ def main():
     print(f"base: macro-F1 rest {base['metrics']['macro_f1_rest']:.3f}, self-acc "
           f"{base['metrics']['self_accuracy']:.3f}; retrain: {ref['macro_f1_rest']:.3f}, "
           f"{ref['self_accuracy']:.3f} ({retrain['seconds']:.0f} s); base peak RSS {base['peak_rss_mib']:.0f} MiB")
-    rows = []
     for damping in args.dampings:
         plan = [("full", 0, 0)] + [(s, m, k) for s in SAMPLERS for m in sizes for k in range(seeds)]
         for sampler, m, seed in plan:
             key = f"lissa/{damping:g}/{sampler}/M{m}/seed{seed}"
             r = cells(key, lambda key=key: in_child(key))
-            gap = {k: r["metrics"][k] - ref[k] for k in ("self_accuracy", "self_loss", "macro_f1_rest")}
-            rows.append({"damping": damping, "sampler": sampler, "M": m, "seed": seed, **r, "gap_to_retrain": gap})
             print(f"[{damping:g}] {sampler:28s} M={m:5d} s{seed}: F1 rest {r['metrics']['macro_f1_rest']:.3f} "
                   f"(retrain {ref['macro_f1_rest']:.3f}), self-acc {r['metrics']['self_accuracy']:.3f}, "
                   f"{r['solve_seconds']:.1f} s, {max(r['steps'])} steps, scale {r['attempts'][-1]['scale']:.3g} "
                   f"({len(r['attempts'])} tries), peak {r['peak_rss_mib']:.0f} MiB",
                   flush=True)
+    # The summary covers every finished cell in the file, this run's and earlier slices' alike, so that
+    # slices run with different grids add up to one result.
+    rows = []
+    for key, r in cells.values.items():
+        if key.startswith("lissa/"):
+            _, damping, sampler, m, seed = key.split("/")
+            gap = {k: r["metrics"][k] - ref[k] for k in ("self_accuracy", "self_loss", "macro_f1_rest")}
+            rows.append({"damping": float(damping), "sampler": sampler, "M": int(m[1:]), "seed": int(seed[4:]),
+                         **r, "gap_to_retrain": gap})
+    order = {name: i for i, name in enumerate(("full", *SAMPLERS))}
+    groups = sorted({(r["damping"], r["sampler"], r["M"]) for r in rows}, key=lambda g: (-g[0], order[g[1]], g[2]))
     summary = []
-    for damping in args.dampings:
-        for sampler in ("full", *SAMPLERS):
-            for m in ([0] if sampler == "full" else sizes):
-                sel = [r for r in rows if r["damping"] == damping and r["sampler"] == sampler and r["M"] == m]
-                summary.append({"damping": damping, "sampler": sampler, "M": m, "seeds": len(sel),
-                                **{k: float(np.mean([r["metrics"][k] for r in sel]))
-                                   for k in ("macro_f1_rest", "self_accuracy", "self_loss")},
-                                "solve_seconds": float(np.mean([r["solve_seconds"] for r in sel])),
-                                "peak_rss_mib": float(np.mean([r["peak_rss_mib"] for r in sel])),
-                                "mean_steps": float(np.mean([np.mean(r["steps"]) for r in sel]))})
-    ec.write("samplers_lissa", args, {**ec.task_info(*_setup(args)[:2], args), "sizes": sizes, "seeds": seeds,
-                                      "dampings": args.dampings, "lissa_depth": args.lissa_depth,
+    for damping, sampler, m in groups:
+        sel = [r for r in rows if (r["damping"], r["sampler"], r["M"]) == (damping, sampler, m)]
+        summary.append({"damping": damping, "sampler": sampler, "M": m, "seeds": len(sel),
+                        **{k: float(np.mean([r["metrics"][k] for r in sel]))
+                           for k in ("macro_f1_rest", "self_accuracy", "self_loss")},
+                        "solve_seconds": float(np.mean([r["solve_seconds"] for r in sel])),
+                        "peak_rss_mib": float(np.mean([r["peak_rss_mib"] for r in sel])),
+                        "mean_steps": float(np.mean([np.mean(r["steps"]) for r in sel]))})
+    ec.write("samplers_lissa", args, {**ec.task_info(*_setup(args)[:2], args),
+                                      "sizes": sorted({r["M"] for r in rows if r["M"]}),
+                                      "seeds": sorted({r["seed"] for r in rows}),
+                                      "dampings": sorted({r["damping"] for r in rows}),
+                                      "lissa_depth": args.lissa_depth,
                                       "lissa_tol": args.lissa_tol, "lissa_batch": args.lissa_batch,
                                       "base": base, "retrain": retrain, "summary": summary, "rows": rows,
                                       "cell_runs": cells.runs})
