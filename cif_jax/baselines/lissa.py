@@ -159,10 +159,11 @@ def _residuals(task, rhs, x, pool_idx, pool_w, lam, chunk):
     """True relative residuals on the full and the pool's damped GGN, one system at a time.
 
     ``lax.map`` over the systems, not ``vmap``: a vmapped product holds Q tangents of
-    every chunk's activations at once (about 1 GiB of scratch for 10 systems of
-    LeNet-5 on 4,000 MNIST images in chunks of 512, against 58 MiB for the whole
-    recursion). One at a time, the check needs one product's memory whatever Q,
-    as the recursion does (``benchmarks/lissa_pool_memory.py``).
+    a chunk's activations at once (987 MiB of XLA scratch for 10 systems of LeNet-5
+    on 4,000 MNIST images in chunks of 512, where the minibatch recursion needs 58
+    MiB; ``benchmarks/lissa_pool_memory.py``). One system at a time, the scratch is
+    one product's whatever Q (147 MiB there), at the price of one forward pass per
+    system instead of one shared by all.
     """
     full = ggn_matvec_fn(task, batch_size=chunk)
     pool = None if pool_idx is None else ggn_matvec_fn(
