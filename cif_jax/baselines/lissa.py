@@ -156,13 +156,28 @@ def _one_repeat(task, rhs, pool_idx, pool_w, lam, scale, depth, tol, batch_size,
 
 @eqx.filter_jit
 def _residuals(task, rhs, x, pool_idx, pool_w, lam, chunk):
-    full = jax.vmap(ggn_matvec_fn(task, batch_size=chunk))
-    bnorm = jnp.maximum(jnp.linalg.norm(rhs, axis=1), jnp.finfo(rhs.dtype).tiny)
-    res_full = jnp.linalg.norm(rhs - full(x) - lam * x, axis=1) / bnorm
-    if pool_idx is None:
-        return res_full, res_full
-    pool = jax.vmap(ggn_matvec_fn(task, batch_size=chunk, curvature=_curvature.CurvatureSample(pool_idx, pool_w)))
-    return res_full, jnp.linalg.norm(rhs - pool(x) - lam * x, axis=1) / bnorm
+    """True relative residuals on the full and the pool's damped GGN, one system at a time.
+
+    ``lax.map`` over the systems, not ``vmap``: a vmapped product holds Q tangents of
+    a chunk's activations at once (987 MiB of XLA scratch for 10 systems of LeNet-5
+    on 4,000 MNIST images in chunks of 512, where the minibatch recursion needs 58
+    MiB; ``benchmarks/lissa_pool_memory.py``). One system at a time, the scratch is
+    one product's whatever Q (147 MiB there), at the price of one forward pass per
+    system instead of one shared by all.
+    """
+    full = ggn_matvec_fn(task, batch_size=chunk)
+    pool = None if pool_idx is None else ggn_matvec_fn(
+        task, batch_size=chunk, curvature=_curvature.CurvatureSample(pool_idx, pool_w))
+
+    def one(system):
+        b, xi = system
+        bnorm = jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
+        res_full = jnp.linalg.norm(b - full(xi) - lam * xi) / bnorm
+        if pool is None:
+            return res_full, res_full
+        return res_full, jnp.linalg.norm(b - pool(xi) - lam * xi) / bnorm
+
+    return jax.lax.map(one, (rhs, x))
 
 
 def lissa(
