@@ -191,7 +191,7 @@ def _markdown(result, baseline) -> str:
              f"{st['dataset']} {st['model']}, {st['num_rhs']} right-hand sides, pool of {st['pool_size']} "
              f"(uniform), minibatch {st['lissa_batch']}, chunks of {st['chunk']}, depth {st['depth']}; each part "
              f"in a fresh process. Machine: {m.get('cpu')} ({m.get('cpus_usable')} usable core(s)), jax "
-             f"{m.get('jax')}, cif_jax {m.get('cif_jax')}, load {m.get('load_average')}."
+             f"{m.get('jax')}, cif_jax {m.get('cif_jax')} at {result.get('library_commit')}, load {m.get('load_average')}."
              + ("" if baseline is None else f" Baseline: {baseline.get('library_commit') or 'an earlier run'}."),
              "", head, rule]
     for part, r in result["parts"].items():
