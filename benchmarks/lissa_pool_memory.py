@@ -111,6 +111,9 @@ def main(argv=None) -> dict:
         return {}
     from common import machine
 
+    from cif_jax.core.checkpoint import atomic_write
+    from cif_jax.workloads.runs import write_json
+
     baseline = None
     if args.baseline is not None:  # read first: a bad path fails before any measurement
         with open(args.baseline) as f:
@@ -151,12 +154,9 @@ def main(argv=None) -> dict:
         result["baseline"] = {"path": os.path.relpath(args.baseline, os.path.dirname(args.output)),
                               "library_commit": baseline.get("library_commit"), "parts": baseline["parts"]}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    for path, text in ((args.output, json.dumps(result, indent=1)),
-                       (os.path.splitext(args.output)[0] + ".md", _markdown(result, baseline))):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    write_json(args.output, result)
+    markdown = _markdown(result, baseline)
+    atomic_write(os.path.splitext(args.output)[0] + ".md", lambda f: f.write(markdown.encode()))
     return result
 
 
