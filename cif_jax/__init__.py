@@ -66,11 +66,14 @@ from cif_jax.cif.correction import NystromCorrection as NystromCorrection
 from cif_jax.cif.kmeans import KMeansResult as KMeansResult
 from cif_jax.cif.kmeans import kmeans as kmeans
 from cif_jax.cif.kmeans import kmeans_fit as kmeans_fit
+from cif_jax.cif.lowrank import LowRankTerms as LowRankTerms
 from cif_jax.cif.persistence import CacheFileError as CacheFileError
 from cif_jax.cif.persistence import load_cache as load_cache
 from cif_jax.cif.persistence import save_cache as save_cache
+from cif_jax.cif.queries import Alphas as Alphas
 from cif_jax.cif.queries import cluster_alphas as cluster_alphas
 from cif_jax.cif.queries import cluster_counts as cluster_counts
+from cif_jax.cif.queries import example_scores as example_scores
 from cif_jax.cif.queries import fold_alphas as fold_alphas
 from cif_jax.cif.queries import fold_loss_delta as fold_loss_delta
 from cif_jax.cif.queries import fold_matrix as fold_matrix

@@ -139,11 +139,11 @@ def cif_fold_estimators(cache, task, folds, args):
     correction adds the cached self terms to the diagonal. Without a correction, corrected is None."""
     t0 = time.perf_counter()
     matrix = np.asarray(jax.block_until_ready(cj.fold_matrix(cache, task, folds, batch_size=args.batch_size,
-                                                             corrected=False)))
+                                                             estimator="paper")))
     paper = np.diag(matrix).copy()
     corrected = None
     if cache.correction is not None:
-        corrected = paper + np.asarray(cj.overlap_correction(cache, folds, folds))
+        corrected = paper + np.asarray(cj.overlap_correction(cache, folds, folds, estimator="corrected"))
     return corrected, paper, matrix, time.perf_counter() - t0
 
 

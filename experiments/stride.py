@@ -294,7 +294,7 @@ def mislabel_part(x, y, xt, yt, args, settings):
         scores[f"CiF self C={c}"], t_q = timed(lambda cache=cache: cj.self_influence(cache, task))
         seconds[f"CiF self C={c}"] = t_build + t_q
         scores[f"CiF self C={c} paper"], t_q = timed(lambda cache=cache: cj.self_influence(cache, task,
-                                                                                           corrected=False))
+                                                                                           estimator="paper"))
         seconds[f"CiF self C={c} paper"] = t_build + t_q
     truth = np.zeros(n, bool)
     truth[flipped] = True

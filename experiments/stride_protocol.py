@@ -437,7 +437,8 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
             nonlocal cache
             if cache is None:
                 cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True)
-            return cj.self_influence(cache, task, corrected=corrected, batch_size=args.batch_size)
+            return cj.self_influence(cache, task, estimator="corrected" if corrected else "paper",
+                                     batch_size=args.batch_size)
         scores[nm] = store(nm, cif_self, (n,))
     # No attribution at all: the noisy model's own training loss. It tells how findable the flipped
     # labels are for this model (the ones it has memorised have small losses and small gradients).

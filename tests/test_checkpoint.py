@@ -45,6 +45,11 @@ def _same_cache(got, want, tol=TOL):
     assert rel_err(got.responses, want.responses) < tol
     assert rel_err(got.correction.values, want.correction.values) < tol
     assert float(got.correction.scale) == pytest.approx(float(want.correction.scale), rel=tol)
+    assert rel_err(got.correction.remainder, want.correction.remainder) < tol
+    # The factors and the per-example coordinates come from stored phases (or the same products): exact.
+    np.testing.assert_array_equal(got.lowrank.basis, want.lowrank.basis)
+    np.testing.assert_array_equal(got.lowrank.coords, want.lowrank.coords)
+    np.testing.assert_array_equal(got.lowrank.tail_norms, want.lowrank.tail_norms)
     assert got.fingerprint == want.fingerprint and got.solver == want.solver
     assert np.all(np.asarray(got.residuals) <= SOLVER.rtol)
 
@@ -56,7 +61,7 @@ def test_checkpointed_build_equals_plain_and_second_call_only_reads(tmp_path, re
     blocks = [f for f in files if f.startswith("solves1-")]
     assert len(blocks) == 20, blocks  # 24 + 16 systems in blocks of 2
     # (plain CG is prepared already: no preconditioner phase)
-    for phase in ("manifest.json", "sketch.npz", "kmeans.npz", "means.npz", "nystrom.npz", "scatter.npz"):
+    for phase in ("manifest.json", "sketch.npz", "kmeans.npz", "means.npz", "nystrom.npz", "terms.npz"):
         assert phase in files
     second = build(tmp_path)
     assert _files(tmp_path) == files  # nothing recomputed, nothing rewritten
@@ -67,7 +72,7 @@ def test_checkpointed_build_equals_plain_and_second_call_only_reads(tmp_path, re
 def test_resume_recomputes_only_what_is_missing(tmp_path, reference):
     build(tmp_path)
     files = _files(tmp_path)
-    removed = sorted(f for f in files if f.startswith("solves1-"))[-3:] + ["scatter.npz"]
+    removed = sorted(f for f in files if f.startswith("solves1-"))[-3:] + ["terms.npz"]
     for name in removed:
         os.remove(tmp_path / name)
     resumed = build(tmp_path)

@@ -36,7 +36,7 @@ def problem(request):
 @pytest.fixture(scope="module")
 def exact(problem):
     with _quiet():
-        return _build(problem, "exact")
+        return _build(problem, cj.ExactCorrection(rank=0))  # rank 0: the clusters and whole self terms
 
 
 class _quiet:
@@ -91,14 +91,14 @@ def test_exact_terms_match_dense(problem, exact):
     got = np.asarray(cj.self_influence(exact, problem.task, batch_size=BATCH))
     np.testing.assert_allclose(got, self_inf, rtol=0, atol=TOL * np.abs(self_inf).max())
     some = np.array([3, 0, 17])
-    paper = np.asarray(cj.self_influence(exact, problem.task, some, corrected=False))
+    paper = np.asarray(cj.self_influence(exact, problem.task, some, estimator="paper"))
     np.testing.assert_allclose(paper + t[some], self_inf[some], rtol=0, atol=TOL * np.abs(self_inf).max())
 
 
 def test_corrected_fold_scores_match_dense(problem, exact):
     t, _, _ = _reference(problem, exact)
     got = np.asarray(cj.fold_loss_delta(exact, problem.task, FOLDS, batch_size=BATCH))
-    paper = np.asarray(cj.fold_loss_delta(exact, problem.task, FOLDS, batch_size=BATCH, corrected=False))
+    paper = np.asarray(cj.fold_loss_delta(exact, problem.task, FOLDS, batch_size=BATCH, estimator="paper"))
     want = np.array([_dense_score(problem, exact, t, f, f) for f in FOLDS])
     np.testing.assert_allclose(got, want[:, 0], rtol=TOL)
     np.testing.assert_allclose(paper, want[:, 1], rtol=TOL)
@@ -131,12 +131,12 @@ def test_no_overlap_means_no_correction(problem, exact):
     g_v = problem.grads[v[0]].mean(axis=0)
     bare = np.asarray(cj.loss_delta(exact, s, g_v))
     told = np.asarray(cj.loss_delta(exact, s, g_v, eval_sets=v))
-    paper = np.asarray(cj.loss_delta(exact, s, g_v, eval_sets=v, corrected=False))
+    paper = np.asarray(cj.loss_delta(exact, s, g_v, eval_sets=v, estimator="paper"))
     np.testing.assert_array_equal(bare, told)
     np.testing.assert_array_equal(bare, paper)
     # A bare evaluation gradient of an overlapping set: no overlap is known, nothing added.
     same = np.asarray(cj.loss_delta(exact, s, problem.grads[s[0]].mean(axis=0)))
-    paper_same = np.asarray(cj.loss_delta(exact, s, problem.grads[s[0]].mean(axis=0), eval_sets=s, corrected=False))
+    paper_same = np.asarray(cj.loss_delta(exact, s, problem.grads[s[0]].mean(axis=0), eval_sets=s, estimator="paper"))
     np.testing.assert_array_equal(same, paper_same)
 
 
@@ -261,15 +261,23 @@ def test_calibrated_scale_is_the_hansen_hurwitz_ratio(low_rank):
     sample = np.asarray(c.sample)
     raw = np.asarray(c.raw)
     assert sample.shape == (24,) and sample.min() >= 0 and sample.max() < N
-    assert np.all(raw[sample] != 0)  # drawn with probability proportional to |estimate|
+    rem_raw = np.asarray(c.remainder_raw)
+    # Drawn with probability half in proportion to |raw|, half to |remainder_raw| (the complement part).
+    pi = 0.5 * np.abs(raw) / np.abs(raw).sum() + 0.5 * np.abs(rem_raw) / np.abs(rem_raw).sum()
+    assert np.all(pi[sample] > 0)
     np.testing.assert_allclose(np.asarray(c.sample_values), t[sample], rtol=1e-9, atol=1e-14)
-    # T = (sum |raw| / m) sum_k t_k / |raw_k| estimates sum t; the scale is T / sum raw.
-    weighted = t[sample] / np.abs(raw[sample])
-    scale = np.abs(raw).sum() * weighted.mean() / raw.sum()
+    # Each scale is the ratio of the Hansen-Hurwitz estimates sum_k y_k / pi_k of the exact and the estimated totals.
+    scale = (t[sample] / pi[sample]).mean() / (raw[sample] / pi[sample]).mean()
     np.testing.assert_allclose(float(c.scale), scale, rtol=1e-9)
+    resid = (t[sample] - scale * raw[sample]) / pi[sample]
     np.testing.assert_allclose(float(c.scale_stderr),
-                               np.abs(raw).sum() * weighted.std(ddof=1) / np.sqrt(24) / abs(raw.sum()), rtol=1e-9)
+                               resid.std(ddof=1) / np.sqrt(24) / abs((raw[sample] / pi[sample]).mean()), rtol=1e-9)
     np.testing.assert_allclose(np.asarray(c.values), raw * scale, rtol=1e-12)
+    # The remainder: the exact self term less its low-rank part (raw - remainder_raw).
+    rem = t - (raw - rem_raw)
+    r_scale = (rem[sample] / pi[sample]).mean() / (rem_raw[sample] / pi[sample]).mean()
+    np.testing.assert_allclose(float(c.remainder_scale), r_scale, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(c.remainder), rem_raw * r_scale, rtol=1e-8)
     # The Nystrom estimate runs high; the calibrated one brings the total to within 4 standard errors.
     assert raw.sum() > t.sum()
     assert abs(np.asarray(c.values).sum() - t.sum()) <= 4 * float(c.scale_stderr) * abs(raw.sum())
@@ -282,7 +290,7 @@ def test_calibration_with_one_draw_reports_unknown_uncertainty():
 
     raw = np.array([1.0, 2.0, -0.5, 0.0])
     scale, stderr, spread = calibrate(raw, np.array([1]), np.array([1.5]))
-    np.testing.assert_allclose(scale, 3.5 * 0.75 / 2.5)  # sum|raw| * (t/|raw|) / sum raw
+    np.testing.assert_allclose(scale, 0.75)  # the ratio of t / pi and raw / pi over the one draw
     assert stderr == np.inf and spread == np.inf
     assert calibrate(np.zeros(3), np.array([0, 1]), np.zeros(2)) == (1.0, np.inf, np.inf)
 
@@ -313,7 +321,7 @@ def test_factor_rank_is_capped_by_memory(monkeypatch):
     assert cc.factor_rank(256, 10**7, 4) == cc.MAX_FACTOR_BYTES // (4 * 10**7 * 4)
     monkeypatch.setattr(cc, "MAX_FACTOR_BYTES", 4 * 57 * 8 * 5)  # room for rank 5
     problem = get_problem("mlp")
-    with pytest.warns(UserWarning, match="building rank 5 instead"), _quiet():
+    with pytest.warns(UserWarning, match="building at most rank 5 instead"), _quiet():
         cache = _build(problem, cj.NystromCorrection(rank=20))
     assert cache.correction.rank == 5
 
@@ -349,9 +357,9 @@ def test_without_correction_the_paper_estimator_only(problem):
         cj.fold_loss_delta(cache, problem.task, FOLDS)
     with pytest.raises(ValueError, match="self-influence"):
         cj.self_influence(cache, problem.task)
-    paper = np.asarray(cj.fold_loss_delta(cache, problem.task, FOLDS, corrected=False))
+    paper = np.asarray(cj.fold_loss_delta(cache, problem.task, FOLDS, estimator="paper"))
     assert paper.shape == (6,) and np.isfinite(paper).all()
     g = jnp.asarray(problem.grads[:3].mean(axis=0))
     np.testing.assert_array_equal(np.asarray(cj.loss_delta(cache, [np.arange(3)], g)),
                                   np.asarray(cj.loss_delta(cache, [np.arange(3)], g, eval_sets=[np.arange(3)],
-                                                           corrected=False)))
+                                                           estimator="paper")))

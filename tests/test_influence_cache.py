@@ -157,7 +157,7 @@ def test_fold_queries_match_dense(problem):
     # Delta l(S_k; S_k) = g_{S_k} . (1/N) sum_{i in S_k} v_{c(i)}
     want = np.array([g_folds[k] @ v[a[f]].sum(axis=0) / N for k, f in enumerate(folds)])
     # (the paper's estimator: these shared caches carry no correction, tested in test_correction.py)
-    got = cj.fold_loss_delta(cache, problem.task, folds, corrected=False)
+    got = cj.fold_loss_delta(cache, problem.task, folds, estimator="paper")
     np.testing.assert_allclose(np.asarray(got), want, rtol=SOLVE_TOL)
 
 

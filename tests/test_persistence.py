@@ -39,7 +39,7 @@ def _assert_same_cache(got, want):
         if isinstance(b, jax.Array):
             assert a.dtype == b.dtype and a.shape == b.shape, field.name
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field.name)
-        elif isinstance(b, cj.CorrectionTerms):
+        elif isinstance(b, (cj.CorrectionTerms, cj.LowRankTerms)):
             _assert_same_cache(a, b)
         else:
             assert a == b, field.name
@@ -201,20 +201,55 @@ def test_save_overwrites_atomically(saved, cache):
     _assert_same_cache(cj.load_cache(saved), cache)
 
 
-def _drop_correction(path):
-    """The file as versions 2 and 3 wrote it: no correction arrays."""
+def _drop_correction(path, prefixes=("correction.", "lowrank.")):
+    """The file as versions 2 and 3 wrote it: no correction (or low-rank) arrays."""
     with zipfile.ZipFile(path) as zf:
-        members = {name: zf.read(name) for name in zf.namelist() if not name.startswith("correction.")}
+        members = {name: zf.read(name) for name in zf.namelist() if not name.startswith(prefixes)}
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
 
 
+V5_CORRECTION = ("correction.remainder.npy", "correction.remainder_raw.npy", "correction.remainder_scale.npy",
+                 "correction.remainder_stderr.npy", "correction.remainder_ratio_std.npy")
+
+
+def _downgrade_to_4(h):
+    h["format_version"] = 4
+    del h["static"]["lowrank_note"]
+    h["arrays"] = {k: v for k, v in h["arrays"].items()
+                   if not k.startswith("lowrank.") and f"{k}.npy" not in V5_CORRECTION}
+
+
 def _downgrade_to_3(h):
+    _downgrade_to_4(h)
     h["format_version"] = 3
     for name in ("correction_method", "correction_rank"):
         del h["static"][name]
     h["arrays"] = {k: v for k, v in h["arrays"].items() if not k.startswith("correction.")}
+
+
+def test_version_4_files_read_at_rank_0_with_a_warning(saved, cache, problem):
+    # Version 4 had the whole self terms but no factors, coordinates or remainders.
+    with zipfile.ZipFile(saved) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()
+                   if not name.startswith("lowrank.") and name not in V5_CORRECTION}
+    with zipfile.ZipFile(saved, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    _edit_header(saved, _downgrade_to_4)
+    with pytest.warns(UserWarning, match="format version 4: it holds no low-rank factors"):
+        loaded = cj.load_cache(saved)
+    assert loaded.lowrank is None
+    np.testing.assert_array_equal(np.asarray(loaded.correction.remainder), np.asarray(cache.correction.values))
+    # At rank 0 the default estimator is the clusters plus the whole self terms.
+    folds = [np.arange(0, 10), np.arange(10, 20)]
+    g = np.asarray(problem.grads[20:30].mean(axis=0))
+    np.testing.assert_array_equal(np.asarray(cj.loss_delta(loaded, folds, g)),
+                                  np.asarray(cj.loss_delta(cache, folds, g, estimator="paper")))
+    np.testing.assert_allclose(np.asarray(cj.fold_loss_delta(loaded, problem.task, folds)),
+                               np.asarray(cj.fold_loss_delta(cache, problem.task, folds, estimator="corrected")),
+                               rtol=1e-12)
 
 
 def test_version_2_files_read_as_cg(saved):

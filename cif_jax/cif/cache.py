@@ -31,8 +31,10 @@ from ..solvers.precondition import NystromPreconditioner, nystrom_preconditioner
 from ..solvers.solve import check_solver as _check_solver
 from ..solvers.solve import prepare_checkpointed, solve_checkpointed
 from . import correction as _correction
+from . import lowrank as _lowrank
 from .correction import CalibratedCorrection, CorrectionTerms, ExactCorrection, NystromCorrection
 from .kmeans import kmeans_fit
+from .lowrank import LowRankTerms
 from .sketch import DEFAULT_BLOCK_SIZE
 from .sketch import sketch as _sketch_rows
 
@@ -69,7 +71,10 @@ class InfluenceCache(eqx.Module):
 
     ``correction`` holds the per-example self-influence scalars ``t_i`` of
     :mod:`cif_jax.cif.correction` (a :class:`cif_jax.CorrectionTerms`), or None when the
-    cache was built with ``correction=None``.
+    cache was built with ``correction=None``. ``lowrank`` holds the rank-r factors of the
+    GGN and every example's coordinates in them (a :class:`cif_jax.LowRankTerms`), with
+    which the default estimator answers queries whose evaluation set is not the removed
+    set (:mod:`cif_jax.cif.lowrank`); None when no factors were built (rank 0).
     """
 
     assignments: Int[Array, " n"]
@@ -98,6 +103,7 @@ class InfluenceCache(eqx.Module):
     timings: tuple = eqx.field(static=True)
     solver: str = eqx.field(static=True, default="cg")
     correction: CorrectionTerms | None = None
+    lowrank: LowRankTerms | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -191,13 +197,14 @@ def build_cache(
         curvature: a :class:`cif_jax.CurvatureSample`: solve with the GGN of a weighted
             subset of examples (paper section 5.6) while gradients and clustering use
             all N. None: all N.
-        correction: the estimator of the per-example self-influence scalars ``t_i`` that
-            queries whose evaluation set overlaps the removed set add back
-            (:mod:`cif_jax.cif.correction`): ``"calibrated"`` (default,
-            :class:`cif_jax.CalibratedCorrection`: rank-256 Nystrom factors, rescaled by 16
-            exact per-example solves), ``"nystrom"``, ``"exact"`` (N solves), a settings
-            object, or None (no correction: only the paper's estimator is available).
-            The Nystrom factors come from the solver's preconditioner when it is a
+        correction: the low-rank factors of the GGN with every example's coordinates in
+            them (:mod:`cif_jax.cif.lowrank`), and the estimator of the per-example
+            self-influence scalars that queries whose evaluation set overlaps the removed
+            set add back (:mod:`cif_jax.cif.correction`): ``"calibrated"`` (default,
+            :class:`cif_jax.CalibratedCorrection`: the rank chosen by the spectrum, the self
+            terms rescaled by 16 exact per-example solves), ``"nystrom"``, ``"exact"`` (N
+            solves), a settings object, or None (no factors, no correction: only the
+            paper's estimator is available). The Nystrom factors come from the solver's preconditioner when it is a
             :class:`cif_jax.NystromPreconditioner`; otherwise they are built here (r
             GGN products, about four r x p arrays; the rank is lowered with a warning
             past :data:`cif_jax.cif.correction.MAX_FACTOR_BYTES`), and with CG's
@@ -281,7 +288,7 @@ def build_cache(
     if progress:
         from tqdm.auto import tqdm
 
-        builds_nystrom = isinstance(correction, (NystromCorrection, CalibratedCorrection)) and shared is None
+        builds_nystrom = correction is not None and correction.rank != 0 and shared is None
         total = 5 + builds_nystrom + (not solver.prepared and not builds_nystrom) + (
             correction is not None and not isinstance(correction, NystromCorrection))
         bar = tqdm(total=total, desc="CiF cache", unit="phase")
@@ -322,24 +329,36 @@ def build_cache(
             stacklevel=2,
         )
 
-    factors = None
-    if isinstance(correction, (NystromCorrection, CalibratedCorrection)):
-        source = shared
+    factors, source, probe = None, shared, None
+    if correction is not None and correction.rank != 0:
+        # A probe of deviations d_i = g_i - mu_c(i): it decides the rank ("auto") and records how
+        # much of the deviations the factors hold (cheap: PROBE_SIZE gradients, redone on resume).
+        _, probe = _correction.deviations(task, _lowrank.probe_indices(jax.random.fold_in(key, 5), n), assignments,
+                                          means, batch_size)
         if source is None:
-            rank = _correction.factor_rank(correction.rank, task.num_params, jnp.dtype(task.dtype).itemsize)
-            if rank < min(correction.rank, task.num_params):
+            itemsize = jnp.dtype(task.dtype).itemsize
+            wanted = correction.max_rank if correction.rank == "auto" else correction.rank
+            rank = _correction.factor_rank(wanted, task.num_params, itemsize)
+            if rank < min(wanted, task.num_params):
                 warnings.warn(
-                    f"the correction's Nystrom factors at rank {correction.rank} would take about "
-                    f"{4 * correction.rank * task.num_params * jnp.dtype(task.dtype).itemsize / 2**30:.1f} GiB for "
-                    f"p = {task.num_params:,}; building rank {rank} instead. Pass a smaller `rank`, a solver with a "
+                    f"the correction's Nystrom factors at rank {wanted} would take about "
+                    f"{4 * wanted * task.num_params * itemsize / 2**30:.1f} GiB for p = {task.num_params:,}; "
+                    f"building at most rank {rank} instead. Pass a smaller `rank` or `max_rank`, a solver with a "
                     "built Nystrom preconditioner, or `correction=None`.",
                     stacklevel=2,
                 )
+            if correction.rank == "auto":
+                settings = dict(rank="auto", damping=lam, max_rank=rank,
+                                initial_rank=min(_lowrank.DEFAULT_INITIAL_RANK, rank),
+                                accept=_lowrank.probe_rule(probe, lam, correction.tolerance))
+            else:
+                settings = dict(rank=rank)
 
             def build_factors():
                 return nystrom_preconditioner(
-                    task, key=jax.random.fold_in(key, 2), rank=rank, error_iters=0, batch_size=batch_size,
-                    rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature)
+                    task, key=jax.random.fold_in(key, 2), error_iters=_lowrank.ERROR_ITERS, batch_size=batch_size,
+                    rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature,
+                    progress=progress, **settings)
 
             source = phase("nystrom", build_factors if ckpt is None else lambda: ckpt.module(
                 "nystrom", NystromPreconditioner, build_factors))
@@ -365,12 +384,15 @@ def build_cache(
                                   damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
                                   progress=progress)
 
-    dev_sq, grad_norms, raw = phase("scatter", lambda: stored("scatter", lambda: _correction.streamed_terms(
-        task, assignments, means, factors, lam, batch_size)))
+    dev_sq, grad_norms, low_self, complement, tail_sq, coords = phase(
+        "scatter", lambda: stored("terms", lambda: _correction.streamed_terms(
+            task, assignments, means, factors, lam, batch_size)))
     cluster_scatter = jax.ops.segment_sum(dev_sq, assignments, num_segments=num_clusters)
+    raw = low_self + complement
     # The calibration systems (a few per-example deviations) join the C cluster systems in one solve.
     if isinstance(correction, CalibratedCorrection):
-        sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples)
+        prob = _correction.sampling_probabilities(raw, complement)
+        sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples, prob)
         extra, inverse = np.unique(sample, return_inverse=True)
         # Padded (repeating one draw) to a fixed count: every build with these settings reuses one
         # compiled gradient pass and one compiled solve, whatever the number of distinct draws.
@@ -383,15 +405,26 @@ def build_cache(
     solved = phase("solves", lambda: solve(rhs))
     head = lambda a: a[:num_clusters]
     terms = None
+    rank = 0 if factors is None else int(factors[0].shape[0])
     if isinstance(correction, CalibratedCorrection):
-        t_extra = jnp.sum(g_extra * solved.solutions[num_clusters:], axis=1) / n
-        terms = _correction.calibrated_terms(correction, raw / n, grad_norms, sample, t_extra[inverse],
-                                             solved.residuals[num_clusters:][inverse], int(factors[0].shape[0]))
+        t_extra = (jnp.sum(g_extra * solved.solutions[num_clusters:], axis=1) / n)[inverse]
+        terms = _correction.calibrated_terms(
+            correction, raw / n, complement / n, grad_norms, sample, prob, t_extra,
+            t_extra - low_self[jnp.asarray(sample)] / n, solved.residuals[num_clusters:][inverse], rank)
     elif isinstance(correction, NystromCorrection):
-        terms = _correction.nystrom_terms(correction, raw / n, grad_norms, int(factors[0].shape[0]))
+        terms = _correction.nystrom_terms(correction, raw / n, complement / n, grad_norms, rank)
     elif isinstance(correction, ExactCorrection):
         terms = phase("correction", lambda: _correction.exact_terms(
-            correction, task, assignments, means, grad_norms, solve, batch_size))
+            correction, task, assignments, means, grad_norms, low_self / n, solve, batch_size, rank))
+    lowrank = None
+    if factors is not None:
+        basis, eig = factors
+        lowrank = _lowrank.LowRankTerms(
+            basis=basis, eigenvalues=eig, coords=coords,
+            mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),
+            tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(source.error_estimate, eig.dtype),
+            predicted_error=jnp.asarray(_lowrank.predicted_error(probe, basis, eig, lam), eig.dtype),
+            note=source.note if source.note.startswith("auto: rank") and rank == source.rank else f"rank {rank}")
     solved = jax.tree_util.tree_map(head, solved)
     if bar is not None:
         bar.close()
@@ -423,5 +456,6 @@ def build_cache(
         timings=tuple(timings),
         solver=solver.describe(),
         correction=terms,
+        lowrank=lowrank,
     )
 

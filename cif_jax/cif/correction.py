@@ -53,9 +53,8 @@ from jaxtyping import Array, Float, Int
 from ..core import checks as _checks
 from ..core.gradients import HIGHEST, per_example_grads, raise_on_bad, streamed_map
 from ..core.task import Task, take_examples
+from . import lowrank as _lowrank
 
-#: Default Nystrom rank of the correction (measured: ``experiments/correction.py``).
-DEFAULT_RANK = 256
 #: Default number of calibration draws (exact per-example solves).
 DEFAULT_NUM_SAMPLES = 16
 #: The Nystrom factors a cache builds for its correction hold about four r x p arrays; the
@@ -69,43 +68,86 @@ def factor_rank(rank: int, num_params: int, itemsize: int) -> int:
     return int(min(rank, num_params, fits))
 
 
+def _check_rank(owner: str, rank, max_rank, tolerance, allow_zero: bool):
+    if isinstance(rank, str):
+        if rank != "auto":
+            raise ValueError(f"`{owner}.rank` must be a positive integer or 'auto'; got {rank!r}.")
+    elif allow_zero and isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank == 0:
+        pass
+    else:
+        _checks.positive_int(rank, f"{owner}.rank")
+    _checks.positive_int(max_rank, f"{owner}.max_rank")
+    tol = float(tolerance) if isinstance(tolerance, (int, float, np.floating)) and not isinstance(tolerance, bool) \
+        else float("nan")
+    if not 0 < tol < 1:
+        raise ValueError(f"`{owner}.tolerance` must be a number in (0, 1); got {tolerance!r}.")
+
+
+def _describe_rank(c) -> str:
+    if c.rank == "auto":
+        return f"rank=auto(max {c.max_rank}, tolerance {c.tolerance:g})"
+    return f"rank={c.rank}"
+
+
 class ExactCorrection(eqx.Module):
     """``t_i`` from one damped-GGN solve ``H~ x_i = g_i - mu_c(i)`` per example (N solves).
 
     Exact to the solver tolerance; each solve's true residual is stored and enters the
     bound. Meant for small N and for checking the cheaper estimators.
+
+    Attributes:
+        rank: the rank of the low-rank factors kept for queries whose evaluation set is not
+            the removed set (:mod:`cif_jax.cif.lowrank`): ``"auto"`` (default), a positive
+            integer, or 0 (no factors: such queries are answered by the clusters alone).
+        max_rank, tolerance: the rule of ``rank="auto"`` (as :class:`CalibratedCorrection`).
     """
 
+    rank: int | str = "auto"
+    max_rank: int = _lowrank.DEFAULT_MAX_RANK
+    tolerance: float = _lowrank.DEFAULT_TOLERANCE
+
+    def __check_init__(self):
+        _check_rank("ExactCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=True)
+
     def describe(self) -> str:
-        return "exact"
+        return "exact" if self.rank == 0 else f"exact({_describe_rank(self)})"
 
 
 class NystromCorrection(eqx.Module):
     """``t_i`` from the rank-r Nystrom factors of the GGN, with no solve (biased upwards).
 
     Attributes:
-        rank: r (capped at p). When the cache is built with a
-            :class:`cif_jax.NystromPreconditioner`, its factors are reused instead of building
-            new ones: its top ``rank`` eigenpairs if it has more, all of them if it has fewer
-            (the rank used is recorded in :attr:`CorrectionTerms.rank`).
+        rank: r (capped at p), or ``"auto"`` (as :class:`CalibratedCorrection`). When the
+            cache is built with a :class:`cif_jax.NystromPreconditioner`, its factors are
+            reused instead of building new ones: its top ``rank`` eigenpairs if it has more,
+            all of them if it has fewer (the rank used is recorded in :attr:`CorrectionTerms.rank`).
+        max_rank, tolerance: the rule of ``rank="auto"``.
     """
 
-    rank: int = DEFAULT_RANK
+    rank: int | str = "auto"
+    max_rank: int = _lowrank.DEFAULT_MAX_RANK
+    tolerance: float = _lowrank.DEFAULT_TOLERANCE
 
     def __check_init__(self):
-        _checks.positive_int(self.rank, "NystromCorrection.rank")
+        _check_rank("NystromCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=False)
 
     def describe(self) -> str:
-        return f"nystrom(rank={self.rank})"
+        return f"nystrom({_describe_rank(self)})"
 
 
 class CalibratedCorrection(eqx.Module):
     """Nystrom estimates of ``t_i`` rescaled by exact solves for a small sample (the default).
 
     Attributes:
-        rank: Nystrom rank r, as :class:`NystromCorrection`.
-        num_samples: m, calibration draws (with replacement, probability proportional to
-            ``|t^nys_i|``); the distinct drawn examples get one exact solve each.
+        rank: Nystrom rank r, or ``"auto"`` (default): start at
+            :data:`cif_jax.cif.lowrank.DEFAULT_INITIAL_RANK` and double, reusing every
+            product made, until the share of a probe of deviations ``g_i - mu_c(i)`` that
+            lies outside the factors (:func:`cif_jax.cif.lowrank.predicted_error`) is at
+            most ``tolerance``, or the rank reaches ``max_rank``.
+        num_samples: m, calibration draws (with replacement); the distinct drawn examples
+            get one exact solve each.
+        max_rank: the largest rank ``"auto"`` builds.
+        tolerance: the predicted share outside the factors at which ``"auto"`` stops.
 
     Cost: r GGN-vector products (in blocks) and the Nystrom factors' memory, about four
     r x p arrays (``build_cache`` lowers r, with a warning, when they would exceed
@@ -113,40 +155,57 @@ class CalibratedCorrection(eqx.Module):
     factors also precondition the cache's C solves when no preconditioner is given.
     """
 
-    rank: int = DEFAULT_RANK
+    rank: int | str = "auto"
     num_samples: int = DEFAULT_NUM_SAMPLES
+    max_rank: int = _lowrank.DEFAULT_MAX_RANK
+    tolerance: float = _lowrank.DEFAULT_TOLERANCE
 
     def __check_init__(self):
-        _checks.positive_int(self.rank, "CalibratedCorrection.rank")
+        _check_rank("CalibratedCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=False)
         _checks.positive_int(self.num_samples, "CalibratedCorrection.num_samples")
 
     def describe(self) -> str:
-        return f"calibrated(rank={self.rank}, num_samples={self.num_samples})"
+        return f"calibrated({_describe_rank(self)}, num_samples={self.num_samples})"
 
 
 class CorrectionTerms(eqx.Module):
     """The per-example self-influence scalars a cache stores (O(N) floats).
 
+    Two forms of each example's self term are kept, one per estimator that adds it back:
+
+    * ``values``, the whole ``t_i = (1/N) g_i^T H~^{-1} d_i`` (``d_i = g_i - mu_c(i)``), for
+      the clusters-only estimator (``estimator="corrected"``);
+    * ``remainder``, the part the low-rank deviations miss,
+      ``(1/N) g_i^T H~^{-1} d_i - (1/N) (U^T g_i)^T (diag(s) + lambda)^{-1} U^T d_i``, for the
+      default estimator (``estimator="hybrid"``), which carries the rest through the
+      factors (:mod:`cif_jax.cif.lowrank`). At rank p it is zero.
+
     Attributes:
         values: (N,) ``t_i``, already divided by N: what a query adds per member of
             ``S cap V`` (times that member's evaluation weight, ``1/|V|`` for a mean loss).
-        raw: (N,) the estimate before calibration (equal to ``values`` unless calibrated).
+        raw: (N,) the estimate of ``values`` before calibration (equal to it unless calibrated).
+        remainder: (N,) the remainder above, divided by N.
+        remainder_raw: (N,) its estimate before calibration: the complement part
+            ``g_i^T (I - U U^T) d_i / (lambda N)``.
         grad_norms: (N,) ``||g_i||``.
         residuals: (N,) the true relative residual of each exact per-example solve
             (:class:`ExactCorrection`); NaN for the other estimators.
         sample: (m,) the calibration draws (example indices, with repetition); empty unless calibrated.
         sample_values: (m,) the exact ``t_i`` of the draws.
         sample_residuals: (m,) the true relative residuals of their solves.
-        scale: () the calibration scale b (1 unless calibrated).
+        scale: () the calibration scale b of ``values`` (1 unless calibrated).
         scale_stderr: () its standard error (0 unless calibrated).
         ratio_std: () the standard deviation of the per-draw ratios ``t_i / raw_i`` (0 unless
             calibrated): the spread of the per-example error after calibration.
+        remainder_scale, remainder_stderr, remainder_ratio_std: the same for ``remainder``.
         method: the estimator's description (``"exact"``, ``"nystrom(rank=256)"``, ...).
-        rank: the Nystrom rank used (0 for exact).
+        rank: the Nystrom rank used (0 for none).
     """
 
     values: Float[Array, " n"]
     raw: Float[Array, " n"]
+    remainder: Float[Array, " n"]
+    remainder_raw: Float[Array, " n"]
     grad_norms: Float[Array, " n"]
     residuals: Float[Array, " n"]
     sample: Int[Array, " m"]
@@ -155,12 +214,19 @@ class CorrectionTerms(eqx.Module):
     scale: Float[Array, ""]
     scale_stderr: Float[Array, ""]
     ratio_std: Float[Array, ""]
+    remainder_scale: Float[Array, ""]
+    remainder_stderr: Float[Array, ""]
+    remainder_ratio_std: Float[Array, ""]
     method: str = eqx.field(static=True)
     rank: int = eqx.field(static=True)
 
     @property
     def calibrated(self) -> bool:
         return self.method.startswith("calibrated")
+
+    @property
+    def exact(self) -> bool:
+        return self.method.startswith("exact")
 
 
 def check(correction):
@@ -182,56 +248,80 @@ def check(correction):
 
 @eqx.filter_jit
 def _terms_pass(task, assignments, means, basis, eigenvalues, lam, batch_size):
-    """One streamed pass: per example ``||d_i||^2``, ``||g_i||``, and the Nystrom parts
-    ``g^T U diag(1/(s + lam)) U^T d`` and ``g^T (I - U U^T) d / lam`` (zeros without a basis)."""
+    """One streamed pass, per example: ``||d_i||^2``, ``||g_i||``, the low-rank self part
+    ``g^T U diag(1/(s + lam)) U^T d``, the complement part ``g^T (I - U U^T) d / lam``,
+    ``||(I - U U^T) d||^2``, and the coordinates ``U^T g`` (zeros and an (N, 0) matrix without a basis)."""
+    if basis is not None:
+        mean_coords = jnp.matmul(means, basis.T, precision=HIGHEST)
+        means_perp = means - jnp.matmul(mean_coords, basis, precision=HIGHEST)
+
     def fn(g, a):
         d = g - means[a]
         cols = [jnp.sum(jnp.square(d), axis=1), jnp.linalg.norm(g, axis=1)]
         if basis is None:
             zero = jnp.zeros(g.shape[0], g.dtype)
-            cols += [zero, zero]
-        else:
-            ug = jnp.matmul(g, basis.T, precision=HIGHEST)
-            ud = jnp.matmul(d, basis.T, precision=HIGHEST)
-            cols.append(jnp.sum(ug * ud / (eigenvalues + lam)[None, :], axis=1))
-            # The complement part from the projected gradient, not as g.d - (Ug).(Ud): that
-            # difference of two nearly equal numbers, divided by lambda, loses float32 digits.
-            g_perp = g - jnp.matmul(ug, basis, precision=HIGHEST)
-            cols.append(jnp.sum(g_perp * d, axis=1) / lam)
-        return jnp.stack(cols, axis=1)
+            return jnp.stack(cols + [zero, zero, jnp.sum(jnp.square(d), axis=1)], axis=1), jnp.zeros((g.shape[0], 0),
+                                                                                                       g.dtype)
+        ug = jnp.matmul(g, basis.T, precision=HIGHEST)
+        ud = ug - mean_coords[a]
+        cols.append(jnp.sum(ug * ud / (eigenvalues + lam)[None, :], axis=1))
+        # The complement parts from the projected vectors, not as g.d - (Ug).(Ud): that
+        # difference of two nearly equal numbers, divided by lambda, loses float32 digits.
+        g_perp = g - jnp.matmul(ug, basis, precision=HIGHEST)
+        d_perp = g_perp - means_perp[a]
+        cols.append(jnp.sum(g_perp * d_perp, axis=1) / lam)
+        cols.append(jnp.sum(jnp.square(d_perp), axis=1))
+        return jnp.stack(cols, axis=1), ug
 
     return streamed_map(task, fn, assignments, batch_size)
 
 
 def streamed_terms(task, assignments, means, nystrom, lam, batch_size):
-    """``(dev_sq, grad_norms, nystrom_estimate)`` for all N, from one gradient pass (the cache's scatter pass).
+    """The cache's scatter pass: ``(dev_sq, grad_norms, low_self, complement, tail_sq, coords)`` for all N.
 
-    ``nystrom_estimate`` is ``g_i^T M (g_i - mu_c(i))`` (not yet divided by N), zeros without factors.
+    ``low_self + complement`` is the Nystrom estimate ``g_i^T M (g_i - mu_c(i))`` (not yet divided
+    by N); ``coords`` is (N, r) ``U^T g_i``. Without factors the three low-rank columns are zero
+    (``tail_sq`` is then ``dev_sq``) and ``coords`` is (N, 0).
     """
     basis = eig = None
     if nystrom is not None:
         basis, eig = nystrom
     lam_ = jnp.asarray(lam, means.dtype)
-    cols, bad = _terms_pass(task, assignments, means, basis, eig, lam_, batch_size)
+    (cols, coords), bad = _terms_pass(task, assignments, means, basis, eig, lam_, batch_size)
     raise_on_bad(bad)
-    return cols[:, 0], cols[:, 1], cols[:, 2] + cols[:, 3]
+    return cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4], coords
 
 
-def nystrom_factors(preconditioner, rank: int):
-    """``(U^T, s)``: the top ``rank`` eigenpairs of a :class:`cif_jax.NystromPreconditioner`."""
-    r = min(rank, preconditioner.rank)
+def nystrom_factors(preconditioner, rank):
+    """``(U^T, s)``: the top ``rank`` eigenpairs of a :class:`cif_jax.NystromPreconditioner` (all for ``"auto"``)."""
+    r = preconditioner.rank if rank == "auto" else min(rank, preconditioner.rank)
     return preconditioner.basis[:r], preconditioner.eigenvalues[:r]
 
 
-def draw_sample(key, raw, num_samples: int) -> np.ndarray:
-    """``num_samples`` draws with replacement, probability proportional to ``|raw_i|``.
+def sampling_probabilities(raw, remainder_raw) -> np.ndarray:
+    """The calibration draws' probabilities: half in proportion to ``|raw|``, half to ``|remainder_raw|``.
+
+    Each half falls back to uniform when its estimates are all zero. Both scales are then
+    Hansen-Hurwitz estimates from the same draws.
+    """
+    out = []
+    for est in (raw, remainder_raw):
+        w = np.abs(np.asarray(est, np.float64))
+        out.append(w / w.sum() if w.sum() > 0 else np.full(w.shape[0], 1.0 / w.shape[0]))
+    return 0.5 * (out[0] + out[1])
+
+
+def draw_sample(key, raw, num_samples: int, probabilities=None) -> np.ndarray:
+    """``num_samples`` draws with replacement, probability ``probabilities`` (default: proportional to ``|raw_i|``).
 
     Falls back to uniform draws when every estimate is zero.
     """
-    w = np.abs(np.asarray(raw, np.float64))
-    n = w.shape[0]
-    prob = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
-    return np.asarray(jax.random.choice(key, n, (num_samples,), replace=True, p=jnp.asarray(prob)))
+    if probabilities is None:
+        w = np.abs(np.asarray(raw, np.float64))
+        n = w.shape[0]
+        probabilities = w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
+    n = probabilities.shape[0]
+    return np.asarray(jax.random.choice(key, n, (num_samples,), replace=True, p=jnp.asarray(probabilities)))
 
 
 def deviations(task: Task, indices, assignments, means, batch_size=None) -> tuple[Array, Array]:
@@ -240,58 +330,75 @@ def deviations(task: Task, indices, assignments, means, batch_size=None) -> tupl
     return g, g - means[jnp.asarray(assignments)[jnp.asarray(indices)]]
 
 
-def calibrate(raw, sample, sample_values):
-    """``(scale, stderr, ratio_std)`` from draws made with probability ``|raw_i| / sum |raw|``.
+def calibrate(raw, sample, sample_values, probabilities=None):
+    """``(scale, stderr, ratio_std)`` from draws made with probabilities ``pi_i``.
 
-    The Hansen-Hurwitz estimate of the exact total is ``T = (sum |raw| / m) sum_k t_k / |raw_k|``,
-    so the scale is ``b = T / sum raw`` (the mean of ``t_k / raw_k`` when every estimate is
-    positive); ``stderr`` is its standard error and ``ratio_std`` the spread of the per-draw
+    The scale is the ratio of the Hansen-Hurwitz estimates of ``sum_i t_i`` and ``sum_i raw_i``
+    from the same draws, ``b = sum_k (t_k / pi_k) / sum_k (raw_k / pi_k)``: exact whenever the
+    exact values are one multiple of the estimates, whatever the probabilities (with the
+    default ``pi = |raw| / sum |raw|`` and positive estimates it is the mean of ``t_k / raw_k``).
+    ``stderr`` is its linearised standard error and ``ratio_std`` the spread of the per-draw
     ratios ``t_k / raw_k``. With fewer than two informative draws the uncertainty is unknown: inf.
     """
     raw = np.asarray(raw, np.float64)
+    if probabilities is None:
+        total_abs = np.abs(raw).sum()
+        probabilities = np.abs(raw) / total_abs if total_abs > 0 else np.zeros_like(raw)
+    pi = np.asarray(probabilities, np.float64)[np.asarray(sample)]
     drawn = raw[np.asarray(sample)]
     exact = np.asarray(sample_values, np.float64)
-    ok = drawn != 0
-    total_abs, total = np.abs(raw).sum(), raw.sum()
-    if not ok.any() or total == 0:
+    ok = pi > 0
+    est = (drawn[ok] / pi[ok]).mean() if ok.any() else 0.0
+    if not ok.any() or est == 0:
         return 1.0, np.inf, np.inf
-    weighted = exact[ok] / np.abs(drawn[ok])  # t_k / pi_k, up to the factor sum |raw|
-    scale = total_abs * weighted.mean() / total
-    if weighted.size < 2:
+    scale = (exact[ok] / pi[ok]).mean() / est
+    if ok.sum() < 2:
         return float(scale), np.inf, np.inf
-    stderr = total_abs * weighted.std(ddof=1) / np.sqrt(weighted.size) / abs(total)
-    return float(scale), float(stderr), float((exact[ok] / drawn[ok]).std(ddof=1))
+    resid = (exact[ok] - scale * drawn[ok]) / pi[ok]
+    stderr = resid.std(ddof=1) / np.sqrt(ok.sum()) / abs(est)
+    nz = drawn != 0
+    spread = float((exact[nz] / drawn[nz]).std(ddof=1)) if nz.sum() >= 2 else np.inf
+    return float(scale), float(stderr), spread
 
-def _none(dtype):
+
+def _uncalibrated(dtype):
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
     return dict(sample=jnp.zeros(0, jnp.int32), sample_values=jnp.zeros(0, dtype), sample_residuals=jnp.zeros(0, dtype),
-                scale=jnp.ones((), dtype), scale_stderr=jnp.zeros((), dtype), ratio_std=jnp.zeros((), dtype))
+                scale=one, scale_stderr=zero, ratio_std=zero, remainder_scale=one, remainder_stderr=zero,
+                remainder_ratio_std=zero)
 
 
-def nystrom_terms(correction, raw, grad_norms, rank) -> CorrectionTerms:
-    """:class:`NystromCorrection`: the estimates as they are (``raw`` already divided by N)."""
+def nystrom_terms(correction, raw, remainder_raw, grad_norms, rank) -> CorrectionTerms:
+    """:class:`NystromCorrection`: the estimates as they are (already divided by N)."""
     nan = jnp.full(raw.shape, jnp.nan, raw.dtype)
-    return CorrectionTerms(values=raw, raw=raw, grad_norms=grad_norms, residuals=nan, **_none(raw.dtype),
+    return CorrectionTerms(values=raw, raw=raw, remainder=remainder_raw, remainder_raw=remainder_raw,
+                           grad_norms=grad_norms, residuals=nan, **_uncalibrated(raw.dtype),
                            method=correction.describe(), rank=rank)
 
 
-def calibrated_terms(correction, raw, grad_norms, sample, sample_values, sample_residuals, rank) -> CorrectionTerms:
-    """:class:`CalibratedCorrection`: ``raw`` (divided by N) times the scale fitted on the draws."""
+def calibrated_terms(correction, raw, remainder_raw, grad_norms, sample, probabilities, sample_values,
+                     sample_remainders, sample_residuals, rank) -> CorrectionTerms:
+    """:class:`CalibratedCorrection`: both estimates (divided by N) times the scales fitted on the draws."""
     dtype = raw.dtype
-    scale, stderr, spread = calibrate(raw, sample, sample_values)
+    scale, stderr, spread = calibrate(raw, sample, sample_values, probabilities)
+    r_scale, r_stderr, r_spread = calibrate(remainder_raw, sample, sample_remainders, probabilities)
+    as_arr = lambda v: jnp.asarray(v, dtype)
     return CorrectionTerms(
-        values=raw * jnp.asarray(scale, dtype), raw=raw, grad_norms=grad_norms,
-        residuals=jnp.full(raw.shape, jnp.nan, dtype), sample=jnp.asarray(sample, jnp.int32),
-        sample_values=sample_values, sample_residuals=sample_residuals, scale=jnp.asarray(scale, dtype),
-        scale_stderr=jnp.asarray(stderr, dtype), ratio_std=jnp.asarray(spread, dtype),
+        values=raw * as_arr(scale), raw=raw, remainder=remainder_raw * as_arr(r_scale), remainder_raw=remainder_raw,
+        grad_norms=grad_norms, residuals=jnp.full(raw.shape, jnp.nan, dtype), sample=jnp.asarray(sample, jnp.int32),
+        sample_values=sample_values, sample_residuals=sample_residuals, scale=as_arr(scale),
+        scale_stderr=as_arr(stderr), ratio_std=as_arr(spread), remainder_scale=as_arr(r_scale),
+        remainder_stderr=as_arr(r_stderr), remainder_ratio_std=as_arr(r_spread),
         method=correction.describe(), rank=rank,
     )
 
 
-def exact_terms(correction, task, assignments, means, grad_norms, solve, batch_size) -> CorrectionTerms:
+def exact_terms(correction, task, assignments, means, grad_norms, low_self, solve, batch_size, rank) -> CorrectionTerms:
     """:class:`ExactCorrection`: one solve ``H~ x_i = g_i - mu_c(i)`` per example, in chunks of examples.
 
     ``solve(rhs)`` is the cache's own solver (same operator, tolerance and preconditioner); it
-    warns when a solve misses the tolerance. Singleton clusters have a zero deviation and cost nothing.
+    warns when a solve misses the tolerance. Singleton clusters have a zero deviation and cost
+    nothing. ``low_self`` (divided by N) is the low-rank part the remainder leaves out.
     """
     n = task.num_examples
     chunk = min(batch_size or 512, 512)
@@ -302,5 +409,7 @@ def exact_terms(correction, task, assignments, means, grad_norms, solve, batch_s
         values.append(jnp.sum(g * out.solutions, axis=1) / n)
         residuals.append(out.residuals)
     values = jnp.concatenate(values)
-    return CorrectionTerms(values=values, raw=values, grad_norms=grad_norms, residuals=jnp.concatenate(residuals),
-                           **_none(values.dtype), method=correction.describe(), rank=0)
+    remainder = values - low_self.astype(values.dtype)
+    return CorrectionTerms(values=values, raw=values, remainder=remainder, remainder_raw=remainder,
+                           grad_norms=grad_norms, residuals=jnp.concatenate(residuals),
+                           **_uncalibrated(values.dtype), method=correction.describe(), rank=rank)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 
 import jax.numpy as jnp
@@ -22,12 +23,15 @@ from ..core.checkpoint import atomic_write
 from ..core.task import Task
 from .cache import InfluenceCache
 from .correction import CorrectionTerms
+from .lowrank import LowRankTerms
 
 FORMAT = "cif_jax.InfluenceCache"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # 3: adds the static field "solver"; version 2 files are read as solver="cg".
 # 4: adds the self-influence correction (arrays "correction.*", static "correction_method" and
 #    "correction_rank"); version 2 and 3 files are read with no correction.
+# 5: adds the low-rank factors and coordinates (arrays "lowrank.*", static "lowrank_note") and the
+#    self terms' remainders ("correction.remainder*"); version 2-4 files are read at rank 0, with a warning.
 
 _ARRAYS = (
     "assignments", "cluster_sizes", "responses", "means", "residuals", "mean_norms", "num_steps",
@@ -35,10 +39,15 @@ _ARRAYS = (
 )
 _STATIC = (
     "num_examples", "damping", "sketch_dim", "sketch_block_size", "normalize_sketches", "rtol", "atol",
-    "max_steps", "fingerprint", "curvature", "solver", "correction_method", "correction_rank",
+    "max_steps", "fingerprint", "curvature", "solver", "correction_method", "correction_rank", "lowrank_note",
 )
-_CORRECTION = ("values", "raw", "grad_norms", "residuals", "sample", "sample_values", "sample_residuals", "scale",
-               "scale_stderr", "ratio_std")
+_CORRECTION = ("values", "raw", "remainder", "remainder_raw", "grad_norms", "residuals", "sample", "sample_values",
+               "sample_residuals", "scale", "scale_stderr", "ratio_std", "remainder_scale", "remainder_stderr",
+               "remainder_ratio_std")
+#: Correction arrays that version 4 lacked, and the version-4 array each is read as (rank 0: the remainder is t_i).
+_CORRECTION_V4 = {"remainder": "values", "remainder_raw": "raw", "remainder_scale": "scale",
+                  "remainder_stderr": "scale_stderr", "remainder_ratio_std": "ratio_std"}
+_LOWRANK = ("basis", "eigenvalues", "coords", "mean_coords", "tail_norms", "error_estimate", "predicted_error")
 
 
 class CacheFileError(ValueError):
@@ -67,9 +76,13 @@ def save_cache(path: str | os.PathLike, cache: InfluenceCache) -> None:
     corr = cache.correction
     if corr is not None:
         arrays.update({f"correction.{name}": np.asarray(getattr(corr, name)) for name in _CORRECTION})
-    static = {name: getattr(cache, name) for name in _STATIC if not name.startswith("correction_")}
+    low = cache.lowrank
+    if low is not None:
+        arrays.update({f"lowrank.{name}": np.asarray(getattr(low, name)) for name in _LOWRANK})
+    static = {name: getattr(cache, name) for name in _STATIC if not name.startswith(("correction_", "lowrank_"))}
     static["correction_method"] = None if corr is None else corr.method
     static["correction_rank"] = None if corr is None else corr.rank
+    static["lowrank_note"] = None if low is None else low.note
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -114,6 +127,10 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
         version = 3
     if version == 3 and isinstance(header.get("static"), dict):
         header["static"].update(correction_method=None, correction_rank=None)  # no correction before version 4
+        version = 4
+    old = version == 4
+    if old and isinstance(header.get("static"), dict):
+        header["static"]["lowrank_note"] = None  # no factors before version 5
         version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise CacheFileError(
@@ -127,7 +144,10 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             f"{path!r}: header static fields {sorted(header['static'])} differ from the expected {sorted(_STATIC)}."
         )
     method = header["static"]["correction_method"]
-    names = list(_ARRAYS) + ([] if method is None else [f"correction.{name}" for name in _CORRECTION])
+    note = header["static"]["lowrank_note"]
+    stored_correction = [n for n in _CORRECTION if not (old and n in _CORRECTION_V4)]
+    names = (list(_ARRAYS) + ([] if method is None else [f"correction.{name}" for name in stored_correction])
+             + ([] if note is None else [f"lowrank.{name}" for name in _LOWRANK]))
     extra = sorted(set(arrays) - set(names))
     if extra:
         raise CacheFileError(f"{path!r} holds arrays its header does not account for: {extra[:5]}.")
@@ -153,11 +173,15 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             raise CacheFileError(f"{path!r}: array {name!r} has shape {arrays[name].shape}, expected {shape}.")
     if arrays["means"].dtype != arrays["responses"].dtype:
         raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
+    if old and method is not None:
+        for name, source in _CORRECTION_V4.items():
+            arrays[f"correction.{name}"] = arrays[f"correction.{source}"]
     correction = None
     if method is not None:
         m = arrays["correction.sample"].shape
-        want = {name: (n,) for name in ("values", "raw", "grad_norms", "residuals")}
-        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
+        want = {name: (n,) for name in ("values", "raw", "remainder", "remainder_raw", "grad_norms", "residuals")}
+        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=(), remainder_scale=(),
+                    remainder_stderr=(), remainder_ratio_std=())
         if len(m) != 1:
             raise CacheFileError(f"{path!r}: array 'correction.sample' has shape {m}, expected (m,).")
         for name, shape in want.items():
@@ -174,13 +198,15 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             raise CacheFileError(f"{path!r}: the header's correction fields are malformed ({method!r}, {rank!r}).")
         correction = CorrectionTerms(**{name: jnp.asarray(arrays[f"correction.{name}"]) for name in _CORRECTION},
                                      method=method, rank=rank)
-    static = {k: v for k, v in static.items() if not k.startswith("correction_")}
+    lowrank = None if note is None else _read_lowrank(path, arrays, note, n, c, p)
+    static = {k: v for k, v in static.items() if not k.startswith(("correction_", "lowrank_"))}
     try:
         cache = InfluenceCache(
             **{name: jnp.asarray(arrays[name]) for name in _ARRAYS},
             **static,
             timings=tuple((str(k), float(v)) for k, v in header.get("timings", [])),
             correction=correction,
+            lowrank=lowrank,
         )
     except (TypeError, ValueError) as err:
         raise CacheFileError(f"{path!r}: the header's fields are malformed: {err}") from err
@@ -192,4 +218,33 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
                 f"{path!r} was built for another model snapshot or data set than this task (fingerprint "
                 "mismatch); rebuild the cache for this task."
             )
+    if old and method is not None:
+        warnings.warn(
+            f"{path!r} is a cache of format version 4: it holds no low-rank factors or per-example coordinates, so "
+            "queries whose evaluation set is not the removed set (held-out points, other folds) are answered by "
+            "the clusters alone (the paper's eq. 11), and the self terms are added whole. Rebuild it with this "
+            "version for the default estimator.",
+            stacklevel=2,
+        )
     return cache
+
+
+def _read_lowrank(path, arrays, note, n, c, p) -> LowRankTerms:
+    """The ``lowrank.*`` arrays as a :class:`LowRankTerms`, their shapes and dtypes checked."""
+    basis = arrays["lowrank.basis"]
+    if basis.ndim != 2 or basis.shape[1] != p:
+        raise CacheFileError(f"{path!r}: array 'lowrank.basis' has shape {basis.shape}, expected (r, {p}).")
+    r = basis.shape[0]
+    want = {"eigenvalues": (r,), "coords": (n, r), "mean_coords": (c, r), "tail_norms": (n,), "error_estimate": (),
+            "predicted_error": ()}
+    for name, shape in want.items():
+        arr = arrays[f"lowrank.{name}"]
+        if arr.shape != shape:
+            raise CacheFileError(f"{path!r}: array 'lowrank.{name}' has shape {arr.shape}, expected {shape}.")
+    for name in _LOWRANK:
+        if arrays[f"lowrank.{name}"].dtype != arrays["responses"].dtype:
+            raise CacheFileError(f"{path!r}: array 'lowrank.{name}' has dtype {arrays[f'lowrank.{name}'].dtype}, the "
+                                 f"cache {arrays['responses'].dtype}.")
+    if not isinstance(note, str):
+        raise CacheFileError(f"{path!r}: the header's field 'lowrank_note' is malformed ({note!r}).")
+    return LowRankTerms(**{name: jnp.asarray(arrays[f"lowrank.{name}"]) for name in _LOWRANK}, note=note)

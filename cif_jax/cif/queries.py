@@ -1,8 +1,18 @@
-"""Online CiF queries: count members per cluster, recombine cached responses (paper eqs. 10-11).
+"""Online CiF queries: recombine cached responses (paper eqs. 10-11) and the low-rank deviations.
 
-A query S enters only through its cluster counts ``m_c(S)``. Parameter changes
-cost O(|S| + C p); loss changes with precomputed ``alpha_c(V) = g_V . v_c`` cost
-O(|S| + C).
+Three estimators answer a loss query ``Delta l(S; V)`` from one cache (``estimator=``):
+
+* ``"hybrid"`` (the default): the exact cluster part of eq. (11), plus the deviations
+  ``g_i - mu_c(i)`` of the removed examples through the low-rank inverse
+  (:mod:`cif_jax.cif.lowrank`), plus, over ``S cap V``, the part of each member's self
+  term those two miss (:mod:`cif_jax.cif.correction`). It answers every query: held-out
+  points, other folds, the removed set itself. O(|S| r + C) per query, or O(|S|) once an
+  evaluation gradient's per-example scores are formed (:func:`example_scores`).
+* ``"corrected"``: eq. (11) plus the whole self terms over ``S cap V``; for folds scored on
+  themselves it is as good, elsewhere it is eq. (11).
+* ``"paper"``: eq. (11) alone, ``(1/N) sum_c m_c(S) alpha_c(V)``: reproduces the paper's tables.
+
+A query S enters the cluster part only through its cluster counts ``m_c(S)``.
 """
 
 from __future__ import annotations
@@ -21,6 +31,35 @@ from ..core.task import Task, take_examples
 from .cache import InfluenceCache
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+#: The loss-query estimators, the default first.
+ESTIMATORS = ("hybrid", "corrected", "paper")
+#: Members per chunk when summing deviation coordinates per query (bounds the gather's memory).
+_MEMBER_CHUNK = 1 << 16
+
+
+def check_estimator(estimator) -> str:
+    """Validates ``estimator=``: one of :data:`ESTIMATORS`."""
+    if isinstance(estimator, str) and estimator in ESTIMATORS:
+        return estimator
+    raise ValueError(
+        f"`estimator` must be one of {ESTIMATORS}: 'hybrid' (default: clusters, low-rank deviations and self "
+        "terms; every query), 'corrected' (the paper's eq. 11 plus the self terms) or 'paper' (eq. 11 alone); "
+        f"got {estimator!r}."
+    )
+
+
+class Alphas(eqx.Module):
+    """What a loss query needs of its evaluation gradients, computed once per gradient.
+
+    Attributes:
+        clusters: (C,) or (Q, C) ``alpha_c(V) = g_V . v_c`` (paper eq. 11).
+        coords: (r,) or (Q, r) ``(diag(s) + lambda)^{-1} U^T g_V``: the evaluation gradient in the
+            cache's low-rank factors (width 0 for a cache without factors).
+    """
+
+    clusters: Float[Array, "... c"]
+    coords: Float[Array, "... r"]
 
 
 @jax.jit
@@ -77,25 +116,60 @@ def _alphas(responses, g):
     return jnp.matmul(g, responses.T, precision=HIGHEST)
 
 
-def cluster_alphas(cache: InfluenceCache, eval_grads) -> Float[Array, "... c"]:
-    """``alpha_c(V) = g_V . v_c`` (paper eq. 11), once per evaluation gradient.
+@jax.jit
+def _eval_coords(lowrank, damping, g):
+    return lowrank.eval_coords(g, damping)
+
+
+def _make_alphas(cache: InfluenceCache, g) -> Alphas:
+    if cache.lowrank is None:
+        coords = jnp.zeros((*g.shape[:-1], 0), g.dtype)
+    else:
+        coords = _eval_coords(cache.lowrank, jnp.asarray(cache.damping, g.dtype), g)
+    return Alphas(clusters=_alphas(cache.responses, g), coords=coords)
+
+
+def cluster_alphas(cache: InfluenceCache, eval_grads) -> Alphas:
+    """What every loss query of these evaluation gradients needs, computed once: an :class:`Alphas`.
+
+    ``alpha_c(V) = g_V . v_c`` (paper eq. 11) and the gradient's low-rank coordinates
+    ``(diag(s) + lambda)^{-1} U^T g_V``: O(p (C + r)) per gradient.
 
     Args:
         eval_grads: (p,) one evaluation gradient, or (Q, p) one per query.
 
     Returns:
-        (C,) or (Q, C).
+        An :class:`Alphas` with leading shape () or (Q,).
     """
-    return _alphas(cache.responses, _eval_matrix(cache, eval_grads, None))
+    return _make_alphas(cache, _eval_matrix(cache, eval_grads, None))
 
 
-def _alpha_matrix(cache, alphas, num_queries):
-    a = jnp.asarray(alphas)
-    c = cache.num_clusters
+def _rank(cache: InfluenceCache) -> int:
+    return 0 if cache.lowrank is None else cache.lowrank.rank
+
+
+def _alpha_matrix(cache, alphas, num_queries, estimator: str = "paper") -> Alphas:
+    """``alphas`` as an :class:`Alphas` with 1 (shared) or Q rows; a bare (C,) / (Q, C) array carries no coordinates."""
+    c, r = cache.num_clusters, _rank(cache)
+    if isinstance(alphas, Alphas):
+        a, b = jnp.asarray(alphas.clusters), jnp.asarray(alphas.coords)
+        if b.shape[-1:] != (r,) or b.shape[:-1] != a.shape[:-1]:
+            raise ValueError(f"`alphas.coords` has shape {b.shape}; this cache has rank {r}, so it must be "
+                             f"{(*a.shape[:-1], r)}. Compute the alphas with this cache (`cj.cluster_alphas`).")
+    else:
+        a = jnp.asarray(alphas)
+        if estimator == "hybrid" and r > 0:
+            raise ValueError(
+                "`alphas` is a bare array of cluster alphas, but the default estimator ('hybrid') also needs each "
+                "evaluation gradient's low-rank coordinates. Pass what `cj.cluster_alphas(cache, eval_grads)` or "
+                "`cj.fold_alphas(...)` returns (an `Alphas`), or `estimator='paper'` / 'corrected' for the "
+                "clusters alone."
+            )
+        b = jnp.zeros((*a.shape[:-1], 0) if a.ndim else (0,), a.dtype)
     if a.ndim == 1 and a.shape[0] == c:
-        return a[None, :]  # shared by all queries; never broadcast to (Q, C)
+        return Alphas(a[None, :], b[None, :])  # shared by all queries; never broadcast to (Q, C)
     if a.ndim == 2 and a.shape == (num_queries, c):
-        return a
+        return Alphas(a, b)
     raise ValueError(f"`alphas` must have shape (C,) = ({c},) or (Q, C) = ({num_queries}, {c}); got {a.shape}.")
 
 
@@ -113,10 +187,16 @@ def _terms(cache: InfluenceCache):
         raise ValueError(
             "this cache holds no self-influence correction (built with `correction=None`, or read from a file of "
             "an older format), so it cannot score queries whose evaluation set overlaps the removed set. Rebuild "
-            "it with `build_cache(..., correction='calibrated')`, or pass `corrected=False` for the paper's "
+            "it with `build_cache(..., correction='calibrated')`, or pass `estimator='paper'` for the paper's "
             "estimator (eq. 11), which omits the self terms."
         )
     return cache.correction
+
+
+def _self_terms(cache: InfluenceCache, estimator: str):
+    """The per-example scalars a query adds over ``S cap V``: the remainder (hybrid) or the whole ``t_i``."""
+    terms = _terms(cache)
+    return terms.remainder if estimator == "hybrid" else terms.values
 
 
 def _eval_subsets(cache: InfluenceCache, eval_sets, num_queries: int):
@@ -131,30 +211,36 @@ def _eval_subsets(cache: InfluenceCache, eval_sets, num_queries: int):
     return ev
 
 
-def overlap_correction(cache: InfluenceCache, subsets, eval_sets) -> Float[Array, " q"]:
+def overlap_correction(cache: InfluenceCache, subsets, eval_sets, *, estimator: str = "hybrid") -> Float[Array, " q"]:
     """The self-influence correction ``(1/|V|) sum_{i in S cap V} t_i`` of each query, O(|S| + |V|).
 
     ``V`` is the query's evaluation set, given as training-example indices, and its
     evaluation gradient is taken to be the gradient of the mean loss over V (as in
-    :func:`mean_subset_gradients`). Add it to the paper's score (eq. 11) to get the
-    corrected CiF score; :func:`loss_delta` does so when given ``eval_sets``.
+    :func:`mean_subset_gradients`). :func:`loss_delta` adds it when given ``eval_sets``.
 
     Args:
         subsets: Q removed sets S.
         eval_sets: one evaluation set shared by all queries, or Q of them (same forms as
             ``subsets``: a list of index arrays, a (Q, m) integer array or a boolean mask).
+        estimator: ``"hybrid"`` (default): the part of each self term the low-rank
+            deviations miss (:attr:`cif_jax.CorrectionTerms.remainder`); ``"corrected"``: the
+            whole self term ``t_i`` (:attr:`cif_jax.CorrectionTerms.values`), which is what
+            eq. (11) misses.
 
     Returns:
         (Q,) corrections, 0 for a query whose S and V do not overlap.
     """
+    estimator = check_estimator(estimator)
+    if estimator == "paper":
+        raise ValueError("`estimator='paper'` adds no correction; use 'hybrid' or 'corrected'.")
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
-    return _overlap(cache, subs, _eval_subsets(cache, eval_sets, q))
+    return _overlap(cache, subs, _eval_subsets(cache, eval_sets, q), estimator)
 
 
-def _overlap(cache: InfluenceCache, subs, ev) -> Float[Array, " q"]:
-    """Sum of ``t_i`` over ``S cap V`` divided by ``|V|``; ``ev`` None means V = S."""
-    t = _terms(cache).values
+def _overlap(cache: InfluenceCache, subs, ev, estimator: str) -> Float[Array, " q"]:
+    """Sum of the self terms over ``S cap V`` divided by ``|V|``; ``ev`` None means V = S."""
+    t = _self_terms(cache, estimator)
     q = int(subs.sizes.size)
     in_v = in_eval_sets(subs, ev)
     ids, idx = subs.query_ids[in_v], subs.indices[in_v]
@@ -180,44 +266,93 @@ def in_eval_sets(subs, ev) -> np.ndarray:
 
 
 def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas, *, eval_sets=None,
-                           corrected: bool = True) -> Float[Array, " q"]:
-    """CiF loss change from precomputed alphas: ``(1/N) sum_c m_c(S) alpha_c`` (eq. 11), O(|S| + C).
+                           estimator: str = "hybrid") -> Float[Array, " q"]:
+    """The loss change of each query from precomputed :class:`Alphas`, O(|S| r + C) (O(|S|) for shared alphas).
 
     Args:
         subsets: Q subsets.
-        alphas: (C,) shared by all queries, or (Q, C) one row per query (e.g. the
-            K x C fold matrix of :func:`fold_alphas`).
+        alphas: an :class:`Alphas` with leading shape () (shared by all queries) or (Q,)
+            (e.g. the K folds of :func:`fold_alphas`), as :func:`cluster_alphas` returns;
+            or, for ``estimator="paper"`` / ``"corrected"`` or a cache without factors, a
+            bare (C,) or (Q, C) array of ``alpha_c``.
         eval_sets: the training examples each evaluation gradient averages over (see
-            :func:`overlap_correction`), to add the self-influence correction over
-            ``S cap V``. None: no overlap is known, no correction.
-        corrected: False gives the paper's estimator (eq. 11) even with ``eval_sets``.
+            :func:`overlap_correction`), to add the self terms over ``S cap V``. None: no
+            overlap is known, nothing is added.
+        estimator: ``"hybrid"`` (default), ``"corrected"`` or ``"paper"`` (eq. 11); see
+            :mod:`cif_jax.cif.queries`.
     """
+    estimator = check_estimator(estimator)
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
-    a = _alpha_matrix(cache, alphas, q)
-    return _scores(cache, subs, a, _eval_subsets(cache, eval_sets, q), corrected)
+    a = _alpha_matrix(cache, alphas, q, estimator)
+    ev = _eval_subsets(cache, eval_sets, q)
+    if estimator != "paper" and ev is not None:
+        _terms(cache)  # refuse before any work
+    return _scores(cache, subs, a, ev, estimator)
 
 
-def _scores(cache: InfluenceCache, subs, alphas, ev, corrected: bool) -> Float[Array, " q"]:
-    """Eq. (11) from the (1 or Q, C) alphas, plus the correction over ``S cap V`` when ``ev`` is given."""
+@functools.partial(jax.jit, static_argnums=3)
+def _dev_sums_chunk(dev_coords, query_ids, indices, num_queries):
+    return jax.ops.segment_sum(dev_coords[indices], query_ids, num_segments=num_queries)
+
+
+def deviation_sums(cache: InfluenceCache, subs) -> Float[Array, "q r"]:
+    """``U^T sum_{i in S} (g_i - mu_c(i))`` per query, (Q, r): O(|S| r), in chunks of members."""
     q = int(subs.sizes.size)
-    out = _from_alphas(cache.assignments, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), q, alphas,
-                       jnp.asarray(cache.num_examples, alphas.dtype))
-    if corrected and ev is not None:
-        out = out + _overlap(cache, subs, ev).astype(out.dtype)
+    low = cache.lowrank
+    dev = low.deviation_coords(cache.assignments)
+    out = jnp.zeros((q, low.rank), dev.dtype)
+    ids, idx = np.asarray(subs.query_ids), np.asarray(subs.indices)
+    for start in range(0, idx.size, _MEMBER_CHUNK):
+        i, j = ids[start:start + _MEMBER_CHUNK], idx[start:start + _MEMBER_CHUNK]
+        if i.size < _MEMBER_CHUNK and idx.size > _MEMBER_CHUNK:  # one compiled shape: pad, dropped below
+            i = np.concatenate([i, np.full(_MEMBER_CHUNK - i.size, q)])
+            j = np.concatenate([j, np.zeros(_MEMBER_CHUNK - j.size, j.dtype)])
+        out = out + _dev_sums_chunk(dev, jnp.asarray(i), jnp.asarray(j), q)
+    return out
+
+
+@jax.jit
+def _shared_example_scores(assignments, dev_coords, clusters, coords, n):
+    return (clusters[assignments] + jnp.matmul(dev_coords, coords, precision=HIGHEST)) / n
+
+
+def _scores(cache: InfluenceCache, subs, alphas: Alphas, ev, estimator: str) -> Float[Array, " q"]:
+    """The loss change from (1 or Q)-row alphas, plus the self terms over ``S cap V`` when ``ev`` is given."""
+    q = int(subs.sizes.size)
+    n = jnp.asarray(cache.num_examples, alphas.clusters.dtype)
+    ids, idx = jnp.asarray(subs.query_ids), jnp.asarray(subs.indices)
+    low = estimator == "hybrid" and _rank(cache) > 0
+    if low and alphas.clusters.shape[0] == 1:
+        # One evaluation gradient: its per-example scores once (O(N r)), then O(|S|) per query.
+        per = _shared_example_scores(cache.assignments, cache.lowrank.deviation_coords(cache.assignments),
+                                     alphas.clusters[0], alphas.coords[0], n)
+        out = jax.ops.segment_sum(per[idx], ids, num_segments=q)
+    else:
+        out = _from_alphas(cache.assignments, ids, idx, q, alphas.clusters, n)
+        if low:
+            out = out + jnp.sum(deviation_sums(cache, subs) * alphas.coords, axis=1) / n
+    if estimator != "paper" and ev is not None:
+        out = out + _overlap(cache, subs, ev, estimator).astype(out.dtype)
     return out
 
 
 def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
-               corrected: bool = True) -> Float[Array, " q"]:
-    """CiF first-order change of the evaluation loss on removing each subset (paper eq. 11).
+               estimator: str = "hybrid") -> Float[Array, " q"]:
+    """CiF first-order change of the evaluation loss on removing each subset.
 
-    .. math:: \\Delta\\hat\\ell(S; V) = g_V^\\top \\hat\\Delta\\theta_S = \\frac{1}{N} \\sum_c m_c(S) \\alpha_c(V)
+    .. math::
 
+        \\Delta\\hat\\ell(S; V) = \\frac{1}{N} \\sum_c m_c(S)\\, \\alpha_c(V)
+        + \\frac{1}{N} (U^\\top g_V)^\\top (\\mathrm{diag}(s) + \\lambda I)^{-1} \\sum_{i \\in S} U^\\top d_i
+        + \\frac{1}{|V|} \\sum_{i \\in S \\cap V} r_i
+
+    (the default ``estimator="hybrid"``: eq. (11), the deviations ``d_i = g_i - mu_c(i)``
+    through the cache's low-rank factors, and the self-term remainders ``r_i``).
     Positive: removing S raises the loss on V (S was helpful to V). When the
     evaluation set holds training examples and you say which (``eval_sets``), the
-    self-influence correction over ``S cap V`` is added (:mod:`cif_jax.cif.correction`);
-    a bare evaluation gradient means no overlap is known, and nothing is added.
+    self terms over ``S cap V`` are added (:mod:`cif_jax.cif.correction`); a bare
+    evaluation gradient means no overlap is known, and nothing is added.
 
     Args:
         subsets: Q subsets.
@@ -225,11 +360,13 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
             (Q, p) one per query.
         eval_sets: the training examples whose mean loss each ``eval_grads`` row is the
             gradient of: one set shared by all queries or one per query (None: unknown).
-        corrected: False gives the paper's estimator (eq. 11) even with ``eval_sets``.
+        estimator: ``"hybrid"`` (default), ``"corrected"`` (eq. 11 plus the whole self
+            terms) or ``"paper"`` (eq. 11 alone); see :mod:`cif_jax.cif.queries`.
 
     Returns:
         (Q,) loss changes.
     """
+    estimator = check_estimator(estimator)
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
     g = _eval_matrix(cache, eval_grads, q)
@@ -239,9 +376,47 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
             f"one evaluation gradient (shape ({cache.num_params},)) was given with {ev.sizes.size} evaluation sets: "
             "give one gradient per query, (Q, p), or one evaluation set shared by all queries."
         )
-    if corrected and ev is not None:
+    if estimator != "paper" and ev is not None:
         _terms(cache)  # refuse before any work
-    return _scores(cache, subs, _alpha_matrix(cache, _alphas(cache.responses, g), q), ev, corrected)
+    return _scores(cache, subs, _alpha_matrix(cache, _make_alphas(cache, g), q, estimator), ev, estimator)
+
+
+def example_scores(cache: InfluenceCache, eval_grads, *, estimator: str = "hybrid") -> Float[Array, "... n"]:
+    """Per-example scores ``(1/N) g_V^T H~^{-1} g_i`` for every training example, from the cache (no solve).
+
+    Row q, column i is the loss change on evaluation gradient q when example i alone is
+    removed, as kronfluence's pairwise scores and TRAK's scores are used: a subset's
+    score is the sum of its members' (for an evaluation set that holds no removed
+    example), so LDS, "which training examples help this test point" and triage come
+    from these rows. The self terms are not included: for a training example scored on
+    itself use :func:`self_influence`.
+
+    Args:
+        eval_grads: (p,) or (Q, p) evaluation gradients, or an :class:`Alphas` computed from them.
+        estimator: ``"hybrid"`` (default: the cluster response plus the low-rank deviation)
+            or ``"paper"`` (the cluster response alone, the same for every member of a cluster).
+
+    Returns:
+        (N,) or (Q, N). Cost O(p (C + r)) per gradient and O(N r) per row.
+    """
+    estimator = check_estimator(estimator)
+    if estimator == "corrected":
+        raise ValueError("`estimator='corrected'` differs from 'paper' only in self terms, which per-example scores "
+                         "of evaluation gradients do not include; use 'hybrid' or 'paper'.")
+    if isinstance(eval_grads, Alphas):
+        alphas = eval_grads
+        _alpha_matrix(cache, alphas, None if alphas.clusters.ndim == 1 else alphas.clusters.shape[0])
+    else:
+        alphas = _make_alphas(cache, _eval_matrix(cache, eval_grads, None))
+    single = alphas.clusters.ndim == 1
+    a, b = jnp.atleast_2d(alphas.clusters), jnp.atleast_2d(alphas.coords)
+    n = jnp.asarray(cache.num_examples, a.dtype)
+    out = a[:, cache.assignments] / n
+    if estimator == "hybrid" and _rank(cache) > 0:
+        dev = cache.lowrank.deviation_coords(cache.assignments)
+        out = out + jnp.matmul(b, dev.T, precision=HIGHEST) / n
+    return out[0] if single else out
+
 
 def _check_task(cache: InfluenceCache, task: Task) -> None:
     from ..core.task import fingerprint
@@ -268,59 +443,82 @@ def mean_subset_gradients(task: Task, subsets, *, batch_size: int | None = None)
     return sums / jnp.asarray(subs.sizes, sums.dtype)[:, None]
 
 
-def fold_alphas(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None) -> Float[Array, "k c"]:
-    """The K x C matrix ``alpha_c(S_k) = g_{S_k} . v_c`` for leave-fold-out workloads (section 3.3).
+def fold_alphas(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None) -> Alphas:
+    """The :class:`Alphas` of each fold's mean-loss gradient, for leave-fold-out workloads (section 3.3).
 
-    ``g_{S_k}`` is the gradient of the mean loss over fold k (the held-out fold is
-    the evaluation set V = S_k). One streamed gradient pass serves all K folds;
-    each fold query then costs O(|S_k| + C) in :func:`loss_delta_from_alphas`.
+    ``g_{S_k}`` is the gradient of the mean loss over fold k (the held-out fold is the
+    evaluation set V = S_k); ``clusters`` is the K x C matrix ``alpha_c(S_k) = g_{S_k} . v_c``
+    and ``coords`` its (K, r) low-rank coordinates. One streamed gradient pass serves all
+    K folds; each fold query then costs O(|S_k| (r + 1) + C) in :func:`loss_delta_from_alphas`.
     """
     _check_task(cache, task)
     g = mean_subset_gradients(task, folds, batch_size=batch_size)
-    return _alphas(cache.responses, g.astype(cache.responses.dtype))
+    return _make_alphas(cache, g.astype(cache.responses.dtype))
 
 
 def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None,
-                    corrected: bool = True) -> Float[Array, " k"]:
+                    estimator: str = "hybrid") -> Float[Array, " k"]:
     """CiF change of each fold's mean loss when that fold is removed from training: ``Delta l(S_k; S_k)``.
 
-    The evaluation set is the removed fold itself (V = S), so by default the
-    self-influence correction ``(1/|S_k|) sum_{i in S_k} t_i`` is added to the paper's
-    score (:mod:`cif_jax.cif.correction`); ``corrected=False`` gives the paper's estimator
-    (eq. 11), which omits the members' self terms ``g_i^T H~^{-1} g_i``.
+    The evaluation set is the removed fold itself (V = S), so the members' self terms
+    ``g_i^T H~^{-1} g_i``, which eq. (11) loses, are added back: by default
+    (``estimator="hybrid"``) through the low-rank deviations and the remainders,
+    with ``"corrected"`` as whole self terms; ``"paper"`` gives eq. (11).
+
+    Args:
+        task: the task the cache was built from.
+        folds: K folds (a list of index arrays, a (K, m) integer array or a (K, N) boolean mask).
+        batch_size: examples per chunk of the gradient pass.
+        estimator: ``"hybrid"``, ``"corrected"`` or ``"paper"`` (see :mod:`cif_jax.cif.queries`).
+
+    Returns:
+        (K,) loss changes.
     """
+    estimator = check_estimator(estimator)
     _check_task(cache, task)
-    if corrected:
+    if estimator != "paper":
         _terms(cache)  # refuse before the gradient pass
     subs = _checks.subsets(folds, cache.num_examples)
     alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
-    out = _scores(cache, subs, alphas, None, False)
-    if corrected:
-        out = out + _overlap(cache, subs, None).astype(out.dtype)
+    out = _scores(cache, subs, alphas, None, "paper" if estimator == "paper" else estimator)
+    if estimator != "paper":
+        out = out + _overlap(cache, subs, None, estimator).astype(out.dtype)
     return out
 
 
 def fold_matrix(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None,
-                corrected: bool = True) -> Float[Array, "k k"]:
+                estimator: str = "hybrid") -> Float[Array, "k k"]:
     """``M[t, v]``: the change of fold v's mean loss when fold t is removed, for every pair.
 
     The off-diagonal entries are the cross-fold protocol of the paper's section 5.4
     (evaluate on fold v after removing fold t != v): the evaluation set does not
-    overlap the removed set, so no correction applies and the clusters alone answer.
-    The diagonal is :func:`fold_loss_delta` (corrected by default). Cost: one gradient
-    pass for the K x C alphas, then a K x C by C x K product. Folds must not overlap.
+    overlap the removed set, so no self term applies. The default estimator answers
+    them with the clusters and the low-rank deviations; ``"paper"`` and ``"corrected"``
+    with the clusters alone. The diagonal is :func:`fold_loss_delta`. Cost: one
+    gradient pass for the fold :class:`Alphas`, then a K x (C + r) by (C + r) x K product.
+    Folds must not overlap.
+
+    Args:
+        task: the task the cache was built from.
+        folds: K disjoint folds.
+        batch_size: examples per chunk of the gradient pass.
+        estimator: ``"hybrid"``, ``"corrected"`` or ``"paper"`` (see :mod:`cif_jax.cif.queries`).
     """
+    estimator = check_estimator(estimator)
     subs = _checks.subsets(folds, cache.num_examples)
     if np.unique(subs.indices).size != subs.indices.size:
         raise ValueError("`folds` overlap: the fold matrix needs disjoint folds (a partition or part of one).")
     _check_task(cache, task)
-    if corrected:
+    if estimator != "paper":
         _terms(cache)
     alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
-    counts = cluster_counts(cache, folds).astype(alphas.dtype)
-    out = jnp.matmul(counts, alphas.T, precision=HIGHEST) / jnp.asarray(cache.num_examples, alphas.dtype)
-    if corrected:
-        out = out + jnp.diag(_overlap(cache, subs, None).astype(out.dtype))
+    counts = cluster_counts(cache, folds).astype(alphas.clusters.dtype)
+    n = jnp.asarray(cache.num_examples, counts.dtype)
+    out = jnp.matmul(counts, alphas.clusters.T, precision=HIGHEST) / n
+    if estimator == "hybrid" and _rank(cache) > 0:
+        out = out + jnp.matmul(deviation_sums(cache, subs), alphas.coords.T, precision=HIGHEST) / n
+    if estimator != "paper":
+        out = out + jnp.diag(_overlap(cache, subs, None, estimator).astype(out.dtype))
     return out
 
 
@@ -329,22 +527,26 @@ def _cluster_dots(task, assignments, responses, batch_size):
     return streamed_map(task, lambda g, a: jnp.sum(g * responses[a], axis=1), assignments, batch_size)
 
 
-def self_influence(cache: InfluenceCache, task: Task, indices=None, *, corrected: bool = True,
+def self_influence(cache: InfluenceCache, task: Task, indices=None, *, estimator: str = "hybrid",
                    batch_size: int | None = None) -> Float[Array, " m"]:
     """CiF self-influence ``(1/N) g_i^T H~^{-1} g_i`` of training examples: the score of S = V = {i}.
 
     Positive: removing example i raises its own loss. Large values flag examples the
-    model fits only by memorising them (mislabels, outliers). The corrected estimate is
-    ``g_i . v_c(i) / N + t_i`` (:mod:`cif_jax.cif.correction`); ``corrected=False`` gives the
-    paper's ``g_i . v_c(i) / N``. One streamed gradient pass over the requested examples.
+    model fits only by memorising them (mislabels, outliers). The default estimate is
+    ``(g_i . v_c(i) + (U^T g_i)^T (diag(s) + lambda)^{-1} U^T d_i) / N + r_i``;
+    ``"corrected"`` gives ``g_i . v_c(i) / N + t_i`` and ``"paper"`` the paper's
+    ``g_i . v_c(i) / N`` (:mod:`cif_jax.cif.correction`). One streamed gradient pass over
+    the requested examples.
 
     Args:
         task: the task the cache was built from.
         indices: example indices (None: all N).
+        estimator: ``"hybrid"``, ``"corrected"`` or ``"paper"`` (see :mod:`cif_jax.cif.queries`).
         batch_size: examples per chunk of the gradient pass.
     """
+    estimator = check_estimator(estimator)
     _check_task(cache, task)
-    if corrected:
+    if estimator != "paper":
         _terms(cache)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     n = cache.num_examples
@@ -361,4 +563,12 @@ def self_influence(cache: InfluenceCache, task: Task, indices=None, *, corrected
     dots, bad = _cluster_dots(sub, cache.assignments[jnp.asarray(idx)], cache.responses, batch_size)
     raise_on_bad(bad)
     out = dots / jnp.asarray(n, dots.dtype)
-    return out + cache.correction.values[jnp.asarray(idx)].astype(out.dtype) if corrected else out
+    if estimator == "paper":
+        return out
+    jdx = jnp.asarray(idx)
+    if estimator == "hybrid" and _rank(cache) > 0:
+        low = cache.lowrank
+        dev = low.coords[jdx] - low.mean_coords[cache.assignments[jdx]]
+        w = low.weights(cache.damping)
+        out = out + jnp.sum(low.coords[jdx] * dev * w[None, :], axis=1).astype(out.dtype) / n
+    return out + _self_terms(cache, estimator)[jdx].astype(out.dtype)

@@ -328,6 +328,7 @@ def nystrom_preconditioner(
     rhs_batch_size: int | None = 16,
     curvature=None,
     progress: bool = False,
+    accept: Callable | None = None,
 ) -> NystromPreconditioner:
     """Builds a randomized Nystrom preconditioner of the undamped GGN from block products.
 
@@ -346,6 +347,10 @@ def nystrom_preconditioner(
         rhs_batch_size: test vectors per data pass (block products).
         curvature: a :class:`cif_jax.CurvatureSample` (the solves must use the same).
         progress: show a progress bar over products.
+        accept: with ``rank="auto"``, a rule ``accept(basis, eigenvalues) -> (done, note)``
+            that replaces the condition-number rule: the rank doubles until it says
+            done (or reaches ``max_rank``); ``error_iters`` then run once, at the end,
+            and the last note is kept in :attr:`NystromPreconditioner.note`.
 
     Returns:
         A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
@@ -383,8 +388,16 @@ def nystrom_preconditioner(
     bar = _bar(progress)
     sketch = _Sketch(task, key, batch_size, curvature, rhs_batch_size, bar)
     target_rank = first
+    note = ""
     while True:
         sketch.grow(target_rank)
+        if adaptive and accept is not None:
+            done, note = accept(sketch.ut, sketch.s)
+            if done or target_rank >= min(max_rank, p):
+                err = sketch.error_estimate(error_iters)
+                break
+            target_rank = min(2 * target_rank, max_rank, p)
+            continue
         err = sketch.error_estimate(error_iters)
         if not adaptive:
             break
@@ -396,7 +409,7 @@ def nystrom_preconditioner(
         target_rank = min(2 * target_rank, max_rank, p)
     if bar is not None:
         bar.close()
-    return sketch.preconditioner(err, time.perf_counter() - start_time)
+    return sketch.preconditioner(err, time.perf_counter() - start_time, note)
 
 
 def _bar(progress):

@@ -1,0 +1,228 @@
+"""The default ("hybrid") estimator: clusters, low-rank deviations and self-term remainders, against dense IF.
+
+References (tests/_models.py): per-example gradients from ``jax.grad`` in a loop, the damped GGN
+built from closed-form output Hessians, dense inverses. Per-query IF of removing S, scored on the
+mean loss over V (or on a bare evaluation gradient): ``g_V^T H~^{-1} sum_{i in S} g_i / N``.
+
+* With the factors at full rank (r = p) the estimator is IF for every query type; with one
+  cluster per example it is IF at any rank (every deviation is zero).
+* The stored coordinates are ``U^T g_i`` for the stored basis; a query whose evaluation set does
+  not overlap S gets no self term.
+* ``rank="auto"`` stops at the first doubling whose factors hold the probe's deviations.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _models import BATCH, LAM, NUM_CLUSTERS, PROBLEMS, RTOL, SKETCH_DIM, N, get_problem
+
+import cif_jax as cj
+from cif_jax.cif import lowrank as lr
+
+# float64, dense inverses against CG at RTOL = 1e-12 on condition numbers <= ~500 (the Nystrom
+# factors at r = p are exact to their shift nu ~ sqrt(p) eps ||GGN||): agreement 1e-13 or better.
+TOL = 1e-10
+FOLDS = [np.arange(k, N, 6) for k in range(6)]  # 6 disjoint folds of 8
+OTHER = [np.arange(k + 1, N, 6) if k < 5 else np.arange(0, N, 6) for k in range(6)]  # fold k+1 scored on removing k
+
+
+@pytest.fixture(scope="module", params=PROBLEMS)
+def problem(request):
+    return get_problem(request.param)
+
+
+def _build(problem, correction, num_clusters=NUM_CLUSTERS):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="one cluster holds", category=UserWarning)
+        return cj.build_cache(problem.task, num_clusters=num_clusters, sketch_dim=SKETCH_DIM, damping=LAM,
+                              key=jax.random.key(0), solver=cj.CG(rtol=RTOL), batch_size=BATCH, correction=correction)
+
+
+@pytest.fixture(scope="module")
+def full(problem):
+    """Exact self terms and factors at r = p (``"auto"`` reaches p on these small models)."""
+    return _build(problem, cj.ExactCorrection())
+
+
+def _if(problem, s, g_v):
+    return g_v @ np.linalg.solve(problem.ggn, problem.grads[s].sum(axis=0)) / N
+
+
+def _close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
+
+
+def test_auto_rank_reaches_p_and_records_it(problem, full):
+    low = full.lowrank
+    assert low.rank == problem.num_params and full.correction.rank == low.rank
+    assert low.note.startswith("auto: rank") and float(low.predicted_error) < 1e-12
+    # The coordinates are U^T g_i and U^T mu_c for the stored orthonormal basis.
+    u = np.asarray(low.basis)
+    np.testing.assert_allclose(u @ u.T, np.eye(low.rank), atol=1e-12)
+    _close(low.coords, problem.grads @ u.T)
+    a = np.asarray(full.assignments)
+    means = np.stack([problem.grads[a == c].mean(axis=0) for c in range(full.num_clusters)])
+    _close(low.mean_coords, means @ u.T)
+    assert np.all(np.asarray(low.tail_norms) < 1e-10 * np.linalg.norm(problem.grads, axis=1).max())
+    # At full rank the self terms' remainders vanish: the deviations carry them whole.
+    assert np.abs(np.asarray(full.correction.remainder)).max() < 1e-10 * np.abs(np.asarray(full.correction.values)).max()
+
+
+def test_full_rank_equals_if_for_every_query_type(problem, full):
+    g = problem.grads
+    # Held-out style: bare evaluation gradients (one per query, and one shared by all).
+    g_v = np.stack([g[v].mean(axis=0) for v in OTHER])
+    _close(cj.loss_delta(full, FOLDS, g_v), [_if(problem, s, gv) for s, gv in zip(FOLDS, g_v)])
+    _close(cj.loss_delta(full, FOLDS, g_v[0]), [_if(problem, s, g_v[0]) for s in FOLDS])
+    # The same through precomputed alphas, shared and per query.
+    _close(cj.loss_delta_from_alphas(full, FOLDS, cj.cluster_alphas(full, g_v)),
+           [_if(problem, s, gv) for s, gv in zip(FOLDS, g_v)])
+    _close(cj.loss_delta_from_alphas(full, FOLDS, cj.cluster_alphas(full, g_v[0])), [_if(problem, s, g_v[0]) for s in FOLDS])
+    # Folds on themselves (V = S), and the fold matrix (cross-fold off the diagonal).
+    _close(cj.fold_loss_delta(full, problem.task, FOLDS, batch_size=BATCH),
+           [_if(problem, s, g[s].mean(axis=0)) for s in FOLDS])
+    want = np.array([[_if(problem, s, g[v].mean(axis=0)) for v in FOLDS] for s in FOLDS])
+    _close(cj.fold_matrix(full, problem.task, FOLDS, batch_size=BATCH), want)
+    # Partial overlaps between S and V, told through eval_sets.
+    subsets = [np.arange(0, 10), np.arange(5, 30), np.array([40, 41])]
+    evals = [np.arange(5, 15), np.arange(0, 8), np.array([1, 2, 3])]
+    g_e = np.stack([g[v].mean(axis=0) for v in evals])
+    _close(cj.loss_delta(full, subsets, g_e, eval_sets=evals), [_if(problem, s, ge) for s, ge in zip(subsets, g_e)])
+    # Self-influence and per-example scores.
+    h_inv_g = np.linalg.solve(problem.ggn, g.T).T
+    _close(cj.self_influence(full, problem.task, batch_size=BATCH), np.einsum("ij,ij->i", g, h_inv_g) / N)
+    _close(cj.example_scores(full, g_v), g_v @ h_inv_g.T / N)
+    _close(cj.example_scores(full, g_v[2]), g_v[2] @ h_inv_g.T / N)
+
+
+def test_subset_sums_of_example_scores_are_the_query(problem, full):
+    # For an evaluation set that holds no removed example, a subset's score is its members' sum.
+    g_v = problem.grads[OTHER[0]].mean(axis=0)
+    rows = np.asarray(cj.example_scores(full, g_v))
+    got = np.asarray(cj.loss_delta(full, FOLDS[1:], g_v))
+    np.testing.assert_allclose(got, [rows[s].sum() for s in FOLDS[1:]], rtol=1e-12)
+
+
+def test_one_cluster_per_example_equals_if_at_any_rank(problem):
+    cache = _build(problem, cj.CalibratedCorrection(rank=3, num_samples=4), num_clusters=N)
+    assert cache.lowrank.rank == 3
+    g = problem.grads
+    g_v = np.stack([g[v].mean(axis=0) for v in OTHER])
+    _close(cj.loss_delta(cache, FOLDS, g_v), [_if(problem, s, gv) for s, gv in zip(FOLDS, g_v)])
+    _close(cj.fold_loss_delta(cache, problem.task, FOLDS, batch_size=BATCH),
+           [_if(problem, s, g[s].mean(axis=0)) for s in FOLDS])
+    _close(cj.example_scores(cache, g_v), g_v @ np.linalg.solve(problem.ggn, g.T) / N)
+
+
+def test_low_rank_beats_the_clusters_on_cross_queries(problem):
+    # At a rank below p the estimator is not exact, but it carries the deviations' leading part;
+    # the clusters alone lose all of it. Exact self terms isolate the cross terms.
+    cache = _build(problem, cj.ExactCorrection(rank=problem.num_params // 2))
+    g = problem.grads
+    want = np.array([[_if(problem, s, g[v].mean(axis=0)) for v in FOLDS] for s in FOLDS])
+    off = ~np.eye(len(FOLDS), dtype=bool)
+    hybrid = np.asarray(cj.fold_matrix(cache, problem.task, FOLDS))
+    paper = np.asarray(cj.fold_matrix(cache, problem.task, FOLDS, estimator="paper"))
+    err = lambda m: np.linalg.norm((m - want)[off])
+    assert err(hybrid) < 0.8 * err(paper)
+
+
+def test_no_overlap_means_no_self_term(problem, full):
+    s, v = [np.arange(0, 10)], [np.arange(20, 30)]
+    g_v = problem.grads[v[0]].mean(axis=0)
+    bare = np.asarray(cj.loss_delta(full, s, g_v))
+    np.testing.assert_array_equal(bare, np.asarray(cj.loss_delta(full, s, g_v, eval_sets=v)))
+    np.testing.assert_array_equal(np.asarray(cj.overlap_correction(full, s, v)), [0.0])
+
+
+def test_estimators_differ_as_documented(problem):
+    # At a rank below p: "corrected" is eq. 11 plus the whole self terms, "hybrid" adds the
+    # deviations' low-rank part and only the remainder of the self terms.
+    cache = _build(problem, cj.ExactCorrection(rank=4))
+    folds = FOLDS[:3]
+    paper = np.asarray(cj.fold_loss_delta(cache, problem.task, folds, estimator="paper"))
+    corrected = np.asarray(cj.fold_loss_delta(cache, problem.task, folds, estimator="corrected"))
+    hybrid = np.asarray(cj.fold_loss_delta(cache, problem.task, folds))
+    t, rem = np.asarray(cache.correction.values), np.asarray(cache.correction.remainder)
+    np.testing.assert_allclose(corrected - paper, [t[f].sum() / len(f) for f in folds], rtol=1e-10)
+    low = cache.lowrank
+    dev = np.asarray(low.coords) - np.asarray(low.mean_coords)[np.asarray(cache.assignments)]
+    w = 1 / (np.asarray(low.eigenvalues) + LAM)
+    g_f = np.stack([np.asarray(low.coords)[f].mean(axis=0) for f in folds])
+    low_part = np.array([g_f[k] * w @ dev[f].sum(axis=0) / N for k, f in enumerate(folds)])
+    np.testing.assert_allclose(hybrid - paper, low_part + [rem[f].sum() / len(f) for f in folds], rtol=1e-9)
+
+
+def test_bare_alphas_are_refused_by_the_default_estimator(full):
+    alphas = cj.cluster_alphas(full, np.ones(full.num_params))
+    with pytest.raises(ValueError, match="low-rank coordinates"):
+        cj.loss_delta_from_alphas(full, FOLDS, alphas.clusters)
+    paper = cj.loss_delta_from_alphas(full, FOLDS, alphas.clusters, estimator="paper")
+    np.testing.assert_array_equal(np.asarray(paper),
+                                  np.asarray(cj.loss_delta_from_alphas(full, FOLDS, alphas, estimator="paper")))
+    with pytest.raises(ValueError, match="estimator"):
+        cj.loss_delta(full, FOLDS, np.ones(full.num_params), estimator="lowrank")
+    with pytest.raises(ValueError, match="rank"):
+        cj.CalibratedCorrection(rank="big")
+    with pytest.raises(ValueError, match="tolerance"):
+        cj.CalibratedCorrection(tolerance=1.5)
+
+
+# -- the rank rule on an operator with a known spectrum -------------------------------------------
+
+
+def _squared_error(out, y):
+    return 0.5 * jnp.sum(jnp.square(out - y), axis=-1)
+
+
+def _linear(params, x):
+    return x @ params["w"]
+
+
+def test_auto_rank_stops_where_the_factors_hold_the_deviations():
+    # A linear model under squared error: GGN = X^T X / N exactly, here of rank 8 with known
+    # eigenvalues. Deviations inside its range are held by any factor that spans it: the rule
+    # sees a large share outside at ranks 2 and 4 and none at 8, and stops there (not at 16).
+    p, k, n = 24, 8, 40
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.normal(size=(p, k)))
+    coef = rng.normal(size=(n, k))
+    coef, _ = np.linalg.qr(coef)  # orthonormal columns: X^T X = basis diag(sv^2) basis^T
+    sv = np.sqrt(n * np.logspace(0, -2, k))
+    x = (coef * sv) @ basis.T
+    task = cj.Task(_linear, _squared_error, {"w": jnp.zeros((p, 1))}, jnp.asarray(x), jnp.asarray(rng.normal(size=(n, 1))))
+    ggn = x.T @ x / n
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(ggn))[-k:], np.sort(np.logspace(0, -2, k)), rtol=1e-10)
+    deviations = rng.normal(size=(6, k)) @ basis.T
+    lam = 1e-3
+    seen = []
+
+    def accept(u, s):
+        done, note = lr.probe_rule(deviations, lam, 0.01)(u, s)
+        seen.append((u.shape[0], lr.predicted_error(deviations, u, s, lam)))
+        return done, note
+
+    pre = cj.nystrom_preconditioner(task, key=jax.random.key(1), rank="auto", damping=lam, initial_rank=2,
+                                    max_rank=p, error_iters=0, accept=accept)
+    assert [r for r, _ in seen] == [2, 4, 8] and pre.rank == 8
+    assert seen[0][1] > 0.01 and seen[1][1] > 0.01 and seen[2][1] < 1e-12
+    assert pre.note.startswith("auto: rank 8")
+    np.testing.assert_allclose(np.asarray(pre.eigenvalues), np.logspace(0, -2, k), rtol=1e-8)
+
+
+def test_predicted_error_closed_form():
+    # Basis = the first r coordinate axes: the share outside is sum of the other squares / lambda
+    # over that plus sum_k d_k^2 / (s_k + lambda) inside.
+    p, r, lam = 6, 2, 0.5
+    u = np.eye(p)[:r]
+    s = np.array([3.0, 1.0])
+    d = np.array([[1.0, 2.0, 1.0, 0.0, 0.0, 1.0]])
+    inside = 1.0 / 3.5 + 4.0 / 1.5
+    outside = 2.0 / lam
+    assert lr.predicted_error(d, jnp.asarray(u), jnp.asarray(s), lam) == pytest.approx(outside / (outside + inside))
+    assert lr.predicted_error(np.zeros((1, p)), jnp.asarray(u), jnp.asarray(s), lam) == 0.0
