@@ -56,6 +56,7 @@ from cif_jax.baselines.stride import stride_subsets as stride_subsets
 from cif_jax.cif.bounds import CorrectedErrorBound as CorrectedErrorBound
 from cif_jax.cif.bounds import corrected_error_bound as corrected_error_bound
 from cif_jax.cif.bounds import error_bound as error_bound
+from cif_jax.cif.bounds import query_error_bound as query_error_bound
 from cif_jax.cif.bounds import subset_error_bound as subset_error_bound
 from cif_jax.cif.cache import InfluenceCache as InfluenceCache
 from cif_jax.cif.cache import build_cache as build_cache

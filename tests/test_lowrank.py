@@ -226,3 +226,45 @@ def test_predicted_error_closed_form():
     outside = 2.0 / lam
     assert lr.predicted_error(d, jnp.asarray(u), jnp.asarray(s), lam) == pytest.approx(outside / (outside + inside))
     assert lr.predicted_error(np.zeros((1, p)), jnp.asarray(u), jnp.asarray(s), lam) == 0.0
+
+
+# -- the error report -------------------------------------------------------------------------------
+
+
+def test_error_report_bounds_the_true_error(problem):
+    # Rank p/3 with exact self terms: the estimator misses part of every cross term; the
+    # report must bound what it misses, for folds on themselves, partial overlaps and bare
+    # evaluation gradients, and vanish at full rank.
+    cache = _build(problem, cj.ExactCorrection(rank=problem.num_params // 3))
+    g = problem.grads
+    # Folds on themselves.
+    got = np.asarray(cj.fold_loss_delta(cache, problem.task, FOLDS, batch_size=BATCH))
+    want = np.array([_if(problem, s, g[s].mean(axis=0)) for s in FOLDS])
+    b = cj.corrected_error_bound(cache, problem.task, FOLDS, batch_size=BATCH)
+    assert b.correction_is_bound
+    total = np.asarray(b.cross) + np.asarray(b.correction) + np.asarray(b.solver)
+    assert np.all(np.abs(got - want) <= total) and np.all(np.abs(got - want) > 0)
+    # Partial overlaps.
+    subsets = [np.arange(0, 10), np.arange(5, 30), np.array([40, 41])]
+    evals = [np.arange(5, 15), np.arange(0, 8), np.array([1, 2, 3])]
+    g_e = np.stack([g[v].mean(axis=0) for v in evals])
+    got = np.asarray(cj.loss_delta(cache, subsets, g_e, eval_sets=evals))
+    want = np.array([_if(problem, s, ge) for s, ge in zip(subsets, g_e)])
+    b = cj.corrected_error_bound(cache, problem.task, subsets, evals)
+    assert np.all(np.abs(got - want) <= np.asarray(b.cross) + np.asarray(b.correction) + np.asarray(b.solver))
+    # Bare evaluation gradients (held-out style), with the exact D_S and with the per-member sum.
+    g_v = np.stack([g[v].mean(axis=0) for v in OTHER])
+    got = np.asarray(cj.loss_delta(cache, FOLDS, g_v))
+    want = np.array([_if(problem, s, gv) for s, gv in zip(FOLDS, g_v)])
+    tail, solver = (np.asarray(a) for a in cj.query_error_bound(cache, FOLDS, g_v, task=problem.task))
+    loose, _ = (np.asarray(a) for a in cj.query_error_bound(cache, FOLDS, g_v))
+    assert np.all(np.abs(got - want) <= tail + solver) and np.all(tail <= loose * (1 + 1e-12))
+
+
+def test_error_report_vanishes_at_full_rank(problem, full):
+    g_v = np.stack([problem.grads[v].mean(axis=0) for v in OTHER])
+    tail, _ = cj.query_error_bound(full, FOLDS, g_v, task=problem.task)
+    scores = np.asarray(cj.loss_delta(full, FOLDS, g_v))
+    assert np.all(np.asarray(tail) < 1e-8 * np.abs(scores).max())
+    b = cj.corrected_error_bound(full, problem.task, FOLDS)
+    assert np.all(np.asarray(b.cross) < 1e-8 * np.abs(np.asarray(cj.fold_loss_delta(full, problem.task, FOLDS))).max())

@@ -95,6 +95,101 @@ def subset_error_bound(
     return deviation / lam_n, solver
 
 
+#: ``||GGN - U diag(s) U^T||`` enters the low-rank bounds as this multiple of its power-iteration
+#: estimate (a lower estimate of the norm: the margin covers what ten iterations miss).
+ERROR_MARGIN = 2.0
+
+
+def _tail_forms(cache: InfluenceCache):
+    """``(weights, delta, e)`` of the low-rank bound: ``1/(s + lambda)``, ``Delta_k`` and the ``||E||`` used.
+
+    With ``0 <= E = GGN - U diag(s) U^T <= e I``, the error operator ``B = H~^{-1} - U diag(1/(s+lambda)) U^T``
+    of the low-rank inverse satisfies ``-U diag(Delta) U^T <= B <= (I - U U^T) / lambda`` with
+    ``Delta_k = e / ((s_k + lambda)(s_k + lambda + e))``, so for any a, b
+    ``|a^T B b| <= sqrt(q1(a) q1(b)) + sqrt(q2(a) q2(b))``, ``q2(x) = sum_k Delta_k (U^T x)_k^2`` and
+    ``q1(x) = ||(I - U U^T) x||^2 / lambda + q2(x)``.
+    """
+    low = cache.lowrank
+    lam = cache.damping
+    s = np.asarray(low.eigenvalues, np.float64)
+    e = float(low.error_estimate)
+    e = ERROR_MARGIN * (e if np.isfinite(e) else (s[-1] if s.size else 0.0))
+    return 1 / (s + lam), e / ((s + lam) * (s + lam + e)), e
+
+
+def _pair_bound(perp_sq_a, coords_a, perp_sq_b, coords_b, delta, lam):
+    """``sqrt(q1(a) q1(b)) + sqrt(q2(a) q2(b))`` row by row (see :func:`_tail_forms`)."""
+    q2a = np.sum(delta * coords_a**2, axis=-1)
+    q2b = np.sum(delta * coords_b**2, axis=-1)
+    q1a, q1b = np.maximum(perp_sq_a, 0) / lam + q2a, np.maximum(perp_sq_b, 0) / lam + q2b
+    return np.sqrt(q1a * q1b) + np.sqrt(q2a * q2b)
+
+
+def query_error_bound(cache: InfluenceCache, subsets, eval_grads, *, task: Task | None = None,
+                      batch_size: int | None = None) -> tuple[Float[Array, " q"], Float[Array, " q"]]:
+    """What bounds the default (hybrid) estimator's error against per-query IF, for evaluation gradients.
+
+    For an evaluation set that holds no removed example (held-out points, another fold), with
+    ``D_S = sum_{i in S} (g_i - mu_c(i))``:
+
+    .. math::
+
+        |\\Delta\\ell_{IF} - \\Delta\\hat\\ell| \\le \\frac{1}{N}\\Big(\\sqrt{q_1(g_V)\\, q_1(D_S)}
+        + \\sqrt{q_2(g_V)\\, q_2(D_S)}\\Big) + \\frac{\\|g_V\\|}{\\lambda N} \\sum_c m_c(S) \\rho_c \\|\\mu_c\\|
+
+    ``q1(x) = ||(I - U U^T) x||^2 / lambda + q2(x)`` and ``q2`` weighs the factors' coordinates by
+    ``e / ((s + lambda)(s + lambda + e))``, ``e`` bounding ``||GGN - U diag(s) U^T||`` (taken as
+    :data:`ERROR_MARGIN` times the cache's power-iteration estimate, so the first term is a bound
+    up to that estimate). It is zero at full rank and for one cluster per example. With ``task``
+    (the task the cache was built from), ``D_S`` is formed exactly from one streamed gradient pass;
+    without it, ``sqrt(q(D_S))`` is bounded by the sum over members from the cache's per-example
+    tail norms and coordinates (looser, still valid).
+
+    Args:
+        subsets: Q removed sets S.
+        eval_grads: (p,) one evaluation gradient or (Q, p) one per query.
+
+    Returns:
+        ``(tail, solver)``, each (Q,), in loss units.
+    """
+    from .queries import _eval_matrix
+
+    if cache.lowrank is None:
+        raise ValueError("this cache holds no low-rank factors (built with `correction=None` or `rank=0`, or read from "
+                         "a file of an older format); its error is eq. (13)'s: use `cj.subset_error_bound`.")
+    subs = _checks.subsets(subsets, cache.num_examples)
+    q = int(subs.sizes.size)
+    g = np.asarray(_eval_matrix(cache, eval_grads, q), np.float64)
+    g = np.broadcast_to(g, (q, g.shape[-1])) if g.ndim == 1 else g
+    low, lam, n = cache.lowrank, cache.damping, cache.num_examples
+    u = np.asarray(low.basis, np.float64)
+    _, delta, _ = _tail_forms(cache)
+    g_coords = g @ u.T
+    g_perp_sq = np.sum((g - g_coords @ u) ** 2, axis=1)
+    counts = np.asarray(cluster_counts(cache, subsets), np.float64)
+    if task is None:
+        dev = np.asarray(low.coords, np.float64) - np.asarray(low.mean_coords, np.float64)[np.asarray(cache.assignments)]
+        tail_sq = np.asarray(low.tail_norms, np.float64) ** 2
+        q2d = np.sum(delta * dev**2, axis=1)
+        root_q1 = np.sqrt(tail_sq / lam + q2d)
+        q2g = np.sum(delta * g_coords**2, axis=1)
+        sum_q1 = np.bincount(subs.query_ids, weights=root_q1[subs.indices], minlength=q)
+        sum_q2 = np.bincount(subs.query_ids, weights=np.sqrt(q2d)[subs.indices], minlength=q)
+        tail = np.sqrt(g_perp_sq / lam + q2g) * sum_q1 + np.sqrt(q2g) * sum_q2
+    else:
+        _check_task(cache, task)
+        batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
+        sums, bad = gradient_sums_pass(task, jnp.asarray(subs.mask.T), batch_size)
+        raise_on_bad(bad)
+        d = np.asarray(sums, np.float64) - counts @ np.asarray(cache.means, np.float64)
+        d_coords = d @ u.T
+        tail = _pair_bound(g_perp_sq, g_coords, np.sum((d - d_coords @ u) ** 2, axis=1), d_coords, delta, lam)
+    per_cluster = np.asarray(cache.residuals, np.float64) * np.asarray(cache.mean_norms, np.float64)
+    solver = np.linalg.norm(g, axis=1) * (counts @ per_cluster) / (lam * n)
+    dtype = cache.responses.dtype
+    return jnp.asarray(tail / n, dtype), jnp.asarray(solver, dtype)
+
+
 class CorrectedErrorBound(NamedTuple):
     """What bounds the corrected CiF score's error against per-query IF, per query, in loss units.
 
@@ -133,8 +228,15 @@ class CorrectedErrorBound(NamedTuple):
 
 
 def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=None, *,
-                          batch_size: int | None = None) -> CorrectedErrorBound:
-    """The error terms of the corrected CiF score (:mod:`cif_jax.cif.correction`) against per-query IF.
+                          batch_size: int | None = None, estimator: str = "hybrid") -> CorrectedErrorBound:
+    """The error terms of a CiF score with self terms (:mod:`cif_jax.cif.correction`) against per-query IF.
+
+    For the default estimator (``"hybrid"``), the deviations go through the low-rank inverse and
+    the cross terms' error is what its error operator ``B = H~^{-1} - U diag(1/(s + lambda)) U^T``
+    makes of them: ``cross = (1/(N |V|)) sum_{i in S} (sqrt(q1(w_i) q1(d_i)) + sqrt(q2(w_i) q2(d_i)))``
+    with ``w_i = G_V - 1[i in V] g_i`` (see :func:`query_error_bound` for ``q1``, ``q2``); it
+    vanishes at full rank. The ``correction`` term is then the error of the remainders.
+    ``estimator="corrected"`` gives the terms of :class:`CorrectedErrorBound` as documented there.
 
     Args:
         cache: a cache with a correction.
@@ -143,15 +245,20 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
         eval_sets: the evaluation sets V (training examples, mean loss), one shared or one per
             query; None: V = S (fold workloads).
         batch_size: examples per chunk of the gradient pass.
+        estimator: ``"hybrid"`` (default) or ``"corrected"``.
 
     Returns:
         A :class:`CorrectedErrorBound`; ``cross + correction + solver`` bounds ``|IF - corrected|``
         when ``correction_is_bound``.
     """
-    from .queries import _eval_subsets, _terms, in_eval_sets
+    from .queries import _eval_subsets, _terms, check_estimator, in_eval_sets
 
+    estimator = check_estimator(estimator)
+    if estimator == "paper":
+        raise ValueError("`estimator='paper'` has no self terms: its per-subset bound is `cj.subset_error_bound`.")
     _check_task(cache, task)
     terms = _terms(cache)
+    hybrid = estimator == "hybrid" and cache.lowrank is not None
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
@@ -169,25 +276,47 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
     gnorm = np.asarray(terms.grad_norms, np.float64)
     in_v = in_eval_sets(subs, None if eval_sets is None else ev)
     ids, idx = subs.query_ids, subs.indices
-    # ||G_V - g_i|| exactly for the members of S cap V (G_V . g_i from one more streamed pass),
-    # ||G_V|| for the others.
-    dots, bad = _dots_pass(task, sums, batch_size)
-    raise_on_bad(bad)
-    dots = np.asarray(dots, np.float64)
     col = ids if ev.sizes.size > 1 else np.zeros_like(ids)
-    own = np.sqrt(np.maximum(gv_norm[ids] ** 2 - 2 * dots[idx, col] + gnorm[idx] ** 2, 0.0))
-    weight = np.where(in_v, own, gv_norm[ids])
-    cross = np.bincount(ids, weights=weight * dev[idx], minlength=q) / (lam_n * size_v)
+    if hybrid:
+        low, lam = cache.lowrank, cache.damping
+        u = np.asarray(low.basis, np.float64)
+        _, delta, _ = _tail_forms(cache)
+        g_sums = np.asarray(sums, np.float64)
+        gv_coords = g_sums @ u.T
+        gv_perp = g_sums - gv_coords @ u
+        # G_V_perp . g_i (= G_V_perp . g_i_perp) for the members of S cap V, from one streamed pass.
+        dots, bad = _dots_pass(task, jnp.asarray(gv_perp, sums.dtype), batch_size)
+        raise_on_bad(bad)
+        dots = np.asarray(dots, np.float64)
+        coords = np.asarray(low.coords, np.float64)
+        dev_coords = coords - np.asarray(low.mean_coords, np.float64)[np.asarray(cache.assignments)]
+        g_perp_sq = np.maximum(gnorm**2 - np.sum(coords**2, axis=1), 0)
+        gv_perp_sq = np.sum(gv_perp**2, axis=1)
+        w_perp_sq = gv_perp_sq[col] - np.where(in_v, 2 * dots[idx, col] - g_perp_sq[idx], 0)
+        w_coords = gv_coords[col] - np.where(in_v[:, None], coords[idx], 0)
+        tail_sq = np.asarray(low.tail_norms, np.float64)[idx] ** 2
+        weight = _pair_bound(w_perp_sq, w_coords, tail_sq, dev_coords[idx], delta, lam)
+        cross = np.bincount(ids, weights=weight, minlength=q) / (n * size_v)
+    else:
+        # ||G_V - g_i|| exactly for the members of S cap V (G_V . g_i from one more streamed pass),
+        # ||G_V|| for the others.
+        dots, bad = _dots_pass(task, sums, batch_size)
+        raise_on_bad(bad)
+        dots = np.asarray(dots, np.float64)
+        own = np.sqrt(np.maximum(gv_norm[ids] ** 2 - 2 * dots[idx, col] + gnorm[idx] ** 2, 0.0))
+        weight = np.where(in_v, own, gv_norm[ids])
+        cross = np.bincount(ids, weights=weight * dev[idx], minlength=q) / (lam_n * size_v)
     both_ids, both = ids[in_v], idx[in_v]
     if terms.method == "exact":
         rho = np.asarray(terms.residuals, np.float64)
         corr = np.bincount(both_ids, weights=gnorm[both] * rho[both] * dev[both], minlength=q) / (lam_n * size_v)
         is_bound = True
     elif terms.calibrated:
-        raw = np.asarray(terms.raw, np.float64)
+        raw = np.asarray(terms.remainder_raw if hybrid else terms.raw, np.float64)
         total = np.bincount(both_ids, weights=raw[both], minlength=q)
         squares = np.bincount(both_ids, weights=raw[both] ** 2, minlength=q)
-        se, sd = float(terms.scale_stderr), float(terms.ratio_std)
+        se = float(terms.remainder_stderr if hybrid else terms.scale_stderr)
+        sd = float(terms.remainder_ratio_std if hybrid else terms.ratio_std)
         corr = 1.96 * np.sqrt((se * total) ** 2 + sd**2 * squares) / size_v
         is_bound = False
     else:
