@@ -13,7 +13,7 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["cv", "--dataset", "digits", "--model", "mlp", "--subsample", "0.1", "--epochs", "3",
             "-C", "4", "-d", "8", "--k", "5", "8", "--bootstrap", "200", "--rtol", "1e-4",
-            "--rhs-batch-size", "8", "--output", str(out)]
+            "--rhs-batch-size", "8", "--halves", "6", "--test-points", "10", "--output", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     from cif_jax.workloads.data import load_dataset
@@ -22,23 +22,32 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
     assert result["num_train"] == expected_n and 130 <= expected_n <= 150  # ~10% of 1,437 training images
     assert [r["K"] for r in result["per_k"]] == [5, 8]
     for row in result["per_k"]:
-        assert len(row["fold_scores_cif"]) == row["K"] == len(row["fold_scores_if"])
-        for name in ("pearson", "spearman"):
-            c = row[name]
-            assert all(math.isfinite(c[k]) for k in ("value", "low", "high"))
-            assert -1 <= c["low"] <= c["value"] <= c["high"] <= 1 or c["low"] <= c["high"]
+        assert set(row["estimators"]) == {"hybrid", "corrected", "paper"}
+        for est in row["estimators"].values():
+            assert len(est["fold_scores"]) == row["K"] == len(row["fold_scores_if"])
+            for name in ("pearson", "spearman"):
+                c = est[name]
+                assert all(math.isfinite(c[k]) for k in ("value", "low", "high"))
+                assert -1 <= c["low"] <= c["value"] <= c["high"] <= 1 or c["low"] <= c["high"]
+            assert est["cross_fold"]["pairs"] == row["K"] * (row["K"] - 1)
         assert row["if_seconds"] > 0 and row["cif_query_seconds"] > 0
         assert row["if_max_residual"] <= 1e-4 * 1.01
         assert row["bound_scatter_term"] >= 0 and row["bound_solver_term"] >= 0
     assert result["speedup"] > 0 and math.isfinite(result["speedup"])
     assert (out / "cif_vs_if.png").stat().st_size > 0 and (out / "times.png").stat().st_size > 0
     assert (out / "cache.npz").exists()
-    # The default: the correction's Nystrom factors (rank min(256, p)) precondition every solve.
-    assert result["preconditioner"]["kind"] == f"nystrom(rank={min(256, result['num_params'])})"
+    # The held-out workload: every estimator but "corrected" (no self terms on test points).
+    held = result["held_out"]
+    assert held["halves"] == 6 and held["test_points"] == 10 and set(held["estimators"]) == {"hybrid", "paper"}
+    assert all(-1 <= e["median_spearman"] <= 1 for e in held["estimators"].values())
+    # The default: the cache's low-rank factors, rank chosen by the spectrum, precondition every solve.
+    rank = result["factors"]["rank"]
+    assert 1 <= rank <= min(1024, result["num_params"]) and result["factors"]["note"].startswith("auto: rank")
+    assert result["preconditioner"]["kind"] == f"nystrom(rank={rank})"
     assert result["preconditioner"]["choice"] == "shared Nystrom factors"
-    # A second run loads the checkpoint instead of retraining; with a shared Nystrom
-    # preconditioner the solves meet the same true tolerance.
-    assert main(argv + ["--no-plots", "--preconditioner", "nystrom", "--rank", "8"]) == 0
+    # A second run loads the checkpoint instead of retraining; with factors of a fixed rank
+    # the solves meet the same true tolerance.
+    assert main(argv + ["--no-plots", "--factor-rank", "8"]) == 0
     second = json.loads((out / "results.json").read_text())
     assert second["trained_or_loaded"] == "loaded"
     assert second["preconditioner"]["kind"] == "nystrom(rank=8)" and second["preconditioner"]["rank"] == 8
@@ -57,6 +66,8 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
         (["--k", "1"], "at least 2"),
         (["--damping", "0"], "damping"),
         (["--rank", "many"], "--rank must be an integer"),
+        (["--factor-rank", "0"], "--factor-rank must be at least 1"),
+        (["--halves", "2"], "--halves"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent-tfds"], "mnist"),
     ],
 )

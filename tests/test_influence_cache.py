@@ -139,7 +139,7 @@ def test_queries_match_dense(problem):
                                np.sum(want * g_each, axis=1), rtol=SOLVE_TOL)
 
     alphas = cj.cluster_alphas(cache, g_shared)
-    np.testing.assert_allclose(np.asarray(alphas), v @ g_shared, rtol=SOLVE_TOL)
+    np.testing.assert_allclose(np.asarray(alphas.clusters), v @ g_shared, rtol=SOLVE_TOL)
     np.testing.assert_allclose(np.asarray(cj.loss_delta_from_alphas(cache, subsets, alphas)), want @ g_shared,
                                rtol=SOLVE_TOL)
 
@@ -151,7 +151,7 @@ def test_fold_queries_match_dense(problem):
     # alpha_c(S_k) = g_{S_k} . v_c, with g_{S_k} the gradient of the MEAN loss over fold k.
     g_folds = np.stack([problem.grads[f].mean(axis=0) for f in folds])
     want_alphas = g_folds @ v.T
-    got_alphas = cj.fold_alphas(cache, problem.task, folds)
+    got_alphas = cj.fold_alphas(cache, problem.task, folds).clusters
     assert got_alphas.shape == (NUM_QUERIES, NUM_CLUSTERS)
     assert rel_err(got_alphas, want_alphas) < SOLVE_TOL
     # Delta l(S_k; S_k) = g_{S_k} . (1/N) sum_{i in S_k} v_{c(i)}

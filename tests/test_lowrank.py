@@ -14,7 +14,6 @@ mean loss over V (or on a bare evaluation gradient): ``g_V^T H~^{-1} sum_{i in S
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from _models import BATCH, LAM, NUM_CLUSTERS, PROBLEMS, RTOL, SKETCH_DIM, N, get_problem
 

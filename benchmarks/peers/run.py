@@ -176,7 +176,7 @@ def ours_defaults(task, folds, args):
         out[label] = {"seconds": t, "extrapolated": False, "compilation_included": True, "solver": cache.solver,
                       "cache_timings": {k: float(v) for k, v in cache.timings}}
         out[f"CiF C={c} (defaults), paper's estimator"] = {"seconds": t, "extrapolated": False,
-                                                           "note": "the same cache, estimator="paper""}
+                                                           "note": "the same cache, estimator=paper"}
         log(f"{label}: {t:.1f} s ({cache.solver})")
     return out, scores
 

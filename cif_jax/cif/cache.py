@@ -120,6 +120,19 @@ class InfluenceCache(eqx.Module):
         """Phase timings in seconds as a dict."""
         return dict(self.timings)
 
+    def nystrom(self) -> NystromPreconditioner | None:
+        """The cache's low-rank factors as a :class:`cif_jax.NystromPreconditioner` (None without factors).
+
+        Pass it as ``cif_jax.CG(preconditioner=cache.nystrom())`` to precondition other solves of
+        the same operator (per-query IF on the same task) with the factors the cache built.
+        """
+        low = self.lowrank
+        if low is None:
+            return None
+        return NystromPreconditioner(basis=low.basis, eigenvalues=low.eigenvalues, error_estimate=low.error_estimate,
+                                     fingerprint=self.fingerprint, curvature=self.curvature, num_products=0,
+                                     seconds=self.timing.get("nystrom", 0.0), note=low.note)
+
 
 @eqx.filter_jit
 def _sketch_pass(task, key, sketch_dim, block_size, batch_size):

@@ -50,8 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-steps", type=int, default=1000, help="CG iteration cap per system (default 1000)")
     cv.add_argument("--normalize-sketches", action="store_true", help="cluster unit-normalised sketches")
     cv.add_argument("--correction", default="calibrated", choices=("calibrated", "nystrom", "exact", "none"),
-                    help="estimator of the per-example self-influence correction (default: calibrated); 'none' "
-                         "reports the paper's estimator only")
+                    help="estimator of the per-example self terms (default: calibrated); 'none' builds no "
+                         "low-rank factors and reports the paper's estimator only")
+    cv.add_argument("--factor-rank", default="auto",
+                    help="rank of the cache's low-rank factors: an integer, or 'auto' (default: chosen by the "
+                         "spectrum, up to 1024)")
+    cv.add_argument("--halves", type=int, default=100,
+                    help="random halves of the training set removed, each scored on every held-out test point "
+                         "(default 100; 0 skips the held-out workload)")
+    cv.add_argument("--test-points", type=int, default=100, help="held-out test points (default 100)")
     cv.add_argument("--if-folds", type=int, default=None,
                     help="run the IF baseline on this many random folds per K only (reported as such)")
     cv.add_argument("--batch-size", type=int, default=512, help="examples per chunk in data passes")
@@ -61,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="shared by every CiF and IF solve (default: auto: the correction's Nystrom factors, or "
                          "plain CG or Nystrom by the cost model; 'none' is the paper's plain CG)")
     cv.add_argument("--rank", default="auto",
-                    help="Nystrom rank with --preconditioner nystrom: an integer, or 'auto' (the cost model)")
+                    help="Nystrom rank with --preconditioner nystrom and --correction none: an integer, or 'auto' "
+                         "(the cost model)")
     cv.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     cv.add_argument("--seed", type=int, default=0)
     cv.add_argument("--output", "-o", default=None, help="output folder (default: cif_runs/cv-<dataset>-<model>)")
@@ -101,6 +109,17 @@ def _validate(args) -> str:
             raise CliError(f"--rank must be an integer or 'auto', got {args.rank!r}.") from None
         if args.rank < 1:
             raise CliError("--rank must be at least 1.")
+    if args.factor_rank != "auto":
+        try:
+            args.factor_rank = int(args.factor_rank)
+        except ValueError:
+            raise CliError(f"--factor-rank must be an integer or 'auto', got {args.factor_rank!r}.") from None
+        if args.factor_rank < 1:
+            raise CliError("--factor-rank must be at least 1.")
+    if args.halves < 0 or (args.halves and args.halves < 3):
+        raise CliError("--halves must be 0 (skip the held-out workload) or at least 3 (correlations need three).")
+    if args.test_points < 1:
+        raise CliError("--test-points must be at least 1.")
     if args.if_folds is not None and args.if_folds < 3:
         raise CliError("--if-folds must be at least 3 (correlations need three folds).")
     out = args.output or os.path.join("cif_runs", f"cv-{args.dataset}-{args.model}")
@@ -112,6 +131,46 @@ def _validate(args) -> str:
         os.remove(probe)
     except OSError as err:
         raise CliError(f"cannot write to the output folder {out!r} ({err.strerror}); pass --output DIR.") from None
+    return out
+
+
+def _correction(cj, args):
+    """The ``correction=`` of the cache from ``--correction`` and ``--factor-rank``."""
+    kind = {"calibrated": cj.CalibratedCorrection, "nystrom": cj.NystromCorrection, "exact": cj.ExactCorrection,
+            "none": None}[args.correction]
+    return None if kind is None else kind(rank=args.factor_rank)
+
+
+def _held_out(cj, jax, args, task, ds, cache, solver_kw, estimators, n) -> dict:
+    """Held-out test points against random halves removed: IF (one solve per half) and the cache's scores."""
+    from cif_jax.workloads import stats
+
+    points = min(args.test_points, int(ds.x_test.shape[0]))
+    test = cj.Task(task.apply_fn, task.loss_fn, task.params, ds.x_test[:points], ds.y_test[:points])
+    g_test = cj.per_example_grads(test, batch_size=args.batch_size)
+    rng = np.random.default_rng(args.seed + 1)
+    halves = [np.sort(rng.permutation(n)[: n // 2]) for _ in range(args.halves)]
+    t0 = time.perf_counter()
+    res = cj.influence_solve(task, halves, progress=True, **solver_kw)
+    if_scores = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_test.T)))  # (halves, points)
+    if_time = time.perf_counter() - t0
+    out = {"halves": args.halves, "test_points": points, "if_seconds": if_time,
+           "if_max_residual": float(res.residuals.max()), "estimators": {}}
+    mask = np.zeros((args.halves, n))
+    for h, idx in enumerate(halves):
+        mask[h, idx] = 1
+    seconds = 0.0
+    for est in estimators:
+        if est == "corrected":  # test points hold no training example: no self term, corrected = paper
+            continue
+        t0 = time.perf_counter()
+        scores = mask @ np.asarray(cj.example_scores(cache, g_test, estimator=est)).T  # (halves, points)
+        seconds += time.perf_counter() - t0
+        per_point = np.array([stats.spearman(scores[:, q], if_scores[:, q]) for q in range(points)])
+        out["estimators"][est] = {"median_spearman": float(np.median(per_point)),
+                                  "spearman_q10": float(np.quantile(per_point, 0.1)),
+                                  "spearman_q90": float(np.quantile(per_point, 0.9))}
+    out["cif_query_seconds"] = seconds / max(len(out["estimators"]), 1)
     return out
 
 
@@ -167,57 +226,59 @@ def run_cv(args) -> dict:
     solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
                    preconditioner=args.preconditioner)
     pre_key = jax.random.fold_in(jax.random.key(args.seed), 1)
-    correction = None if args.correction == "none" else args.correction
+    correction = _correction(cj, args)
+    shares_factors = args.preconditioner in ("auto", "nystrom") and correction is not None
     t0 = time.perf_counter()
-    if args.preconditioner == "nystrom" and args.rank != "auto":
+    if args.preconditioner == "nystrom" and args.rank != "auto" and correction is None:
         if args.rank > task.num_params:
             raise CliError(f"--rank {args.rank} exceeds the {task.num_params:,} parameters.")
         solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
                        preconditioner=cj.nystrom_preconditioner(
                            task, key=pre_key, rank=args.rank, damping=args.damping, batch_size=args.batch_size,
                            rhs_batch_size=args.rhs_batch_size, progress=True))
-    elif args.preconditioner in ("auto", "nystrom") and correction in ("calibrated", "nystrom"):
-        # The correction needs rank-r Nystrom factors of the full GGN anyway: they serve every solve.
-        rank = min(cj.CalibratedCorrection().rank, task.num_params)
-        solver = solver.share_nystrom(cj.nystrom_preconditioner(
-            task, key=pre_key, rank=rank, error_iters=0, batch_size=args.batch_size,
-            rhs_batch_size=args.rhs_batch_size, progress=True))
-    else:
-        if_systems = sum(k if args.if_folds is None else min(args.if_folds, k) for k in args.k)
+    elif not shares_factors:
+        if_systems = sum(k if args.if_folds is None else min(args.if_folds, k) for k in args.k) + args.halves
         solver = solver.prepare(task, damping=args.damping, num_systems=args.num_clusters + if_systems,
                                 batch_size=args.batch_size, key=pre_key, progress=True)
+    # else: the cache builds its low-rank factors (the rank chosen by the spectrum) and they
+    # precondition every solve, the cache's and IF's.
     pre_time = time.perf_counter() - t0
-    pre = solver.preconditioner
-    pre_info = {"solver": solver.describe(), "choice": solver.choice, "seconds": pre_time,
-                "kind": "none" if pre is None else pre.describe()}
-    if isinstance(pre, cj.NystromPreconditioner):
-        pre_info.update(rank=pre.rank, products=pre.num_products)
-    print(f"preconditioner: {pre_info['kind']} ({solver.choice or args.preconditioner}), {pre_time:.1f} s")
-    solver_kw = dict(damping=args.damping, batch_size=args.batch_size, solver=solver)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cache = cj.build_cache(task, num_clusters=args.num_clusters, sketch_dim=args.sketch_dim,
                                key=jax.random.key(args.seed), normalize_sketches=args.normalize_sketches,
-                               correction=None if args.correction == "none" else args.correction,
-                               progress=True, **solver_kw)
+                               correction=correction, progress=True, damping=args.damping,
+                               batch_size=args.batch_size, solver=solver)
     for w in caught:
         print(f"warning: {w.message}")
-    build_time = cache.timing["total"] + pre_time
+    if shares_factors:
+        solver = solver.share_nystrom(cache.nystrom())
+        pre_time = cache.timing.get("nystrom", 0.0)
+    pre = solver.preconditioner
+    pre_info = {"solver": solver.describe(), "choice": solver.choice, "seconds": pre_time,
+                "kind": "none" if pre is None else pre.describe()}
+    if isinstance(pre, cj.NystromPreconditioner):
+        pre_info.update(rank=pre.rank)
+    print(f"preconditioner: {pre_info['kind']} ({solver.choice or pre_info['kind']}), {pre_time:.1f} s")
+    low = cache.lowrank
+    if low is not None:
+        print(f"low-rank factors: rank {low.rank} ({low.note}); predicted share of the deviations outside the "
+              f"factors {float(low.predicted_error):.3g}; last eigenvalue / damping {low.tail_eigenvalue_ratio(args.damping):.3g}")
+    solver_kw = dict(damping=args.damping, batch_size=args.batch_size, solver=solver)
+    build_time = cache.timing["total"] + (0.0 if shares_factors else pre_time)
     cj.save_cache(os.path.join(out, "cache.npz"), cache)
 
     rng = np.random.default_rng(args.seed)
-    corrected = cache.correction is not None
+    estimators = ("paper",) if cache.correction is None else ("hybrid", "corrected", "paper")
     rows = []
     for k in args.k:
         folds = cfolds.kfold_indices(n, k, seed=args.seed + k)
-        # One gradient pass gives the K x C alphas; every fold score (and the cross-fold
-        # matrix of section 5.4) is then O(|S| + C): the paper's, the correction, both.
+        # One gradient pass gives the fold alphas; every fold score (and the cross-fold matrix of
+        # section 5.4) is then O(|S| (r + 1) + C), for every estimator.
         t0 = time.perf_counter()
-        matrix = np.asarray(jax.block_until_ready(
-            cj.fold_matrix(cache, task, folds, batch_size=args.batch_size, corrected=False)))
-        paper = np.diag(matrix).copy()
-        cif = paper + np.asarray(cj.overlap_correction(cache, folds, folds)) if corrected else paper
-        cif_query = time.perf_counter() - t0
+        matrices = {est: np.asarray(jax.block_until_ready(
+            cj.fold_matrix(cache, task, folds, batch_size=args.batch_size, estimator=est))) for est in estimators}
+        cif_query = (time.perf_counter() - t0) / len(estimators)
         chosen = np.arange(k) if args.if_folds is None or args.if_folds >= k else np.sort(
             rng.choice(k, args.if_folds, replace=False))
         sel = [folds[i] for i in chosen]
@@ -227,40 +288,43 @@ def run_cv(args) -> dict:
         if_matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
         if_time = time.perf_counter() - t0
         ifs = np.diag(if_matrix).copy()
-        corr = stats.bootstrap_correlations(cif[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
-        corr_paper = stats.bootstrap_correlations(paper[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
         off = ~np.eye(len(chosen), dtype=bool)
-        cross_cif, cross_if = matrix[np.ix_(chosen, chosen)][off], if_matrix[off]
+        per_estimator = {}
+        for est, matrix in matrices.items():
+            diag = np.diag(matrix).copy()
+            corr = stats.bootstrap_correlations(diag[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
+            cross = matrix[np.ix_(chosen, chosen)][off]
+            per_estimator[est] = {
+                "pearson": corr["pearson"]._asdict(), "spearman": corr["spearman"]._asdict(),
+                "median_ratio": float(np.median(diag[chosen] / ifs)), "fold_scores": diag.tolist(),
+                "cross_fold": {"pairs": int(off.sum()), "pearson": stats.pearson(cross, if_matrix[off]),
+                               "spearman": stats.spearman(cross, if_matrix[off]),
+                               "median_ratio": float(np.median(cross / if_matrix[off]))}}
         m = int(round(n / k))
         scatter, solver_term = cj.error_bound(cache, m)
         row = {
             "K": k, "if_folds": len(chosen), "if_seconds": if_time,
             "if_seconds_all_folds": if_time * k / len(chosen) + pre_time / len(args.k),
-            "cif_query_seconds": cif_query,
-            "if_max_residual": float(res.residuals.max()), "if_mean_steps": float(res.num_steps.mean()),
-            "estimator": "corrected" if corrected else "paper",
-            "pearson": corr["pearson"]._asdict(), "spearman": corr["spearman"]._asdict(),
-            "median_ratio": float(np.median(cif[chosen] / ifs)),
-            "paper": {"pearson": corr_paper["pearson"]._asdict(), "spearman": corr_paper["spearman"]._asdict(),
-                      "median_ratio": float(np.median(paper[chosen] / ifs))},
-            "cross_fold": {"pairs": int(off.sum()), "pearson": stats.pearson(cross_cif, cross_if),
-                           "spearman": stats.spearman(cross_cif, cross_if),
-                           "median_ratio": float(np.median(cross_cif / cross_if))},
+            "cif_query_seconds": cif_query, "if_max_residual": float(res.residuals.max()),
+            "if_mean_steps": float(res.num_steps.mean()), "estimators": per_estimator,
             "bound_subset_size": m, "bound_scatter_term": float(scatter), "bound_solver_term": float(solver_term),
-            "fold_scores_cif": cif.tolist(), "fold_scores_paper": paper.tolist(), "fold_scores_if": ifs.tolist(),
-            "if_fold_ids": chosen.tolist(),
+            "fold_scores_if": ifs.tolist(), "if_fold_ids": chosen.tolist(),
         }
-        if corrected:
+        if cache.correction is not None:
             b = cj.corrected_error_bound(cache, task, folds, batch_size=args.batch_size)
-            row["corrected_bound"] = {
+            row["error_report"] = {
                 "cross_mean": float(b.cross.mean()), "correction_mean": float(b.correction.mean()),
                 "solver_mean": float(b.solver.mean()), "correction_is_bound": b.correction_is_bound,
-                "mean_abs_score": float(np.abs(cif).mean()),
+                "mean_abs_score": float(np.abs(np.diag(matrices["hybrid"])).mean()),
             }
         rows.append(row)
+    held_out = _held_out(cj, jax, args, task, ds, cache, solver_kw, estimators, n) if args.halves else None
 
     if_total = sum(r["if_seconds_all_folds"] for r in rows)
     cif_total = build_time + sum(r["cif_query_seconds"] for r in rows)
+    if held_out is not None:
+        if_total += held_out["if_seconds"]
+        cif_total += held_out["cif_query_seconds"]
     result = {
         "dataset": args.dataset, "model": args.model, "num_train": n, "num_params": task.num_params,
         "test_accuracy": test_acc, "train_seconds": train_time, "trained_or_loaded": trained,
@@ -269,7 +333,13 @@ def run_cv(args) -> dict:
         "correction": None if cache.correction is None else {
             "method": cache.correction.method, "rank": cache.correction.rank,
             "scale": float(cache.correction.scale), "scale_stderr": float(cache.correction.scale_stderr),
+            "remainder_scale": float(cache.correction.remainder_scale),
+            "remainder_stderr": float(cache.correction.remainder_stderr),
             "num_samples": int(cache.correction.sample.size)},
+        "factors": None if low is None else {
+            "rank": low.rank, "note": low.note, "predicted_error": float(low.predicted_error),
+            "tail_eigenvalue_over_damping": low.tail_eigenvalue_ratio(args.damping),
+            "error_estimate": float(low.error_estimate)},
         "preconditioner": pre_info,
         "seed": args.seed, "bootstrap": args.bootstrap,
         "cache": {"timings": cache.timing, "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(),
@@ -278,7 +348,7 @@ def run_cv(args) -> dict:
                   "scatter_trace": float(cache.scatter_trace)},
         "if_seconds_total": if_total, "cif_seconds_total": cif_total, "speedup": if_total / cif_total,
         "if_extrapolated": any(r["if_folds"] < r["K"] for r in rows),
-        "per_k": rows,
+        "per_k": rows, "held_out": held_out,
         "machine": runs.machine(),
     }
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -304,34 +374,45 @@ def _print_table(r: dict) -> None:
     def ci(c):
         return f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
 
+    names = {"hybrid": "default (hybrid)", "corrected": "clusters + self terms", "paper": "paper (eq. 11)"}
     for x in r["per_k"]:
         folds = "" if x["if_folds"] == x["K"] else f" ({x['if_folds']} folds)"
-        first = "V = S, corrected" if x["estimator"] == "corrected" else "V = S, paper (eq. 11)"
-        table.add_row(str(x["K"]), first, f"{x['if_seconds']:.1f}{folds}", f"{x['cif_query_seconds']:.3f}",
-                      ci(x["pearson"]), ci(x["spearman"]), f"{x['median_ratio']:.3f}")
-        if x["estimator"] == "corrected":
-            p = x["paper"]
-            table.add_row("", "V = S, paper (eq. 11)", "", "", ci(p["pearson"]), ci(p["spearman"]),
-                          f"{p['median_ratio']:.3f}")
-        c = x["cross_fold"]
-        table.add_row("", f"cross-fold V != S ({c['pairs']} pairs)", "", "", f"{c['pearson']:.3f}",
-                      f"{c['spearman']:.3f}", f"{c['median_ratio']:.3f}")
+        for i, (est, e) in enumerate(x["estimators"].items()):
+            table.add_row(str(x["K"]) if i == 0 else "", f"V = S, {names[est]}",
+                          f"{x['if_seconds']:.1f}{folds}" if i == 0 else "",
+                          f"{x['cif_query_seconds']:.3f}" if i == 0 else "", ci(e["pearson"]), ci(e["spearman"]),
+                          f"{e['median_ratio']:.3f}")
+        for est, e in x["estimators"].items():
+            if est == "corrected":
+                continue  # cross-fold queries have no self terms: corrected = paper
+            c = e["cross_fold"]
+            table.add_row("", f"cross-fold V != S ({c['pairs']} pairs), {names[est]}", "", "", f"{c['pearson']:.3f}",
+                          f"{c['spearman']:.3f}", f"{c['median_ratio']:.3f}")
+    h = r.get("held_out")
+    if h is not None:
+        for i, (est, e) in enumerate(h["estimators"].items()):
+            table.add_row("", f"held-out points vs {h['halves']} halves, {names[est]}",
+                          f"{h['if_seconds']:.1f}" if i == 0 else "", f"{h['cif_query_seconds']:.3f}" if i == 0 else "",
+                          "", f"{e['median_spearman']:.3f} median of {h['test_points']}", "")
     # Piped or logged output gets room for the seven columns (rich assumes 80 without a terminal).
     console = Console(width=None if sys.stdout.isatty() else 150)
     console.print(table)
-    corr = r.get("correction")
-    what = "" if corr is None else (f"; correction {corr['method']}, scale {corr['scale']:.3f} +- "
-                                    f"{corr['scale_stderr']:.3f}")
+    corr, fac = r.get("correction"), r.get("factors")
+    what = "" if corr is None else (f"; self terms {corr['method']}, remainder scale {corr['remainder_scale']:.3f} +- "
+                                    f"{corr['remainder_stderr']:.3f}")
+    if fac is not None:
+        what += (f"; factors rank {fac['rank']}, predicted share outside {fac['predicted_error']:.3g}, "
+                 f"s_r/lambda {fac['tail_eigenvalue_over_damping']:.3g}")
     console.print(f"IF total {r['if_seconds_total']:.1f} s{extrap}; CiF total {r['cif_seconds_total']:.1f} s "
                   f"(cache build {r['cache']['timings']['total']:.1f} s, once{what}); speedup IF/CiF "
                   f"{r['speedup']:.1f}x. Same damping {r['damping']:g}, CG rtol {r['rtol']:g} (true residual).")
     for x in r["per_k"]:
         line = (f"K = {x['K']}: Theorem 3.1 (eq. 37, parameter units, random subset of {x['bound_subset_size']}): "
                 f"scatter {x['bound_scatter_term']:.3g} + solver {x['bound_solver_term']:.3g}")
-        b = x.get("corrected_bound")
+        b = x.get("error_report")
         if b is not None:
             kind = "bound" if b["correction_is_bound"] else "95% estimate"
-            line += (f"; corrected score (loss units, mean over folds; mean |score| {b['mean_abs_score']:.3g}): "
+            line += (f"; default score (loss units, mean over folds; mean |score| {b['mean_abs_score']:.3g}): "
                      f"cross {b['cross_mean']:.3g} + correction {b['correction_mean']:.3g} ({kind}) + solver "
                      f"{b['solver_mean']:.3g}")
         console.print(line)
@@ -346,18 +427,19 @@ def _plots(r: dict, out: str) -> None:
     ks = r["per_k"]
     fig, axes = plt.subplots(1, len(ks), figsize=(4.5 * len(ks), 4), squeeze=False)
     for ax, x in zip(axes[0], ks):
-        cif = np.asarray(x["fold_scores_cif"])[x["if_fold_ids"]]
+        first = next(iter(x["estimators"]))
+        cif = np.asarray(x["estimators"][first]["fold_scores"])[x["if_fold_ids"]]
         ifs = np.asarray(x["fold_scores_if"])
-        paper = np.asarray(x["fold_scores_paper"])[x["if_fold_ids"]]
-        if x["estimator"] == "corrected":
+        paper = np.asarray(x["estimators"]["paper"]["fold_scores"])[x["if_fold_ids"]]
+        if first != "paper":
             ax.scatter(ifs, paper, s=10, c="tab:gray", label="paper (eq. 11)")
-        ax.scatter(ifs, cif, s=12, label=x["estimator"])
+        ax.scatter(ifs, cif, s=12, label=first)
         ax.legend(loc="upper left", fontsize=8)
         lo, hi = min(ifs.min(), cif.min(), paper.min()), max(ifs.max(), cif.max(), paper.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlabel("IF fold loss change")
         ax.set_ylabel("CiF fold loss change")
-        ax.set_title(f"K = {x['K']}: Spearman {x['spearman']['value']:.3f}")
+        ax.set_title(f"K = {x['K']}: Spearman {x['estimators'][first]['spearman']['value']:.3f}")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "cif_vs_if.png"), dpi=120)
     plt.close(fig)
