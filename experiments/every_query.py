@@ -46,7 +46,7 @@ def main():
     ranks = [r if r == "auto" else int(r) for r in args.ranks.split(",")]
     settings = {**ec.task_info(task, ds, args), "clusters": args.clusters, "folds": args.folds,
                 "test_points": args.test_points, "halves": NUM_HALVES}
-    cells = ec.Cells("every_query", args, {k: v for k, v in settings.items() if k != "ranks"})
+    cells = ec.Cells(f"every_query-{args.model}", args, {k: v for k, v in settings.items() if k != "ranks"})
 
     folds = ec.folds_for(n, args.folds, args.seed)
     rng = np.random.default_rng(args.seed + 7)
@@ -100,13 +100,14 @@ def main():
                 out[est] = row
             return out
 
-        r = cells(f"rank={rank}", cell)
+        key = f"rank={rank}" if rank != "auto" else f"rank=auto,tolerance={cj.cif.lowrank.DEFAULT_TOLERANCE:g}"
+        r = cells(key, cell)
         h = r["hybrid"]
         print(f"rank {rank} -> {r['rank']} (predicted {r['predicted_error']:.3g}, s_r/lambda {r['tail_ratio']:.3g}), "
               f"build {r['build_seconds']:.1f} s: hybrid self {h['self_spearman']:.3f} cross {h['cross_spearman']:.3f} "
               f"held-out {h['held_out_median_spearman']:.3f} | paper cross {r['paper']['cross_spearman']:.3f} "
               f"held-out {r['paper']['held_out_median_spearman']:.3f}")
-    ec.write("every_query", args, {"settings": settings, "cells": cells.values})
+    ec.write(f"every_query-{args.model}", args, {"settings": settings, "cells": cells.values, "runs": cells.runs})
 
 
 if __name__ == "__main__":

@@ -432,11 +432,21 @@ def build_cache(
     lowrank = None
     if factors is not None:
         basis, eig = factors
+        predicted = _lowrank.predicted_error(probe, basis, eig, lam)
+        if correction.rank == "auto" and predicted > correction.tolerance:
+            warnings.warn(
+                f"the low-rank factors stopped at rank {int(basis.shape[0])} (the cap: `max_rank`, p or the memory "
+                f"limit) with a predicted share {predicted:.3g} of the deviations outside them, above the tolerance "
+                f"{correction.tolerance:g}: queries whose evaluation set is not the removed set (held-out points, "
+                "other folds) will be answered less accurately. Raise `max_rank` if memory allows, or read the "
+                "error with `cj.query_error_bound`.",
+                stacklevel=2,
+            )
         lowrank = _lowrank.LowRankTerms(
             basis=basis, eigenvalues=eig, coords=coords,
             mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),
             tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(source.error_estimate, eig.dtype),
-            predicted_error=jnp.asarray(_lowrank.predicted_error(probe, basis, eig, lam), eig.dtype),
+            predicted_error=jnp.asarray(predicted, eig.dtype),
             note=source.note if source.note.startswith("auto: rank") and rank == source.rank else f"rank {rank}")
     solved = jax.tree_util.tree_map(head, solved)
     if bar is not None:
