@@ -79,7 +79,6 @@ def main():
                    "predicted_error": float(low.predicted_error),
                    "tail_ratio": low.tail_eigenvalue_ratio(args.damping),
                    "error_estimate": float(low.error_estimate), "warnings": warned,
-                   "remainder_scale": float(cache.correction.remainder_scale),
                    "scale": float(cache.correction.scale)}
             for est in ("hybrid", "corrected", "paper"):
                 t1 = time.perf_counter()

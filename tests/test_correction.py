@@ -261,23 +261,23 @@ def test_calibrated_scale_is_the_hansen_hurwitz_ratio(low_rank):
     sample = np.asarray(c.sample)
     raw = np.asarray(c.raw)
     assert sample.shape == (24,) and sample.min() >= 0 and sample.max() < N
-    rem_raw = np.asarray(c.remainder_raw)
-    # Drawn with probability half in proportion to |raw|, half to |remainder_raw| (the complement part).
-    pi = 0.5 * np.abs(raw) / np.abs(raw).sum() + 0.5 * np.abs(rem_raw) / np.abs(rem_raw).sum()
-    assert np.all(pi[sample] > 0)
+    assert np.all(raw[sample] != 0)  # drawn with probability proportional to |estimate|
     np.testing.assert_allclose(np.asarray(c.sample_values), t[sample], rtol=1e-9, atol=1e-14)
-    # Each scale is the ratio of the Hansen-Hurwitz estimates sum_k y_k / pi_k of the exact and the estimated totals.
+    # The scale is the ratio of the Hansen-Hurwitz estimates sum_k y_k / pi_k of the exact and the
+    # estimated totals, pi = |raw| / sum |raw|; with positive estimates, the mean of t_k / raw_k.
+    pi = np.abs(raw) / np.abs(raw).sum()
     scale = (t[sample] / pi[sample]).mean() / (raw[sample] / pi[sample]).mean()
     np.testing.assert_allclose(float(c.scale), scale, rtol=1e-9)
     resid = (t[sample] - scale * raw[sample]) / pi[sample]
     np.testing.assert_allclose(float(c.scale_stderr),
                                resid.std(ddof=1) / np.sqrt(24) / abs((raw[sample] / pi[sample]).mean()), rtol=1e-9)
     np.testing.assert_allclose(np.asarray(c.values), raw * scale, rtol=1e-12)
-    # The remainder: the exact self term less its low-rank part (raw - remainder_raw).
-    rem = t - (raw - rem_raw)
-    r_scale = (rem[sample] / pi[sample]).mean() / (rem_raw[sample] / pi[sample]).mean()
-    np.testing.assert_allclose(float(c.remainder_scale), r_scale, rtol=1e-8)
-    np.testing.assert_allclose(np.asarray(c.remainder), rem_raw * r_scale, rtol=1e-8)
+    # The remainder: the calibrated self term less its low-rank part (U^T g)^T (s + lam)^-1 U^T d / N.
+    low = cache.lowrank
+    dev = np.asarray(low.coords) - np.asarray(low.mean_coords)[np.asarray(cache.assignments)]
+    low_self = np.sum(np.asarray(low.coords) * dev / (np.asarray(low.eigenvalues) + LAM), axis=1) / N
+    np.testing.assert_allclose(np.asarray(c.remainder), np.asarray(c.values) - low_self, rtol=1e-8,
+                               atol=1e-12 * np.abs(low_self).max())
     # The Nystrom estimate runs high; the calibrated one brings the total to within 4 standard errors.
     assert raw.sum() > t.sum()
     assert abs(np.asarray(c.values).sum() - t.sum()) <= 4 * float(c.scale_stderr) * abs(raw.sum())

@@ -210,8 +210,7 @@ def _drop_correction(path, prefixes=("correction.", "lowrank.")):
             zf.writestr(name, data)
 
 
-V5_CORRECTION = ("correction.remainder.npy", "correction.remainder_raw.npy", "correction.remainder_scale.npy",
-                 "correction.remainder_stderr.npy", "correction.remainder_ratio_std.npy")
+V5_CORRECTION = ("correction.remainder.npy",)
 
 
 def _downgrade_to_4(h):

@@ -235,7 +235,8 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
     the cross terms' error is what its error operator ``B = H~^{-1} - U diag(1/(s + lambda)) U^T``
     makes of them: ``cross = (1/(N |V|)) sum_{i in S} (sqrt(q1(w_i) q1(d_i)) + sqrt(q2(w_i) q2(d_i)))``
     with ``w_i = G_V - 1[i in V] g_i`` (see :func:`query_error_bound` for ``q1``, ``q2``); it
-    vanishes at full rank. The ``correction`` term is then the error of the remainders.
+    vanishes at full rank. The ``correction`` term is the error of the self terms' estimate, as for
+    ``"corrected"`` (the remainders are the estimated self terms less their exact low-rank part).
     ``estimator="corrected"`` gives the terms of :class:`CorrectedErrorBound` as documented there.
 
     Args:
@@ -312,11 +313,10 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
         corr = np.bincount(both_ids, weights=gnorm[both] * rho[both] * dev[both], minlength=q) / (lam_n * size_v)
         is_bound = True
     elif terms.calibrated:
-        raw = np.asarray(terms.remainder_raw if hybrid else terms.raw, np.float64)
+        raw = np.asarray(terms.raw, np.float64)
         total = np.bincount(both_ids, weights=raw[both], minlength=q)
         squares = np.bincount(both_ids, weights=raw[both] ** 2, minlength=q)
-        se = float(terms.remainder_stderr if hybrid else terms.scale_stderr)
-        sd = float(terms.remainder_ratio_std if hybrid else terms.ratio_std)
+        se, sd = float(terms.scale_stderr), float(terms.ratio_std)
         corr = 1.96 * np.sqrt((se * total) ** 2 + sd**2 * squares) / size_v
         is_bound = False
     else:

@@ -404,8 +404,7 @@ def build_cache(
     raw = low_self + complement
     # The calibration systems (a few per-example deviations) join the C cluster systems in one solve.
     if isinstance(correction, CalibratedCorrection):
-        prob = _correction.sampling_probabilities(raw, complement)
-        sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples, prob)
+        sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples)
         extra, inverse = np.unique(sample, return_inverse=True)
         # Padded (repeating one draw) to a fixed count: every build with these settings reuses one
         # compiled gradient pass and one compiled solve, whatever the number of distinct draws.
@@ -421,11 +420,10 @@ def build_cache(
     rank = 0 if factors is None else int(factors[0].shape[0])
     if isinstance(correction, CalibratedCorrection):
         t_extra = (jnp.sum(g_extra * solved.solutions[num_clusters:], axis=1) / n)[inverse]
-        terms = _correction.calibrated_terms(
-            correction, raw / n, complement / n, grad_norms, sample, prob, t_extra,
-            t_extra - low_self[jnp.asarray(sample)] / n, solved.residuals[num_clusters:][inverse], rank)
+        terms = _correction.calibrated_terms(correction, raw / n, low_self / n, grad_norms, sample, t_extra,
+                                             solved.residuals[num_clusters:][inverse], rank)
     elif isinstance(correction, NystromCorrection):
-        terms = _correction.nystrom_terms(correction, raw / n, complement / n, grad_norms, rank)
+        terms = _correction.nystrom_terms(correction, raw / n, low_self / n, grad_norms, rank)
     elif isinstance(correction, ExactCorrection):
         terms = phase("correction", lambda: _correction.exact_terms(
             correction, task, assignments, means, grad_norms, low_self / n, solve, batch_size, rank))

@@ -176,17 +176,16 @@ class CorrectionTerms(eqx.Module):
     * ``values``, the whole ``t_i = (1/N) g_i^T H~^{-1} d_i`` (``d_i = g_i - mu_c(i)``), for
       the clusters-only estimator (``estimator="corrected"``);
     * ``remainder``, the part the low-rank deviations miss,
-      ``(1/N) g_i^T H~^{-1} d_i - (1/N) (U^T g_i)^T (diag(s) + lambda)^{-1} U^T d_i``, for the
-      default estimator (``estimator="hybrid"``), which carries the rest through the
-      factors (:mod:`cif_jax.cif.lowrank`). At rank p it is zero.
+      ``t_i - (1/N) (U^T g_i)^T (diag(s) + lambda)^{-1} U^T d_i`` (``t_i`` as estimated in
+      ``values``), for the default estimator (``estimator="hybrid"``), which carries the
+      rest through the factors (:mod:`cif_jax.cif.lowrank`). The two estimators' self
+      terms are therefore the same; the default adds the deviations' cross terms.
 
     Attributes:
         values: (N,) ``t_i``, already divided by N: what a query adds per member of
             ``S cap V`` (times that member's evaluation weight, ``1/|V|`` for a mean loss).
         raw: (N,) the estimate of ``values`` before calibration (equal to it unless calibrated).
         remainder: (N,) the remainder above, divided by N.
-        remainder_raw: (N,) its estimate before calibration: the complement part
-            ``g_i^T (I - U U^T) d_i / (lambda N)``.
         grad_norms: (N,) ``||g_i||``.
         residuals: (N,) the true relative residual of each exact per-example solve
             (:class:`ExactCorrection`); NaN for the other estimators.
@@ -197,7 +196,6 @@ class CorrectionTerms(eqx.Module):
         scale_stderr: () its standard error (0 unless calibrated).
         ratio_std: () the standard deviation of the per-draw ratios ``t_i / raw_i`` (0 unless
             calibrated): the spread of the per-example error after calibration.
-        remainder_scale, remainder_stderr, remainder_ratio_std: the same for ``remainder``.
         method: the estimator's description (``"exact"``, ``"nystrom(rank=256)"``, ...).
         rank: the Nystrom rank used (0 for none).
     """
@@ -205,7 +203,6 @@ class CorrectionTerms(eqx.Module):
     values: Float[Array, " n"]
     raw: Float[Array, " n"]
     remainder: Float[Array, " n"]
-    remainder_raw: Float[Array, " n"]
     grad_norms: Float[Array, " n"]
     residuals: Float[Array, " n"]
     sample: Int[Array, " m"]
@@ -214,9 +211,6 @@ class CorrectionTerms(eqx.Module):
     scale: Float[Array, ""]
     scale_stderr: Float[Array, ""]
     ratio_std: Float[Array, ""]
-    remainder_scale: Float[Array, ""]
-    remainder_stderr: Float[Array, ""]
-    remainder_ratio_std: Float[Array, ""]
     method: str = eqx.field(static=True)
     rank: int = eqx.field(static=True)
 
@@ -298,19 +292,6 @@ def nystrom_factors(preconditioner, rank):
     return preconditioner.basis[:r], preconditioner.eigenvalues[:r]
 
 
-def sampling_probabilities(raw, remainder_raw) -> np.ndarray:
-    """The calibration draws' probabilities: half in proportion to ``|raw|``, half to ``|remainder_raw|``.
-
-    Each half falls back to uniform when its estimates are all zero. Both scales are then
-    Hansen-Hurwitz estimates from the same draws.
-    """
-    out = []
-    for est in (raw, remainder_raw):
-        w = np.abs(np.asarray(est, np.float64))
-        out.append(w / w.sum() if w.sum() > 0 else np.full(w.shape[0], 1.0 / w.shape[0]))
-    return 0.5 * (out[0] + out[1])
-
-
 def draw_sample(key, raw, num_samples: int, probabilities=None) -> np.ndarray:
     """``num_samples`` draws with replacement, probability ``probabilities`` (default: proportional to ``|raw_i|``).
 
@@ -364,32 +345,28 @@ def calibrate(raw, sample, sample_values, probabilities=None):
 def _uncalibrated(dtype):
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
     return dict(sample=jnp.zeros(0, jnp.int32), sample_values=jnp.zeros(0, dtype), sample_residuals=jnp.zeros(0, dtype),
-                scale=one, scale_stderr=zero, ratio_std=zero, remainder_scale=one, remainder_stderr=zero,
-                remainder_ratio_std=zero)
+                scale=one, scale_stderr=zero, ratio_std=zero)
 
 
-def nystrom_terms(correction, raw, remainder_raw, grad_norms, rank) -> CorrectionTerms:
+def nystrom_terms(correction, raw, low_self, grad_norms, rank) -> CorrectionTerms:
     """:class:`NystromCorrection`: the estimates as they are (already divided by N)."""
     nan = jnp.full(raw.shape, jnp.nan, raw.dtype)
-    return CorrectionTerms(values=raw, raw=raw, remainder=remainder_raw, remainder_raw=remainder_raw,
-                           grad_norms=grad_norms, residuals=nan, **_uncalibrated(raw.dtype),
-                           method=correction.describe(), rank=rank)
+    return CorrectionTerms(values=raw, raw=raw, remainder=raw - low_self, grad_norms=grad_norms, residuals=nan,
+                           **_uncalibrated(raw.dtype), method=correction.describe(), rank=rank)
 
 
-def calibrated_terms(correction, raw, remainder_raw, grad_norms, sample, probabilities, sample_values,
-                     sample_remainders, sample_residuals, rank) -> CorrectionTerms:
-    """:class:`CalibratedCorrection`: both estimates (divided by N) times the scales fitted on the draws."""
+def calibrated_terms(correction, raw, low_self, grad_norms, sample, sample_values, sample_residuals,
+                     rank) -> CorrectionTerms:
+    """:class:`CalibratedCorrection`: ``raw`` (divided by N) times the scale fitted on the draws."""
     dtype = raw.dtype
-    scale, stderr, spread = calibrate(raw, sample, sample_values, probabilities)
-    r_scale, r_stderr, r_spread = calibrate(remainder_raw, sample, sample_remainders, probabilities)
+    scale, stderr, spread = calibrate(raw, sample, sample_values)
     as_arr = lambda v: jnp.asarray(v, dtype)
+    values = raw * as_arr(scale)
     return CorrectionTerms(
-        values=raw * as_arr(scale), raw=raw, remainder=remainder_raw * as_arr(r_scale), remainder_raw=remainder_raw,
-        grad_norms=grad_norms, residuals=jnp.full(raw.shape, jnp.nan, dtype), sample=jnp.asarray(sample, jnp.int32),
+        values=values, raw=raw, remainder=values - low_self, grad_norms=grad_norms,
+        residuals=jnp.full(raw.shape, jnp.nan, dtype), sample=jnp.asarray(sample, jnp.int32),
         sample_values=sample_values, sample_residuals=sample_residuals, scale=as_arr(scale),
-        scale_stderr=as_arr(stderr), ratio_std=as_arr(spread), remainder_scale=as_arr(r_scale),
-        remainder_stderr=as_arr(r_stderr), remainder_ratio_std=as_arr(r_spread),
-        method=correction.describe(), rank=rank,
+        scale_stderr=as_arr(stderr), ratio_std=as_arr(spread), method=correction.describe(), rank=rank,
     )
 
 
@@ -409,7 +386,6 @@ def exact_terms(correction, task, assignments, means, grad_norms, low_self, solv
         values.append(jnp.sum(g * out.solutions, axis=1) / n)
         residuals.append(out.residuals)
     values = jnp.concatenate(values)
-    remainder = values - low_self.astype(values.dtype)
-    return CorrectionTerms(values=values, raw=values, remainder=remainder, remainder_raw=remainder,
+    return CorrectionTerms(values=values, raw=values, remainder=values - low_self.astype(values.dtype),
                            grad_norms=grad_norms, residuals=jnp.concatenate(residuals),
                            **_uncalibrated(values.dtype), method=correction.describe(), rank=rank)

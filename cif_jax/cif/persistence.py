@@ -31,7 +31,7 @@ FORMAT_VERSION = 5
 # 4: adds the self-influence correction (arrays "correction.*", static "correction_method" and
 #    "correction_rank"); version 2 and 3 files are read with no correction.
 # 5: adds the low-rank factors and coordinates (arrays "lowrank.*", static "lowrank_note") and the
-#    self terms' remainders ("correction.remainder*"); version 2-4 files are read at rank 0, with a warning.
+#    self terms' remainders ("correction.remainder"); version 2-4 files are read at rank 0, with a warning.
 
 _ARRAYS = (
     "assignments", "cluster_sizes", "responses", "means", "residuals", "mean_norms", "num_steps",
@@ -41,12 +41,10 @@ _STATIC = (
     "num_examples", "damping", "sketch_dim", "sketch_block_size", "normalize_sketches", "rtol", "atol",
     "max_steps", "fingerprint", "curvature", "solver", "correction_method", "correction_rank", "lowrank_note",
 )
-_CORRECTION = ("values", "raw", "remainder", "remainder_raw", "grad_norms", "residuals", "sample", "sample_values",
-               "sample_residuals", "scale", "scale_stderr", "ratio_std", "remainder_scale", "remainder_stderr",
-               "remainder_ratio_std")
+_CORRECTION = ("values", "raw", "remainder", "grad_norms", "residuals", "sample", "sample_values", "sample_residuals",
+               "scale", "scale_stderr", "ratio_std")
 #: Correction arrays that version 4 lacked, and the version-4 array each is read as (rank 0: the remainder is t_i).
-_CORRECTION_V4 = {"remainder": "values", "remainder_raw": "raw", "remainder_scale": "scale",
-                  "remainder_stderr": "scale_stderr", "remainder_ratio_std": "ratio_std"}
+_CORRECTION_V4 = {"remainder": "values"}
 _LOWRANK = ("basis", "eigenvalues", "coords", "mean_coords", "tail_norms", "error_estimate", "predicted_error")
 
 
@@ -179,9 +177,8 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
     correction = None
     if method is not None:
         m = arrays["correction.sample"].shape
-        want = {name: (n,) for name in ("values", "raw", "remainder", "remainder_raw", "grad_norms", "residuals")}
-        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=(), remainder_scale=(),
-                    remainder_stderr=(), remainder_ratio_std=())
+        want = {name: (n,) for name in ("values", "raw", "remainder", "grad_norms", "residuals")}
+        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
         if len(m) != 1:
             raise CacheFileError(f"{path!r}: array 'correction.sample' has shape {m}, expected (m,).")
         for name, shape in want.items():

@@ -333,8 +333,6 @@ def run_cv(args) -> dict:
         "correction": None if cache.correction is None else {
             "method": cache.correction.method, "rank": cache.correction.rank,
             "scale": float(cache.correction.scale), "scale_stderr": float(cache.correction.scale_stderr),
-            "remainder_scale": float(cache.correction.remainder_scale),
-            "remainder_stderr": float(cache.correction.remainder_stderr),
             "num_samples": int(cache.correction.sample.size)},
         "factors": None if low is None else {
             "rank": low.rank, "note": low.note, "predicted_error": float(low.predicted_error),
@@ -398,8 +396,8 @@ def _print_table(r: dict) -> None:
     console = Console(width=None if sys.stdout.isatty() else 150)
     console.print(table)
     corr, fac = r.get("correction"), r.get("factors")
-    what = "" if corr is None else (f"; self terms {corr['method']}, remainder scale {corr['remainder_scale']:.3f} +- "
-                                    f"{corr['remainder_stderr']:.3f}")
+    what = "" if corr is None else (f"; self terms {corr['method']}, scale {corr['scale']:.3f} +- "
+                                    f"{corr['scale_stderr']:.3f}")
     if fac is not None:
         what += (f"; factors rank {fac['rank']}, predicted share outside {fac['predicted_error']:.3g}, "
                  f"s_r/lambda {fac['tail_eigenvalue_over_damping']:.3g}")
