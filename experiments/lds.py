@@ -10,9 +10,10 @@ the same base model theta_0 (trained on all N the same way, seed 0):
 * IF: ``score(z, i) = (1/N) g_z . H~^{-1} g_i`` (one damped-GGN solve per test point);
 * CiF (C = 10, 50): the same with ``g_i`` replaced by its cluster's response,
   ``alpha_{c(i)}(z) / N`` (paper eq. 11), from one cache. The test points are not
-  training points, so no evaluation set overlaps a removed set: the corrected
-  estimator adds nothing here and equals the paper's (the self terms matter for
-  the mislabel table of ``stride.py``, where an example is scored on itself);
+  training points, so no evaluation set overlaps a removed set: no self term applies;
+* CiF (C = 10, 50) "default": the library's default cache and estimator, the
+  clusters plus each example's deviation through the low-rank factors
+  (``cj.example_scores``);
 * Grad-Dot ``g_z . g_i``; TracIn over 4 checkpoints of the (deterministic,
   full-batch) training trajectory, weighted by the learning rate times the steps
   each checkpoint stands for; TRAK (one checkpoint, JL dimension d);
@@ -117,7 +118,7 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
     losses = np.asarray(losses)
     print(f"[{name}] retrained {settings['subsets']} x {seeds} models in {t_retrain:.0f} s", flush=True)
 
-    scores, seconds = {}, {}
+    scores, seconds, factors = {}, {}, {}
     g_train, t_g = timed(lambda: cj.per_example_grads(task))
     g_test, _ = timed(lambda: cj.per_example_grads(cj.Task(apply, loss, params, xt, yt)))
     sol, t_if = timed(lambda: cj.solve_ggn(task, g_test, damping=lam, solver=cj.CG(rtol=args.rtol or 1e-8, max_steps=args.max_steps)).solutions)
@@ -127,8 +128,18 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
         cache, t_c = timed(lambda: cj.build_cache(task, correction=None, num_clusters=c, sketch_dim=32, damping=lam,
                                                   solver=cj.CG(rtol=args.rtol or 1e-8, max_steps=args.max_steps), key=jax.random.key(c), normalize_sketches=True))
         alphas, t_a = timed(lambda: cj.cluster_alphas(cache, g_test))
-        scores[f"CiF C={c}"] = np.asarray(alphas)[:, np.asarray(cache.assignments)] / n
+        scores[f"CiF C={c}"] = np.asarray(alphas.clusters)[:, np.asarray(cache.assignments)] / n
         seconds[f"CiF C={c}"] = t_c + t_a
+        # The library's default: the same clusters with the low-rank factors (rank "auto") and the
+        # default estimator's per-example scores (test points hold no training example: no self term).
+        cache, t_c = timed(lambda: cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=lam,
+                                                  solver=cj.CG(rtol=args.rtol or 1e-8, max_steps=args.max_steps),
+                                                  key=jax.random.key(c), normalize_sketches=True))
+        rows, t_a = timed(lambda: cj.example_scores(cache, g_test))
+        scores[f"CiF C={c} default"] = np.asarray(rows)
+        seconds[f"CiF C={c} default"] = t_c + t_a
+        factors[f"CiF C={c} default"] = {"rank": cache.lowrank.rank, "note": cache.lowrank.note,
+                                         "predicted_error": float(cache.lowrank.predicted_error)}
     scores["Grad-Dot"], seconds["Grad-Dot"] = timed(lambda: cj.grad_dot(task, xt, yt))
     lrs = [settings["learning_rate"] * (b - a) for a, b in zip([0] + marks[:-1], marks)]
     scores["TracIn"], seconds["TracIn"] = timed(lambda: cj.tracin(task, xt, yt, checkpoints=ckpts,
@@ -158,8 +169,9 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
         print(f"[{name}] {method:10s} LDS {rows[method]['lds_spearman']:.3f}  ({seconds[method]:.1f} s)", flush=True)
     # Self-consistency: IF vs CiF per-example scores.
     for c in settings["clusters"]:
-        rows[f"CiF C={c}"]["score_corr_vs_IF"] = float(np.corrcoef(scores["IF"].ravel(),
-                                                                    scores[f"CiF C={c}"].ravel())[0, 1])
+        for key in (f"CiF C={c}", f"CiF C={c} default"):
+            rows[key]["score_corr_vs_IF"] = float(np.corrcoef(scores["IF"].ravel(), scores[key].ravel())[0, 1])
+        rows[f"CiF C={c} default"].update(factors[f"CiF C={c} default"])
     return {"model": name, "sizes": sizes, "num_params": int(task.num_params), "seeds": seeds,
             "test_loss": base_loss, "test_accuracy": base_acc, "retrain_seconds": t_retrain,
             "methods": rows}
@@ -180,7 +192,8 @@ def main():
                 "test_points": args.test_points or (100 if q else 200), "hidden": args.hidden or (32 if q else 128),
                 "steps": args.steps, "learning_rate": args.learning_rate, "subset_seed": 3,
                 "clusters": [10, 50], "trak_dim": 256 if q else 1024, "model_batch_size": 64,
-                "stride_subsets": 50, "stride_subset_size": 100, "stride_steps": 250}
+                "stride_subsets": 50, "stride_subset_size": 100, "stride_steps": 250,
+                "cif_estimators": ["paper", "default"]}
     ds = cdata.load_dataset(args.dataset, seed=args.seed)
     x = jnp.asarray(ds.x_train.reshape(ds.x_train.shape[0], -1), jnp.float64)
     y = jnp.asarray(ds.y_train, jnp.int32)

@@ -145,7 +145,7 @@ def if_scores(task, xt, yt, lam, args, summed=False):
 def cif_scores(task, xt, yt, lam, args, clusters, summed=False):
     cache = cj.build_cache(task, correction=None, num_clusters=clusters, sketch_dim=32, damping=lam, solver=cj.CG(rtol=1e-8, max_steps=args.max_steps), key=jax.random.key(clusters), normalize_sketches=True)
     g_test = test_grads(task, xt, yt, summed)
-    out = np.asarray(cj.cluster_alphas(cache, g_test))[:, np.asarray(cache.assignments)] / task.num_examples
+    out = np.asarray(cj.cluster_alphas(cache, g_test).clusters)[:, np.asarray(cache.assignments)] / task.num_examples
     return out[0] if summed else out
 
 

@@ -224,7 +224,7 @@ def method_scores(name, task, xt, yt, args, settings):
         return train_grad_products(task, sol, chunk) / n
     if name == "CiF C=50":
         cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True, correction=None)
-        return np.asarray(cj.cluster_alphas(cache, g))[:, np.asarray(cache.assignments)] / n
+        return np.asarray(cj.cluster_alphas(cache, g).clusters)[:, np.asarray(cache.assignments)] / n
     if name == "TRAK":
         return trak_scores(task, xt, yt, settings)
     raise ValueError(name)

@@ -107,7 +107,9 @@ def test_subset_sums_of_example_scores_are_the_query(problem, full):
     np.testing.assert_allclose(got, [rows[s].sum() for s in FOLDS[1:]], rtol=1e-12)
 
 
-def test_one_cluster_per_example_equals_if_at_any_rank(problem):
+@pytest.mark.parametrize("name", ["mlp"])
+def test_one_cluster_per_example_equals_if_at_any_rank(name):
+    problem = get_problem(name)
     cache = _build(problem, cj.CalibratedCorrection(rank=3, num_samples=4), num_clusters=N)
     assert cache.lowrank.rank == 3
     g = problem.grads
@@ -234,10 +236,12 @@ def test_predicted_error_closed_form():
 # -- the error report -------------------------------------------------------------------------------
 
 
-def test_error_report_bounds_the_true_error(problem):
+@pytest.mark.parametrize("name", ["mlp", "regression"])
+def test_error_report_bounds_the_true_error(name):
     # Rank p/3 with exact self terms: the estimator misses part of every cross term; the
     # report must bound what it misses, for folds on themselves, partial overlaps and bare
     # evaluation gradients, and vanish at full rank.
+    problem = get_problem(name)
     cache = _build(problem, cj.ExactCorrection(rank=problem.num_params // 3))
     g = problem.grads
     # Folds on themselves.
