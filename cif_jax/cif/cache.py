@@ -27,7 +27,7 @@ from ..core import curvature as _curvature
 from ..core.gradients import raise_on_bad, streamed_map, streamed_sum
 from ..core.task import Task, fingerprint
 from ..solvers import distributed as _distributed
-from ..solvers.precondition import NystromPreconditioner, nystrom_preconditioner
+from ..solvers.precondition import NystromPreconditioner, block_error_estimate, nystrom_preconditioner
 from ..solvers.solve import check_solver as _check_solver
 from ..solvers.solve import prepare_checkpointed, solve_checkpointed
 from . import correction as _correction
@@ -302,7 +302,7 @@ def build_cache(
         from tqdm.auto import tqdm
 
         builds_nystrom = correction is not None and correction.rank != 0 and shared is None
-        total = 5 + builds_nystrom + (not solver.prepared and not builds_nystrom) + (
+        total = 5 + 2 * builds_nystrom + (not solver.prepared and not builds_nystrom) + (
             correction is not None and not isinstance(correction, NystromCorrection))
         bar = tqdm(total=total, desc="CiF cache", unit="phase")
 
@@ -346,8 +346,8 @@ def build_cache(
     if correction is not None and correction.rank != 0:
         # A probe of deviations d_i = g_i - mu_c(i): it decides the rank ("auto") and records how
         # much of the deviations the factors hold (cheap: PROBE_SIZE gradients, redone on resume).
-        _, probe = _correction.deviations(task, _lowrank.probe_indices(jax.random.fold_in(key, 5), n), assignments,
-                                          means, batch_size)
+        probe = _lowrank.probe_deviations(task, jax.random.fold_in(key, 5), assignments, means, batch_size,
+                                          chunk=getattr(correction, "num_samples", _lowrank.PROBE_CHUNK))
         if source is None:
             itemsize = jnp.dtype(task.dtype).itemsize
             wanted = correction.max_rank if correction.rank == "auto" else correction.rank
@@ -360,6 +360,7 @@ def build_cache(
                     "built Nystrom preconditioner, or `correction=None`.",
                     stacklevel=2,
                 )
+            block = getattr(solver, "rhs_batch_size", None) or 32
             if correction.rank == "auto":
                 settings = dict(rank="auto", damping=lam, max_rank=rank,
                                 initial_rank=min(_lowrank.DEFAULT_INITIAL_RANK, rank),
@@ -369,9 +370,8 @@ def build_cache(
 
             def build_factors():
                 return nystrom_preconditioner(
-                    task, key=jax.random.fold_in(key, 2), error_iters=_lowrank.ERROR_ITERS, batch_size=batch_size,
-                    rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=curvature,
-                    progress=progress, **settings)
+                    task, key=jax.random.fold_in(key, 2), error_iters=0, batch_size=batch_size,
+                    rhs_batch_size=block, curvature=curvature, progress=progress, **settings)
 
             source = phase("nystrom", build_factors if ckpt is None else lambda: ckpt.module(
                 "nystrom", NystromPreconditioner, build_factors))
@@ -440,10 +440,16 @@ def build_cache(
                 "error with `cj.query_error_bound`.",
                 stacklevel=2,
             )
+        error = source.error_estimate
+        if not bool(jnp.isfinite(error)):  # the factors' own estimate, else a block power iteration
+            error = phase("factor error", lambda: block_error_estimate(
+                task, basis, eig, key=jax.random.fold_in(key, 6), iters=_lowrank.ERROR_ITERS,
+                block=min(getattr(solver, "rhs_batch_size", None) or 32, task.num_params), batch_size=batch_size,
+                curvature=curvature))
         lowrank = _lowrank.LowRankTerms(
             basis=basis, eigenvalues=eig, coords=coords,
             mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),
-            tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(source.error_estimate, eig.dtype),
+            tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(error, eig.dtype),
             predicted_error=jnp.asarray(predicted, eig.dtype),
             note=source.note if source.note.startswith("auto: rank") and rank == source.rank else f"rank {rank}")
     solved = jax.tree_util.tree_map(head, solved)

@@ -41,8 +41,9 @@ DEFAULT_INITIAL_RANK = 256
 DEFAULT_TOLERANCE = 0.002
 #: Examples whose deviations the rank rule probes.
 PROBE_SIZE = 64
-#: Power iterations (GGN products) estimating ``||GGN - U diag(s) U^T||`` once the rank is chosen.
-ERROR_ITERS = 10
+#: Block power iterations (each one block of GGN products, in the sketch's block shape) estimating
+#: ``||GGN - U diag(s) U^T||`` once the rank is chosen.
+ERROR_ITERS = 2
 
 
 class LowRankTerms(eqx.Module):
@@ -103,6 +104,13 @@ def empty(num_examples: int, num_clusters: int, num_params: int, dtype) -> LowRa
                         note="rank 0: no factors")
 
 
+@jax.jit
+def _shares(d, basis, eigenvalues, damping):
+    ud = jnp.matmul(d, basis.T, precision=HIGHEST)
+    perp = d - jnp.matmul(ud, basis, precision=HIGHEST)
+    return jnp.sum(jnp.square(perp)) / damping, jnp.sum(jnp.square(ud) / (eigenvalues + damping)[None, :])
+
+
 def predicted_error(deviations, basis, eigenvalues, damping) -> float:
     """The share of ``sum_i d_i^T M d_i`` that lies outside the factors, over the given deviations.
 
@@ -113,10 +121,7 @@ def predicted_error(deviations, basis, eigenvalues, damping) -> float:
     1 when they hold none of them.
     """
     d = jnp.asarray(deviations, basis.dtype)
-    ud = jnp.matmul(d, basis.T, precision=HIGHEST)
-    perp = d - jnp.matmul(ud, basis, precision=HIGHEST)
-    tail = float(jnp.sum(jnp.square(perp))) / damping
-    held = float(jnp.sum(jnp.square(ud) / (eigenvalues + damping)[None, :]))
+    tail, held = (float(x) for x in _shares(d, basis, eigenvalues, jnp.asarray(damping, basis.dtype)))
     total = tail + held
     return tail / total if total > 0 else 0.0
 
@@ -135,6 +140,23 @@ def probe_rule(deviations, damping: float, tolerance: float):
         return err <= tolerance, note
 
     return accept
+
+
+#: The probe's gradients are taken this many at a time (the calibration draws' count: one compiled pass).
+PROBE_CHUNK = 16
+
+
+def probe_deviations(task, key, assignments, means, batch_size, chunk: int = PROBE_CHUNK):
+    """``g_i - mu_c(i)`` for :func:`probe_indices`, ``chunk`` examples per gradient call (the last one padded)."""
+    from ..core.gradients import per_example_grads
+    from ..core.task import take_examples
+
+    idx = probe_indices(key, task.num_examples)
+    padded = np.concatenate([idx, np.full(-idx.size % chunk, idx[0])])
+    parts = [per_example_grads(take_examples(task, padded[a:a + chunk]), batch_size=batch_size)
+             for a in range(0, padded.size, chunk)]
+    g = jnp.concatenate(parts)[: idx.size]
+    return g - means[jnp.asarray(assignments)[jnp.asarray(idx)]]
 
 
 def probe_indices(key, num_examples: int) -> np.ndarray:

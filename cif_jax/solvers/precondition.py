@@ -314,6 +314,27 @@ def _error_estimate(task, ut, s, key, iters, batch_size, curvature, bar):
     return est
 
 
+def block_error_estimate(task, basis, eigenvalues, *, key, iters: int, block: int, batch_size=None,
+                         curvature=None):
+    """A block power-iteration estimate of ``||GGN - U diag(s) U^T||`` (a lower estimate of the norm).
+
+    ``block`` orthonormal vectors, ``iters`` rounds of ``W = E V`` and re-orthonormalisation; the
+    estimate is the largest singular value of the last ``W``. The products run in blocks of the
+    sketch's shape, so they reuse its compiled program: ``iters * block`` GGN-vector products.
+    """
+    p = basis.shape[1]
+    v = _orthonormal_block_jit(as_key(key), None, block, p, basis.dtype)
+    est = jnp.asarray(0.0, basis.dtype)
+    for _ in range(iters):
+        w = _products(task, v, batch_size, curvature, block, None) - ((v @ basis.T) * eigenvalues[None, :]) @ basis
+        est = jnp.linalg.norm(w, ord=2)
+        if not bool(est > 0):
+            break
+        q, _ = jnp.linalg.qr(w.T)
+        v = q.T
+    return est
+
+
 def nystrom_preconditioner(
     task: Task,
     *,
