@@ -275,3 +275,15 @@ def test_error_report_vanishes_at_full_rank(problem, full):
     assert np.all(np.asarray(tail) < 1e-8 * np.abs(scores).max())
     b = cj.corrected_error_bound(full, problem.task, FOLDS)
     assert np.all(np.asarray(b.cross) < 1e-8 * np.abs(np.asarray(cj.fold_loss_delta(full, problem.task, FOLDS))).max())
+
+
+def test_member_chunks_sum_like_one_pass(full, monkeypatch):
+    # Many members are summed in fixed-size chunks (the last one padded with a dropped query id).
+    from cif_jax.cif import queries
+
+    subsets = [np.arange(0, 40), np.arange(10, 48), np.arange(3, 9)]
+    g_v = np.stack([np.asarray(full.lowrank.coords)[:3].sum(axis=0) @ np.asarray(full.lowrank.basis)] * 3)
+    whole = np.asarray(cj.loss_delta(full, subsets, g_v))
+    monkeypatch.setattr(queries, "_MEMBER_CHUNK", 7)
+    chunked = np.asarray(cj.loss_delta(full, subsets, g_v))
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12)

@@ -95,8 +95,8 @@ def subset_error_bound(
     return deviation / lam_n, solver
 
 
-#: ``||GGN - U diag(s) U^T||`` enters the low-rank bounds as this multiple of its power-iteration
-#: estimate (a lower estimate of the norm: the margin covers what ten iterations miss).
+#: ``||GGN - U diag(s) U^T||`` enters the low-rank bounds as this multiple of its block power-iteration
+#: estimate (a lower estimate of the norm: the margin covers what a few rounds miss).
 ERROR_MARGIN = 2.0
 
 
