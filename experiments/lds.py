@@ -134,7 +134,8 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
         # default estimator's per-example scores (test points hold no training example: no self term).
         cache, t_c = timed(lambda: cj.build_cache(task, num_clusters=c, sketch_dim=32, damping=lam,
                                                   solver=cj.CG(rtol=args.rtol or 1e-8, max_steps=args.max_steps),
-                                                  key=jax.random.key(c), normalize_sketches=True))
+                                                  key=jax.random.key(c), normalize_sketches=True,
+                                                  correction=cj.CalibratedCorrection(max_rank=settings["max_rank"])))
         rows, t_a = timed(lambda: cj.example_scores(cache, g_test))
         scores[f"CiF C={c} default"] = np.asarray(rows)
         seconds[f"CiF C={c} default"] = t_c + t_a
@@ -186,6 +187,8 @@ def main():
     p.add_argument("--hidden", type=int, default=None, help="MLP width (quick 32, full 128)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--max-rank", type=int, default=1024,
+                   help="max_rank of the default cache's factors (results of another value go to lds-maxrank<r>-*)")
     args = ec.finish_args(p.parse_args(), quick_dataset="digits", full_dataset="mnist5k")
     q = args.quick
     settings = {"subsets": args.subsets or (64 if q else 100), "seeds": args.seeds or (3 if q else 5),
@@ -193,14 +196,15 @@ def main():
                 "steps": args.steps, "learning_rate": args.learning_rate, "subset_seed": 3,
                 "clusters": [10, 50], "trak_dim": 256 if q else 1024, "model_batch_size": 64,
                 "stride_subsets": 50, "stride_subset_size": 100, "stride_steps": 250,
-                "cif_estimators": ["paper", "default"]}
+                "cif_estimators": ["paper", "default"], "max_rank": args.max_rank}
     ds = cdata.load_dataset(args.dataset, seed=args.seed)
     x = jnp.asarray(ds.x_train.reshape(ds.x_train.shape[0], -1), jnp.float64)
     y = jnp.asarray(ds.y_train, jnp.int32)
     pick = np.random.default_rng(args.seed).permutation(ds.x_test.shape[0])[:settings["test_points"]]
     xt = jnp.asarray(ds.x_test.reshape(ds.x_test.shape[0], -1)[pick], jnp.float64)
     yt = jnp.asarray(ds.y_test[pick], jnp.int32)
-    cells = ec.Cells("lds", args, {**{k: v for k, v in vars(args).items() if k not in ("output", "models")},
+    name = "lds" if args.max_rank == 1024 else f"lds-maxrank{args.max_rank}"
+    cells = ec.Cells(name, args, {**{k: v for k, v in vars(args).items() if k not in ("output", "models")},
                                    **settings})
     results = [cells(f"model/{m}", lambda m=m: run_model(m, x, y, xt, yt, args, settings, args.seed))
                for m in args.models]
@@ -209,7 +213,7 @@ def main():
            "published": {"dattri IF (CG), logistic regression, full MNIST": 0.80,
                          "dattri IF (CG), MLP, full MNIST": 0.26},
            "results": results, "cell_runs": cells.runs}
-    ec.write("lds", args, out)
+    ec.write(name, args, out)
     plt = ec.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     names = list(results[0]["methods"])
@@ -221,7 +225,7 @@ def main():
     ax.set(ylabel="LDS (Spearman)", title=f"LDS on {args.dataset} (N = {x.shape[0]})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(ec.figure_path("lds", args))
+    fig.savefig(ec.figure_path(name, args))
 
 
 if __name__ == "__main__":
