@@ -480,7 +480,7 @@ def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int
         _terms(cache)  # refuse before the gradient pass
     subs = _checks.subsets(folds, cache.num_examples)
     alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
-    out = _scores(cache, subs, alphas, None, "paper" if estimator == "paper" else estimator)
+    out = _scores(cache, subs, alphas, None, estimator)
     if estimator != "paper":
         out = out + _overlap(cache, subs, None, estimator).astype(out.dtype)
     return out
