@@ -5,7 +5,7 @@
 Wine data (scikit-learn, bundled), 10% of the training labels flipped on purpose, a
 linen MLP trained with optax. An example's self-influence (how much removing it
 changes its own loss) is large when the model has had to bend to fit it; the
-cache answers it for every example at once (`cj.self_influence`, the corrected
+cache answers it for every example at once (`cj.self_influence`, the default
 estimator). We report how many of the flipped labels are among the top-ranked.
 """
 
