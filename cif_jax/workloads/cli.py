@@ -88,6 +88,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _rank_option(value: str, flag: str):
+    """``'auto'``, or the option as a positive integer (a one-line error otherwise)."""
+    if value == "auto":
+        return value
+    try:
+        rank = int(value)
+    except ValueError:
+        raise CliError(f"{flag} must be an integer or 'auto', got {value!r}.") from None
+    if rank < 1:
+        raise CliError(f"{flag} must be at least 1.")
+    return rank
+
+
 def _validate(args) -> str:
     if args.dataset not in DATASETS:
         raise CliError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
@@ -102,20 +115,8 @@ def _validate(args) -> str:
         raise CliError("--damping must be a positive number.")
     if not (args.rtol > 0):
         raise CliError("--rtol must be positive.")
-    if args.rank != "auto":
-        try:
-            args.rank = int(args.rank)
-        except ValueError:
-            raise CliError(f"--rank must be an integer or 'auto', got {args.rank!r}.") from None
-        if args.rank < 1:
-            raise CliError("--rank must be at least 1.")
-    if args.factor_rank != "auto":
-        try:
-            args.factor_rank = int(args.factor_rank)
-        except ValueError:
-            raise CliError(f"--factor-rank must be an integer or 'auto', got {args.factor_rank!r}.") from None
-        if args.factor_rank < 1:
-            raise CliError("--factor-rank must be at least 1.")
+    args.rank = _rank_option(args.rank, "--rank")
+    args.factor_rank = _rank_option(args.factor_rank, "--factor-rank")
     if args.halves < 0 or (args.halves and args.halves < 3):
         raise CliError("--halves must be 0 (skip the held-out workload) or at least 3 (correlations need three).")
     if args.test_points < 1:
