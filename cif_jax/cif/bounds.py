@@ -308,7 +308,7 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
         weight = np.where(in_v, own, gv_norm[ids])
         cross = np.bincount(ids, weights=weight * dev[idx], minlength=q) / (lam_n * size_v)
     both_ids, both = ids[in_v], idx[in_v]
-    if terms.method == "exact":
+    if terms.exact:
         rho = np.asarray(terms.residuals, np.float64)
         corr = np.bincount(both_ids, weights=gnorm[both] * rho[both] * dev[both], minlength=q) / (lam_n * size_v)
         is_bound = True
