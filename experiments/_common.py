@@ -18,6 +18,7 @@ import shlex
 import sys
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -133,18 +134,36 @@ def cif_fold_scores(cache, task, folds, args):
     return scores, time.perf_counter() - t0
 
 
-def cif_fold_estimators(cache, task, folds, args):
-    """``(corrected, paper, fold_matrix, seconds)`` from one cache: one gradient pass for the K x C
-    alphas gives the paper's fold matrix (cross-fold off the diagonal, eq. 11 on it); the
-    correction adds the cached self terms to the diagonal. Without a correction, corrected is None."""
+class FoldEstimates(NamedTuple):
+    """One cache's answers on one fold workload (K folds)."""
+
+    corrected: np.ndarray | None  #: (K,) the paper's score plus the cached self terms (None without a correction)
+    paper: np.ndarray  #: (K,) eq. 11
+    paper_matrix: np.ndarray  #: (K, K) eq. 11's fold matrix (cross-fold off the diagonal)
+    default_matrix: np.ndarray | None  #: (K, K) the library default's (``estimator="hybrid"``), None without factors
+    seconds: float  #: the queries' wall time (both matrices)
+
+    @property
+    def default(self) -> np.ndarray | None:
+        """(K,) the default estimator's fold scores (the diagonal of its matrix)."""
+        return None if self.default_matrix is None else np.diag(self.default_matrix).copy()
+
+
+def cif_fold_estimators(cache, task, folds, args) -> FoldEstimates:
+    """Every estimator's fold scores and fold matrix from one cache: one gradient pass for the
+    K x C alphas gives the paper's fold matrix (cross-fold off the diagonal, eq. 11 on it); the
+    correction adds the cached self terms to the diagonal; a cache with low-rank factors also
+    answers with the library default (``estimator="hybrid"``: the deviations through the factors)."""
     t0 = time.perf_counter()
     matrix = np.asarray(jax.block_until_ready(cj.fold_matrix(cache, task, folds, batch_size=args.batch_size,
                                                              estimator="paper")))
     paper = np.diag(matrix).copy()
-    corrected = None
+    corrected = default = None
     if cache.correction is not None:
         corrected = paper + np.asarray(cj.overlap_correction(cache, folds, folds, estimator="corrected"))
-    return corrected, paper, matrix, time.perf_counter() - t0
+    if cache.lowrank is not None and cache.lowrank.rank > 0:
+        default = np.asarray(jax.block_until_ready(cj.fold_matrix(cache, task, folds, batch_size=args.batch_size)))
+    return FoldEstimates(corrected, paper, matrix, default, time.perf_counter() - t0)
 
 
 def off_diagonal_agreement(cif_matrix, if_matrix) -> dict:

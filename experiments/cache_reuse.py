@@ -7,11 +7,14 @@ percentile intervals, for plain CG (the paper's way) and, with ``--solvers plain
 nystrom``, with one Nystrom preconditioner shared by every IF and CiF solve (its
 build time is counted in both totals).
 
-Every cache answers with both estimators: the corrected one (the library default:
-the paper's score plus the cached self-influence terms of the fold's members,
-issue #17) and the paper's (eq. 11). The cross-fold workload of the paper's
-section 5.4 (remove fold t, evaluate fold v != t: no overlap, no correction, the
-clusters alone answer) comes free from the same solves and the same alphas.
+Every cache answers with three estimators: the library default (``estimator="hybrid"``:
+the clusters plus each removed example's deviation through the cache's low-rank
+factors, and the self terms over the overlap), the corrected one (the paper's score
+plus the cached self-influence terms of the fold's members, issue #17) and the
+paper's (eq. 11). The cross-fold workload of the paper's section 5.4 (remove fold t,
+evaluate fold v != t: no overlap, no self term) comes free from the same solves and
+the same alphas; there the paper's estimator has only the clusters, the default the
+clusters and the deviations.
 
     python experiments/cache_reuse.py --quick     # digits / LeNet-5, rtol 1e-3
     python experiments/cache_reuse.py             # mnist5k / LeNet-5, rtol 1e-4
@@ -68,7 +71,7 @@ def _solver_runs(cells, task, folds, args, seed, solver):
     """The rows of one (seed, solver): IF on every fold of every K, then one cache per C."""
     prefix = f"seed{seed}/{solver}"
     pre, pre_info = None, {"kind": "plain" if solver == "plain" else "auto", "seconds": 0.0}
-    needed = [f"{prefix}/IF/K{k}" for k in args.k] + [f"{prefix}/C{c}" for c in args.clusters]
+    needed = [f"{prefix}/IF/K{k}" for k in args.k] + [f"{prefix}/C{c}/every-query" for c in args.clusters]
     if solver == "nystrom":
         pre, pre_info = ec.shared_nystrom(cells, task, args, f"{prefix}/preconditioner", needed)
     preconditioner = "auto" if solver == "default" else pre
@@ -89,7 +92,8 @@ def _solver_runs(cells, task, folds, args, seed, solver):
         per_k, query = [], 0.0
         for k in args.k:
             if_scores, if_mat = np.asarray(ifs[k]["scores"]), np.asarray(ifs[k]["matrix"])
-            cif, paper, matrix, secs = ec.cif_fold_estimators(cache, task, folds[k], args)
+            est = ec.cif_fold_estimators(cache, task, folds[k], args)
+            cif, paper, matrix, secs = est.corrected, est.paper, est.paper_matrix, est.seconds
             query += secs
             per_k.append({"K": k, "cif_query_seconds": secs, "if_seconds": ifs[k]["seconds"],
                           "if_max_residual": ifs[k]["max_residual"], "if_mean_steps": ifs[k]["mean_steps"],
@@ -98,6 +102,9 @@ def _solver_runs(cells, task, folds, args, seed, solver):
                           "paper": {**ec.correlations(paper, if_scores, resamples=args.bootstrap, seed=seed),
                                     "median_ratio": float(np.median(paper / if_scores))},
                           "cross_fold": ec.off_diagonal_agreement(matrix, if_mat),
+                          "default": {**ec.correlations(est.default, if_scores, resamples=args.bootstrap, seed=seed),
+                                      "cross_fold": ec.off_diagonal_agreement(est.default_matrix, if_mat),
+                                      "rank": cache.lowrank.rank, "note": cache.lowrank.note},
                           "fold_scores_cif": cif.tolist(), "fold_scores_paper": paper.tolist(),
                           "fold_scores_if": if_scores.tolist()})
         cif_total = timing["total"] + query + pre_info["seconds"]
@@ -109,7 +116,9 @@ def _solver_runs(cells, task, folds, args, seed, solver):
 
     rows = []
     for c in args.clusters:
-        cell = cells(f"{prefix}/C{c}", lambda c=c: cif_cell(c))
+        # The cells of caches without the per-example coordinates (before the every-query estimator)
+        # are kept in the cells file under their old keys; these are the current ones.
+        cell = cells(f"{prefix}/C{c}/every-query", lambda c=c: cif_cell(c))
         row = {"seed": seed, "solver": solver, "preconditioner": pre_info, "C": c, "if_seconds_total": if_total,
                **cell, "speedup": if_total / cell["cif_seconds_total"]}
         rows.append(row)
@@ -117,7 +126,9 @@ def _solver_runs(cells, task, folds, args, seed, solver):
               f"speedup {row['speedup']:.1f}x; "
               + "; ".join(f"K={x['K']}: corrected {x['pearson']['value']:.3f}/{x['spearman']['value']:.3f} "
                           f"(paper {x['paper']['pearson']['value']:.3f}/{x['paper']['spearman']['value']:.3f}, "
-                          f"cross-fold {x['cross_fold']['pearson']:.3f}/{x['cross_fold']['spearman']:.3f})"
+                          f"cross-fold {x['cross_fold']['pearson']:.3f}/{x['cross_fold']['spearman']:.3f}; default "
+                          f"cross-fold {x['default']['cross_fold']['pearson']:.3f}/"
+                          f"{x['default']['cross_fold']['spearman']:.3f})"
                           for x in row["per_k"]))
     return rows
 
@@ -143,7 +154,14 @@ def _summary(runs, solvers, args):
                             "corrected_spearman": ms([x["spearman"]["value"] for x in xs]),
                             "paper_pearson": ms([x["paper"]["pearson"]["value"] for x in xs]),
                             "paper_spearman": ms([x["paper"]["spearman"]["value"] for x in xs]),
-                            "cross_fold_pearson": ms([x["cross_fold"]["pearson"] for x in xs])})
+                            "cross_fold_pearson": ms([x["cross_fold"]["pearson"] for x in xs]),
+                            "cross_fold_spearman": ms([x["cross_fold"]["spearman"] for x in xs]),
+                            "default_pearson": ms([x["default"]["pearson"]["value"] for x in xs]),
+                            "default_spearman": ms([x["default"]["spearman"]["value"] for x in xs]),
+                            "default_cross_fold_pearson": ms([x["default"]["cross_fold"]["pearson"] for x in xs]),
+                            "default_cross_fold_spearman": ms([x["default"]["cross_fold"]["spearman"]
+                                                               for x in xs]),
+                            "default_rank": [x["default"]["rank"] for x in xs]})
     return out
 
 

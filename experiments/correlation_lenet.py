@@ -97,7 +97,8 @@ def main():
     def cif_cell():
         t0 = time.perf_counter()
         cache, warns = ec.build_cache(task, args, num_clusters=args.clusters)
-        corrected, paper, _, _ = ec.cif_fold_estimators(cache, task, folds, args)
+        est = ec.cif_fold_estimators(cache, task, folds, args)
+        corrected, paper = est.corrected, est.paper
         return {"corrected": corrected.tolist(), "paper": paper.tolist(), "seconds": time.perf_counter() - t0,
                 "solver": cache.solver, "warnings": warns}
 
