@@ -60,6 +60,8 @@ from cif_jax.cif.bounds import query_error_bound as query_error_bound
 from cif_jax.cif.bounds import subset_error_bound as subset_error_bound
 from cif_jax.cif.cache import InfluenceCache as InfluenceCache
 from cif_jax.cif.cache import build_cache as build_cache
+from cif_jax.cif.correction import AbstractCorrection as AbstractCorrection
+from cif_jax.cif.correction import BuildContext as BuildContext
 from cif_jax.cif.correction import CalibratedCorrection as CalibratedCorrection
 from cif_jax.cif.correction import CorrectionTerms as CorrectionTerms
 from cif_jax.cif.correction import ExactCorrection as ExactCorrection

@@ -87,7 +87,8 @@ def test_cv_unwritable_output(tmp_path, capsys):
 def test_cv_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     out = tmp_path / "o"
     base = ["cv", "--dataset", "digits", "--subsample", "0.1", "--epochs", "1", "--k", "3", "-C", "2",
-            "--bootstrap", "10", "--no-plots", "--output", str(out), "--checkpoint", str(tmp_path / "m.ckpt")]
+            "--bootstrap", "10", "--no-plots", "--output", str(out), "--checkpoint", str(tmp_path / "m.ckpt"),
+            "--factor-rank", "32"]
     assert main(base + ["--model", "mlp"]) == 0
     assert main(base + ["--model", "lenet5"]) == 2
     assert "checkpoint" in capsys.readouterr().err

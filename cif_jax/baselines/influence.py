@@ -15,6 +15,7 @@ from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
 from ..core import curvature as _curvature
 from ..core.gradients import gradient_sums_pass, raise_on_bad
+from ..core.phases import PhaseRunner
 from ..core.task import Task, fingerprint
 from ..solvers import distributed as _distributed
 from ..solvers.solve import AbstractSolver, SolveResult, check_solver, prepare_checkpointed, solve_checkpointed
@@ -69,8 +70,7 @@ def _checkpointed(task, mask, lam, solver, batch_size, curvature, mesh, key, pro
         "solver_arrays": _checkpoint.leaves_digest(solver),
         "curvature": _curvature.describe(curvature),
         "key": None if key is None else np.asarray(jax.random.key_data(_checks.as_key(key))).tolist()})
-    sums, bad = (jnp.asarray(a) for a in ckpt.arrays_tuple(
-        "sums", lambda: gradient_sums_pass(task, jnp.asarray(mask.T), batch_size)))
+    sums, bad = PhaseRunner(ckpt).stored("sums", lambda: gradient_sums_pass(task, jnp.asarray(mask.T), batch_size))
     raise_on_bad(bad)
     solver = prepare_checkpointed(solver, ckpt, lambda: solver.prepare(
         task, damping=lam, num_systems=mask.shape[0], batch_size=batch_size, curvature=curvature, key=key,

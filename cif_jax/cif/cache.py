@@ -12,8 +12,8 @@ their true residuals (eq. 9).
 from __future__ import annotations
 
 import itertools
-import time
 import warnings
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -25,14 +25,15 @@ from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
 from ..core import curvature as _curvature
 from ..core.gradients import raise_on_bad, streamed_map, streamed_sum
+from ..core.phases import PhaseRunner
 from ..core.task import Task, fingerprint
 from ..solvers import distributed as _distributed
 from ..solvers.precondition import NystromPreconditioner, block_error_estimate, nystrom_preconditioner
+from ..solvers.solve import AbstractSolver, prepare_checkpointed, solve_checkpointed
 from ..solvers.solve import check_solver as _check_solver
-from ..solvers.solve import prepare_checkpointed, solve_checkpointed
 from . import correction as _correction
 from . import lowrank as _lowrank
-from .correction import CalibratedCorrection, CorrectionTerms, ExactCorrection, NystromCorrection
+from .correction import AbstractCorrection, CorrectionTerms
 from .kmeans import kmeans_fit
 from .lowrank import LowRankTerms
 from .sketch import DEFAULT_BLOCK_SIZE
@@ -182,7 +183,7 @@ def build_cache(
     mesh=None,
     checkpoint_dir=None,
 ) -> InfluenceCache:
-    """Builds a CiF cache: sketch, cluster, cluster means, C damped-GGN solves.
+    """Builds a CiF cache: sketch, cluster, cluster means, low-rank factors, C damped-GGN solves.
 
     Paper section 3.3, eqs. (5)-(9). With ``num_clusters == N`` every example is its
     own cluster and the cache reproduces per-query IF (:func:`cif_jax.baselines.influence`).
@@ -193,55 +194,33 @@ def build_cache(
         sketch_dim: d, the JL sketch dimension (the paper uses 32).
         damping: lambda > 0 (the paper uses 1e-3).
         key: PRNG key; its first split draws the JL projection, the second seeds k-means.
-        solver: the solver of the C systems (and of the correction's), a solver object
-            (None: ``cif_jax.CG()``). Its ``rtol`` bounds the true relative residual
-            rho_c (eq. 9), which the cache stores for the bound; its settings are
-            recorded in ``cache.solver``. With CG's default ``preconditioner="auto"``,
-            the Nystrom factors the correction builds also precondition the solves;
-            without a correction, the cost model decides (``cache.solver`` says what
-            it chose). A prepared solver (:meth:`cif_jax.CG.prepare`) is used as it is.
+        solver: the solver of the C systems and the correction's (None: ``cif_jax.CG()``).
+            Its ``rtol`` bounds the true relative residuals rho_c (eq. 9) the cache stores
+            for the bound. With CG's ``preconditioner="auto"`` the correction's Nystrom
+            factors also precondition the solves; a solver holding a
+            :class:`cif_jax.NystromPreconditioner` lends its factors to the correction.
         batch_size: examples per chunk in every data pass (None: all at once).
-        normalize_sketches: cluster unit-normalised sketches h_i / ||h_i|| instead of
-            the raw sketches (the paper's default is raw). Raw sketches of a model
-            that fits most examples perfectly put those near-zero gradients in one
-            cluster; normalising clusters by direction instead.
+        normalize_sketches: cluster unit-normalised sketches ``h_i / ||h_i||`` (by
+            direction) instead of the raw ones (the paper's).
         kmeans_max_iters, kmeans_tol: Lloyd iteration cap and tolerance.
         sketch_block_size: columns of the JL projection per PRNG block (appendix C).
         curvature: a :class:`cif_jax.CurvatureSample`: solve with the GGN of a weighted
-            subset of examples (paper section 5.6) while gradients and clustering use
-            all N. None: all N.
-        correction: the low-rank factors of the GGN with every example's coordinates in
-            them (:mod:`cif_jax.cif.lowrank`), and the estimator of the per-example
-            self-influence scalars that queries whose evaluation set overlaps the removed
-            set add back (:mod:`cif_jax.cif.correction`): ``"calibrated"`` (default,
-            :class:`cif_jax.CalibratedCorrection`: the rank chosen by the spectrum, the self
-            terms rescaled by 16 exact per-example solves), ``"nystrom"``, ``"exact"`` (N
-            solves), a settings object, or None (no factors, no correction: only the
-            paper's estimator is available). The Nystrom factors come from the solver's preconditioner when it is a
-            :class:`cif_jax.NystromPreconditioner`; otherwise they are built here (r
-            GGN products, about four r x p arrays; the rank is lowered with a warning
-            past :data:`cif_jax.cif.correction.MAX_FACTOR_BYTES`), and with CG's
-            ``preconditioner="auto"`` they also precondition the C solves. Under a
-            ``mesh`` they are built whole in every process, like phase I.
+            subset (paper section 5.6) while gradients and clustering use all N. None: all N.
+        correction: ``"calibrated"`` (default, :class:`cif_jax.CalibratedCorrection`),
+            ``"nystrom"``, ``"exact"``, a correction object, or None. It decides the
+            low-rank factors of the GGN kept with every example's coordinates
+            (:mod:`cif_jax.cif.lowrank`; the default estimator needs them) and how the
+            self terms of overlapping queries are estimated (:mod:`cif_jax.cif.correction`).
+            None: no factors and no correction, only the paper's estimator.
         progress: show progress.
-        mesh: spread the C solves of phase II (and the examples of the GGN products,
-            over an axis ``"data"``) over the devices of a ``jax.sharding.Mesh``, as
-            :func:`cif_jax.solve_ggn`. Phase I runs in every process.
-        checkpoint_dir: a directory to make the build resumable (None: keep nothing).
-            Each finished phase is written there atomically as it ends: the
-            sketches, the k-means assignments, the cluster means, the Nystrom
-            factors, the prepared preconditioner, the scatter pass, and every block
-            of solved responses with its residuals. A second call with the same
-            task, settings and key reads what is there and computes the rest, so an
-            interrupted build (a killed job, a lost node) loses at most one phase or
-            one block of solves (the cheap steps that are not stored, such as the
-            calibration gradients or a Jacobi or K-FAC preconditioner, are redone);
-            the result equals an uninterrupted build to the solver's tolerance. A
-            directory written for another task (fingerprint) or other settings is
-            refused (:class:`cif_jax.CheckpointError`) before any work.
-            ``cache.timing`` counts the seconds of this call, reading included. Not
-            available with a mesh that spans several processes (the processes would
-            have to agree on which blocks to skip).
+        mesh: spread the C solves (and the examples of the GGN products, over an axis
+            ``"data"``) over a ``jax.sharding.Mesh``, as :func:`cif_jax.solve_ggn`.
+        checkpoint_dir: a directory that makes the build resumable (None: keep nothing):
+            every finished phase and block of solves is written there as it ends, and a
+            second call with the same task, settings and key computes only the rest. A
+            directory of another task or other settings is refused
+            (:class:`cif_jax.CheckpointError`) before any work. Single-process only.
+            The docs' settings page says what is stored.
 
     Returns:
         An :class:`InfluenceCache`, with phase timings in ``cache.timing``.
@@ -252,20 +231,68 @@ def build_cache(
     References:
         Badó and Fenech, "Clustered Influence Functions", ICML 2026.
     """
+    b = _check_build(task, num_clusters=num_clusters, sketch_dim=sketch_dim, damping=damping, key=key, solver=solver,
+                     batch_size=batch_size, normalize_sketches=normalize_sketches,
+                     kmeans_max_iters=kmeans_max_iters, kmeans_tol=kmeans_tol,
+                     sketch_block_size=sketch_block_size, curvature=curvature, correction=correction,
+                     progress=progress, mesh=mesh)
+    fp = fingerprint(task)
+    run = PhaseRunner(_open_checkpoint(task, b, checkpoint_dir, fp), progress=progress, total=_num_phases(b),
+                      desc="CiF cache")
+    sketches, centroids, assignments = _sketch_and_cluster(run, task, b)
+    means, sizes = _cluster_means(run, task, b, assignments)
+    factors, source, probe, solver = _factors(run, task, b, assignments, means)
+    solver = _prepared(run, task, b, solver)
+    scatter = run("scatter", lambda: _correction.streamed_terms(task, assignments, means, factors, b.damping,
+                                                                b.batch_size), store="terms")
+    solved, terms = _solves_and_terms(run, task, b, _solve_fn(run, task, b, solver), assignments, means, scatter,
+                                      factors)
+    lowrank = _lowrank_terms(run, task, b, probe, factors, source, means, scatter)
+    dev_sq = scatter[0]
+    return InfluenceCache(
+        assignments=assignments, cluster_sizes=sizes, responses=solved.solutions, means=means,
+        residuals=solved.residuals, mean_norms=jnp.linalg.norm(means, axis=1), num_steps=solved.num_steps,
+        cluster_scatter=jax.ops.segment_sum(dev_sq, assignments, num_segments=b.num_clusters),
+        scatter_trace=jnp.sum(dev_sq) / task.num_examples, deviation_norms=jnp.sqrt(dev_sq), sketches=sketches,
+        centroids=centroids, sketch_key=b.key_data, num_examples=task.num_examples, damping=b.damping,
+        sketch_dim=b.sketch_dim, sketch_block_size=b.sketch_block_size,
+        normalize_sketches=b.normalize_sketches, rtol=solver.rtol, atol=solver.atol, max_steps=solver.step_budget,
+        fingerprint=fp, curvature=_curvature.describe(b.curvature), timings=run.close(),
+        solver=solver.describe(), correction=terms, lowrank=lowrank,
+    )
+
+
+class _Build(NamedTuple):
+    """The checked settings of one :func:`build_cache` call."""
+
+    num_clusters: int
+    sketch_dim: int
+    damping: float
+    key: jax.Array
+    key_data: Array
+    solver: AbstractSolver
+    batch_size: int | None
+    normalize_sketches: bool
+    kmeans_max_iters: int
+    kmeans_tol: float
+    sketch_block_size: int
+    curvature: object
+    correction: AbstractCorrection | None
+    shared: NystromPreconditioner | None  #: the solver's own Nystrom factors, reused by the correction
+    progress: bool
+    mesh: object
+
+
+def _check_build(task, *, num_clusters, sketch_dim, damping, key, solver, batch_size, normalize_sketches,
+                 kmeans_max_iters, kmeans_tol, sketch_block_size, curvature, correction, progress, mesh) -> _Build:
+    """Every argument of :func:`build_cache` checked, before any work."""
     _checks.task(task)
     n = task.num_examples
     num_clusters = _checks.positive_int(num_clusters, "num_clusters")
     if num_clusters > n:
         raise ValueError(f"`num_clusters` = {num_clusters} exceeds the number of training examples N = {n}.")
-    sketch_dim = _checks.positive_int(sketch_dim, "sketch_dim")
-    sketch_block_size = _checks.positive_int(sketch_block_size, "sketch_block_size")
-    lam = _checks.damping(damping)
     solver = _check_solver(solver)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    kmeans_max_iters = _checks.positive_int(kmeans_max_iters, "kmeans_max_iters")
-    kmeans_tol = _checks.nonnegative_float(kmeans_tol, "kmeans_tol")
     key, key_data = _check_key(key)
-    sketch_key, kmeans_key = jax.random.split(key)
     curvature = _curvature.check(curvature, n, task.dtype)
     plan = _distributed.check_mesh(mesh)
     if plan is not None:
@@ -273,216 +300,190 @@ def build_cache(
     if mesh is not None and not solver.supports_mesh:
         raise ValueError(f"`mesh` applies to cif_jax.CG; {type(solver).__name__} runs on one device. Drop it or use "
                          "cif_jax.CG().")
-    correction = _correction.check(correction)
     shared = solver.nystrom()
     if shared is not None:
         shared.check(task, curvature)
+    return _Build(
+        num_clusters=num_clusters, sketch_dim=_checks.positive_int(sketch_dim, "sketch_dim"),
+        damping=_checks.damping(damping), key=key, key_data=key_data, solver=solver,
+        batch_size=_checks.positive_int(batch_size, "batch_size", allow_none=True),
+        normalize_sketches=bool(normalize_sketches),
+        kmeans_max_iters=_checks.positive_int(kmeans_max_iters, "kmeans_max_iters"),
+        kmeans_tol=_checks.nonnegative_float(kmeans_tol, "kmeans_tol"),
+        sketch_block_size=_checks.positive_int(sketch_block_size, "sketch_block_size"), curvature=curvature,
+        correction=_correction.check(correction), shared=shared, progress=bool(progress), mesh=mesh)
 
-    ckpt = None
-    if checkpoint_dir is not None:
-        _distributed.check_single_process(mesh)
-        ckpt = _checkpoint.Checkpoint(checkpoint_dir, kind="cache", settings={
-            "fingerprint": fingerprint(task), "num_examples": n, "num_params": int(task.num_params),
-            "dtype": jnp.dtype(task.dtype).name, "num_clusters": num_clusters, "sketch_dim": sketch_dim,
-            "damping": lam, "key": np.asarray(key_data).tolist(), "normalize_sketches": bool(normalize_sketches),
-            "kmeans_max_iters": kmeans_max_iters, "kmeans_tol": kmeans_tol, "sketch_block_size": sketch_block_size,
-            "curvature": _curvature.describe(curvature),
-            "correction": None if correction is None else correction.describe(),
-            "solver": solver.describe(), "solver_arrays": _checkpoint.leaves_digest(solver)})
 
-    def stored(name, fn):
-        """``fn()`` (a tuple of arrays), or its saved value when resuming."""
-        if ckpt is None:
-            return fn()
-        return tuple(None if a is None else jnp.asarray(a) for a in ckpt.arrays_tuple(name, fn))
+def _open_checkpoint(task, b: _Build, directory, fp: str):
+    """The build's :class:`cif_jax.core.checkpoint.Checkpoint` in ``directory`` (None: none asked for)."""
+    if directory is None:
+        return None
+    _distributed.check_single_process(b.mesh)
+    return _checkpoint.Checkpoint(directory, kind="cache", settings={
+        "fingerprint": fp, "num_examples": task.num_examples, "num_params": int(task.num_params),
+        "dtype": jnp.dtype(task.dtype).name, "num_clusters": b.num_clusters, "sketch_dim": b.sketch_dim,
+        "damping": b.damping, "key": np.asarray(b.key_data).tolist(), "normalize_sketches": b.normalize_sketches,
+        "kmeans_max_iters": b.kmeans_max_iters, "kmeans_tol": b.kmeans_tol, "sketch_block_size": b.sketch_block_size,
+        "curvature": _curvature.describe(b.curvature),
+        "correction": None if b.correction is None else b.correction.describe(),
+        "solver": b.solver.describe(), "solver_arrays": _checkpoint.leaves_digest(b.solver)})
 
-    timings = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        builds_nystrom = correction is not None and correction.rank != 0 and shared is None
-        total = 5 + 2 * builds_nystrom + (not solver.prepared and not builds_nystrom) + (
-            correction is not None and not isinstance(correction, NystromCorrection))
-        bar = tqdm(total=total, desc="CiF cache", unit="phase")
+def _builds_factors(b: _Build) -> bool:
+    return b.correction is not None and b.correction.rank != 0 and b.shared is None
 
-    def phase(name, fn):
-        if bar is not None:
-            bar.set_postfix_str(name)
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        timings.append((name, time.perf_counter() - start))
-        if bar is not None:
-            bar.update(1)
-        return out
 
-    sketches, bad = phase("gradients+sketch", lambda: stored("sketch", lambda: _sketch_pass(
-        task, sketch_key, sketch_dim, sketch_block_size, batch_size)))
+def _num_phases(b: _Build) -> int:
+    """The phases the progress bar counts: sketch, k-means, means, scatter, solves, and the optional ones."""
+    builds = _builds_factors(b)
+    return 5 + 2 * builds + (not b.solver.prepared and not builds) + (
+        0 if b.correction is None else b.correction.num_phases)
+
+
+def _sketch_and_cluster(run: PhaseRunner, task, b: _Build):
+    """Phase I, eqs. (5)-(6): ``(sketches, centroids, assignments)``."""
+    sketch_key, kmeans_key = jax.random.split(b.key)
+    sketches, bad = run("gradients+sketch", lambda: _sketch_pass(
+        task, sketch_key, b.sketch_dim, b.sketch_block_size, b.batch_size), store="sketch")
     raise_on_bad(bad)
     points = sketches
-    if normalize_sketches:
+    if b.normalize_sketches:
         norms = jnp.linalg.norm(sketches, axis=1, keepdims=True)
         points = sketches / jnp.where(norms > 0, norms, 1)
-    centroids, assignments = phase(
-        "kmeans",
-        lambda: stored("kmeans", lambda: tuple(kmeans_fit(points, num_clusters, key=kmeans_key,
-                                                          max_iters=kmeans_max_iters, tol=kmeans_tol)[:2])),
-    )
-    assignments = assignments.astype(jnp.int32)
-    means, sizes, _ = phase("cluster means", lambda: stored("means", lambda: _means_pass(
-        task, assignments, num_clusters, batch_size)))
+    centroids, assignments = run("kmeans", lambda: tuple(kmeans_fit(
+        points, b.num_clusters, key=kmeans_key, max_iters=b.kmeans_max_iters, tol=b.kmeans_tol)[:2]), store="kmeans")
+    return sketches, centroids, assignments.astype(jnp.int32)
 
-    sizes_np = np.asarray(sizes)
-    if num_clusters > 2 and sizes_np.max() > DOMINANT_CLUSTER_SHARE * n:
+
+def _cluster_means(run: PhaseRunner, task, b: _Build, assignments):
+    """Eq. (7): ``(means, sizes)``, with a warning when one cluster holds most examples."""
+    means, sizes, _ = run("cluster means", lambda: _means_pass(task, assignments, b.num_clusters, b.batch_size),
+                          store="means")
+    n, sizes_np = task.num_examples, np.asarray(sizes)
+    if b.num_clusters > 2 and sizes_np.max() > DOMINANT_CLUSTER_SHARE * n:
         warnings.warn(
             f"one cluster holds {int(sizes_np.max())} of {n} examples ({sizes_np.max() / n:.0%}); cluster sizes "
             f"{sorted(sizes_np.tolist(), reverse=True)[:10]}. Raw sketches of well-fit examples are near zero and "
             "fall together; consider `normalize_sketches=True` or more clusters. The scatter term of the bound "
             "reports the cost.",
-            stacklevel=2,
+            stacklevel=3,
         )
+    return means, sizes
 
-    factors, source, probe = None, shared, None
-    if correction is not None and correction.rank != 0:
-        # A probe of deviations d_i = g_i - mu_c(i): it decides the rank ("auto") and records how
-        # much of the deviations the factors hold (cheap: PROBE_SIZE gradients, redone on resume).
-        probe = _lowrank.probe_deviations(task, jax.random.fold_in(key, 5), assignments, means, batch_size,
-                                          chunk=getattr(correction, "num_samples", _lowrank.PROBE_CHUNK))
-        if source is None:
-            itemsize = jnp.dtype(task.dtype).itemsize
-            wanted = correction.max_rank if correction.rank == "auto" else correction.rank
-            rank = _correction.factor_rank(wanted, task.num_params, itemsize)
-            if rank < min(wanted, task.num_params):
-                warnings.warn(
-                    f"the correction's Nystrom factors at rank {wanted} would take about "
-                    f"{4 * wanted * task.num_params * itemsize / 2**30:.1f} GiB for p = {task.num_params:,}; "
-                    f"building at most rank {rank} instead. Pass a smaller `rank` or `max_rank`, a solver with a "
-                    "built Nystrom preconditioner, or `correction=None`.",
-                    stacklevel=2,
-                )
-            block = getattr(solver, "rhs_batch_size", None) or 32
-            if correction.rank == "auto":
-                settings = dict(rank="auto", damping=lam, max_rank=rank,
-                                initial_rank=min(_lowrank.DEFAULT_INITIAL_RANK, rank),
-                                accept=_lowrank.probe_rule(probe, lam, correction.tolerance))
-            else:
-                settings = dict(rank=rank)
 
-            def build_factors():
-                return nystrom_preconditioner(
-                    task, key=jax.random.fold_in(key, 2), error_iters=0, batch_size=batch_size,
-                    rhs_batch_size=block, curvature=curvature, progress=progress, **settings)
+def _factors(run: PhaseRunner, task, b: _Build, assignments, means):
+    """The low-rank factors ``(U^T, s)`` of the GGN (None without a correction or at rank 0), the
+    preconditioner they come from, the rank probe, and the solver (now sharing the factors).
 
-            source = phase("nystrom", build_factors if ckpt is None else lambda: ckpt.module(
-                "nystrom", NystromPreconditioner, build_factors))
-            solver = solver.share_nystrom(source)  # free: the factors precondition the solves too
-        factors = _correction.nystrom_factors(source, correction.rank)
-    num_calibration = correction.num_samples if isinstance(correction, CalibratedCorrection) else 0
-    if not solver.prepared:
-        unprepared = solver
+    The factors come from the solver's Nystrom preconditioner when it has one; otherwise they are
+    built here (``"auto"``: the rank grows until the probe's share outside them is at most the
+    correction's tolerance) and then precondition the cluster solves too.
+    """
+    correction, solver, source = b.correction, b.solver, b.shared
+    if correction is None or correction.rank == 0:
+        return None, source, None, solver
+    # A probe of deviations d_i = g_i - mu_c(i): it decides the rank ("auto") and records how
+    # much of the deviations the factors hold (cheap: PROBE_SIZE gradients, redone on resume).
+    probe = _lowrank.probe_deviations(task, jax.random.fold_in(b.key, 5), assignments, means, b.batch_size,
+                                      chunk=correction.probe_chunk)
+    if source is None:
+        wanted = correction.max_rank if correction.rank == "auto" else correction.rank
+        rank = _correction.factor_rank(wanted, task.num_params, jnp.dtype(task.dtype).itemsize)
+        if rank < min(wanted, task.num_params):
+            warnings.warn(
+                f"the correction's Nystrom factors at rank {wanted} would take about "
+                f"{4 * wanted * task.num_params * jnp.dtype(task.dtype).itemsize / 2**30:.1f} GiB for p = "
+                f"{task.num_params:,}; building at most rank {rank} instead. Pass a smaller `rank` or `max_rank`, a "
+                "solver with a built Nystrom preconditioner, or `correction=None`.",
+                stacklevel=3,
+            )
+        if correction.rank == "auto":
+            settings = dict(rank="auto", max_rank=rank, initial_rank=min(_lowrank.DEFAULT_INITIAL_RANK, rank),
+                            accept=_lowrank.probe_rule(probe, b.damping, correction.tolerance))
+        else:
+            settings = dict(rank=rank)
+        source = run("nystrom", lambda: nystrom_preconditioner(
+            task, key=jax.random.fold_in(b.key, 2), damping=b.damping, error_iters=0, batch_size=b.batch_size,
+            rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=b.curvature,
+            progress=b.progress, **settings), store="nystrom", module=NystromPreconditioner)
+        solver = solver.share_nystrom(source)  # free: the factors precondition the solves too
+    return _correction.nystrom_factors(source, correction.rank), source, probe, solver
 
-        def prepare():
-            return unprepared.prepare(task, damping=lam, num_systems=num_clusters + num_calibration,
-                                      batch_size=batch_size, curvature=curvature, key=jax.random.fold_in(key, 4))
 
-        solver = phase("preconditioner",
-                       prepare if ckpt is None else lambda: prepare_checkpointed(unprepared, ckpt, prepare))
-    solve_calls = itertools.count(1)  # every call's blocks have their own names, in the (fixed) order of the calls
+def _num_systems(b: _Build) -> int:
+    return b.num_clusters + (0 if b.correction is None else b.correction.num_systems)
+
+
+def _prepared(run: PhaseRunner, task, b: _Build, solver):
+    """The solver with its preconditioner settled for the build's systems (checkpointed)."""
+    if solver.prepared:
+        return solver
+
+    def prepare():
+        return solver.prepare(task, damping=b.damping, num_systems=_num_systems(b), batch_size=b.batch_size,
+                              curvature=b.curvature, key=jax.random.fold_in(b.key, 4))
+
+    ckpt = run.checkpoint
+    return run("preconditioner", prepare if ckpt is None else lambda: prepare_checkpointed(solver, ckpt, prepare))
+
+
+def _solve_fn(run: PhaseRunner, task, b: _Build, solver):
+    """``solve(rhs)`` with the build's operator; with a checkpoint, each call's blocks stored under their
+    own names, in the (fixed) order of the calls."""
+    calls = itertools.count(1)
+    kw = dict(damping=b.damping, batch_size=b.batch_size, curvature=b.curvature, mesh=b.mesh, progress=b.progress)
 
     def solve(rhs):
-        if ckpt is None:
-            return solver.solve(task, rhs, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
-                                progress=progress)
-        return solve_checkpointed(solver, task, rhs, checkpoint=ckpt, name=f"solves{next(solve_calls)}",
-                                  damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
-                                  progress=progress)
+        if run.checkpoint is None:
+            return solver.solve(task, rhs, **kw)
+        return solve_checkpointed(solver, task, rhs, checkpoint=run.checkpoint, name=f"solves{next(calls)}", **kw)
 
-    dev_sq, grad_norms, low_self, complement, tail_sq, coords = phase(
-        "scatter", lambda: stored("terms", lambda: _correction.streamed_terms(
-            task, assignments, means, factors, lam, batch_size)))
-    cluster_scatter = jax.ops.segment_sum(dev_sq, assignments, num_segments=num_clusters)
-    raw = low_self + complement
-    # The calibration systems (a few per-example deviations) join the C cluster systems in one solve.
-    if isinstance(correction, CalibratedCorrection):
-        sample = _correction.draw_sample(jax.random.fold_in(key, 3), raw, correction.num_samples)
-        extra, inverse = np.unique(sample, return_inverse=True)
-        # Padded (repeating one draw) to a fixed count: every build with these settings reuses one
-        # compiled gradient pass and one compiled solve, whatever the number of distinct draws.
-        extra = np.concatenate([extra, np.full(correction.num_samples - extra.size, extra[0], extra.dtype)])
-        g_extra, d_extra = phase("calibration gradients",
-                                 lambda: _correction.deviations(task, extra, assignments, means, batch_size))
-        rhs = jnp.concatenate([means, d_extra])
-    else:
-        rhs = means
-    solved = phase("solves", lambda: solve(rhs))
-    head = lambda a: a[:num_clusters]
-    terms = None
-    rank = 0 if factors is None else int(factors[0].shape[0])
-    if isinstance(correction, CalibratedCorrection):
-        t_extra = (jnp.sum(g_extra * solved.solutions[num_clusters:], axis=1) / n)[inverse]
-        terms = _correction.calibrated_terms(correction, raw / n, low_self / n, grad_norms, sample, t_extra,
-                                             solved.residuals[num_clusters:][inverse], rank)
-    elif isinstance(correction, NystromCorrection):
-        terms = _correction.nystrom_terms(correction, raw / n, low_self / n, grad_norms, rank)
-    elif isinstance(correction, ExactCorrection):
-        terms = phase("correction", lambda: _correction.exact_terms(
-            correction, task, assignments, means, grad_norms, low_self / n, solve, batch_size, rank))
-    lowrank = None
-    if factors is not None:
-        basis, eig = factors
-        predicted = _lowrank.predicted_error(probe, basis, eig, lam)
-        if correction.rank == "auto" and predicted > correction.tolerance:
-            warnings.warn(
-                f"the low-rank factors stopped at rank {int(basis.shape[0])} (the cap: `max_rank`, p or the memory "
-                f"limit) with a predicted share {predicted:.3g} of the deviations outside them, above the tolerance "
-                f"{correction.tolerance:g}: queries whose evaluation set is not the removed set (held-out points, "
-                "other folds) will be answered less accurately. Raise `max_rank` if memory allows, or read the "
-                "error with `cj.query_error_bound`.",
-                stacklevel=2,
-            )
-        error = source.error_estimate
-        if not bool(jnp.isfinite(error)):  # the factors' own estimate, else a block power iteration
-            error = phase("factor error", lambda: block_error_estimate(
-                task, basis, eig, key=jax.random.fold_in(key, 6), iters=_lowrank.ERROR_ITERS,
-                block=min(getattr(solver, "rhs_batch_size", None) or 32, task.num_params), batch_size=batch_size,
-                curvature=curvature))
-        lowrank = _lowrank.LowRankTerms(
-            basis=basis, eigenvalues=eig, coords=coords,
-            mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),
-            tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(error, eig.dtype),
-            predicted_error=jnp.asarray(predicted, eig.dtype),
-            note=source.note if source.note.startswith("auto: rank") and rank == source.rank else f"rank {rank}")
-    solved = jax.tree_util.tree_map(head, solved)
-    if bar is not None:
-        bar.close()
-    timings.append(("total", sum(t for _, t in timings)))
-    return InfluenceCache(
-        assignments=assignments,
-        cluster_sizes=sizes,
-        responses=solved.solutions,
-        means=means,
-        residuals=solved.residuals,
-        mean_norms=jnp.linalg.norm(means, axis=1),
-        num_steps=solved.num_steps,
-        cluster_scatter=cluster_scatter,
-        scatter_trace=jnp.sum(dev_sq) / n,
-        deviation_norms=jnp.sqrt(dev_sq),
-        sketches=sketches,
-        centroids=centroids,
-        sketch_key=key_data,
-        num_examples=n,
-        damping=lam,
-        sketch_dim=sketch_dim,
-        sketch_block_size=sketch_block_size,
-        normalize_sketches=bool(normalize_sketches),
-        rtol=solver.rtol,
-        atol=solver.atol,
-        max_steps=solver.step_budget,
-        fingerprint=fingerprint(task),
-        curvature=_curvature.describe(curvature),
-        timings=tuple(timings),
-        solver=solver.describe(),
-        correction=terms,
-        lowrank=lowrank,
-    )
+    return solve
 
+
+def _solves_and_terms(run: PhaseRunner, task, b: _Build, solve, assignments, means, scatter, factors):
+    """Eq. (8)-(9): the C cluster solves, joined by the correction's own systems, then its terms."""
+    _, grad_norms, low_self, complement, _, _ = scatter
+    c, correction = b.num_clusters, b.correction
+    if correction is None:
+        return run("solves", lambda: solve(means)), None
+    ctx = _correction.BuildContext(
+        task=task, assignments=assignments, means=means, batch_size=b.batch_size, key=jax.random.fold_in(b.key, 3),
+        raw=low_self + complement, low_self=low_self, grad_norms=grad_norms,
+        rank=0 if factors is None else int(factors[0].shape[0]), solve=solve, run=run)
+    extra, state = correction.systems(ctx)
+    solved = run("solves", lambda: solve(means if extra is None else jnp.concatenate([means, extra])))
+    own = None if extra is None else jax.tree_util.tree_map(lambda a: a[c:], solved)
+    return jax.tree_util.tree_map(lambda a: a[:c], solved), correction.terms(ctx, own, state)
+
+
+def _lowrank_terms(run: PhaseRunner, task, b: _Build, probe, factors, source, means, scatter):
+    """The cache's :class:`LowRankTerms` (None without factors): the factors, every example's
+    coordinates, the tail norms, the probe's predicted error and an error estimate of the factors."""
+    if factors is None:
+        return None
+    _, _, _, _, tail_sq, coords = scatter
+    basis, eig = factors
+    correction, rank = b.correction, int(basis.shape[0])
+    predicted = _lowrank.predicted_error(probe, basis, eig, b.damping)
+    if correction.rank == "auto" and predicted > correction.tolerance:
+        warnings.warn(
+            f"the low-rank factors stopped at rank {rank} (the cap: `max_rank`, p or the memory "
+            f"limit) with a predicted share {predicted:.3g} of the deviations outside them, above the tolerance "
+            f"{correction.tolerance:g}: queries whose evaluation set is not the removed set (held-out points, "
+            "other folds) will be answered less accurately. Raise `max_rank` if memory allows, or read the "
+            "error with `cj.query_error_bound`.",
+            stacklevel=3,
+        )
+    error = source.error_estimate
+    if not bool(jnp.isfinite(error)):  # the factors' own estimate, else a block power iteration
+        error = run("factor error", lambda: block_error_estimate(
+            task, basis, eig, key=jax.random.fold_in(b.key, 6), iters=_lowrank.ERROR_ITERS,
+            block=min(getattr(b.solver, "rhs_batch_size", None) or 32, task.num_params), batch_size=b.batch_size,
+            curvature=b.curvature))
+    return LowRankTerms(
+        basis=basis, eigenvalues=eig, coords=coords,
+        mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),
+        tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(error, eig.dtype),
+        predicted_error=jnp.asarray(predicted, eig.dtype),
+        note=source.note if source.note.startswith("auto: rank") and rank == source.rank else f"rank {rank}")

@@ -44,6 +44,9 @@ Estimators of ``t_i`` (each an immutable settings object for ``build_cache(corre
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -89,7 +92,72 @@ def _describe_rank(c) -> str:
     return f"rank={c.rank}"
 
 
-class ExactCorrection(eqx.Module):
+class BuildContext(NamedTuple):
+    """What a correction reads from the cache build it joins (:func:`cif_jax.build_cache`).
+
+    ``raw``, ``low_self`` and ``grad_norms`` come from the scatter pass (not divided by N);
+    ``solve(rhs)`` is the cache's own solver (same operator, tolerance and
+    preconditioner, checkpointed with the build); ``run(name, compute)`` times ``compute()`` as a
+    phase of the build.
+    """
+
+    task: Task
+    assignments: Int[Array, " n"]
+    means: Float[Array, "c p"]
+    batch_size: int | None
+    key: jax.Array  #: the build's key for the correction's own draws
+    raw: Float[Array, " n"]  #: N times the Nystrom estimates of t_i
+    low_self: Float[Array, " n"]  #: their low-rank part (times N)
+    grad_norms: Float[Array, " n"]
+    rank: int  #: the rank of the factors (0: none)
+    solve: Callable
+    run: Callable
+
+
+class AbstractCorrection(eqx.Module):
+    """An estimator of the per-example self terms ``t_i``: its settings, and how it computes them.
+
+    A correction says what it needs from the build and computes its terms; ``build_cache``
+    calls these methods and nothing else, so a new estimator is a new subclass. Every
+    correction keeps low-rank factors of rank ``rank`` (chosen by ``max_rank`` and
+    ``tolerance`` for ``"auto"``) for the default estimator (:mod:`cif_jax.cif.lowrank`).
+    """
+
+    rank: eqx.AbstractVar[int | str]
+    max_rank: eqx.AbstractVar[int]
+    tolerance: eqx.AbstractVar[float]
+
+    def describe(self) -> str:
+        """A short description, recorded in the cache (``CorrectionTerms.method``) and in checkpoints."""
+        raise NotImplementedError
+
+    @property
+    def num_systems(self) -> int:
+        """Systems this correction adds to the cache's C cluster solves (solved in the same blocks)."""
+        return 0
+
+    @property
+    def num_phases(self) -> int:
+        """Build phases of its own that the progress bar counts."""
+        return 0
+
+    @property
+    def probe_chunk(self) -> int:
+        """Rows per chunk of the rank probe's gradient pass (sharing a compiled pass with this correction's)."""
+        return _lowrank.PROBE_CHUNK
+
+    def systems(self, ctx: BuildContext):
+        """``(rhs, state)``: the (``num_systems``, p) right-hand sides to solve with the clusters', or
+        ``(None, None)``; ``state`` is handed back to :meth:`terms`."""
+        return None, None
+
+    def terms(self, ctx: BuildContext, solved, state) -> CorrectionTerms:
+        """The :class:`CorrectionTerms`, given the solves of :meth:`systems` (``solved``: a
+        ``SolveResult`` of its rows, or None)."""
+        raise NotImplementedError
+
+
+class ExactCorrection(AbstractCorrection):
     """``t_i`` from one damped-GGN solve ``H~ x_i = g_i - mu_c(i)`` per example (N solves).
 
     Exact to the solver tolerance; each solve's true residual is stored and enters the
@@ -112,8 +180,15 @@ class ExactCorrection(eqx.Module):
     def describe(self) -> str:
         return "exact" if self.rank == 0 else f"exact({_describe_rank(self)})"
 
+    @property
+    def num_phases(self) -> int:
+        return 1
 
-class NystromCorrection(eqx.Module):
+    def terms(self, ctx: BuildContext, solved, state) -> CorrectionTerms:
+        return ctx.run("correction", lambda: exact_terms(self, ctx))
+
+
+class NystromCorrection(AbstractCorrection):
     """``t_i`` from the rank-r Nystrom factors of the GGN, with no solve (biased upwards).
 
     Attributes:
@@ -134,8 +209,12 @@ class NystromCorrection(eqx.Module):
     def describe(self) -> str:
         return f"nystrom({_describe_rank(self)})"
 
+    def terms(self, ctx: BuildContext, solved, state) -> CorrectionTerms:
+        n = ctx.task.num_examples
+        return nystrom_terms(self, ctx.raw / n, ctx.low_self / n, ctx.grad_norms, ctx.rank)
 
-class CalibratedCorrection(eqx.Module):
+
+class CalibratedCorrection(AbstractCorrection):
     """Nystrom estimates of ``t_i`` rescaled by exact solves for a small sample (the default).
 
     Attributes:
@@ -166,6 +245,36 @@ class CalibratedCorrection(eqx.Module):
 
     def describe(self) -> str:
         return f"calibrated({_describe_rank(self)}, num_samples={self.num_samples})"
+
+    @property
+    def num_systems(self) -> int:
+        return self.num_samples
+
+    @property
+    def num_phases(self) -> int:
+        return 1
+
+    @property
+    def probe_chunk(self) -> int:
+        return self.num_samples
+
+    def systems(self, ctx: BuildContext):
+        """The deviations of ``num_samples`` draws, probability proportional to ``|raw_i|``."""
+        sample = draw_sample(ctx.key, ctx.raw, self.num_samples)
+        extra, inverse = np.unique(sample, return_inverse=True)
+        # Padded (repeating one draw) to a fixed count: every build with these settings reuses one
+        # compiled gradient pass and one compiled solve, whatever the number of distinct draws.
+        extra = np.concatenate([extra, np.full(self.num_samples - extra.size, extra[0], extra.dtype)])
+        g_extra, d_extra = ctx.run("calibration gradients", lambda: deviations(
+            ctx.task, extra, ctx.assignments, ctx.means, ctx.batch_size))
+        return d_extra, (sample, inverse, g_extra)
+
+    def terms(self, ctx: BuildContext, solved, state) -> CorrectionTerms:
+        sample, inverse, g_extra = state
+        n = ctx.task.num_examples
+        t_extra = (jnp.sum(g_extra * solved.solutions, axis=1) / n)[inverse]
+        return calibrated_terms(self, ctx.raw / n, ctx.low_self / n, ctx.grad_norms, sample, t_extra,
+                                solved.residuals[inverse], ctx.rank)
 
 
 class CorrectionTerms(eqx.Module):
@@ -225,7 +334,7 @@ class CorrectionTerms(eqx.Module):
 
 def check(correction):
     """Validates ``correction=``: None, ``"exact"``, ``"nystrom"``, ``"calibrated"`` or a settings object."""
-    if correction is None or isinstance(correction, (ExactCorrection, NystromCorrection, CalibratedCorrection)):
+    if correction is None or isinstance(correction, AbstractCorrection):
         return correction
     if isinstance(correction, str):
         named = {"exact": ExactCorrection, "nystrom": NystromCorrection, "calibrated": CalibratedCorrection}
@@ -370,22 +479,23 @@ def calibrated_terms(correction, raw, low_self, grad_norms, sample, sample_value
     )
 
 
-def exact_terms(correction, task, assignments, means, grad_norms, low_self, solve, batch_size, rank) -> CorrectionTerms:
+def exact_terms(correction, ctx: BuildContext) -> CorrectionTerms:
     """:class:`ExactCorrection`: one solve ``H~ x_i = g_i - mu_c(i)`` per example, in chunks of examples.
 
-    ``solve(rhs)`` is the cache's own solver (same operator, tolerance and preconditioner); it
+    ``ctx.solve`` is the cache's own solver (same operator, tolerance and preconditioner); it
     warns when a solve misses the tolerance. Singleton clusters have a zero deviation and cost
-    nothing. ``low_self`` (divided by N) is the low-rank part the remainder leaves out.
+    nothing. ``ctx.low_self / N`` is the low-rank part the remainder leaves out.
     """
+    task = ctx.task
     n = task.num_examples
-    chunk = min(batch_size or 512, 512)
+    chunk = min(ctx.batch_size or 512, 512)
     values, residuals = [], []
     for start in range(0, n, chunk):
-        g, d = deviations(task, np.arange(start, min(start + chunk, n)), assignments, means, batch_size)
-        out = solve(d)
+        g, d = deviations(task, np.arange(start, min(start + chunk, n)), ctx.assignments, ctx.means, ctx.batch_size)
+        out = ctx.solve(d)
         values.append(jnp.sum(g * out.solutions, axis=1) / n)
         residuals.append(out.residuals)
     values = jnp.concatenate(values)
-    return CorrectionTerms(values=values, raw=values, remainder=values - low_self.astype(values.dtype),
-                           grad_norms=grad_norms, residuals=jnp.concatenate(residuals),
-                           **_uncalibrated(values.dtype), method=correction.describe(), rank=rank)
+    return CorrectionTerms(values=values, raw=values, remainder=values - (ctx.low_self / n).astype(values.dtype),
+                           grad_norms=ctx.grad_norms, residuals=jnp.concatenate(residuals),
+                           **_uncalibrated(values.dtype), method=correction.describe(), rank=ctx.rank)
