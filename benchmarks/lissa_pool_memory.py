@@ -48,7 +48,7 @@ def _child(part: str, args) -> dict:
     from common import trained_task
 
     import cif_jax as cj
-    from cif_jax.baselines import lissa as L
+    from cif_jax.solvers import lissa as L
 
     task, _ = trained_task(args.dataset, args.model)
     jax.block_until_ready(task.apply_fn(task.params, task.inputs[:8]))

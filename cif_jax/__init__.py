@@ -33,10 +33,6 @@ from cif_jax.baselines.lds import datamodel_lds as datamodel_lds
 from cif_jax.baselines.lds import lds as lds
 from cif_jax.baselines.lds import random_subsets as random_subsets
 from cif_jax.baselines.lds import subset_losses as subset_losses
-from cif_jax.baselines.lissa import LiSSA as LiSSA
-from cif_jax.baselines.lissa import LissaDivergenceError as LissaDivergenceError
-from cif_jax.baselines.lissa import LissaResult as LissaResult
-from cif_jax.baselines.lissa import lissa as lissa
 from cif_jax.baselines.retrain import PBRFResult as PBRFResult
 from cif_jax.baselines.retrain import RetrainResult as RetrainResult
 from cif_jax.baselines.retrain import TrainedModels as TrainedModels
@@ -105,6 +101,10 @@ from cif_jax.solvers.kfac import ekfac_influence as ekfac_influence
 from cif_jax.solvers.kfac import ekfac_preconditioner as ekfac_preconditioner
 from cif_jax.solvers.kfac import ekfac_solve as ekfac_solve
 from cif_jax.solvers.kfac import kfac_preconditioner as kfac_preconditioner
+from cif_jax.solvers.lissa import LiSSA as LiSSA
+from cif_jax.solvers.lissa import LissaDivergenceError as LissaDivergenceError
+from cif_jax.solvers.lissa import LissaResult as LissaResult
+from cif_jax.solvers.lissa import lissa as lissa
 from cif_jax.solvers.precondition import JacobiPreconditioner as JacobiPreconditioner
 from cif_jax.solvers.precondition import NystromPreconditioner as NystromPreconditioner
 from cif_jax.solvers.precondition import Preconditioner as Preconditioner

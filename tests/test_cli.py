@@ -92,3 +92,16 @@ def test_cv_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     assert main(base + ["--model", "mlp"]) == 0
     assert main(base + ["--model", "lenet5"]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_cv_without_the_cli_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("rich", "sklearn") else
+                        real(name, *a))
+    assert main(["cv", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "rich for the results table" in err and "sklearn for the bundled digits" in err
+    assert 'pip install "cif-jax[cli]"' in err
+    assert not (tmp_path / "o").exists()  # refused before any work

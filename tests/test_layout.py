@@ -128,3 +128,29 @@ def test_every_internal_import_resolves():
                 if base not in MODULES:
                     bad.append(f"{m}: from {'.' * node.level}{node.module or ''} -> {base}")
     assert not bad, "\n".join(bad)
+
+
+def test_workloads_are_a_leaf():
+    """Nothing in the library imports the workloads (the CLI, the model zoo, the data loaders)."""
+    bad = [f"{m} imports {target}" for m in MODULES if not m.startswith("cif_jax.workloads")
+           for target, _ in _imports(m) if target.startswith("cif_jax.workloads")]
+    assert not bad, "\n".join(bad)
+
+
+#: The third-party packages the library (everything but the workloads) may import: the
+#: dependencies of pyproject.toml, the standard library aside (scipy comes with jax).
+LIBRARY_DEPENDENCIES = {"jax", "jaxlib", "flax", "optax", "equinox", "lineax", "numpy", "jaxtyping", "tqdm", "scipy"}
+
+
+def test_library_imports_only_its_dependencies():
+    import sys
+
+    bad = []
+    for m in MODULES:
+        if m.startswith("cif_jax.workloads"):
+            continue
+        for target, _ in _imports(m):
+            top = target.split(".")[0]
+            if top and top != "cif_jax" and top not in sys.stdlib_module_names and top not in LIBRARY_DEPENDENCIES:
+                bad.append(f"{m} imports {target}")
+    assert not bad, "\n".join(bad)

@@ -185,7 +185,7 @@ def test_bad_lissa_config(kwargs, match):
 
 
 def _residual_check_scratch(problem, num, chunk):
-    from cif_jax.baselines import lissa as lissa_mod
+    from cif_jax.solvers import lissa as lissa_mod
 
     rhs = jnp.asarray(_rhs(problem, num=num), problem.task.dtype)
     idx, w = jnp.arange(0, N, 2), jnp.ones(N // 2, problem.task.dtype)

@@ -219,7 +219,7 @@ def no_work(monkeypatch):
     mod = importlib.import_module("cif_jax.baselines.retrain")
     for name in ("_train_many", "_pbrf", "_evaluate_many"):
         monkeypatch.setattr(mod, name, forbidden)
-    monkeypatch.setattr(importlib.import_module("cif_jax.workloads.training"), "train", forbidden)
+    monkeypatch.setattr(importlib.import_module("cif_jax.baselines.training"), "train", forbidden)
 
 
 def test_train_many_bad_input(no_work):

@@ -6,7 +6,6 @@ tracing, and raises ``ValueError``/``TypeError`` naming the argument.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -101,16 +100,6 @@ def check_positive_floats(values, name: str, length: int) -> np.ndarray:
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise ValueError(f"`{name}` must be finite and > 0, got {arr.tolist()}.")
     return arr
-
-
-def positive_float(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be finite and > 0, got {value}.")
-    return value
 
 
 def check_keep_masks(masks, num_examples: int, name: str = "keep") -> np.ndarray:

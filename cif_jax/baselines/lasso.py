@@ -35,7 +35,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import NamedTuple
 
@@ -77,16 +76,6 @@ class LassoSolution(NamedTuple):
     dual_gap: Float[Array, " q"]
     num_steps: Int[Array, ""]
     converged: Bool[Array, " q"]
-
-
-def _positive(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be finite and > 0, got {value}.")
-    return value
 
 
 def _gap(X, Y, W, alpha):
@@ -236,9 +225,9 @@ def lasso(
         alpha = jnp.asarray(a, dtype)
         ratio = jnp.asarray(0, dtype)
     else:
-        ratio = jnp.asarray(DEFAULT_ALPHA_RATIO if alpha_ratio is None else _positive(alpha_ratio, "alpha_ratio"),
+        ratio = jnp.asarray(DEFAULT_ALPHA_RATIO if alpha_ratio is None else _checks.positive_float(alpha_ratio, "alpha_ratio"),
                             dtype)
-    tol = _positive(tol, "tol")
+    tol = _checks.positive_float(tol, "tol")
     max_steps = _checks.positive_int(max_steps, "max_steps")
     if not isinstance(fit_intercept, (bool, np.bool_)):
         raise TypeError(f"`fit_intercept` must be True or False, got {fit_intercept!r}.")

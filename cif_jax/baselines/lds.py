@@ -38,7 +38,6 @@ from scipy.stats import rankdata
 from ..core import checks as _checks
 from ..core.checks import as_key
 from ..core.task import Task
-from ..workloads.stats import pearson_rows
 from . import common as _baselines
 from .retrain import evaluate_many, train_many
 
@@ -85,6 +84,15 @@ class DatamodelLDSResult(NamedTuple):
     datamodel: np.ndarray
     split_half: float
     ceiling: float
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation along the last axis, row by row (NaN where a row is constant)."""
+    a = a - a.mean(axis=-1, keepdims=True)
+    b = b - b.mean(axis=-1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(axis=-1) / np.where(den > 0, den, 1), np.nan)
 
 
 def random_subsets(key: PRNGKeyArray, num_subsets: int, num_examples: int, *,

@@ -4,7 +4,7 @@ Three ways to answer "what changes when the training examples S are removed?"
 without a first-order approximation in the data:
 
 * :func:`retrain`: cold-start retraining without S, with the same protocol
-  (:func:`cif_jax.workloads.training.train`: optimiser, epochs, schedule, shuffling seed)
+  (:func:`cif_jax.baselines.training.train`: optimiser, epochs, schedule, shuffling seed)
   and the same initialisation as the base model. The measured change of the
   evaluation losses is the ground truth for fidelity.
 * :func:`train_many`: the same for many small models at once, in pure JAX:
@@ -62,7 +62,7 @@ __all__ = ["PBRFResult", "RetrainResult", "TrainedModels", "evaluate_many", "pbr
 _NORMALIZATIONS = ("kept", "all")
 
 
-# -- cold-start retraining with cif_jax.workloads.training.train ---------------------------------------
+# -- cold-start retraining with cif_jax.baselines.training.train ---------------------------------------
 
 
 class RetrainResult(NamedTuple):
@@ -113,7 +113,7 @@ def retrain(
     eval_batch_size: int | None = 1024,
     progress: bool = False,
 ) -> RetrainResult:
-    """Exact leave-subset-out retraining: one cold-start :func:`cif_jax.workloads.training.train` run per subset.
+    """Exact leave-subset-out retraining: one cold-start :func:`cif_jax.baselines.training.train` run per subset.
 
     For each subset S the model is rebuilt by ``build_model()`` (the base model's
     initialisation) and trained on the examples not in S with the base model's
@@ -136,7 +136,7 @@ def retrain(
         eval_inputs: ``(E, ...)`` evaluation inputs.
         eval_targets: ``(E,)`` evaluation labels.
         epochs, learning_rate, batch_size, momentum, weight_decay, schedule, seed:
-            the training protocol, as :func:`cif_jax.workloads.training.train`.
+            the training protocol, as :func:`cif_jax.baselines.training.train`.
         base_model: the trained base model, if already at hand; otherwise it is
             trained here from ``build_model()`` on all N examples with the same
             protocol.
@@ -156,7 +156,7 @@ def retrain(
     """
     from flax import nnx
 
-    from ..workloads.training import check_xy, learning_rates, make_optimizer, train
+    from .training import check_xy, learning_rates, make_optimizer, train
 
     if not callable(build_model) or isinstance(build_model, nnx.Module):
         raise TypeError("`build_model` must be a function of no arguments returning a fresh flax.nnx model "
@@ -176,7 +176,7 @@ def retrain(
     epochs = _checks.positive_int(epochs, "epochs")
     batch_size = _checks.positive_int(batch_size, "batch_size")
     eval_batch_size = _checks.positive_int(eval_batch_size, "eval_batch_size", allow_none=True)
-    learning_rate = _baselines.positive_float(learning_rate, "learning_rate")
+    learning_rate = _checks.positive_float(learning_rate, "learning_rate")
     learning_rates(learning_rate, total_steps=1, schedule=schedule)  # validates the schedule name
     make_optimizer(momentum=momentum, weight_decay=weight_decay)  # validates the optimiser settings
 
@@ -237,7 +237,7 @@ class TrainedModels(NamedTuple):
 @eqx.filter_jit
 def _train_many(task, weights, denominators, inits, learning_rate, num_steps, momentum, weight_decay,
                 model_batch_size):
-    from ..workloads.training import make_optimizer
+    from .training import make_optimizer
 
     _, unravel = ravel_pytree(task.params)
     tx = make_optimizer(momentum=momentum, weight_decay=weight_decay)
@@ -283,7 +283,7 @@ def train_many(
     """Trains M small models at once, each on its own subset of the training data.
 
     Model m minimises, by ``num_steps`` full-batch steps of ``train``'s optimiser
-    (:func:`cif_jax.workloads.training.make_optimizer`: coupled weight decay, heavy-ball
+    (:func:`cif_jax.baselines.training.make_optimizer`: coupled weight decay, heavy-ball
     momentum, then ``-learning_rate``),
 
     .. math::
@@ -294,7 +294,7 @@ def train_many(
 
     from ``init_params`` (default: ``task.params``; build the task with the
     initial parameters for cold-start training). With one batch this is exactly
-    ``cif_jax.workloads.training.train(..., batch_size=N)`` on the kept examples
+    ``cif_jax.baselines.training.train(..., batch_size=N)`` on the kept examples
     (``"kept"``). The M problems are vmapped (or mapped in batches of
     ``model_batch_size``) in one compiled program; each evaluates the model on
     all N examples at once, so this is meant for small models (logistic
@@ -327,7 +327,7 @@ def train_many(
     n = task.num_examples
     keep = _baselines.check_keep_masks(keep, n)
     num_steps = _checks.positive_int(num_steps, "num_steps")
-    learning_rate = _baselines.positive_float(learning_rate, "learning_rate")
+    learning_rate = _checks.positive_float(learning_rate, "learning_rate")
     momentum = float(momentum)
     weight_decay = _checks.nonnegative_float(weight_decay, "weight_decay")
     if not 0.0 <= momentum < 1.0:

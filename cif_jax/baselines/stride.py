@@ -437,7 +437,7 @@ def stride_fit(
     hidden = d if hidden is None else hidden
     if encoder not in _ENCODERS:
         raise ValueError(f"`encoder` must be one of {_ENCODERS}, got {encoder!r}.")
-    lr = _positive(learning_rate, "learning_rate")
+    lr = _checks.positive_float(learning_rate, "learning_rate")
     num_steps = _checks.positive_int(num_steps, "num_steps")
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     lambda_stab = _checks.nonnegative_float(lambda_stab, "lambda_stab")
@@ -496,16 +496,6 @@ def stride_fit(
                     lin_ridge=lin_ridge)
     return StrideOperators(params[0], params[1], mask.astype(dtype), jnp.asarray(coverage, jnp.int32), history,
                            settings, seconds)
-
-
-def _positive(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be finite and > 0, got {value}.")
-    return value
 
 
 # -- responses and scores --------------------------------------------------------------

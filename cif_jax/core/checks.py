@@ -27,6 +27,17 @@ def positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+def positive_float(value, name: str) -> float:
+    """``value`` as a finite float > 0, or a TypeError / ValueError naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be finite and > 0, got {value}.")
+    return value
+
+
 def nonnegative_float(value, name: str) -> float:
     try:
         value = float(value)

