@@ -43,7 +43,11 @@ def main():
     solvers = args.solvers or (["plain", "nystrom"] if args.quick else ["default"])
     seeds = args.seeds or ([args.seed] if args.quick else [0, 10, 100])
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "seed", "seeds", "solvers")}
-    cells = ec.Cells("cache_reuse", args, settings)
+    # A full run with fewer seeds than the paper's three writes files of its own, so that it never
+    # replaces the three-seed table (copy the three-seed cells file to its name to reuse IF cells).
+    name = "cache_reuse" if args.quick or args.seeds is None else "cache_reuse-seeds" + "-".join(map(str, seeds))
+    args.name = name
+    cells = ec.Cells(name, args, settings)
 
     runs, info = [], None
     for seed in seeds:
@@ -63,7 +67,7 @@ def main():
                              "Both include their own JIT compilation, as `cif-jax cv`. Each cell's seconds come "
                              "from the run that computed it (`cell_runs`).",
               "summary": _summary(runs, solvers, args), "runs": runs, "cell_runs": cells.runs}
-    ec.write("cache_reuse", args, result)
+    ec.write(name, args, result)
     _plot(result, args)
 
 
@@ -185,7 +189,7 @@ def _plot(r, args):
                          fontsize=9)
     fig.suptitle(f"Cache reuse ({r['dataset']}/{r['model']}, {runs[0]['solver']} CG, rtol {r['rtol']:g})")
     fig.tight_layout()
-    fig.savefig(ec.figure_path("cache_reuse", args, "-scatter"), dpi=110)
+    fig.savefig(ec.figure_path(args.name, args, "-scatter"), dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(r["runs"])), 3.6))
     labels = [f"{x['solver']} s{x['seed']}\nC={x['C']}" for x in r["runs"]]
@@ -200,7 +204,7 @@ def _plot(r, args):
     ax.set_ylabel("seconds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(ec.figure_path("cache_reuse", args, "-times"), dpi=110)
+    fig.savefig(ec.figure_path(args.name, args, "-times"), dpi=110)
     plt.close(fig)
 
 
