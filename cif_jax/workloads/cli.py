@@ -8,7 +8,6 @@ same damped GGN, CG and tolerance. Prints a table, writes JSON and PNG plots.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -195,15 +194,77 @@ def _held_out(cj, jax, args, task, ds, cache, solver_kw, estimators, n) -> dict:
 
 
 def run_cv(args) -> dict:
+    """The main job: train (or load) the model, build one cache, answer every workload against IF."""
     out = _validate(args)
+    import cif_jax as cj
+    from cif_jax.workloads import runs
+
+    ds = _load_data(args)
+    n = int(ds.x_train.shape[0])
+    model, trained, train_time, test_acc = _trained_model(args, ds, out)
+    task = cj.Task.from_nnx(model, _loss(), ds.x_train, ds.y_train)
+    cache, solver, pre_info, build_time = _cache_and_solver(args, task)
+    cj.save_cache(os.path.join(out, "cache.npz"), cache)
+    solver_kw = dict(damping=args.damping, batch_size=args.batch_size, solver=solver)
+    estimators = ("paper",) if cache.correction is None else ("hybrid", "corrected", "paper")
+    rng = np.random.default_rng(args.seed)
+    rows = [_fold_row(args, task, cache, k, estimators, solver_kw, rng, pre_info["seconds"]) for k in args.k]
+    held_out = _held_out(cj, _jax(), args, task, ds, cache, solver_kw, estimators, n) if args.halves else None
+
+    if_total = sum(r["if_seconds_all_folds"] for r in rows)
+    cif_total = build_time + sum(r["cif_query_seconds"] for r in rows)
+    if held_out is not None:
+        if_total += held_out["if_seconds"]
+        cif_total += held_out["cif_query_seconds"]
+    low = cache.lowrank
+    result = {
+        "dataset": args.dataset, "model": args.model, "num_train": n, "num_params": task.num_params,
+        "test_accuracy": test_acc, "train_seconds": train_time, "trained_or_loaded": trained,
+        "num_clusters": args.num_clusters, "sketch_dim": args.sketch_dim, "damping": args.damping,
+        "rtol": args.rtol, "max_steps": args.max_steps, "normalize_sketches": args.normalize_sketches,
+        "correction": None if cache.correction is None else {
+            "method": cache.correction.method, "rank": cache.correction.rank,
+            "scale": float(cache.correction.scale), "scale_stderr": float(cache.correction.scale_stderr),
+            "num_samples": int(cache.correction.sample.size)},
+        "factors": None if low is None else {
+            "rank": low.rank, "note": low.note, "predicted_error": float(low.predicted_error),
+            "tail_eigenvalue_over_damping": low.tail_eigenvalue_ratio(args.damping),
+            "error_estimate": float(low.error_estimate)},
+        "preconditioner": pre_info,
+        "seed": args.seed, "bootstrap": args.bootstrap,
+        "cache": {"timings": cache.timing, "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(),
+                  "residuals": np.asarray(cache.residuals).tolist(),
+                  "cg_steps": np.asarray(cache.num_steps).tolist(),
+                  "scatter_trace": float(cache.scatter_trace)},
+        "if_seconds_total": if_total, "cif_seconds_total": cif_total, "speedup": if_total / cif_total,
+        "if_extrapolated": any(r["if_folds"] < r["K"] for r in rows),
+        "per_k": rows, "held_out": held_out,
+        "machine": runs.machine(),
+    }
+    runs.write_json(os.path.join(out, "results.json"), result)  # atomic: never half a file
+    _print_table(result)
+    if not args.no_plots:
+        _plots(result, out)
+    print(f"results written to {os.path.join(out, 'results.json')}" + ("" if args.no_plots else " (+ PNG plots)"))
+    return result
+
+
+def _jax():
     import jax
+
+    return jax
+
+
+def _loss():
+    """The main job's loss: softmax cross-entropy on integer labels."""
     import optax
 
-    import cif_jax as cj
+    return optax.softmax_cross_entropy_with_integer_labels
+
+
+def _load_data(args):
+    """The dataset, with the fold and cluster counts checked against its size."""
     from cif_jax.workloads import data as cdata
-    from cif_jax.workloads import folds as cfolds
-    from cif_jax.workloads import models as cmodels
-    from cif_jax.workloads import runs, stats, training
 
     try:
         ds = cdata.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, subsample=args.subsample)
@@ -214,12 +275,19 @@ def run_cv(args) -> dict:
         raise CliError(f"--k {max(args.k)} exceeds the {n} training examples of {args.dataset}.")
     if args.num_clusters > n:
         raise CliError(f"--num-clusters {args.num_clusters} exceeds the {n} training examples.")
+    return ds
+
+
+def _trained_model(args, ds, out: str):
+    """``(model, "trained" | "loaded", seconds, test accuracy)``: the checkpoint if there is one, else training."""
+    from cif_jax.workloads import models as cmodels
+    from cif_jax.workloads import training
+
     config = cmodels.model_config(args.model, in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
     epochs, lr, schedule = training.TRAINING[args.dataset]
     epochs = args.epochs or epochs
     lr = args.lr or lr
     ckpt = args.checkpoint or os.path.join(out, f"model-seed{args.seed}-e{epochs}-lr{lr:g}.ckpt")
-
     t0 = time.perf_counter()
     if os.path.exists(ckpt):
         try:
@@ -236,13 +304,18 @@ def run_cv(args) -> dict:
                                  metadata={"epochs": epochs, "learning_rate": lr, "seed": args.seed})
         trained = "trained"
     train_time = time.perf_counter() - t0
-    test_loss, test_acc = training.evaluate(model, ds.x_test, ds.y_test)
-    print(f"model {args.model} on {args.dataset}: {trained} in {train_time:.1f} s, N = {n}, "
+    _, test_acc = training.evaluate(model, ds.x_test, ds.y_test)
+    print(f"model {args.model} on {args.dataset}: {trained} in {train_time:.1f} s, N = {ds.x_train.shape[0]}, "
           f"p = {cmodels.count_params(model):,}, test accuracy {test_acc:.3f}")
+    return model, trained, train_time, test_acc
 
-    task = cj.Task.from_nnx(model, optax.softmax_cross_entropy_with_integer_labels, ds.x_train, ds.y_train)
-    # One solver, and one preconditioner, for every solve, CiF's and IF's alike; its build
-    # time is counted in both totals.
+
+def _cache_and_solver(args, task):
+    """``(cache, solver, preconditioner info, build seconds)``: one solver, and one preconditioner, for
+    every solve, CiF's and IF's alike; its build time is counted in both totals."""
+    import cif_jax as cj
+
+    jax = _jax()
     solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
                    preconditioner=args.preconditioner)
     pre_key = jax.random.fold_in(jax.random.key(args.seed), 1)
@@ -283,99 +356,65 @@ def run_cv(args) -> dict:
     low = cache.lowrank
     if low is not None:
         print(f"low-rank factors: rank {low.rank} ({low.note}); predicted share of the deviations outside the "
-              f"factors {float(low.predicted_error):.3g}; last eigenvalue / damping {low.tail_eigenvalue_ratio(args.damping):.3g}")
-    solver_kw = dict(damping=args.damping, batch_size=args.batch_size, solver=solver)
-    build_time = cache.timing["total"] + (0.0 if shares_factors else pre_time)
-    cj.save_cache(os.path.join(out, "cache.npz"), cache)
+              f"factors {float(low.predicted_error):.3g}; last eigenvalue / damping "
+              f"{low.tail_eigenvalue_ratio(args.damping):.3g}")
+    return cache, solver, pre_info, cache.timing["total"] + (0.0 if shares_factors else pre_time)
 
-    rng = np.random.default_rng(args.seed)
-    estimators = ("paper",) if cache.correction is None else ("hybrid", "corrected", "paper")
-    rows = []
-    for k in args.k:
-        folds = cfolds.kfold_indices(n, k, seed=args.seed + k)
-        # One gradient pass gives the fold alphas; every fold score (and the cross-fold matrix of
-        # section 5.4) is then O(|S| (r + 1) + C), for every estimator.
-        t0 = time.perf_counter()
-        matrices = {est: np.asarray(jax.block_until_ready(
-            cj.fold_matrix(cache, task, folds, batch_size=args.batch_size, estimator=est))) for est in estimators}
-        cif_query = (time.perf_counter() - t0) / len(estimators)
-        chosen = np.arange(k) if args.if_folds is None or args.if_folds >= k else np.sort(
-            rng.choice(k, args.if_folds, replace=False))
-        sel = [folds[i] for i in chosen]
-        t0 = time.perf_counter()
-        res = cj.influence_solve(task, sel, progress=True, **solver_kw)
-        g_eval = cj.mean_subset_gradients(task, sel, batch_size=args.batch_size)
-        if_matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
-        if_time = time.perf_counter() - t0
-        ifs = np.diag(if_matrix).copy()
-        off = ~np.eye(len(chosen), dtype=bool)
-        per_estimator = {}
-        for est, matrix in matrices.items():
-            diag = np.diag(matrix).copy()
-            corr = stats.bootstrap_correlations(diag[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
-            cross = matrix[np.ix_(chosen, chosen)][off]
-            per_estimator[est] = {
-                "pearson": corr["pearson"]._asdict(), "spearman": corr["spearman"]._asdict(),
-                "median_ratio": float(np.median(diag[chosen] / ifs)), "fold_scores": diag.tolist(),
-                "cross_fold": {"pairs": int(off.sum()), "pearson": stats.pearson(cross, if_matrix[off]),
-                               "spearman": stats.spearman(cross, if_matrix[off]),
-                               "median_ratio": float(np.median(cross / if_matrix[off]))}}
-        m = int(round(n / k))
-        scatter, solver_term = cj.error_bound(cache, m)
-        row = {
-            "K": k, "if_folds": len(chosen), "if_seconds": if_time,
-            "if_seconds_all_folds": if_time * k / len(chosen) + pre_time / len(args.k),
-            "cif_query_seconds": cif_query, "if_max_residual": float(res.residuals.max()),
-            "if_mean_steps": float(res.num_steps.mean()), "estimators": per_estimator,
-            "bound_subset_size": m, "bound_scatter_term": float(scatter), "bound_solver_term": float(solver_term),
-            "fold_scores_if": ifs.tolist(), "if_fold_ids": chosen.tolist(),
-        }
-        if cache.correction is not None:
-            b = cj.corrected_error_bound(cache, task, folds, batch_size=args.batch_size)
-            row["error_report"] = {
-                "cross_mean": float(b.cross.mean()), "correction_mean": float(b.correction.mean()),
-                "solver_mean": float(b.solver.mean()), "correction_is_bound": b.correction_is_bound,
-                "mean_abs_score": float(np.abs(np.diag(matrices["hybrid"])).mean()),
-            }
-        rows.append(row)
-    held_out = _held_out(cj, jax, args, task, ds, cache, solver_kw, estimators, n) if args.halves else None
 
-    if_total = sum(r["if_seconds_all_folds"] for r in rows)
-    cif_total = build_time + sum(r["cif_query_seconds"] for r in rows)
-    if held_out is not None:
-        if_total += held_out["if_seconds"]
-        cif_total += held_out["cif_query_seconds"]
-    result = {
-        "dataset": args.dataset, "model": args.model, "num_train": n, "num_params": task.num_params,
-        "test_accuracy": test_acc, "train_seconds": train_time, "trained_or_loaded": trained,
-        "num_clusters": args.num_clusters, "sketch_dim": args.sketch_dim, "damping": args.damping,
-        "rtol": args.rtol, "max_steps": args.max_steps, "normalize_sketches": args.normalize_sketches,
-        "correction": None if cache.correction is None else {
-            "method": cache.correction.method, "rank": cache.correction.rank,
-            "scale": float(cache.correction.scale), "scale_stderr": float(cache.correction.scale_stderr),
-            "num_samples": int(cache.correction.sample.size)},
-        "factors": None if low is None else {
-            "rank": low.rank, "note": low.note, "predicted_error": float(low.predicted_error),
-            "tail_eigenvalue_over_damping": low.tail_eigenvalue_ratio(args.damping),
-            "error_estimate": float(low.error_estimate)},
-        "preconditioner": pre_info,
-        "seed": args.seed, "bootstrap": args.bootstrap,
-        "cache": {"timings": cache.timing, "cluster_sizes": np.asarray(cache.cluster_sizes).tolist(),
-                  "residuals": np.asarray(cache.residuals).tolist(),
-                  "cg_steps": np.asarray(cache.num_steps).tolist(),
-                  "scatter_trace": float(cache.scatter_trace)},
-        "if_seconds_total": if_total, "cif_seconds_total": cif_total, "speedup": if_total / cif_total,
-        "if_extrapolated": any(r["if_folds"] < r["K"] for r in rows),
-        "per_k": rows, "held_out": held_out,
-        "machine": runs.machine(),
+def _fold_row(args, task, cache, k: int, estimators, solver_kw, rng, pre_time: float) -> dict:
+    """One K: every estimator's fold scores and cross-fold matrix from the cache, against IF."""
+    import cif_jax as cj
+    from cif_jax.workloads import folds as cfolds
+    from cif_jax.workloads import stats
+
+    jax = _jax()
+    n = task.num_examples
+    folds = cfolds.kfold_indices(n, k, seed=args.seed + k)
+    # One gradient pass gives the fold alphas; every fold score (and the cross-fold matrix of
+    # section 5.4) is then O(|S| (r + 1) + C), for every estimator.
+    t0 = time.perf_counter()
+    matrices = {est: np.asarray(jax.block_until_ready(
+        cj.fold_matrix(cache, task, folds, batch_size=args.batch_size, estimator=est))) for est in estimators}
+    cif_query = (time.perf_counter() - t0) / len(estimators)
+    chosen = np.arange(k) if args.if_folds is None or args.if_folds >= k else np.sort(
+        rng.choice(k, args.if_folds, replace=False))
+    sel = [folds[i] for i in chosen]
+    t0 = time.perf_counter()
+    res = cj.influence_solve(task, sel, progress=True, **solver_kw)
+    g_eval = cj.mean_subset_gradients(task, sel, batch_size=args.batch_size)
+    if_matrix = np.asarray(jax.block_until_ready(jax.numpy.matmul(res.solutions, g_eval.T)))
+    if_time = time.perf_counter() - t0
+    ifs = np.diag(if_matrix).copy()
+    off = ~np.eye(len(chosen), dtype=bool)
+    per_estimator = {}
+    for est, matrix in matrices.items():
+        diag = np.diag(matrix).copy()
+        corr = stats.bootstrap_correlations(diag[chosen], ifs, num_resamples=args.bootstrap, seed=args.seed)
+        cross = matrix[np.ix_(chosen, chosen)][off]
+        per_estimator[est] = {
+            "pearson": corr["pearson"]._asdict(), "spearman": corr["spearman"]._asdict(),
+            "median_ratio": float(np.median(diag[chosen] / ifs)), "fold_scores": diag.tolist(),
+            "cross_fold": {"pairs": int(off.sum()), "pearson": stats.pearson(cross, if_matrix[off]),
+                           "spearman": stats.spearman(cross, if_matrix[off]),
+                           "median_ratio": float(np.median(cross / if_matrix[off]))}}
+    m = int(round(n / k))
+    scatter, solver_term = cj.error_bound(cache, m)
+    row = {
+        "K": k, "if_folds": len(chosen), "if_seconds": if_time,
+        "if_seconds_all_folds": if_time * k / len(chosen) + pre_time / len(args.k),
+        "cif_query_seconds": cif_query, "if_max_residual": float(res.residuals.max()),
+        "if_mean_steps": float(res.num_steps.mean()), "estimators": per_estimator,
+        "bound_subset_size": m, "bound_scatter_term": float(scatter), "bound_solver_term": float(solver_term),
+        "fold_scores_if": ifs.tolist(), "if_fold_ids": chosen.tolist(),
     }
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _print_table(result)
-    if not args.no_plots:
-        _plots(result, out)
-    print(f"results written to {os.path.join(out, 'results.json')}" + ("" if args.no_plots else " (+ PNG plots)"))
-    return result
+    if cache.correction is not None:
+        b = cj.corrected_error_bound(cache, task, folds, batch_size=args.batch_size)
+        row["error_report"] = {
+            "cross_mean": float(b.cross.mean()), "correction_mean": float(b.correction.mean()),
+            "solver_mean": float(b.solver.mean()), "correction_is_bound": b.correction_is_bound,
+            "mean_abs_score": float(np.abs(np.diag(matrices["hybrid"])).mean()),
+        }
+    return row
 
 
 def _print_table(r: dict) -> None:
