@@ -163,6 +163,15 @@ def test_header_with_missing_entries_is_refused(saved, drop):
         cj.load_cache(saved)
 
 
+@pytest.mark.parametrize("field, value", [("damping", "abc"), ("damping", -1), ("damping", 0), ("rtol", -1e-4),
+                                          ("num_examples", 0), ("max_steps", 2.5), ("normalize_sketches", "no"),
+                                          ("fingerprint", 7)])
+def test_header_values_no_build_writes_are_refused(saved, field, value):
+    _edit_header(saved, lambda h: h["static"].update({field: value}))
+    with pytest.raises(cj.CacheFileError, match=field):
+        cj.load_cache(saved)
+
+
 def test_missing_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(cj.CacheFileError, match="no cache file"):
         cj.load_cache(tmp_path / "absent.npz")

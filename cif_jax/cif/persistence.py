@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -105,61 +106,12 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             inconsistent shapes or dtypes; a checksum or fingerprint mismatch.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CacheFileError(f"no cache file at {path!r}.")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "__header__" not in data.files:
-                raise CacheFileError(f"{path!r} is not a cif_jax cache (no header).")
-            header = json.loads(bytes(data["__header__"]).decode())
-            arrays = {name: data[name] for name in data.files if name != "__header__"}
-    except CacheFileError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
-        raise CacheFileError(f"{path!r} is truncated or corrupt and cannot be read: {err}") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CacheFileError(f"{path!r} is not a cif_jax cache (format {header.get('format')!r}).")
-    version = header.get("format_version")
-    if version == 2 and isinstance(header.get("static"), dict) and "solver" not in header["static"]:
-        header["static"]["solver"] = "cg"  # version 2 had CG only
-        version = 3
-    if version == 3 and isinstance(header.get("static"), dict):
-        header["static"].update(correction_method=None, correction_rank=None)  # no correction before version 4
-        version = 4
-    old = version == 4
-    if old and isinstance(header.get("static"), dict):
-        header["static"]["lowrank_note"] = None  # no factors before version 5
-        version = FORMAT_VERSION
-    if version != FORMAT_VERSION:
-        raise CacheFileError(
-            f"{path!r} has cache format version {version}; this cif_jax reads version {FORMAT_VERSION}. "
-            "Rebuild the cache with this version."
-        )
-    if not isinstance(header.get("arrays"), dict) or not isinstance(header.get("static"), dict):
-        raise CacheFileError(f"{path!r} has an incomplete header (no array manifest or static fields).")
-    if set(header["static"]) != set(_STATIC):
-        raise CacheFileError(
-            f"{path!r}: header static fields {sorted(header['static'])} differ from the expected {sorted(_STATIC)}."
-        )
-    method = header["static"]["correction_method"]
-    note = header["static"]["lowrank_note"]
-    stored_correction = [n for n in _CORRECTION if not (old and n in _CORRECTION_V4)]
-    names = (list(_ARRAYS) + ([] if method is None else [f"correction.{name}" for name in stored_correction])
-             + ([] if note is None else [f"lowrank.{name}" for name in _LOWRANK]))
-    extra = sorted(set(arrays) - set(names))
-    if extra:
-        raise CacheFileError(f"{path!r} holds arrays its header does not account for: {extra[:5]}.")
-    for name in names:
-        if name not in arrays:
-            raise CacheFileError(f"{path!r} lacks the array {name!r}: the file is incomplete.")
-        spec = header["arrays"].get(name, {})
-        arr = arrays[name]
-        if list(arr.shape) != spec.get("shape") or str(arr.dtype) != spec.get("dtype"):
-            raise CacheFileError(f"{path!r}: array {name!r} has shape {arr.shape}/{arr.dtype}, header says "
-                                 f"{spec.get('shape')}/{spec.get('dtype')}.")
-        if _digest(arr) != spec.get("sha256"):
-            raise CacheFileError(f"{path!r}: array {name!r} fails its checksum; the file is corrupt.")
+    header, arrays = _read_file(path)
+    header, old = _upgrade(path, header)
     static = header["static"]
+    method, note = static["correction_method"], static["lowrank_note"]
+    _check_manifest(path, header, arrays, old)
+    _check_static(path, static)
     n = static["num_examples"]
     c, p = arrays["responses"].shape
     expected = {
@@ -171,30 +123,7 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             raise CacheFileError(f"{path!r}: array {name!r} has shape {arrays[name].shape}, expected {shape}.")
     if arrays["means"].dtype != arrays["responses"].dtype:
         raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
-    if old and method is not None:
-        for name, source in _CORRECTION_V4.items():
-            arrays[f"correction.{name}"] = arrays[f"correction.{source}"]
-    correction = None
-    if method is not None:
-        m = arrays["correction.sample"].shape
-        want = {name: (n,) for name in ("values", "raw", "remainder", "grad_norms", "residuals")}
-        want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
-        if len(m) != 1:
-            raise CacheFileError(f"{path!r}: array 'correction.sample' has shape {m}, expected (m,).")
-        for name, shape in want.items():
-            arr = arrays[f"correction.{name}"]
-            if arr.shape != shape:
-                raise CacheFileError(f"{path!r}: array 'correction.{name}' has shape {arr.shape}, expected {shape}.")
-            if arr.dtype != arrays["responses"].dtype:
-                raise CacheFileError(f"{path!r}: array 'correction.{name}' has dtype {arr.dtype}, the cache "
-                                     f"{arrays['responses'].dtype}.")
-        if not np.issubdtype(arrays["correction.sample"].dtype, np.integer):
-            raise CacheFileError(f"{path!r}: array 'correction.sample' must hold integers.")
-        rank = static["correction_rank"]
-        if not isinstance(method, str) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise CacheFileError(f"{path!r}: the header's correction fields are malformed ({method!r}, {rank!r}).")
-        correction = CorrectionTerms(**{name: jnp.asarray(arrays[f"correction.{name}"]) for name in _CORRECTION},
-                                     method=method, rank=rank)
+    correction = None if method is None else _read_correction(path, arrays, static, n, old)
     lowrank = None if note is None else _read_lowrank(path, arrays, note, n, c, p)
     static = {k: v for k, v in static.items() if not k.startswith(("correction_", "lowrank_"))}
     try:
@@ -224,6 +153,123 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             stacklevel=2,
         )
     return cache
+
+
+def _read_file(path: str) -> tuple[dict, dict]:
+    """The header and the arrays of a cache file (any failure to read it is a :class:`CacheFileError`)."""
+    if not os.path.isfile(path):
+        raise CacheFileError(f"no cache file at {path!r}.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "__header__" not in data.files:
+                raise CacheFileError(f"{path!r} is not a cif_jax cache (no header).")
+            header = json.loads(bytes(data["__header__"]).decode())
+            arrays = {name: data[name] for name in data.files if name != "__header__"}
+    except CacheFileError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+        raise CacheFileError(f"{path!r} is truncated or corrupt and cannot be read: {err}") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CacheFileError(f"{path!r} is not a cif_jax cache (format {header.get('format')!r}).")
+    return header, arrays
+
+
+def _upgrade(path: str, header: dict) -> tuple[dict, bool]:
+    """The header of an older format version read as the current one, and whether it was version 4
+    (no factors; its correction lacks the remainder)."""
+    version = header.get("format_version")
+    if version == 2 and isinstance(header.get("static"), dict) and "solver" not in header["static"]:
+        header["static"]["solver"] = "cg"  # version 2 had CG only
+        version = 3
+    if version == 3 and isinstance(header.get("static"), dict):
+        header["static"].update(correction_method=None, correction_rank=None)  # no correction before version 4
+        version = 4
+    old = version == 4
+    if old and isinstance(header.get("static"), dict):
+        header["static"]["lowrank_note"] = None  # no factors before version 5
+        version = FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise CacheFileError(
+            f"{path!r} has cache format version {version}; this cif_jax reads version {FORMAT_VERSION}. "
+            "Rebuild the cache with this version."
+        )
+    if not isinstance(header.get("arrays"), dict) or not isinstance(header.get("static"), dict):
+        raise CacheFileError(f"{path!r} has an incomplete header (no array manifest or static fields).")
+    if set(header["static"]) != set(_STATIC):
+        raise CacheFileError(
+            f"{path!r}: header static fields {sorted(header['static'])} differ from the expected {sorted(_STATIC)}."
+        )
+    return header, old
+
+
+def _check_manifest(path: str, header: dict, arrays: dict, old: bool) -> None:
+    """Every array the header names is there, as its manifest says (shape, dtype, SHA-256), and no other."""
+    static = header["static"]
+    stored_correction = [n for n in _CORRECTION if not (old and n in _CORRECTION_V4)]
+    names = (list(_ARRAYS)
+             + ([] if static["correction_method"] is None else [f"correction.{n}" for n in stored_correction])
+             + ([] if static["lowrank_note"] is None else [f"lowrank.{n}" for n in _LOWRANK]))
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise CacheFileError(f"{path!r} holds arrays its header does not account for: {extra[:5]}.")
+    for name in names:
+        if name not in arrays:
+            raise CacheFileError(f"{path!r} lacks the array {name!r}: the file is incomplete.")
+        spec = header["arrays"].get(name, {})
+        arr = arrays[name]
+        if list(arr.shape) != spec.get("shape") or str(arr.dtype) != spec.get("dtype"):
+            raise CacheFileError(f"{path!r}: array {name!r} has shape {arr.shape}/{arr.dtype}, header says "
+                                 f"{spec.get('shape')}/{spec.get('dtype')}.")
+        if _digest(arr) != spec.get("sha256"):
+            raise CacheFileError(f"{path!r}: array {name!r} fails its checksum; the file is corrupt.")
+
+
+def _check_static(path: str, static: dict) -> None:
+    """The header's static fields hold values a build could have written (types and ranges)."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def number(v, low, strict):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > low if strict else v >= low))
+
+    checks = {
+        "num_examples": positive_int, "sketch_dim": positive_int, "sketch_block_size": positive_int,
+        "max_steps": positive_int, "damping": lambda v: number(v, 0, True), "rtol": lambda v: number(v, 0, False),
+        "atol": lambda v: number(v, 0, False), "normalize_sketches": lambda v: isinstance(v, bool),
+        "fingerprint": lambda v: isinstance(v, str), "curvature": lambda v: isinstance(v, str),
+        "solver": lambda v: isinstance(v, str),
+    }
+    bad = [f"{k}={static[k]!r}" for k, ok in checks.items() if not ok(static[k])]
+    if bad:
+        raise CacheFileError(f"{path!r}: the header's fields hold values no build writes ({', '.join(bad)}); the "
+                             "file was altered. Rebuild the cache.")
+
+
+def _read_correction(path: str, arrays: dict, static: dict, n: int, old: bool) -> CorrectionTerms:
+    """The ``correction.*`` arrays as :class:`CorrectionTerms`, their shapes and dtypes checked."""
+    method, rank = static["correction_method"], static["correction_rank"]
+    if old:
+        for name, source in _CORRECTION_V4.items():
+            arrays[f"correction.{name}"] = arrays[f"correction.{source}"]
+    m = arrays["correction.sample"].shape
+    want = {name: (n,) for name in ("values", "raw", "remainder", "grad_norms", "residuals")}
+    want.update(sample_values=m, sample_residuals=m, scale=(), scale_stderr=(), ratio_std=())
+    if len(m) != 1:
+        raise CacheFileError(f"{path!r}: array 'correction.sample' has shape {m}, expected (m,).")
+    for name, shape in want.items():
+        arr = arrays[f"correction.{name}"]
+        if arr.shape != shape:
+            raise CacheFileError(f"{path!r}: array 'correction.{name}' has shape {arr.shape}, expected {shape}.")
+        if arr.dtype != arrays["responses"].dtype:
+            raise CacheFileError(f"{path!r}: array 'correction.{name}' has dtype {arr.dtype}, the cache "
+                                 f"{arrays['responses'].dtype}.")
+    if not np.issubdtype(arrays["correction.sample"].dtype, np.integer):
+        raise CacheFileError(f"{path!r}: array 'correction.sample' must hold integers.")
+    if not isinstance(method, str) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise CacheFileError(f"{path!r}: the header's correction fields are malformed ({method!r}, {rank!r}).")
+    return CorrectionTerms(**{name: jnp.asarray(arrays[f"correction.{name}"]) for name in _CORRECTION},
+                           method=method, rank=rank)
 
 
 def _read_lowrank(path, arrays, note, n, c, p) -> LowRankTerms:
