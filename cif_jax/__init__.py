@@ -70,6 +70,7 @@ from cif_jax.cif.persistence import CacheFileError as CacheFileError
 from cif_jax.cif.persistence import load_cache as load_cache
 from cif_jax.cif.persistence import save_cache as save_cache
 from cif_jax.cif.queries import Alphas as Alphas
+from cif_jax.cif.queries import Estimator as Estimator
 from cif_jax.cif.queries import cluster_alphas as cluster_alphas
 from cif_jax.cif.queries import cluster_counts as cluster_counts
 from cif_jax.cif.queries import example_scores as example_scores

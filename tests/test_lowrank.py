@@ -287,3 +287,20 @@ def test_member_chunks_sum_like_one_pass(full, monkeypatch):
     monkeypatch.setattr(queries, "_MEMBER_CHUNK", 7)
     chunked = np.asarray(cj.loss_delta(full, subsets, g_v))
     np.testing.assert_allclose(chunked, whole, rtol=1e-12)
+
+
+def test_estimators_are_values_and_names(problem, full):
+    """``estimator=`` takes an Estimator or its name alike; an Estimator of other fields needs no caller change."""
+    g = problem.grads[:3]
+    for name, est in cj.cif.queries.ESTIMATORS.items():
+        s = [np.arange(0, N, 2)]
+        np.testing.assert_array_equal(np.asarray(cj.loss_delta(full, s, g[0], estimator=name)),
+                                      np.asarray(cj.loss_delta(full, s, g[0], estimator=est)))
+    # The self terms of "hybrid" without them: the clusters and the deviations only, which on a
+    # query whose evaluation set is a bare gradient (no overlap) is "hybrid" itself.
+    deviations_only = cj.Estimator("deviations", deviations=True, self_terms=False)
+    s = [np.arange(0, N, 3)]
+    np.testing.assert_array_equal(np.asarray(cj.loss_delta(full, s, g[1], estimator=deviations_only)),
+                                  np.asarray(cj.loss_delta(full, s, g[1])))
+    with pytest.raises(ValueError, match="estimator"):
+        cj.loss_delta(full, s, g[1], estimator="hybird")

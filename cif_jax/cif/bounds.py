@@ -228,7 +228,7 @@ class CorrectedErrorBound(NamedTuple):
 
 
 def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=None, *,
-                          batch_size: int | None = None, estimator: str = "hybrid") -> CorrectedErrorBound:
+                          batch_size: int | None = None, estimator="hybrid") -> CorrectedErrorBound:
     """The error terms of a CiF score with self terms (:mod:`cif_jax.cif.correction`) against per-query IF.
 
     For the default estimator (``"hybrid"``), the deviations go through the low-rank inverse and
@@ -255,11 +255,12 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
     from .queries import _eval_subsets, _terms, check_estimator, in_eval_sets
 
     estimator = check_estimator(estimator)
-    if estimator == "paper":
-        raise ValueError("`estimator='paper'` has no self terms: its per-subset bound is `cj.subset_error_bound`.")
+    if not estimator.self_terms:
+        raise ValueError(f"`estimator={estimator.name!r}` has no self terms: its per-subset bound is "
+                         "`cj.subset_error_bound`.")
     _check_task(cache, task)
     terms = _terms(cache)
-    hybrid = estimator == "hybrid" and cache.lowrank is not None
+    hybrid = estimator.uses_deviations(cache)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)

@@ -12,7 +12,9 @@ Three estimators answer a loss query ``Delta l(S; V)`` from one cache (``estimat
   themselves it is as good, elsewhere it is eq. (11).
 * ``"paper"``: eq. (11) alone, ``(1/N) sum_c m_c(S) alpha_c(V)``: reproduces the paper's tables.
 
-A query S enters the cluster part only through its cluster counts ``m_c(S)``.
+Each is an :class:`Estimator` value (``estimator=`` takes it or its name); the query
+functions read only its fields, so another estimator is another value. A query S enters
+the cluster part only through its cluster counts ``m_c(S)``.
 """
 
 from __future__ import annotations
@@ -32,20 +34,55 @@ from .cache import InfluenceCache
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-#: The loss-query estimators, the default first.
-ESTIMATORS = ("hybrid", "corrected", "paper")
+class Estimator(eqx.Module):
+    """How a loss query combines what the cache holds: a small immutable value with behaviour.
+
+    Every query function takes ``estimator=`` as one of these or as its name. The three the
+    library defines differ in two choices, and the query functions read only these fields:
+
+    Attributes:
+        name: what ``estimator=`` may be spelled as (``"hybrid"``, ``"corrected"``, ``"paper"``).
+        deviations: carry each removed example's deviation ``g_i - mu_c(i)`` through the
+            cache's low-rank factors (a cache without factors answers without them).
+        self_terms: add the self terms over ``S cap V`` (needs a cache with a correction):
+            the remainder the deviations miss when ``deviations``, else the whole ``t_i``.
+    """
+
+    name: str = eqx.field(static=True)
+    deviations: bool = eqx.field(static=True)
+    self_terms: bool = eqx.field(static=True)
+
+    def uses_deviations(self, cache) -> bool:
+        """Whether this query adds the low-rank deviations (the estimator asks and the cache has factors)."""
+        return self.deviations and _rank(cache) > 0
+
+    def self_values(self, terms):
+        """The per-example scalars added over ``S cap V``: the remainder (with deviations) or the whole ``t_i``."""
+        return terms.remainder if self.deviations else terms.values
+
+
+#: The default: the clusters' exact solves, the low-rank deviations and the self terms' remainder.
+HYBRID = Estimator("hybrid", deviations=True, self_terms=True)
+#: The paper's eq. 11 plus the whole self terms over the overlap.
+CORRECTED = Estimator("corrected", deviations=False, self_terms=True)
+#: The paper's eq. 11 alone.
+PAPER = Estimator("paper", deviations=False, self_terms=False)
+#: The loss-query estimators by name, the default first.
+ESTIMATORS = {e.name: e for e in (HYBRID, CORRECTED, PAPER)}
 #: Members per chunk when summing deviation coordinates per query (bounds the gather's memory).
 _MEMBER_CHUNK = 1 << 16
 
 
-def check_estimator(estimator) -> str:
-    """Validates ``estimator=``: one of :data:`ESTIMATORS`."""
-    if isinstance(estimator, str) and estimator in ESTIMATORS:
+def check_estimator(estimator) -> Estimator:
+    """``estimator=`` as an :class:`Estimator`: one, or the name of one of :data:`ESTIMATORS`."""
+    if isinstance(estimator, Estimator):
         return estimator
+    if isinstance(estimator, str) and estimator in ESTIMATORS:
+        return ESTIMATORS[estimator]
     raise ValueError(
-        f"`estimator` must be one of {ESTIMATORS}: 'hybrid' (default: clusters, low-rank deviations and self "
-        "terms; every query), 'corrected' (the paper's eq. 11 plus the self terms) or 'paper' (eq. 11 alone); "
-        f"got {estimator!r}."
+        f"`estimator` must be one of {tuple(ESTIMATORS)} or a `cif_jax.Estimator`: 'hybrid' (default: clusters, "
+        "low-rank deviations and self terms; every query), 'corrected' (the paper's eq. 11 plus the self terms) or "
+        f"'paper' (eq. 11 alone); got {estimator!r}."
     )
 
 
@@ -148,7 +185,7 @@ def _rank(cache: InfluenceCache) -> int:
     return 0 if cache.lowrank is None else cache.lowrank.rank
 
 
-def _alpha_matrix(cache, alphas, num_queries, estimator: str = "paper") -> Alphas:
+def _alpha_matrix(cache, alphas, num_queries, estimator: Estimator = PAPER) -> Alphas:
     """``alphas`` as an :class:`Alphas` with 1 (shared) or Q rows; a bare (C,) / (Q, C) array carries no coordinates."""
     c, r = cache.num_clusters, _rank(cache)
     if isinstance(alphas, Alphas):
@@ -158,7 +195,7 @@ def _alpha_matrix(cache, alphas, num_queries, estimator: str = "paper") -> Alpha
                              f"{(*a.shape[:-1], r)}. Compute the alphas with this cache (`cj.cluster_alphas`).")
     else:
         a = jnp.asarray(alphas)
-        if estimator == "hybrid" and r > 0:
+        if estimator.deviations and r > 0:
             raise ValueError(
                 "`alphas` is a bare array of cluster alphas, but the default estimator ('hybrid') also needs each "
                 "evaluation gradient's low-rank coordinates. Pass what `cj.cluster_alphas(cache, eval_grads)` or "
@@ -193,10 +230,9 @@ def _terms(cache: InfluenceCache):
     return cache.correction
 
 
-def _self_terms(cache: InfluenceCache, estimator: str):
+def _self_terms(cache: InfluenceCache, estimator: Estimator):
     """The per-example scalars a query adds over ``S cap V``: the remainder (hybrid) or the whole ``t_i``."""
-    terms = _terms(cache)
-    return terms.remainder if estimator == "hybrid" else terms.values
+    return estimator.self_values(_terms(cache))
 
 
 def _eval_subsets(cache: InfluenceCache, eval_sets, num_queries: int):
@@ -211,7 +247,7 @@ def _eval_subsets(cache: InfluenceCache, eval_sets, num_queries: int):
     return ev
 
 
-def overlap_correction(cache: InfluenceCache, subsets, eval_sets, *, estimator: str = "hybrid") -> Float[Array, " q"]:
+def overlap_correction(cache: InfluenceCache, subsets, eval_sets, *, estimator: str | Estimator = "hybrid") -> Float[Array, " q"]:
     """The self-influence correction ``(1/|V|) sum_{i in S cap V} t_i`` of each query, O(|S| + |V|).
 
     ``V`` is the query's evaluation set, given as training-example indices, and its
@@ -231,14 +267,14 @@ def overlap_correction(cache: InfluenceCache, subsets, eval_sets, *, estimator: 
         (Q,) corrections, 0 for a query whose S and V do not overlap.
     """
     estimator = check_estimator(estimator)
-    if estimator == "paper":
-        raise ValueError("`estimator='paper'` adds no correction; use 'hybrid' or 'corrected'.")
+    if not estimator.self_terms:
+        raise ValueError(f"`estimator={estimator.name!r}` adds no self terms; use 'hybrid' or 'corrected'.")
     subs = _checks.subsets(subsets, cache.num_examples)
     q = int(subs.sizes.size)
     return _overlap(cache, subs, _eval_subsets(cache, eval_sets, q), estimator)
 
 
-def _overlap(cache: InfluenceCache, subs, ev, estimator: str) -> Float[Array, " q"]:
+def _overlap(cache: InfluenceCache, subs, ev, estimator: Estimator) -> Float[Array, " q"]:
     """Sum of the self terms over ``S cap V`` divided by ``|V|``; ``ev`` None means V = S."""
     t = _self_terms(cache, estimator)
     q = int(subs.sizes.size)
@@ -266,7 +302,7 @@ def in_eval_sets(subs, ev) -> np.ndarray:
 
 
 def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas, *, eval_sets=None,
-                           estimator: str = "hybrid") -> Float[Array, " q"]:
+                           estimator: str | Estimator = "hybrid") -> Float[Array, " q"]:
     """The loss change of each query from precomputed :class:`Alphas`, O(|S| r + C) (O(|S|) for shared alphas).
 
     Args:
@@ -286,7 +322,7 @@ def loss_delta_from_alphas(cache: InfluenceCache, subsets, alphas, *, eval_sets=
     q = int(subs.sizes.size)
     a = _alpha_matrix(cache, alphas, q, estimator)
     ev = _eval_subsets(cache, eval_sets, q)
-    if estimator != "paper" and ev is not None:
+    if estimator.self_terms and ev is not None:
         _terms(cache)  # refuse before any work
     return _scores(cache, subs, a, ev, estimator)
 
@@ -317,12 +353,12 @@ def _shared_example_scores(assignments, dev_coords, clusters, coords, n):
     return (clusters[assignments] + jnp.matmul(dev_coords, coords, precision=HIGHEST)) / n
 
 
-def _scores(cache: InfluenceCache, subs, alphas: Alphas, ev, estimator: str) -> Float[Array, " q"]:
+def _scores(cache: InfluenceCache, subs, alphas: Alphas, ev, estimator: Estimator) -> Float[Array, " q"]:
     """The loss change from (1 or Q)-row alphas, plus the self terms over ``S cap V`` when ``ev`` is given."""
     q = int(subs.sizes.size)
     n = jnp.asarray(cache.num_examples, alphas.clusters.dtype)
     ids, idx = jnp.asarray(subs.query_ids), jnp.asarray(subs.indices)
-    low = estimator == "hybrid" and _rank(cache) > 0
+    low = estimator.uses_deviations(cache)
     if low and alphas.clusters.shape[0] == 1:
         # One evaluation gradient: its per-example scores once (O(N r)), then O(|S|) per query.
         per = _shared_example_scores(cache.assignments, cache.lowrank.deviation_coords(cache.assignments),
@@ -332,13 +368,13 @@ def _scores(cache: InfluenceCache, subs, alphas: Alphas, ev, estimator: str) -> 
         out = _from_alphas(cache.assignments, ids, idx, q, alphas.clusters, n)
         if low:
             out = out + jnp.sum(deviation_sums(cache, subs) * alphas.coords, axis=1) / n
-    if estimator != "paper" and ev is not None:
+    if estimator.self_terms and ev is not None:
         out = out + _overlap(cache, subs, ev, estimator).astype(out.dtype)
     return out
 
 
 def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
-               estimator: str = "hybrid") -> Float[Array, " q"]:
+               estimator: str | Estimator = "hybrid") -> Float[Array, " q"]:
     """CiF first-order change of the evaluation loss on removing each subset.
 
     .. math::
@@ -376,12 +412,12 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
             f"one evaluation gradient (shape ({cache.num_params},)) was given with {ev.sizes.size} evaluation sets: "
             "give one gradient per query, (Q, p), or one evaluation set shared by all queries."
         )
-    if estimator != "paper" and ev is not None:
+    if estimator.self_terms and ev is not None:
         _terms(cache)  # refuse before any work
     return _scores(cache, subs, _alpha_matrix(cache, _make_alphas(cache, g), q, estimator), ev, estimator)
 
 
-def example_scores(cache: InfluenceCache, eval_grads, *, estimator: str = "hybrid") -> Float[Array, "... n"]:
+def example_scores(cache: InfluenceCache, eval_grads, *, estimator: str | Estimator = "hybrid") -> Float[Array, "... n"]:
     """Per-example scores ``(1/N) g_V^T H~^{-1} g_i`` for every training example, from the cache (no solve).
 
     Row q, column i is the loss change on evaluation gradient q when example i alone is
@@ -400,8 +436,8 @@ def example_scores(cache: InfluenceCache, eval_grads, *, estimator: str = "hybri
         (N,) or (Q, N). Cost O(p (C + r)) per gradient and O(N r) per row.
     """
     estimator = check_estimator(estimator)
-    if estimator == "corrected":
-        raise ValueError("`estimator='corrected'` differs from 'paper' only in self terms, which per-example scores "
+    if estimator.self_terms and not estimator.deviations:
+        raise ValueError(f"`estimator={estimator.name!r}` differs from 'paper' only in self terms, which per-example scores "
                          "of evaluation gradients do not include; use 'hybrid' or 'paper'.")
     if isinstance(eval_grads, Alphas):
         alphas = eval_grads
@@ -412,7 +448,7 @@ def example_scores(cache: InfluenceCache, eval_grads, *, estimator: str = "hybri
     a, b = jnp.atleast_2d(alphas.clusters), jnp.atleast_2d(alphas.coords)
     n = jnp.asarray(cache.num_examples, a.dtype)
     out = a[:, cache.assignments] / n
-    if estimator == "hybrid" and _rank(cache) > 0:
+    if estimator.uses_deviations(cache):
         dev = cache.lowrank.deviation_coords(cache.assignments)
         out = out + jnp.matmul(b, dev.T, precision=HIGHEST) / n
     return out[0] if single else out
@@ -457,7 +493,7 @@ def fold_alphas(cache: InfluenceCache, task: Task, folds, *, batch_size: int | N
 
 
 def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None,
-                    estimator: str = "hybrid") -> Float[Array, " k"]:
+                    estimator: str | Estimator = "hybrid") -> Float[Array, " k"]:
     """CiF change of each fold's mean loss when that fold is removed from training: ``Delta l(S_k; S_k)``.
 
     The evaluation set is the removed fold itself (V = S), so the members' self terms
@@ -476,18 +512,18 @@ def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int
     """
     estimator = check_estimator(estimator)
     _check_task(cache, task)
-    if estimator != "paper":
+    if estimator.self_terms:
         _terms(cache)  # refuse before the gradient pass
     subs = _checks.subsets(folds, cache.num_examples)
     alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
     out = _scores(cache, subs, alphas, None, estimator)
-    if estimator != "paper":
+    if estimator.self_terms:
         out = out + _overlap(cache, subs, None, estimator).astype(out.dtype)
     return out
 
 
 def fold_matrix(cache: InfluenceCache, task: Task, folds, *, batch_size: int | None = None,
-                estimator: str = "hybrid") -> Float[Array, "k k"]:
+                estimator: str | Estimator = "hybrid") -> Float[Array, "k k"]:
     """``M[t, v]``: the change of fold v's mean loss when fold t is removed, for every pair.
 
     The off-diagonal entries are the cross-fold protocol of the paper's section 5.4
@@ -509,15 +545,15 @@ def fold_matrix(cache: InfluenceCache, task: Task, folds, *, batch_size: int | N
     if np.unique(subs.indices).size != subs.indices.size:
         raise ValueError("`folds` overlap: the fold matrix needs disjoint folds (a partition or part of one).")
     _check_task(cache, task)
-    if estimator != "paper":
+    if estimator.self_terms:
         _terms(cache)
     alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
     counts = cluster_counts(cache, folds).astype(alphas.clusters.dtype)
     n = jnp.asarray(cache.num_examples, counts.dtype)
     out = jnp.matmul(counts, alphas.clusters.T, precision=HIGHEST) / n
-    if estimator == "hybrid" and _rank(cache) > 0:
+    if estimator.uses_deviations(cache):
         out = out + jnp.matmul(deviation_sums(cache, subs), alphas.coords.T, precision=HIGHEST) / n
-    if estimator != "paper":
+    if estimator.self_terms:
         out = out + jnp.diag(_overlap(cache, subs, None, estimator).astype(out.dtype))
     return out
 
@@ -527,7 +563,7 @@ def _cluster_dots(task, assignments, responses, batch_size):
     return streamed_map(task, lambda g, a: jnp.sum(g * responses[a], axis=1), assignments, batch_size)
 
 
-def self_influence(cache: InfluenceCache, task: Task, indices=None, *, estimator: str = "hybrid",
+def self_influence(cache: InfluenceCache, task: Task, indices=None, *, estimator: str | Estimator = "hybrid",
                    batch_size: int | None = None) -> Float[Array, " m"]:
     """CiF self-influence ``(1/N) g_i^T H~^{-1} g_i`` of training examples: the score of S = V = {i}.
 
@@ -546,7 +582,7 @@ def self_influence(cache: InfluenceCache, task: Task, indices=None, *, estimator
     """
     estimator = check_estimator(estimator)
     _check_task(cache, task)
-    if estimator != "paper":
+    if estimator.self_terms:
         _terms(cache)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     n = cache.num_examples
@@ -563,10 +599,10 @@ def self_influence(cache: InfluenceCache, task: Task, indices=None, *, estimator
     dots, bad = _cluster_dots(sub, cache.assignments[jnp.asarray(idx)], cache.responses, batch_size)
     raise_on_bad(bad)
     out = dots / jnp.asarray(n, dots.dtype)
-    if estimator == "paper":
+    if not estimator.self_terms:
         return out
     jdx = jnp.asarray(idx)
-    if estimator == "hybrid" and _rank(cache) > 0:
+    if estimator.uses_deviations(cache):
         low = cache.lowrank
         dev = low.coords[jdx] - low.mean_coords[cache.assignments[jdx]]
         w = low.weights(cache.damping)
