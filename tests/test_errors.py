@@ -170,6 +170,19 @@ def test_num_clusters_out_of_range(task, no_work, num_clusters, match):
         _build(task, num_clusters=num_clusters)
 
 
+def test_sketch_dim_above_p_is_refused(task, no_work):
+    with pytest.raises(ValueError, match="`sketch_dim` = .* exceeds the number of parameters p"):
+        _build(task, sketch_dim=task.num_params + 1)
+
+
+def test_huge_sketches_warn_before_work(task, no_work, monkeypatch):
+    from cif_jax.cif import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "SKETCH_WARN_BYTES", 16)  # this task's N x d sketches are larger
+    with pytest.warns(UserWarning, match="sketches take"), pytest.raises(AssertionError, match="expensive work"):
+        _build(task)
+
+
 def test_sketch_dim_zero(task, no_work):
     with pytest.raises(ValueError, match="`sketch_dim` must be at least 1"):
         _build(task, sketch_dim=0)

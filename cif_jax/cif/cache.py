@@ -41,6 +41,8 @@ from .sketch import sketch as _sketch_rows
 
 #: A cluster holding more than this share of the examples triggers a warning (C > 2).
 DOMINANT_CLUSTER_SHARE = 0.5
+#: Sketches (N x d) larger than this warn before any work: they stay in memory with the cache.
+SKETCH_WARN_BYTES = 2 * 2**30
 
 
 class InfluenceCache(eqx.Module):
@@ -303,8 +305,18 @@ def _check_build(task, *, num_clusters, sketch_dim, damping, key, solver, batch_
     shared = solver.nystrom()
     if shared is not None:
         shared.check(task, curvature)
+    sketch_dim = _checks.positive_int(sketch_dim, "sketch_dim")
+    if sketch_dim > task.num_params:
+        raise ValueError(f"`sketch_dim` = {sketch_dim} exceeds the number of parameters p = {task.num_params}: a JL "
+                         "sketch is never useful beyond the gradients' own dimension. Pass `sketch_dim` <= p (the "
+                         "paper uses 32).")
+    sketch_bytes = n * sketch_dim * jnp.dtype(task.dtype).itemsize
+    if sketch_bytes > SKETCH_WARN_BYTES:
+        warnings.warn(f"the N x d = {n:,} x {sketch_dim:,} sketches take {sketch_bytes / 2**30:.1f} GiB, held in "
+                      "memory with the cache; the paper uses d = 32. Pass a smaller `sketch_dim` if memory is short.",
+                      stacklevel=3)
     return _Build(
-        num_clusters=num_clusters, sketch_dim=_checks.positive_int(sketch_dim, "sketch_dim"),
+        num_clusters=num_clusters, sketch_dim=sketch_dim,
         damping=_checks.damping(damping), key=key, key_data=key_data, solver=solver,
         batch_size=_checks.positive_int(batch_size, "batch_size", allow_none=True),
         normalize_sketches=bool(normalize_sketches),
