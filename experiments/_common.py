@@ -255,7 +255,7 @@ class Cells:
         os.makedirs(args.output, exist_ok=True)
         self.path = os.path.join(args.output, f"{stem(name, args)}.cells.json")
         self.settings = json.loads(json.dumps(settings))
-        self.values, self.runs = {}, []
+        self.values, self.runs, self.models = {}, [], {}
         if os.path.exists(self.path):
             with open(self.path) as f:
                 saved = json.load(f)
@@ -265,6 +265,7 @@ class Cells:
                 raise SystemExit(f"{os.path.relpath(self.path, ROOT)} was written with other settings "
                                  f"(differ: {changed}); delete it or pass another --output")
             self.values, self.runs = saved["cells"], saved["runs"]
+            self.models = saved.get("models", {})
             print(f"resuming {os.path.relpath(self.path, ROOT)}: {len(self.values)} cells done")
         self.runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
                           "argv": sys.argv[1:]})
@@ -272,12 +273,38 @@ class Cells:
     def __contains__(self, key: str) -> bool:
         return key in self.values
 
+    def check_model(self, name: str, task) -> None:
+        """Refuses to resume cells computed on another trained model than ``task``'s.
+
+        A checkpoint retrained on another machine (another CPU, another XLA) is another model:
+        cells of its IF must never meet a cache of this one. The task's fingerprint (params and
+        data) is recorded under ``name`` the first time; a later run with another is refused.
+        A file with cells but no record (written before this check) is refused too.
+        """
+        fp = cj.fingerprint(task)
+        saved = self.models.get(name)
+        if saved is None and self.values and not self.models:
+            raise SystemExit(f"{os.path.relpath(self.path, ROOT)} holds cells but no record of the trained model they "
+                             "were computed on (written before this check), so they cannot be matched to this one. "
+                             "Delete the file, or pass another --output, to recompute them.")
+        if saved is not None and saved != fp:
+            raise SystemExit(f"{os.path.relpath(self.path, ROOT)}: its cells for {name!r} were computed on another "
+                             "trained model (task fingerprint differs; a checkpoint retrained elsewhere is another "
+                             "model). Delete the file, or pass another --output, to recompute them.")
+        if saved is None:
+            self.models[name] = fp
+            self._write()
+
+    def _write(self):
+        runs.write_json(self.path, {"settings": self.settings, "runs": self.runs, "cells": self.values,
+                                    "models": self.models})
+
     def __call__(self, key: str, compute):
         if key not in self.values:
             value = json.loads(json.dumps(compute()))
             self.values[key] = value
             self.runs[-1]["load_average_at_last_cell"] = list(os.getloadavg())
-            runs.write_json(self.path, {"settings": self.settings, "runs": self.runs, "cells": self.values})
+            self._write()
         return self.values[key]
 
 

@@ -44,7 +44,7 @@ def main():
     seeds = args.seeds or ([args.seed] if args.quick else [0, 10, 100])
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "seed", "seeds", "solvers")}
     # A full run with fewer seeds than the paper's three writes files of its own, so that it never
-    # replaces the three-seed table (copy the three-seed cells file to its name to reuse IF cells).
+    # replaces the three-seed table.
     name = "cache_reuse" if args.quick or args.seeds is None else "cache_reuse-seeds" + "-".join(map(str, seeds))
     args.name = name
     cells = ec.Cells(name, args, settings)
@@ -53,6 +53,7 @@ def main():
     for seed in seeds:
         args.seed = seed
         task, ds = ec.trained_task(args.dataset, args.model, seed=seed)
+        cells.check_model(f"seed{seed}", task)
         info = info or ec.task_info(task, ds, args)
         n = task.num_examples
         print(f"{args.dataset}/{args.model} seed {seed}: N = {n}, p = {task.num_params:,}")

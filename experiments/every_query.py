@@ -50,6 +50,7 @@ def main():
     settings = {**ec.task_info(task, ds, args), "clusters": args.clusters, "folds": args.folds,
                 "test_points": args.test_points, "halves": NUM_HALVES, "reference": "test-point solves"}
     cells = ec.Cells(f"every_query-{args.model}", args, {k: v for k, v in settings.items() if k != "ranks"})
+    cells.check_model("model", task)
 
     folds = ec.folds_for(n, args.folds, args.seed)
     rng = np.random.default_rng(args.seed + 7)

@@ -41,6 +41,7 @@ def main():
                 "k": ks, "normalized_dims": norm_dims}
     store = ec.Cells("robustness", args, settings)
     task, ds = ec.trained_task(args.dataset, args.model, seed=args.seed)
+    store.check_model("model", task)
     n = task.num_examples
     print(f"{args.dataset}/{args.model}: N = {n}, p = {task.num_params:,}; C {clusters}, d {dims}, K {ks}")
     grid = [(normalize, d, c) for normalize, dim_list in ((False, dims), (True, norm_dims))
