@@ -36,7 +36,7 @@ from ..core import curvature as _curvature
 from ..core.checks import as_key
 from ..core.ggn import ggn_matvec_fn
 from ..core.task import Task
-from .solve import AbstractSolver, SolveResult
+from .solve import AbstractSolver, SolveResult, _check_rhs
 
 #: Power iterations per sampled operator when ``scale="auto"``.
 POWER_ITERS = 30
@@ -242,12 +242,7 @@ def lissa(
         raise ValueError("`repeats` > 1 needs minibatches: with batch_size=None every repeat is identical. "
                          "Set `batch_size` or repeats=1.")
     key = as_key(key)
-    rhs = jnp.asarray(rhs)
-    p = task.num_params
-    if rhs.ndim != 2 or rhs.shape[1] != p:
-        raise ValueError(f"`rhs` must have shape (Q, p) = (Q, {p}); got {rhs.shape}.")
-    if rhs.shape[0] == 0:
-        raise ValueError("`rhs` has no rows: nothing to solve.")
+    rhs = _check_rhs(task, jnp.asarray(rhs))  # the shape checks of every other solver
     _checks.finite_rows(rhs, "right-hand sides", what="row")
     rhs = rhs.astype(task.dtype)
 
