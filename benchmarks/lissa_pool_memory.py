@@ -63,9 +63,10 @@ def _child(part: str, args) -> dict:
         use_pool = part.endswith("uniform") or part.endswith("both")
         idx, w = L._pool(task, pool if use_pool else None)
         if part.startswith("lissa/"):
-            res = cj.lissa(task, rhs, damping=args.damping, scale=args.scale, depth=args.depth,
-                           key=jax.random.key(0), curvature=pool if use_pool else None,
-                           batch_size=args.lissa_batch, chunk_size=args.chunk, tol=0.0)
+            op = cj.DampedGGN(task, damping=args.damping, curvature=pool if use_pool else None,
+                              batch_size=args.chunk)
+            res = cj.lissa(op, rhs, scale=args.scale, depth=args.depth, key=jax.random.key(0),
+                           batch_size=args.lissa_batch, tol=0.0)
             jax.block_until_ready(res.solutions)
         else:
             if part.startswith("loop/"):

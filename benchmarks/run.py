@@ -143,20 +143,21 @@ def section_preconditioners(task, cfg, state):
         return _timed_solve(task, rhs, cfg, rows, pre, name, build_seconds, extra)
 
     base = solve(None, "none", 0.0, {})
-    t, jac = timed(lambda: cj.jacobi_preconditioner(task, batch_size=64))
+    t, jac = timed(lambda: cj.jacobi_preconditioner(cj.DampedGGN(task, damping=lam, batch_size=64)))
     solve(jac, "jacobi", t, {})
     # Compile the block products once (a build of rank = one block); builds below are then timed warm.
-    cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=cfg["rhs_block"], batch_size=bs,
-                              rhs_batch_size=cfg["rhs_block"], error_iters=1)
+    op = cj.DampedGGN(task, damping=lam, batch_size=bs)
+    cj.nystrom_preconditioner(op, key=jax.random.key(0), rank=cfg["rhs_block"], rhs_batch_size=cfg["rhs_block"],
+                              error_iters=1)
     for r in cfg["ranks"]:
-        t, ny = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(r), rank=r, damping=lam,
-                                                        batch_size=bs, rhs_batch_size=cfg["rhs_block"]),
+        t, ny = timed(lambda: cj.nystrom_preconditioner(op, key=jax.random.key(r), rank=r,
+                                                        rhs_batch_size=cfg["rhs_block"]),
                       warmup=False)
         solve(ny, f"nystrom r={r}", t, {"rank": r, "products": ny.num_products,
                                         "condition_estimate": ny.condition_estimate(lam)})
         state.setdefault("nystrom", {})[r] = (ny, t)
-    t, ny = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(7), rank="auto", damping=lam,
-                                                    batch_size=bs, rhs_batch_size=cfg["rhs_block"]), warmup=False)
+    t, ny = timed(lambda: cj.nystrom_preconditioner(op, key=jax.random.key(7), rank="auto",
+                                                    rhs_batch_size=cfg["rhs_block"]), warmup=False)
     state.setdefault("nystrom", {})["auto"] = (ny, t)
     solve(ny, f"nystrom auto (r={ny.rank})", t, {"rank": ny.rank, "products": ny.num_products,
                                                  "condition_estimate": ny.condition_estimate(lam)})
@@ -171,8 +172,8 @@ def _shared_nystrom(task, cfg, state):
         return state["nystrom"][r]
     # Timed warm, as every solve and cache build here: a first build compiles the block
     # products and the factorisations of every rank the adaptive rule visits.
-    build = lambda key: cj.nystrom_preconditioner(task, key=jax.random.key(key), rank=r, damping=cfg["damping"],
-                                                  batch_size=cfg["batch_size"], rhs_batch_size=cfg["rhs_block"])
+    op = cj.DampedGGN(task, damping=cfg["damping"], batch_size=cfg["batch_size"])
+    build = lambda key: cj.nystrom_preconditioner(op, key=jax.random.key(key), rank=r, rhs_batch_size=cfg["rhs_block"])
     t_first, _ = timed(lambda: build(0), warmup=False)
     t, ny = timed(lambda: build(7), warmup=False)
     log(f"  shared Nystrom (rank {ny.rank}): {t:.1f} s warm, first build (compiling) {t_first:.1f} s")
@@ -508,19 +509,20 @@ def section_kfac(task, cfg, state):
     built = {}
     for kind, fn in (("kfac", cj.kfac_preconditioner), ("ekfac", cj.ekfac_preconditioner)):
         start = time.perf_counter()
-        fn(task, batch_size=64, damping=lam)  # the first build compiles its passes
+        fn(cj.DampedGGN(task, damping=lam, batch_size=64))  # the first build compiles its passes
         cold = time.perf_counter() - start
-        t, pre = timed(lambda: fn(task, batch_size=64, damping=lam), warmup=False)
+        t, pre = timed(lambda: fn(cj.DampedGGN(task, damping=lam, batch_size=64)), warmup=False)
         built[kind] = (pre, t)
         solve(pre, kind, t, {"build_cold_seconds": cold, "blocks": len(pre.layers)})
     # A Nystrom sketch whose test matrix is K-FAC's top eigenvectors, against a random one of the same rank.
     r = cfg.get("kfac_rank", 100)
-    cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=block, batch_size=bs, rhs_batch_size=block,
+    op = cj.DampedGGN(task, damping=lam, batch_size=bs)
+    cj.nystrom_preconditioner(op, key=jax.random.key(0), rank=block, rhs_batch_size=block,
                               error_iters=0)  # compile the block products
     random_sketch = {}  # rank -> (build seconds, Nystrom preconditioner with a random test matrix)
     for rank in (r, 2 * r):
         random_sketch[rank] = timed(lambda: cj.nystrom_preconditioner(
-            task, key=jax.random.key(rank), rank=rank, batch_size=bs, rhs_batch_size=block, error_iters=0),
+            op, key=jax.random.key(rank), rank=rank, rhs_batch_size=block, error_iters=0),
             warmup=False)
         solve(random_sketch[rank][1], f"nystrom r={rank}, random test matrix", random_sketch[rank][0], {"rank": rank})
     for kind in ("kfac", "ekfac"):
@@ -550,8 +552,9 @@ def section_kfac(task, cfg, state):
     # The approximate estimators against the exact damped-GGN influence, on all folds of K = 50.
     folds = cfolds.kfold_indices(n, 50, seed=0)
     t_sums, sums = timed(lambda: cj.subset_gradient_sums(task, folds, batch_size=bs), warmup=False)
-    t_ref, ref = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(200), rank=200, damping=lam,
-                                                         batch_size=bs, rhs_batch_size=block), warmup=False)
+    t_ref, ref = timed(lambda: cj.nystrom_preconditioner(cj.DampedGGN(task, damping=lam, batch_size=bs),
+                                                         key=jax.random.key(200), rank=200, rhs_batch_size=block),
+                       warmup=False)
     kw = dict(damping=lam, batch_size=bs, warn=False)
     cg = dict(rtol=rtol, rhs_batch_size=block, preconditioner=ref)
     cj.solve_ggn(task, sums, solver=cj.CG(**cg, max_steps=1), **kw)

@@ -73,7 +73,7 @@ def solve_timed(task, rhs, solver):
 
 def section_model(task, name):
     rhs = fold_rhs(task, 8)
-    sketches = {r: cj.nystrom_preconditioner(task, key=jax.random.key(7), rank=r, batch_size=BATCH,
+    sketches = {r: cj.nystrom_preconditioner(cj.DampedGGN(task, damping=LAM, batch_size=BATCH), key=jax.random.key(7), rank=r,
                                              error_iters=precondition.ERROR_ITERS) for r in RANKS if r}
     kappa = {r: pre.condition_estimate(LAM) for r, pre in sketches.items()}
     probe = sketches[32]
@@ -135,7 +135,8 @@ def section_targets(task, name):
 
 def section_lineax(task, name):
     rhs = fold_rhs(task, 16, seed=2)
-    pre = cj.nystrom_preconditioner(task, key=jax.random.key(3), rank=256, error_iters=0, batch_size=BATCH)
+    pre = cj.nystrom_preconditioner(cj.DampedGGN(task, damping=LAM, batch_size=BATCH), key=jax.random.key(3), rank=256,
+                                    error_iters=0)
     rows = []
     for label, p in (("plain", None), ("nystrom r=256", pre)):
         for solver_name, solver in (("cj.CG", cj.CG(rtol=RTOL, preconditioner=p, rhs_batch_size=16)),

@@ -88,8 +88,6 @@ from cif_jax.cif.sketch import sketch as sketch
 from cif_jax.core.checkpoint import CheckpointError as CheckpointError
 from cif_jax.core.curvature import CurvatureSample as CurvatureSample
 from cif_jax.core.curvature import uniform_sample as uniform_sample
-from cif_jax.core.ggn import apply_ggn as apply_ggn
-from cif_jax.core.ggn import ggn_operator as ggn_operator
 from cif_jax.core.gradients import per_example_grads as per_example_grads
 from cif_jax.core.gradients import subset_gradient_sums as subset_gradient_sums
 from cif_jax.core.plan import BatchPlan as BatchPlan
@@ -106,6 +104,7 @@ from cif_jax.solvers.lissa import LiSSA as LiSSA
 from cif_jax.solvers.lissa import LissaDivergenceError as LissaDivergenceError
 from cif_jax.solvers.lissa import LissaResult as LissaResult
 from cif_jax.solvers.lissa import lissa as lissa
+from cif_jax.solvers.operator import DampedGGN as DampedGGN
 from cif_jax.solvers.precondition import JacobiPreconditioner as JacobiPreconditioner
 from cif_jax.solvers.precondition import NystromPreconditioner as NystromPreconditioner
 from cif_jax.solvers.precondition import Preconditioner as Preconditioner

@@ -89,8 +89,8 @@ def solver_kwargs(args, preconditioner="auto") -> dict:
 def nystrom(task, args):
     """The shared Nystrom preconditioner (adaptive rank) and its build seconds."""
     t0 = time.perf_counter()
-    pre = cj.nystrom_preconditioner(task, key=jax.random.fold_in(jax.random.key(args.seed), 1), rank="auto",
-                                    damping=args.damping, batch_size=args.batch_size,
+    pre = cj.nystrom_preconditioner(cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size),
+                                    key=jax.random.fold_in(jax.random.key(args.seed), 1), rank="auto",
                                     rhs_batch_size=args.rhs_batch_size)
     jax.block_until_ready(pre)
     seconds = time.perf_counter() - t0

@@ -70,8 +70,8 @@ def main():
         for r in RANKS:
             t0 = time.perf_counter()
             pre = jax.block_until_ready(ec.cj.nystrom_preconditioner(
-                task, key=jax.random.fold_in(jax.random.key(args.seed), 2), rank=r, error_iters=0,
-                batch_size=args.batch_size, rhs_batch_size=32))
+                ec.cj.DampedGGN(task, damping=lam, batch_size=args.batch_size),
+                key=jax.random.fold_in(jax.random.key(args.seed), 2), rank=r, error_iters=0, rhs_batch_size=32))
             fac_seconds[r] = time.perf_counter() - t0
             factors[r] = (np.asarray(pre.basis, np.float64), np.asarray(pre.eigenvalues, np.float64))
         # The last (rank-256) factors precondition the cache solves; the partition does not depend on them.
@@ -111,8 +111,8 @@ def _reference(task, args, chunk: int = 256):
     info_path = stem + "-info.json"
     if os.path.exists(stem + "-x.npy") and os.path.exists(info_path):
         return g, np.load(stem + "-x.npy").astype(np.float64), json.load(open(info_path))
-    pre = ec.cj.nystrom_preconditioner(task, key=jax.random.key(1), rank=256, damping=args.damping,
-                                       batch_size=args.batch_size, error_iters=0)
+    pre = ec.cj.nystrom_preconditioner(ec.cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size),
+                                       key=jax.random.key(1), rank=256, error_iters=0)
     parts, seconds, residuals, steps = [], 0.0, [], []
     for start in range(0, n, chunk):
         part = f"{stem}-x-{start:06d}.npz"

@@ -133,7 +133,8 @@ def main():
     full_seconds = time.perf_counter() - t0
     x_ref = np.asarray(ref.solutions)
     scores_ref = np.asarray(grads @ ref.solutions.T).T  # (T, N)
-    full_trace = float(cj.jacobi_preconditioner(task, batch_size=args.batch_size).diagonal.sum())
+    full_trace = float(cj.jacobi_preconditioner(cj.DampedGGN(task, damping=lam, batch_size=args.batch_size))
+                       .diagonal.sum())
     print(f"reference: {float(ref.num_steps.mean()):.0f} CG steps, residual {float(ref.residuals.max()):.2g}, "
           f"{full_seconds:.1f} s", flush=True)
 
@@ -168,8 +169,8 @@ def main():
                 x = np.asarray(out.solutions)
                 err = float(np.mean(np.linalg.norm(x - x_ref, axis=1) / np.linalg.norm(x_ref, axis=1)))
                 rho = _spearman_rows(np.asarray(grads @ out.solutions.T).T, scores_ref)
-                trace = float(cj.jacobi_preconditioner(task, curvature=sample, batch_size=args.batch_size)
-                              .diagonal.sum())
+                trace = float(cj.jacobi_preconditioner(cj.DampedGGN(task, damping=lam, curvature=sample,
+                                                                    batch_size=args.batch_size)).diagonal.sum())
                 per_seed.append({"seed": s, "size": int(sample.indices.shape[0]), "ihvp_error": err,
                                  "spearman": rho, "trace_ratio": trace / full_trace,
                                  "cg_steps": float(out.num_steps.mean()), "seconds": sec})
@@ -190,8 +191,8 @@ def main():
                           ("full", None)):
         cg = cj.solve_ggn(task, g_test, curvature=sample, warn=False, **kw)
         t0 = time.perf_counter()
-        out = cj.lissa(task, g_test, damping=lam, scale="auto", depth=depth, curvature=sample, key=jax.random.key(3),
-                       chunk_size=args.batch_size)
+        out = cj.lissa(cj.DampedGGN(task, damping=lam, curvature=sample, batch_size=args.batch_size), g_test,
+                       scale="auto", depth=depth, key=jax.random.key(3))
         sec = time.perf_counter() - t0
         x = np.asarray(out.solutions)
         xc = np.asarray(cg.solutions)

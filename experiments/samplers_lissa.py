@@ -114,9 +114,9 @@ def run_cell(key, args):
         # scale="auto" estimates the pool operator's top eigenvalue; a minibatch of the pool can exceed it and
         # LiSSA then diverges (it raises). As a user would, start from the estimate times a margin and double
         # the scale on divergence (each attempt is recorded; all are charged to the cell's seconds).
-        probe = cj.lissa(task, jnp.zeros((1, task.num_params), task.dtype).at[0, 0].set(1.0), damping=damping,
-                         scale="auto", depth=1, key=jax.random.key(seed), curvature=pool,
-                         batch_size=args.lissa_batch, chunk_size=args.batch_size)
+        probe = cj.lissa(cj.DampedGGN(task, damping=damping, curvature=pool, batch_size=args.batch_size),
+                         jnp.zeros((1, task.num_params), task.dtype).at[0, 0].set(1.0), scale="auto", depth=1,
+                         key=jax.random.key(seed), batch_size=args.lissa_batch)
         scale, attempts = float(probe.scale) * args.lissa_scale_margin, []
         while True:
             solver = cj.LiSSA(depth=args.lissa_depth, key=jax.random.key(seed), batch_size=args.lissa_batch,

@@ -217,7 +217,7 @@ def method_scores(name, task, xt, yt, args, settings):
         f_diag = jnp.mean(cj.per_example_grads(part) ** 2, axis=0)
         return train_grad_products(task, g / (f_diag + lam), chunk)
     if name == "EK-FAC":
-        pre = cj.ekfac_preconditioner(task, damping=lam)
+        pre = cj.ekfac_preconditioner(cj.DampedGGN(task, damping=lam))
         return train_grad_products(task, cj.ekfac_solve(pre, g, damping=lam), chunk) / n
     if name == "IF":
         sol = cj.solve_ggn(task, g, **ec.solver_kwargs(args)).solutions
@@ -422,7 +422,7 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
     lam = args.damping
 
     def ekfac_self():
-        pre = cj.ekfac_preconditioner(task, damping=lam)
+        pre = cj.ekfac_preconditioner(cj.DampedGGN(task, damping=lam))
         out = []
         for a in range(0, n, settings["grad_chunk"]):
             part = cj.Task(network, loss, base, x[a:a + settings["grad_chunk"]], y_noisy[a:a + settings["grad_chunk"]])

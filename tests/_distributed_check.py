@@ -105,7 +105,7 @@ def main() -> dict:
     sample = cj.CurvatureSample(jnp.asarray(SAMPLE_IDX), jnp.asarray(SAMPLE_W))
     ggn_s = np.einsum("n,nqi,nqr,nrj->ij", SAMPLE_W, problem.jac[SAMPLE_IDX], problem.out_hess[SAMPLE_IDX],
                       problem.jac[SAMPLE_IDX]) / SAMPLE_W.sum() + LAM * np.eye(problem.num_params)
-    pre = cj.jacobi_preconditioner(task, curvature=sample)
+    pre = cj.jacobi_preconditioner(cj.DampedGGN(task, damping=LAM, curvature=sample))
     grid = Mesh(np.array(devices[:4]).reshape(2, 2), ("rhs", "data"))
     single = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH)
     sharded = _solve(task, rhs, curvature=sample, preconditioner=pre, batch_size=BATCH, mesh=grid)

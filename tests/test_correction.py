@@ -211,7 +211,8 @@ def test_one_cluster_per_example_equals_if(correction):
 def low_rank():
     """A rank-8 Nystrom preconditioner of the MLP problem (p = 57), shared by the cache and the correction."""
     problem = get_problem("mlp")
-    return problem, cj.nystrom_preconditioner(problem.task, key=jax.random.key(5), rank=8, error_iters=0)
+    return problem, cj.nystrom_preconditioner(cj.DampedGGN(problem.task, damping=LAM), key=jax.random.key(5), rank=8,
+                                                error_iters=0)
 
 
 def _nystrom_inverse(pre, p):

@@ -36,7 +36,7 @@ _EXPENSIVE = {
     "cif_jax.solvers.kfac": ("build_kfac",),
     "cif_jax.cif.correction": ("_terms_pass", "per_example_grads"),
     "cif_jax.solvers.solve": ("_solve_block", "_lineax_block"),
-    "cif_jax.core.ggn": ("_apply_damped", "_damped_operator"),
+    "cif_jax.solvers.operator": ("_apply_damped",),
 }
 
 
@@ -100,7 +100,7 @@ def test_model_output_must_be_batched(task, no_work):
 def test_loss_must_be_per_example(task, no_work):
     bad = cj.Task(linear_apply, _mean_loss, task.params, task.inputs, task.targets)
     for call in (lambda: cj.per_example_grads(bad), lambda: cj.influence(bad, [np.arange(3)], damping=LAM),
-                 lambda: _build(bad), lambda: cj.ggn_operator(bad, damping=LAM)):
+                 lambda: _build(bad), lambda: cj.DampedGGN(bad, damping=LAM)):
         with pytest.raises(ValueError, match="one loss per example"):
             call()
 
@@ -113,7 +113,7 @@ def test_class_targets_must_fit_the_outputs(task, no_work):
         y[[5, 7]] = label
         bad = cj.Task(linear_apply, cross_entropy, task.params, task.inputs, jnp.asarray(y))
         for call in (lambda: cj.per_example_grads(bad), lambda: cj.influence(bad, [np.arange(3)], damping=LAM),
-                     lambda: _build(bad), lambda: cj.ggn_operator(bad, damping=LAM)):
+                     lambda: _build(bad), lambda: cj.DampedGGN(bad, damping=LAM)):
             with pytest.raises(ValueError, match=r"outside \[0, 3\).*examples \[5, 7\]"):
                 call()
     # Integer targets that are not class indices of a (B, q) output are left alone: regression
@@ -195,8 +195,7 @@ def test_damping_must_be_positive_and_finite(task, problem, no_work, damping):
         lambda: _build(task, damping=damping),
         lambda: cj.influence(task, [np.arange(3)], damping=damping),
         lambda: cj.solve_ggn(task, rhs, damping=damping),
-        lambda: cj.ggn_operator(task, damping=damping),
-        lambda: cj.apply_ggn(task, rhs, damping=damping),
+        lambda: cj.DampedGGN(task, damping=damping),
     ):
         with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
             call()
@@ -240,7 +239,7 @@ def test_other_bad_settings(task, problem, no_work):
     with pytest.raises(ValueError, match=r"`rhs` must have shape \(R, p\)"):
         cj.solve_ggn(task, problem.grads[:2, :-1], damping=LAM)
     with pytest.raises(ValueError, match=r"`vectors` must have shape \(k, p\)"):
-        cj.apply_ggn(task, problem.grads[0], damping=LAM)
+        cj.DampedGGN(task, damping=LAM).apply(problem.grads[0])
     with pytest.raises(ValueError, match="right-hand sides contain NaN"):
         cj.solve_ggn(task, np.full((2, problem.num_params), np.nan), damping=LAM)
 

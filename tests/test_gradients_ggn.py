@@ -59,8 +59,8 @@ def test_per_example_grads_do_not_depend_on_batch_size(problem):
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), rtol=1e-13, atol=1e-15)
 
 
-def test_ggn_operator_matches_dense(problem, getkey):
-    op = cj.ggn_operator(problem.task, damping=LAM)
+def test_lineax_operator_matches_dense(problem, getkey):
+    op = cj.DampedGGN(problem.task, damping=LAM).as_lineax()
     assert lx.is_symmetric(op) and lx.is_positive_semidefinite(op)
     assert op.in_structure().shape == (problem.num_params,)
     # Column by column over the basis vectors, as kfac-jax's estimator test does,
@@ -73,11 +73,11 @@ def test_ggn_operator_matches_dense(problem, getkey):
     assert row_rel_err(got[problem.num_params :], np.asarray(vectors[problem.num_params :]) @ problem.ggn) < TIGHT
 
 
-def test_apply_ggn_builds_dense_matrix(problem):
+def test_apply_builds_dense_matrix(problem):
     eye = jnp.eye(problem.num_params)
-    got = cj.apply_ggn(problem.task, eye, damping=LAM)
+    got = cj.DampedGGN(problem.task, damping=LAM).apply(eye)
     assert rel_err(got, problem.ggn) < TIGHT
-    chunked = cj.apply_ggn(problem.task, eye, damping=LAM, batch_size=BATCH)
+    chunked = cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH).apply(eye)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(got), rtol=1e-12, atol=1e-14)
 
 
@@ -100,13 +100,13 @@ def test_float32_task_stays_float32():
     assert row_rel_err(grads, p32.grads) < 1e-5
 
     v = jnp.asarray(np.random.default_rng(0).normal(size=p32.num_params), jnp.float32)
-    op = cj.ggn_operator(task, damping=LAM)
+    op = cj.DampedGGN(task, damping=LAM).as_lineax()
     out = jax.jit(lambda u: op.mv(u))(v)
     assert out.dtype == jnp.float32
     assert rel_err(out, p32.ggn @ np.asarray(v, np.float64)) < 1e-5
 
-    h = cj.apply_ggn(task, jnp.eye(p32.num_params, dtype=jnp.float32), damping=LAM)
+    h = cj.DampedGGN(task, damping=LAM).apply(jnp.eye(p32.num_params, dtype=jnp.float32))
     assert h.dtype == jnp.float32
     assert rel_err(h, p32.ggn) < 1e-5
     # float64 vectors are cast to the task's dtype.
-    assert cj.apply_ggn(task, jnp.eye(p32.num_params), damping=LAM).dtype == jnp.float32
+    assert cj.DampedGGN(task, damping=LAM).apply(jnp.eye(p32.num_params)).dtype == jnp.float32

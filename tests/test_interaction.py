@@ -43,7 +43,7 @@ def _mean_loss(target, flat):
 def _dense_ggn(task):
     flat, _ = ravel_pytree(task.params)
     eye = jnp.eye(flat.shape[0], dtype=flat.dtype)
-    return np.asarray(cj.apply_ggn(task, eye, damping=LAM))
+    return np.asarray(cj.DampedGGN(task, damping=LAM).apply(eye))
 
 
 def _ce_target(seed):
@@ -199,7 +199,7 @@ def test_target_curvature_operator():
     op = cj.target_curvature(target)
     flat, _ = ravel_pytree(target.params)
     v = jnp.asarray(np.random.default_rng(3).normal(size=flat.shape[0]))
-    want = np.asarray(cj.apply_ggn(target, v[None, :], damping=LAM))[0] - LAM * np.asarray(v)
+    want = np.asarray(cj.DampedGGN(target, damping=LAM).apply(v[None, :]))[0] - LAM * np.asarray(v)
     np.testing.assert_allclose(np.asarray(op.mv(v)), want, rtol=1e-12)
     # For a linear model with squared error the Hessian is the GGN.
     np.testing.assert_allclose(np.asarray(cj.target_curvature(target, kind="hessian").mv(v)), want, rtol=1e-10)

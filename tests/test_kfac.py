@@ -91,12 +91,17 @@ def cnn():
     return task, model, *dense_ggn(task)
 
 
+def _op(task, **kwargs):
+    """The damped GGN at LAM; without `batch_size` its factor passes take chunks of 64 >= N (one chunk)."""
+    return cj.DampedGGN(task, damping=LAM, **kwargs)
+
+
 @functools.cache
 def built(which, kind):
     """The suite's shared preconditioners (unchunked builds; chunking is checked once, on the MLP)."""
     task = mlp_problem().task if which == "mlp" else cnn()[0]
     build = cj.kfac_preconditioner if kind == "kfac" else cj.ekfac_preconditioner
-    return build(task, batch_size=None)
+    return build(_op(task))
 
 
 def dense_ggn(task, weights=None):
@@ -205,7 +210,7 @@ def test_mlp_factors_equal_the_hand_computation():
         np.testing.assert_allclose(np.asarray(pre.input_factors[b]), a, rtol=FACTOR_TOL, atol=FACTOR_TOL)
         np.testing.assert_allclose(np.asarray(pre.output_factors[b]), g, rtol=FACTOR_TOL, atol=FACTOR_TOL)
     # The chunking leaves them unchanged.
-    chunked = cj.kfac_preconditioner(prob.task, batch_size=BATCH)
+    chunked = cj.kfac_preconditioner(_op(prob.task, batch_size=BATCH))
     np.testing.assert_allclose(np.asarray(chunked.output_factors[0]), refs[0][1], rtol=FACTOR_TOL, atol=FACTOR_TOL)
 
 
@@ -279,7 +284,7 @@ def test_factors_on_a_curvature_sample():
     idx = np.arange(1, N, 3)
     w = np.linspace(0.5, 2.0, idx.size)
     sample = cj.CurvatureSample(jnp.asarray(idx), jnp.asarray(w))
-    pre = cj.kfac_preconditioner(prob.task, batch_size=BATCH, curvature=sample)
+    pre = cj.kfac_preconditioner(_op(prob.task, batch_size=BATCH, curvature=sample))
     p = {k: np.asarray(v) for k, v in prob.task.params.items()}
     x = np.asarray(prob.task.inputs)[idx]
     h = np.tanh(x @ p["w1"] + p["b1"])
@@ -347,7 +352,7 @@ class _LaxConvNet(nnx.Module):
 @pytest.mark.parametrize("adapter", ["linen", "equinox", "lax-conv"])  # nnx.Linear: the CNN's dense layer
 def test_layers_are_found_through_every_adapter(adapter):
     task = _adapter_task(adapter)
-    pre = cj.ekfac_preconditioner(task, batch_size=None)
+    pre = cj.ekfac_preconditioner(_op(task))
     if adapter == "lax-conv":  # patches of 1 channel x 3 x 2 window, 3 x 3 positions
         assert pre.layout.shapes == ((2, 7), (OUT, 19)) and "9 position(s)" in pre.layers[0]
     else:
@@ -421,7 +426,7 @@ def test_ekfac_influence_is_exact_on_a_linear_model_with_squared_loss():
     task, grads, jac = linear_squared()
     w_out = np.diag(REG_SCALE[0])
     ggn = np.einsum("nqi,qr,nrj->ij", jac, w_out, jac) / N
-    pre = cj.ekfac_preconditioner(task, batch_size=None)
+    pre = cj.ekfac_preconditioner(_op(task))
     # Undamped K-FAC is the GGN itself here.
     block = np.kron(np.asarray(pre.output_factors[0]), np.asarray(pre.input_factors[0]))
     dense_blocks, _ = _blocks(pre, ggn)
@@ -453,7 +458,7 @@ def test_ekfac_influence_is_approximate_on_an_mlp():
 
 def test_float32_is_preserved():
     task = softmax_problem("float32").task
-    pre = cj.ekfac_preconditioner(task, batch_size=None)
+    pre = cj.ekfac_preconditioner(_op(task))
     leaves = jax.tree_util.tree_leaves(pre)
     assert leaves and all(leaf.dtype == jnp.float32 for leaf in leaves)
     x = cj.solve_ggn(task, jnp.ones((1, task.num_params), jnp.float32), damping=LAM, solver=cj.CG(rtol=1e-5, preconditioner=pre))
@@ -477,7 +482,7 @@ def test_a_model_without_factorable_layers_falls_back_to_jacobi():
     task = cj.Task(lambda p, x: x * p["scale"][None, :] + p["shift"][None, :], cross_entropy, params,
                    jnp.asarray(rng.normal(size=(N, 3))), jnp.asarray(rng.integers(0, 3, N), jnp.int32))
     with pytest.warns(UserWarning, match="cannot factor this model.*Falling back to the Jacobi"):
-        pre = cj.kfac_preconditioner(task, batch_size=BATCH)
+        pre = cj.kfac_preconditioner(_op(task, batch_size=BATCH))
     assert isinstance(pre, cj.JacobiPreconditioner)
     ggn, _ = dense_ggn(task)
     np.testing.assert_allclose(np.asarray(pre.diagonal), np.diag(ggn) - LAM, rtol=1e-12, atol=1e-15)
@@ -493,7 +498,7 @@ def test_matrices_used_otherwise_get_a_diagonal_block_with_a_warning():
     task = cj.Task(lambda p, t: jnp.take(p["emb"], t, axis=0) @ p["w"], cross_entropy, params,
                    jnp.asarray(rng.integers(0, 6, N)), jnp.asarray(rng.integers(0, 3, N), jnp.int32))
     with pytest.warns(UserWarning, match=r"1 parameter array\(s\) of two or more dimensions \(\['emb'\]\)"):
-        pre = cj.kfac_preconditioner(task, batch_size=None)
+        pre = cj.kfac_preconditioner(_op(task))
     assert pre.layout.shapes == ((3, 3),)
     ggn, _ = dense_ggn(task)
     _, rest = _blocks(pre, ggn)
@@ -503,8 +508,8 @@ def test_matrices_used_otherwise_get_a_diagonal_block_with_a_warning():
 @pytest.mark.parametrize("damping", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_damping_is_refused_before_work(damping):
     task = mlp_problem().task
-    with pytest.raises(ValueError, match="damping"):
-        cj.kfac_preconditioner(task, damping=damping)
+    with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
+        cj.kfac_preconditioner(cj.DampedGGN(task, damping=damping))  # refused by the operator
     with pytest.raises(ValueError, match="damping"):
         cj.ekfac_influence(task, [np.array([0])], damping=damping)
 
@@ -513,8 +518,12 @@ def test_a_damping_that_makes_a_block_singular_is_refused():
     task = softmax_problem("float32").task
     # K-FAC adds sqrt(lambda) / pi to G, whose zero eigenvalue (softmax) is known to eps * max.
     with pytest.raises(ValueError, match="K-FAC factor singular to float32 precision.*factor G.*raise the damping"):
-        cj.kfac_preconditioner(task, batch_size=None, damping=1e-16)
-    pre = cj.ekfac_preconditioner(task, batch_size=None)
+        cj.kfac_preconditioner(cj.DampedGGN(task, damping=1e-16))
+    with pytest.raises(ValueError, match="singular"):  # the builder checks its operator's damping
+        cj.ekfac_preconditioner(cj.DampedGGN(task, damping=1e-12))
+    pre = cj.ekfac_preconditioner(_op(task))
+    with pytest.raises(ValueError, match="singular"):  # and so does a check against another operator
+        pre.check(cj.DampedGGN(task, damping=1e-12))
     with pytest.raises(ValueError, match="singular"):
         cj.ekfac_solve(pre, jnp.ones((1, task.num_params)), damping=1e-12)
     with pytest.raises(ValueError, match="singular"):

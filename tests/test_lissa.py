@@ -29,6 +29,11 @@ def _lambda_max(h):
     return float(np.linalg.eigvalsh(h).max())
 
 
+def _op(problem, **kwargs):
+    """The damped GGN at LAM: LiSSA's damping, pool (curvature) and chunks (batch_size)."""
+    return cj.DampedGGN(problem.task, damping=LAM, **kwargs)
+
+
 def _subset_ggn(problem, idx, w):
     sub = np.einsum("n,nqi,nqr,nrj->ij", w, problem.jac[idx], problem.out_hess[idx], problem.jac[idx]) / w.sum()
     return sub + LAM * np.eye(problem.num_params)
@@ -39,7 +44,7 @@ def test_whole_pool_converges_to_the_dense_solve(lr):
     s = 1.05 * _lambda_max(lr.ggn)
     # Error <= (1 - lambda/s)^(J+1) ||x*||: J = (s/lambda) ln(1e10) steps reach 1e-10.
     depth = int(np.ceil(s / LAM * np.log(1e10)))
-    out = cj.lissa(lr.task, rhs, damping=LAM, scale=s, depth=depth, key=jax.random.key(0))
+    out = cj.lissa(_op(lr), rhs, scale=s, depth=depth, key=jax.random.key(0))
     assert row_rel_err(out.solutions, dense_solve(lr.ggn, rhs)) <= 1e-8
     dense_res = np.linalg.norm(rhs - np.asarray(out.solutions) @ lr.ggn.T, axis=1) / np.linalg.norm(rhs, axis=1)
     np.testing.assert_allclose(np.asarray(out.residuals), dense_res, rtol=1e-6, atol=1e-14)
@@ -50,7 +55,7 @@ def test_whole_pool_converges_to_the_dense_solve(lr):
 
 def test_tolerance_stops_early_and_auto_scale(lr):
     rhs = _rhs(lr, seed=1)
-    out = cj.lissa(lr.task, rhs, damping=LAM, scale="auto", depth=100_000, tol=1e-13, key=jax.random.key(1))
+    out = cj.lissa(_op(lr), rhs, scale="auto", depth=100_000, tol=1e-13, key=jax.random.key(1))
     lmax = _lambda_max(lr.ggn)
     # Power iteration converges from below: s within [1.5 * 0.99 lambda_max, 1.5 lambda_max].
     assert 1.5 * 0.99 * lmax <= float(out.scale) <= 1.5 * lmax * (1 + 1e-9)
@@ -63,9 +68,9 @@ def test_minibatch_error_falls_with_repeats(lr):
     rhs = _rhs(lr, num=2, seed=2)
     want = dense_solve(lr.ggn, rhs)
     s = 3.0 * _lambda_max(lr.ggn)  # margin: minibatch operators have larger top eigenvalues
-    kw = dict(damping=LAM, scale=s, depth=600, batch_size=8, key=jax.random.key(2))
-    one = cj.lissa(lr.task, rhs, repeats=1, **kw)
-    many = cj.lissa(lr.task, rhs, repeats=16, **kw)
+    kw = dict(scale=s, depth=600, batch_size=8, key=jax.random.key(2))
+    one = cj.lissa(_op(lr), rhs, repeats=1, **kw)
+    many = cj.lissa(_op(lr), rhs, repeats=16, **kw)
     err_one, err_many = row_rel_err(one.solutions, want), row_rel_err(many.solutions, want)
     # Independent unbiased estimates: averaging 16 cuts the error about 4x; ask for 2x.
     assert err_many < 0.5 * err_one
@@ -80,7 +85,7 @@ def test_fixed_subset_equals_its_dense_solve_and_cg(lr):
     rhs = _rhs(lr, seed=3)
     s = 1.05 * _lambda_max(h_sub)
     depth = int(np.ceil(s / LAM * np.log(1e10)))
-    out = cj.lissa(lr.task, rhs, damping=LAM, scale=s, depth=depth, curvature=sample, key=jax.random.key(3))
+    out = cj.lissa(_op(lr, curvature=sample), rhs, scale=s, depth=depth, key=jax.random.key(3))
     want = dense_solve(h_sub, rhs)
     assert row_rel_err(out.solutions, want) <= 1e-8
     cg = cj.solve_ggn(lr.task, rhs, damping=LAM, solver=cj.CG(rtol=1e-12), curvature=sample)
@@ -94,7 +99,7 @@ def test_fixed_subset_equals_its_dense_solve_and_cg(lr):
 def test_small_scale_raises(lr):
     rhs = _rhs(lr, num=1)
     with pytest.raises(cj.LissaDivergenceError, match="Raise `scale`"):
-        cj.lissa(lr.task, rhs, damping=LAM, scale=0.45 * _lambda_max(lr.ggn), depth=500, key=jax.random.key(4))
+        cj.lissa(_op(lr), rhs, scale=0.45 * _lambda_max(lr.ggn), depth=500, key=jax.random.key(4))
 
 
 @pytest.mark.parametrize(
@@ -116,9 +121,14 @@ def test_small_scale_raises(lr):
 def test_bad_input(lr, kwargs, error, match):
     base = dict(rhs=np.ones((1, lr.num_params)), damping=LAM, scale=1.0, depth=5, key=jax.random.key(0))
     base.update(kwargs)
-    rhs = base.pop("rhs")
-    with pytest.raises(error, match=match):
-        cj.lissa(lr.task, rhs, **base)
+    rhs, damping = base.pop("rhs"), base.pop("damping")
+    with pytest.raises(error, match=match):  # a bad damping is refused by the operator, before lissa
+        cj.lissa(cj.DampedGGN(lr.task, damping=damping), rhs, **base)
+
+
+def test_lissa_takes_an_operator(lr):
+    with pytest.raises(TypeError, match="DampedGGN"):
+        cj.lissa(lr.task, np.ones((1, lr.num_params)), scale=1.0, depth=5, key=jax.random.key(0))
 
 
 # -- as the solver of influence and build_cache ------------------------------------------------

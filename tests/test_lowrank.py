@@ -212,8 +212,8 @@ def test_auto_rank_stops_where_the_factors_hold_the_deviations():
         seen.append((u.shape[0], lr.predicted_error(deviations, u, s, lam)))
         return done, note
 
-    pre = cj.nystrom_preconditioner(task, key=jax.random.key(1), rank="auto", damping=lam, initial_rank=2,
-                                    max_rank=p, error_iters=0, accept=accept)
+    pre = cj.nystrom_preconditioner(cj.DampedGGN(task, damping=lam), key=jax.random.key(1), rank="auto",
+                                    initial_rank=2, max_rank=p, error_iters=0, accept=accept)
     assert [r for r, _ in seen] == [2, 4, 8] and pre.rank == 8
     assert seen[0][1] > 0.01 and seen[1][1] > 0.01 and seen[2][1] < 1e-12
     assert pre.note.startswith("auto: rank 8")

@@ -63,21 +63,26 @@ def _sample():
     return cj.CurvatureSample(jnp.asarray(SAMPLE_IDX), jnp.asarray(SAMPLE_W))
 
 
+def _op(task, **kwargs):
+    """The damped GGN at LAM (chunks, curvature as given)."""
+    return cj.DampedGGN(task, damping=LAM, **kwargs)
+
+
 # -- Jacobi -------------------------------------------------------------------------------
 
 
 def test_jacobi_diagonal_is_the_dense_diagonal(problem):
-    pre = cj.jacobi_preconditioner(problem.task, batch_size=BATCH)
+    pre = cj.jacobi_preconditioner(_op(problem.task, batch_size=BATCH))
     want = np.diag(_undamped(problem))
     # Sums of N products of O(1) terms in float64: rounding ~1e-16 relative.
     np.testing.assert_allclose(np.asarray(pre.diagonal), want, rtol=1e-12, atol=1e-15)
     # The chunking leaves it unchanged.
-    whole = cj.jacobi_preconditioner(problem.task, batch_size=None)
+    whole = cj.jacobi_preconditioner(_op(problem.task, batch_size=N))  # all N examples in one chunk
     np.testing.assert_allclose(np.asarray(whole.diagonal), want, rtol=1e-12, atol=1e-15)
 
 
 def test_jacobi_on_a_curvature_sample(mlp):
-    pre = cj.jacobi_preconditioner(mlp.task, batch_size=BATCH, curvature=_sample())
+    pre = cj.jacobi_preconditioner(_op(mlp.task, batch_size=BATCH, curvature=_sample()))
     want = np.diag(_sample_ggn(mlp, SAMPLE_IDX, SAMPLE_W))
     np.testing.assert_allclose(np.asarray(pre.diagonal), want, rtol=1e-12, atol=1e-15)
     assert pre.curvature.startswith(f"sample:{SAMPLE_IDX.size}:")
@@ -93,7 +98,7 @@ def _approx(pre):
 
 def test_full_rank_nystrom_reproduces_the_ggn(problem):
     p = problem.num_params
-    pre = cj.nystrom_preconditioner(problem.task, key=jax.random.key(0), rank=p, batch_size=BATCH,
+    pre = cj.nystrom_preconditioner(_op(problem.task, batch_size=BATCH), key=jax.random.key(0), rank=p,
                                     rhs_batch_size=p)
     g = _undamped(problem)
     # With r = p the sketch spans everything; only the shift nu ~ sqrt(p) eps ||Y|| remains.
@@ -104,7 +109,8 @@ def test_full_rank_nystrom_reproduces_the_ggn(problem):
 
 
 def test_low_rank_nystrom_is_below_the_ggn_and_its_error_is_estimated(mlp):
-    pre = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(1), rank=10, batch_size=BATCH, rhs_batch_size=RHS_BATCH, error_iters=30)
+    pre = cj.nystrom_preconditioner(_op(mlp.task, batch_size=BATCH), key=jax.random.key(1), rank=10,
+                                    rhs_batch_size=RHS_BATCH, error_iters=30)
     u = np.asarray(pre.basis)
     np.testing.assert_allclose(u @ u.T, np.eye(10), atol=1e-12)
     e = _undamped(mlp) - _approx(pre)
@@ -120,22 +126,22 @@ def test_low_rank_nystrom_is_below_the_ggn_and_its_error_is_estimated(mlp):
 
 
 def test_adaptive_rank_stops_at_the_target_or_the_cap(mlp):
+    op = _op(mlp.task, batch_size=BATCH)  # the rule's damping is the operator's, LAM
     pre = cj.nystrom_preconditioner(
-        mlp.task, key=jax.random.key(2), rank="auto", damping=LAM, initial_rank=4, condition_target=5.0,
-        max_rank=mlp.num_params, batch_size=BATCH, rhs_batch_size=4,
+        op, key=jax.random.key(2), rank="auto", initial_rank=4, condition_target=5.0, max_rank=mlp.num_params,
+        rhs_batch_size=4,
     )
     assert pre.condition_estimate(LAM) <= 5.0
     assert pre.rank in (4, 8, 16, 32, mlp.num_params)
     # The rule stopped at the first rank that met it: the previous rank (same key, same
     # columns, so the same nested sketch) did not.
     if pre.rank > 4:
-        smaller = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(2), rank="auto", damping=LAM,
-                                            initial_rank=4, max_rank=pre.rank // 2, condition_target=5.0,
-                                            batch_size=BATCH, rhs_batch_size=4)
+        smaller = cj.nystrom_preconditioner(op, key=jax.random.key(2), rank="auto", initial_rank=4,
+                                            max_rank=pre.rank // 2, condition_target=5.0, rhs_batch_size=4)
         assert smaller.rank == pre.rank // 2
         assert smaller.condition_estimate(LAM) > 5.0
-    capped = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(2), rank="auto", damping=LAM, initial_rank=4,
-                                       max_rank=6, condition_target=1.0001, batch_size=BATCH, rhs_batch_size=4)
+    capped = cj.nystrom_preconditioner(op, key=jax.random.key(2), rank="auto", initial_rank=4, max_rank=6,
+                                       condition_target=1.0001, rhs_batch_size=4)
     assert capped.rank == 6
     assert capped.num_products == 4 + 10 + 2 + 10  # the second round reuses the first round's 4 products
 
@@ -143,7 +149,8 @@ def test_adaptive_rank_stops_at_the_target_or_the_cap(mlp):
 def test_inverse_matches_the_dense_formula(mlp):
     from cif_jax.solvers.precondition import inverse_fn
 
-    pre = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(3), rank=12, batch_size=BATCH, rhs_batch_size=4)
+    pre = cj.nystrom_preconditioner(_op(mlp.task, batch_size=BATCH), key=jax.random.key(3), rank=12,
+                                    rhs_batch_size=4)
     u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
     p = mlp.num_params
     # Frangella et al. eq. (5.3), for the matrix GGN + LAM I: P^{-1} = (s_r + lam) U (S + lam)^{-1} U^T + I - U U^T.
@@ -164,7 +171,7 @@ def test_preconditioned_solves_match_dense(mlp, kind):
         pre = "jacobi"  # built inside solve_ggn; the built object is checked in test_influence_and_cache_...
     else:
         rank = problem.num_params if kind == "nystrom-full" else 10
-        pre = cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=rank, batch_size=BATCH,
+        pre = cj.nystrom_preconditioner(_op(task, batch_size=BATCH), key=jax.random.key(0), rank=rank,
                                         rhs_batch_size=RHS_BATCH)
     rhs = problem.grads[:5]
     want = dense_solve(problem.ggn, rhs)
@@ -182,7 +189,7 @@ def test_preconditioned_solves_match_dense(mlp, kind):
 
 def test_influence_and_cache_with_a_shared_preconditioner(mlp):
     task = mlp.task
-    pre = cj.nystrom_preconditioner(task, key=jax.random.key(4), rank=20, batch_size=BATCH, rhs_batch_size=4)
+    pre = cj.nystrom_preconditioner(_op(task, batch_size=BATCH), key=jax.random.key(4), rank=20, rhs_batch_size=4)
     subsets = random_subsets()
     want = dense_solve(mlp.ggn, masks_of(subsets).astype(np.float64) @ mlp.grads) / N
     got = cj.influence_solve(task, subsets, damping=LAM, solver=cj.CG(rtol=RTOL, preconditioner=pre), batch_size=BATCH)
@@ -206,13 +213,13 @@ def test_influence_and_cache_with_a_shared_preconditioner(mlp):
 def test_operator_on_a_curvature_sample_is_the_weighted_subset_ggn(mlp):
     v = np.random.default_rng(1).normal(size=(3, mlp.num_params))
     want = v @ (_sample_ggn(mlp, SAMPLE_IDX, SAMPLE_W) + LAM * np.eye(mlp.num_params)).T
-    got = cj.apply_ggn(mlp.task, jnp.asarray(v), damping=LAM, batch_size=BATCH, curvature=_sample())
+    got = _op(mlp.task, batch_size=BATCH, curvature=_sample()).apply(jnp.asarray(v))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-14)
-    op = cj.ggn_operator(mlp.task, damping=LAM, curvature=_sample())
+    op = _op(mlp.task, curvature=_sample()).as_lineax()
     np.testing.assert_allclose(np.asarray(op.mv(jnp.asarray(v[0]))), want[0], rtol=1e-12, atol=1e-14)
     # All N examples with equal weights is the full operator.
     full = cj.CurvatureSample(jnp.arange(N), jnp.full(N, 3.0))
-    got = cj.apply_ggn(mlp.task, jnp.asarray(v), damping=LAM, batch_size=BATCH, curvature=full)
+    got = _op(mlp.task, batch_size=BATCH, curvature=full).apply(jnp.asarray(v))
     np.testing.assert_allclose(np.asarray(got), v @ mlp.ggn.T, rtol=1e-12, atol=1e-14)
 
 
@@ -276,7 +283,7 @@ def test_bad_curvature_samples_are_refused(sample, match):
 
 def test_preconditioner_must_match_the_task_and_curvature(mlp):
     soft = softmax_problem()
-    pre = cj.jacobi_preconditioner(soft.task, batch_size=BATCH)
+    pre = cj.jacobi_preconditioner(_op(soft.task, batch_size=BATCH))
     moved = cj.Task(soft.task.apply_fn, soft.task.loss_fn, jax.tree_util.tree_map(lambda a: a + 1e-3, soft.task.params),
                     soft.task.inputs, soft.task.targets)
     rhs = jnp.asarray(soft.grads[:2])
@@ -298,14 +305,21 @@ def test_preconditioner_must_match_the_task_and_curvature(mlp):
     [
         (dict(rank=0), "at least 1"),
         (dict(rank="big"), "'auto'"),
-        (dict(rank="auto"), "needs the `damping`"),
-        (dict(rank="auto", damping=LAM, condition_target=1.0), "condition_target"),
+        (dict(rank="auto", condition_target=1.0), "condition_target"),
         (dict(rank=10_000), "exceeds the number of parameters"),
         (dict(rank=4, error_iters=-1), "error_iters"),
-        (dict(rank=4, damping=0.0), "damping"),
     ],
 )
 def test_bad_nystrom_settings(kwargs, match):
-    task = softmax_problem().task
+    op = _op(softmax_problem().task)
     with pytest.raises((ValueError, TypeError), match=match):
-        cj.nystrom_preconditioner(task, key=jax.random.key(0), **kwargs)
+        cj.nystrom_preconditioner(op, key=jax.random.key(0), **kwargs)
+
+
+def test_nystrom_needs_an_operator_with_a_valid_damping():
+    """The damping is the operator's (always known, so rank="auto" needs nothing more); a bad one is refused."""
+    task = softmax_problem().task
+    with pytest.raises(TypeError, match="DampedGGN"):
+        cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=4)
+    with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
+        cj.nystrom_preconditioner(cj.DampedGGN(task, damping=0.0), key=jax.random.key(0), rank=4)

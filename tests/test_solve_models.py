@@ -3,7 +3,7 @@
 Guards against a failure seen on jaxlib 0.10.2 XLA:CPU, where LeNet-5's max-pool
 written as a 6-D reshape gave wrong GGN products inside CG's while-loop for a
 block of one vector (CG returned NaN after one step). Reference: the residual is
-recomputed here from ``cj.apply_ggn`` outside any loop.
+recomputed here from ``cj.DampedGGN.apply`` outside any loop.
 """
 
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ def test_lenet_solves_converge_to_true_residual(task, num_rhs):
     assert bool(jnp.isfinite(result.solutions).all())
     assert bool(result.converged.all())
     # Independent check of the reported residual: H~ x recomputed by a plain product.
-    hx = cj.apply_ggn(task, result.solutions, damping=1e-2)
+    hx = cj.DampedGGN(task, damping=1e-2).apply(result.solutions)
     rho = jnp.linalg.norm(rhs - hx, axis=1) / jnp.linalg.norm(rhs, axis=1)
     # float32 products: allow rounding of order 1e-6 around the 1e-4 target.
     assert float(rho.max()) <= 1e-4 * 1.05

@@ -25,6 +25,10 @@ def mlp():
     return mlp_problem()
 
 
+def _op(task, damping=LAM, **kwargs):
+    return cj.DampedGGN(task, damping=damping, **kwargs)
+
+
 # -- settings objects ----------------------------------------------------------------------
 
 
@@ -87,12 +91,14 @@ class warnings_as_errors:
 def test_prepare_builds_once_and_solutions_do_not_depend_on_it(mlp):
     solver = cj.CG(rtol=RTOL, preconditioner="nystrom")
     assert not solver.prepared
-    prepared = solver.prepare(mlp.task, damping=LAM, num_systems=10, batch_size=BATCH, key=jax.random.key(3))
+    assert solver.built_preconditioner() is None
+    prepared = solver.prepare(_op(mlp.task, batch_size=BATCH), 10, key=jax.random.key(3))
     assert prepared.prepared and isinstance(prepared.preconditioner, cj.NystromPreconditioner)
-    assert prepared.nystrom() is prepared.preconditioner
+    assert prepared.built_preconditioner() is prepared.preconditioner
+    assert prepared.built_preconditioner().low_rank() is prepared.preconditioner  # Nystrom factors are low-rank
     assert "rank" in prepared.choice and prepared.preconditioner.note == prepared.choice
     # A prepared solver is returned as it is: no second build.
-    assert prepared.prepare(mlp.task, damping=LAM, num_systems=10) is prepared
+    assert prepared.prepare(_op(mlp.task), 10) is prepared
     rhs = jnp.asarray(mlp.grads[:4])
     a = cj.solve_ggn(mlp.task, rhs, damping=LAM, batch_size=BATCH, solver=prepared)
     b = cj.solve_ggn(mlp.task, rhs, damping=LAM, batch_size=BATCH, solver=cj.CG(rtol=RTOL, preconditioner=None))
@@ -105,9 +111,25 @@ def test_a_prepared_preconditioner_is_checked_against_the_task(mlp):
     shifted = cj.Task(other.task.apply_fn, other.task.loss_fn,
                       jax.tree_util.tree_map(lambda a: a + 0.1, other.task.params), other.task.inputs,
                       other.task.targets)
-    prepared = cj.CG(preconditioner="jacobi").prepare(mlp.task, damping=LAM, num_systems=4)
+    prepared = cj.CG(preconditioner="jacobi").prepare(_op(mlp.task), 4)
+    assert isinstance(prepared.built_preconditioner(), cj.JacobiPreconditioner)
+    assert prepared.built_preconditioner().low_rank() is None  # no low-rank factors to share with a cache
     with pytest.raises(ValueError, match="fingerprint"):
         cj.solve_ggn(shifted, jnp.asarray(mlp.grads[:2]), damping=LAM, solver=prepared)
+    with pytest.raises(ValueError, match="fingerprint"):
+        prepared.solve(_op(shifted), jnp.asarray(mlp.grads[:2]))
+
+
+def test_solve_takes_an_operator_and_checks_the_preconditioner_against_it(mlp):
+    rhs = jnp.asarray(mlp.grads[:2])
+    with pytest.raises(TypeError, match="DampedGGN"):
+        cj.CG().solve(mlp.task, rhs)
+    pre = cj.jacobi_preconditioner(_op(mlp.task))  # built on the full curvature
+    sample = cj.CurvatureSample(jnp.arange(0, mlp.task.num_examples, 2), jnp.ones(mlp.task.num_examples // 2))
+    with pytest.raises(ValueError, match="built for curvature"):
+        cj.CG(preconditioner=pre).solve(_op(mlp.task, curvature=sample), rhs)
+    with pytest.raises(ValueError, match="built for curvature"):
+        pre.check(_op(mlp.task, curvature=sample))
 
 
 def test_a_user_preconditioner_needs_only_the_interface(mlp):
@@ -138,7 +160,7 @@ def test_a_user_preconditioner_needs_only_the_interface(mlp):
 
 
 def test_nystrom_approximate_inverse_is_the_dense_formula(mlp):
-    pre = cj.nystrom_preconditioner(mlp.task, key=jax.random.key(0), rank=8, batch_size=BATCH)
+    pre = cj.nystrom_preconditioner(_op(mlp.task, batch_size=BATCH), key=jax.random.key(0), rank=8)
     u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
     dense = u.T @ np.diag(1 / (s + LAM)) @ u + (np.eye(u.shape[1]) - u.T @ u) / LAM
     rhs = np.asarray(mlp.grads[:3])
@@ -166,16 +188,16 @@ def test_iteration_models_follow_the_cg_bound():
 
 
 def test_auto_skips_the_probe_for_few_systems(mlp):
-    solver = cj.CG(rtol=RTOL).prepare(mlp.task, damping=LAM, num_systems=precondition.MIN_SYSTEMS - 1)
+    solver = cj.CG(rtol=RTOL).prepare(_op(mlp.task), precondition.MIN_SYSTEMS - 1)
     assert solver.preconditioner is None and "no probe" in solver.choice
 
 
 def test_auto_weighs_the_build_against_the_solves(mlp):
     """Many systems on a stiff operator: Nystrom; heavy damping (kappa ~ 1): plain CG."""
-    many = cj.CG(rtol=RTOL).prepare(mlp.task, damping=1e-4, num_systems=500, batch_size=BATCH)
+    many = cj.CG(rtol=RTOL).prepare(_op(mlp.task, damping=1e-4, batch_size=BATCH), 500)
     assert isinstance(many.preconditioner, cj.NystromPreconditioner), many.choice
     assert many.preconditioner.rank >= precondition.PROBE_RANK or many.preconditioner.rank == mlp.num_params
-    easy = cj.CG(rtol=1e-3).prepare(mlp.task, damping=100.0, num_systems=4, batch_size=BATCH)
+    easy = cj.CG(rtol=1e-3).prepare(_op(mlp.task, damping=100.0, batch_size=BATCH), 4)
     assert easy.preconditioner is None and easy.choice.startswith("none"), easy.choice
 
 
@@ -183,7 +205,7 @@ def test_auto_weighs_the_build_against_the_solves(mlp):
 
 
 def test_cache_records_the_solver_and_reuses_a_prepared_one(mlp):
-    solver = cj.CG(rtol=RTOL, preconditioner="jacobi").prepare(mlp.task, damping=LAM, num_systems=NUM_CLUSTERS)
+    solver = cj.CG(rtol=RTOL, preconditioner="jacobi").prepare(_op(mlp.task), NUM_CLUSTERS)
     cache = cj.build_cache(mlp.task, num_clusters=NUM_CLUSTERS, sketch_dim=SKETCH_DIM, damping=LAM,
                            key=jax.random.key(0), solver=solver, batch_size=BATCH, correction=None)
     assert cache.solver == solver.describe() and "preconditioner=jacobi" in cache.solver

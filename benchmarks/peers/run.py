@@ -85,11 +85,12 @@ def ours(task, folds, args):
     kw = dict(damping=args.damping, batch_size=args.batch_size)
     # Preconditioner builds: timed on their first call, compilation included (a build is done once per model).
     pres = {"none": (None, 0.0)}
-    t, pre = timed(lambda: cj.nystrom_preconditioner(task, key=jax.random.key(1), rank="auto",
-                                                     rhs_batch_size=args.rhs_block, **kw), warmup=False)
+    op = cj.DampedGGN(task, **kw)
+    t, pre = timed(lambda: cj.nystrom_preconditioner(op, key=jax.random.key(1), rank="auto",
+                                                     rhs_batch_size=args.rhs_block), warmup=False)
     pres["nystrom"] = (pre, t)
     log(f"nystrom preconditioner built in {t:.1f} s, rank {pre.rank} (compilation included)")
-    t, pre = timed(lambda: cj.kfac_preconditioner(task, **kw), warmup=False)
+    t, pre = timed(lambda: cj.kfac_preconditioner(op), warmup=False)
     pres["kfac"] = (pre, t)
     log(f"kfac preconditioner built in {t:.1f} s (compilation included)")
     # Solves: compiled first on one block with max_steps=1, so the timings below are runs.
@@ -151,7 +152,7 @@ def ours_defaults(task, folds, args):
     kw = dict(damping=args.damping, batch_size=args.batch_size)
 
     def if_run():
-        solver = cj.CG().prepare(task, num_systems=len(folds), **kw)  # what influence_solve does inside
+        solver = cj.CG().prepare(cj.DampedGGN(task, **kw), len(folds))  # what influence_solve does inside
         res = cj.influence_solve(task, folds, solver=solver, **kw)
         g = cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
         return np.asarray(jnp.sum(res.solutions * g, axis=1)), res, solver
@@ -184,7 +185,7 @@ def ours_defaults(task, folds, args):
 def ekfac_estimator(task, folds, args):
     """Our APPROXIMATE EK-FAC estimator (kronfluence's method, ``cj.ekfac_influence``): no CG, no residual control."""
     def run():
-        pre = cj.ekfac_preconditioner(task, batch_size=args.batch_size)
+        pre = cj.ekfac_preconditioner(cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size))
         delta = cj.ekfac_influence(task, folds, damping=args.damping, preconditioner=pre, batch_size=args.batch_size)
         g = cj.mean_subset_gradients(task, folds, batch_size=args.batch_size)
         return jnp.sum(delta * g, axis=1)

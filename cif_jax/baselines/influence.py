@@ -13,11 +13,11 @@ from jaxtyping import Array, Float
 
 from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
-from ..core import curvature as _curvature
 from ..core.gradients import gradient_sums_pass, raise_on_bad
 from ..core.phases import PhaseRunner
-from ..core.task import Task, fingerprint
+from ..core.task import Task
 from ..solvers import distributed as _distributed
+from ..solvers.operator import DampedGGN
 from ..solvers.solve import AbstractSolver, SolveResult, check_solver, prepare_checkpointed, solve_checkpointed
 
 
@@ -39,44 +39,35 @@ def influence_solve(
     Same as :func:`influence` but returns the :class:`SolveResult` (solutions
     already divided by N; residuals relative to the gradient sums).
     """
-    _checks.task(task)
-    lam = _checks.damping(damping)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    solver = check_solver(solver)
-    plan = _distributed.check_mesh(mesh)  # every check before the gradient pass
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    if plan is not None:
-        _distributed.check_task(plan, task, curvature)
+    solver = check_solver(solver)  # every check before the gradient pass
+    operator = DampedGGN(task, damping=damping, curvature=curvature, batch_size=batch_size, mesh=mesh)
     subs = _checks.subsets(subsets, task.num_examples)
     if checkpoint_dir is None:
-        sums, bad = gradient_sums_pass(task, jnp.asarray(subs.mask.T), batch_size)
+        sums, bad = gradient_sums_pass(task, jnp.asarray(subs.mask.T), operator.batch_size)
         raise_on_bad(bad)
-        result = solver.solve(task, sums, damping=lam, batch_size=batch_size, curvature=curvature, mesh=mesh,
-                              key=key, progress=progress)
+        result = solver.solve(operator, sums, key=key, progress=progress)
     else:
-        result = _checkpointed(task, subs.mask, lam, solver, batch_size, curvature, mesh, key, progress,
-                               checkpoint_dir)
+        result = _checkpointed(operator, subs.mask, solver, key, progress, checkpoint_dir)
     n = jnp.asarray(task.num_examples, result.solutions.dtype)
     return result._replace(solutions=result.solutions / n)
 
 
-def _checkpointed(task, mask, lam, solver, batch_size, curvature, mesh, key, progress, directory):
+def _checkpointed(operator: DampedGGN, mask, solver, key, progress, directory):
     """The gradient sums, the preconditioner and each block of solves saved in ``directory`` as they finish."""
     mask = np.asarray(mask, bool)
-    _distributed.check_single_process(mesh)
+    _distributed.check_single_process(operator.mesh)
     ckpt = _checkpoint.Checkpoint(directory, kind="influence", settings={
-        "fingerprint": fingerprint(task), "subsets": _checkpoint.digest(mask),
-        "num_subsets": int(mask.shape[0]), "damping": lam, "solver": solver.describe(),
+        "fingerprint": operator.fingerprint, "subsets": _checkpoint.digest(mask),
+        "num_subsets": int(mask.shape[0]), "damping": operator.damping, "solver": solver.describe(),
         "solver_arrays": _checkpoint.leaves_digest(solver),
-        "curvature": _curvature.describe(curvature),
+        "curvature": operator.describe_curvature(),
         "key": None if key is None else np.asarray(jax.random.key_data(_checks.as_key(key))).tolist()})
-    sums, bad = PhaseRunner(ckpt).stored("sums", lambda: gradient_sums_pass(task, jnp.asarray(mask.T), batch_size))
+    sums, bad = PhaseRunner(ckpt).stored("sums", lambda: gradient_sums_pass(operator.task, jnp.asarray(mask.T),
+                                                                              operator.batch_size))
     raise_on_bad(bad)
-    solver = prepare_checkpointed(solver, ckpt, lambda: solver.prepare(
-        task, damping=lam, num_systems=mask.shape[0], batch_size=batch_size, curvature=curvature, key=key,
-        progress=progress))
-    return solve_checkpointed(solver, task, sums, checkpoint=ckpt, name="solves", damping=lam,
-                              batch_size=batch_size, curvature=curvature, mesh=mesh, key=key, progress=progress)
+    solver = prepare_checkpointed(solver, ckpt, lambda: solver.prepare(operator, mask.shape[0], key=key,
+                                                                       progress=progress))
+    return solve_checkpointed(solver, operator, sums, checkpoint=ckpt, name="solves", key=key, progress=progress)
 
 
 def influence(

@@ -48,7 +48,8 @@ from jaxtyping import Array, Float
 from ..cif.cache import InfluenceCache
 from ..core import checks as _checks
 from ..core.ggn import ggn_matvec_fn
-from ..core.task import Task, fingerprint, take_examples
+from ..core.task import Task, take_examples
+from ..solvers.operator import DampedGGN
 from ..solvers.solve import check_solver, solve_ggn
 from .influence import influence
 
@@ -264,7 +265,8 @@ def cache_interaction_terms(
     _check_target(target, task)
     if target.num_params != cache.num_params:
         raise ValueError(f"`target` has p = {target.num_params} parameters but the cache p = {cache.num_params}.")
-    if task is not None and fingerprint(task) != cache.fingerprint:
+    operator = None if task is None else DampedGGN(task, damping=cache.damping, batch_size=batch_size)
+    if operator is not None and operator.fingerprint != cache.fingerprint:
         raise ValueError("`task` is not the task this cache was built from (fingerprint differs).")
     if first_order == "exact" and task is None:
         raise ValueError("first_order='exact' needs the training `task` (for g_i and the solve).")
@@ -281,7 +283,7 @@ def cache_interaction_terms(
     else:
         from ..core.gradients import per_example_grads
 
-        u = solve_ggn(task, grad_f[None, :], damping=cache.damping, solver=solver, batch_size=batch_size).solutions[0]
+        u = check_solver(solver).solve(operator, grad_f[None, :]).solutions[0]
         first = per_example_grads(task, batch_size=batch_size) @ u / nn
     coords = jax.nn.one_hot(cache.assignments, cache.num_clusters, dtype=v.dtype)
     curved = k[cache.assignments] / (nn * nn)
@@ -511,12 +513,11 @@ def second_order_group_influence(
     _checks.task(task)
     _check_target(target, task)
     subs = _checks.subsets(subsets, task.num_examples)
-    lam = _checks.damping(damping)
+    operator = DampedGGN(task, damping=damping, batch_size=batch_size)
+    lam = operator.damping
     # 2Q + 1 systems in three calls: one preconditioner decision for all of them.
-    solver = check_solver(solver).prepare(task, damping=lam, num_systems=2 * subs.sizes.size + 1,
-                                          batch_size=batch_size)
-    kw = dict(damping=lam, solver=solver, batch_size=batch_size)
-    deltas = influence(task, subsets, **kw)  # (Q, p), already / N
+    solver = check_solver(solver).prepare(operator, 2 * subs.sizes.size + 1)
+    deltas = influence(task, subsets, damping=lam, solver=solver, batch_size=batch_size)  # (Q, p), already / N
     n = jnp.asarray(task.num_examples, deltas.dtype)
     starts = np.concatenate([[0], np.cumsum(subs.sizes)])
     hsd = []
@@ -527,8 +528,8 @@ def second_order_group_influence(
         hsd.append(_sample_product(task, sample, batch_size, deltas[q]) * members.size)
     hsd = jnp.stack(hsd)
     grad_f = target_gradient(target).astype(deltas.dtype)
-    u_f = solve_ggn(task, grad_f[None, :], **kw).solutions[0]
-    extra = solve_ggn(task, hsd, **kw).solutions / n
+    u_f = solver.solve(operator, grad_f[None, :]).solutions[0]
+    extra = solver.solve(operator, hsd).solutions / n
     first = deltas @ grad_f
     correction = hsd @ u_f / n
     return SecondOrderInfluence(first, correction, first + correction, deltas + extra)
@@ -572,11 +573,12 @@ def second_order_terms(
     _checks.task(task)
     _check_target(target, task)
     idx = _candidate_indices(indices, task.num_examples)
-    lam = _checks.damping(damping)
-    solver = check_solver(solver).prepare(task, damping=lam, num_systems=idx.size + 1, batch_size=batch_size)
+    operator = DampedGGN(task, damping=damping, batch_size=batch_size)
+    lam = operator.damping
+    solver = check_solver(solver).prepare(operator, idx.size + 1)
     exact = interaction_terms(task, target, indices, damping=lam, kind=kind, solver=solver, batch_size=batch_size)
     grad_f = target_gradient(target).astype(exact.coords.dtype)
-    u_f = solve_ggn(task, grad_f[None, :], damping=lam, solver=solver, batch_size=batch_size).solutions[0]
+    u_f = solver.solve(operator, grad_f[None, :]).solutions[0]
     h = _per_example_products(take_examples(task, idx), u_f, batch_size) / jnp.asarray(task.num_examples, u_f.dtype)
     delta = exact.coords
     if interaction:

@@ -198,6 +198,22 @@ def subset_losses(
     return losses.reshape(m, num_seeds, losses.shape[1]).mean(axis=1)
 
 
+def _check_keep_losses(keep, losses, fewest: int, why: str):
+    """``keep`` as a boolean (M, N) mask of at least ``fewest`` subsets and ``losses`` as finite (M, num_test)
+    float64, with clear errors."""
+    keep = np.asarray(keep)
+    if keep.dtype != bool or keep.ndim != 2:
+        raise ValueError(f"`keep` must be a boolean (M, N) mask of training subsets, got {keep.dtype} {keep.shape}.")
+    m = keep.shape[0]
+    if m < fewest:
+        raise ValueError(f"`keep` holds {m} subset(s); {why}.")
+    losses = np.asarray(losses, np.float64)
+    if losses.ndim != 2 or losses.shape[0] != m:
+        raise ValueError(f"`losses` must have shape (M, num_test) = ({m}, num_test), got {losses.shape}.")
+    _checks.finite_rows(losses.T, "`losses`", what="test example")
+    return keep, losses
+
+
 def lds(attributions: Float[Array, "t n"] | Callable[[np.ndarray], np.ndarray], keep, losses) -> LDSResult:
     """Linear datamodeling score of attribution scores (Park et al. 2023, eq. 4).
 
@@ -231,17 +247,8 @@ def lds(attributions: Float[Array, "t n"] | Callable[[np.ndarray], np.ndarray], 
         ValueError: on mismatched shapes, fewer than 3 subsets, or NaN/Inf scores,
             predictions or losses.
     """
-    keep = np.asarray(keep)
-    if keep.dtype != bool or keep.ndim != 2:
-        raise ValueError(f"`keep` must be a boolean (M, N) mask of training subsets, got {keep.dtype} {keep.shape}.")
-    m, n = keep.shape
-    if m < 3:
-        raise ValueError(f"`keep` holds {m} subset(s); a rank correlation needs at least 3.")
-    losses = np.asarray(losses, np.float64)
-    if losses.ndim != 2 or losses.shape[0] != m:
-        raise ValueError(f"`losses` must have shape (M, num_test) = ({m}, num_test), got {losses.shape}.")
-    _checks.finite_rows(losses.T, "`losses`", what="test example")
-    num_test = losses.shape[1]
+    keep, losses = _check_keep_losses(keep, losses, 3, "a rank correlation needs at least 3")
+    (m, n), num_test = keep.shape, losses.shape[1]
     if callable(attributions):
         predictions = np.asarray(attributions(keep), np.float64)
         if predictions.shape != (m, num_test):
@@ -324,17 +331,8 @@ def datamodel_lds(attributions: Float[Array, "t n"], keep, losses, *,
         ValueError: on mismatched shapes, fewer than 4 subsets, an example inside
             or outside every subset of a half, or NaN/Inf scores or losses.
     """
-    keep = np.asarray(keep)
-    if keep.dtype != bool or keep.ndim != 2:
-        raise ValueError(f"`keep` must be a boolean (M, N) mask of training subsets, got {keep.dtype} {keep.shape}.")
-    m, n = keep.shape
-    if m < 4:
-        raise ValueError(f"`keep` holds {m} subset(s); the datamodel and its split-half check need at least 4.")
-    losses = np.asarray(losses, np.float64)
-    if losses.ndim != 2 or losses.shape[0] != m:
-        raise ValueError(f"`losses` must have shape (M, num_test) = ({m}, num_test), got {losses.shape}.")
-    _checks.finite_rows(losses.T, "`losses`", what="test example")
-    num_test = losses.shape[1]
+    keep, losses = _check_keep_losses(keep, losses, 4, "the datamodel and its split-half check need at least 4")
+    (m, n), num_test = keep.shape, losses.shape[1]
     scores = np.asarray(attributions, np.float64)
     if scores.shape != (num_test, n):
         raise ValueError(f"`attributions` must have shape (num_test, N) = ({num_test}, {n}) to match `losses` "

@@ -94,6 +94,31 @@ def _nnx_eval_losses(model, x, y, batch_size):
     return _baselines.per_example_losses(task, batch_size)
 
 
+def _model_factory(build_model):
+    """``(first model, its flat initial parameters, fresh())``: ``fresh()`` returns a new model per call and
+    refuses one handed out before or one whose initialisation differs (cold-start retraining needs both)."""
+    from flax import nnx
+
+    first = build_model()
+    if not isinstance(first, nnx.Module):
+        raise TypeError(f"`build_model()` must return a flax.nnx.Module, got {type(first).__name__}.")
+    init = _nnx_flat(first)
+
+    def fresh():
+        model = build_model()
+        if model is first:
+            raise ValueError("`build_model()` returned a model it had returned before; cold-start retraining needs "
+                             "a new model per call (build it inside the function).")
+        flat = _nnx_flat(model)
+        # Also catches a function that hands out one model again after it was trained in place.
+        if flat.shape != init.shape or not bool(jnp.array_equal(flat, init)):
+            raise ValueError("`build_model()` returned different initial parameters on two calls; fix its seed so "
+                             "that every retraining starts from the base model's initialisation.")
+        return model
+
+    return first, init, fresh
+
+
 def retrain(
     build_model: Callable[[], Any],
     inputs,
@@ -180,23 +205,7 @@ def retrain(
     learning_rates(learning_rate, total_steps=1, schedule=schedule)  # validates the schedule name
     make_optimizer(momentum=momentum, weight_decay=weight_decay)  # validates the optimiser settings
 
-    first = build_model()
-    if not isinstance(first, nnx.Module):
-        raise TypeError(f"`build_model()` must return a flax.nnx.Module, got {type(first).__name__}.")
-    init = _nnx_flat(first)
-
-    def fresh():
-        model = build_model()
-        if model is first:
-            raise ValueError("`build_model()` returned a model it had returned before; cold-start retraining needs "
-                             "a new model per call (build it inside the function).")
-        flat = _nnx_flat(model)
-        # Also catches a function that hands out one model again after it was trained in place.
-        if flat.shape != init.shape or not bool(jnp.array_equal(flat, init)):
-            raise ValueError("`build_model()` returned different initial parameters on two calls; fix its seed so "
-                             "that every retraining starts from the base model's initialisation.")
-        return model
-
+    first, init, fresh = _model_factory(build_model)
     kwargs = dict(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, momentum=momentum,
                   weight_decay=weight_decay, schedule=schedule, seed=seed, progress=progress)
     if base_model is None:

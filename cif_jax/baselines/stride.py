@@ -351,6 +351,45 @@ def _as_features(H, Z, labels):
     return H.astype(dtype), Z.astype(dtype), jnp.asarray(labels, jnp.int32)
 
 
+def _warn_membership(mask_np, sketch_dim: int, lambda_lin: float):
+    """Warns about memberships the fit cannot use well; returns each example's coverage (subsets holding it)."""
+    num_subsets, n = mask_np.shape
+    coverage = mask_np.sum(axis=0)
+    if (coverage == 0).any():
+        bad = np.flatnonzero(coverage == 0)
+        warnings.warn(f"stride_fit: {bad.size} example(s) (e.g. {bad[:10].tolist()}) are in no subset; their "
+                      "scores will be 0. Use subsets that cover all N (`cj.stride_subsets`).", stacklevel=3)
+    if np.unique(mask_np.T, axis=0).shape[0] < n:
+        warnings.warn("stride_fit: some examples belong to exactly the same subsets (identical columns of the "
+                      "membership X, e.g. a single partition); the Lasso cannot tell them apart. Use several "
+                      "rounds (`cj.stride_subsets` with num_subsets * subset_size > N).", stacklevel=3)
+    if lambda_lin > 0 and num_subsets <= sketch_dim:
+        warnings.warn(f"stride_fit: K = {num_subsets} <= sketch_dim = {sketch_dim}: the projector P of eq. (4) is "
+                      "close to the identity and the linearity term nearly vanishes; use sketch_dim < K.",
+                      stacklevel=3)
+    return coverage
+
+
+def _train(params, opt_state, data, num_steps: int, b_s, b_r, progress: bool):
+    """``num_steps`` Adam steps of the STRIDE objective; ``(params, loss history)``."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, desc="STRIDE operators", unit="step")
+    history = []
+    for t in range(num_steps):
+        params, opt_state, loss = _step(params, opt_state, jnp.asarray(t, jnp.int32), data, b_s=b_s, b_r=b_r)
+        history.append(loss)
+        if bar is not None:
+            bar.update(1)
+    history = jnp.stack(history)
+    history.block_until_ready()
+    if bar is not None:
+        bar.close()
+    return params, history
+
+
 def stride_fit(
     H: Float[Array, "n d"],
     Z: Float[Array, "n c"],
@@ -447,19 +486,7 @@ def stride_fit(
 
     mask_np = subs.mask
     num_subsets = mask_np.shape[0]
-    coverage = mask_np.sum(axis=0)
-    if (coverage == 0).any():
-        bad = np.flatnonzero(coverage == 0)
-        warnings.warn(f"stride_fit: {bad.size} example(s) (e.g. {bad[:10].tolist()}) are in no subset; their "
-                      "scores will be 0. Use subsets that cover all N (`cj.stride_subsets`).", stacklevel=2)
-    if np.unique(mask_np.T, axis=0).shape[0] < n:
-        warnings.warn("stride_fit: some examples belong to exactly the same subsets (identical columns of the "
-                      "membership X, e.g. a single partition); the Lasso cannot tell them apart. Use several "
-                      "rounds (`cj.stride_subsets` with num_subsets * subset_size > N).", stacklevel=2)
-    if lambda_lin > 0 and num_subsets <= sketch_dim:
-        warnings.warn(f"stride_fit: K = {num_subsets} <= sketch_dim = {sketch_dim}: the projector P of eq. (4) is "
-                      "close to the identity and the linearity term nearly vanishes; use sketch_dim < K.",
-                      stacklevel=2)
+    coverage = _warn_membership(mask_np, sketch_dim, lambda_lin)
 
     dtype = H.dtype
     b_s = b_r = None
@@ -475,21 +502,7 @@ def stride_fit(
     opt_state = optax.adam(lr).init(params)
     data = (H, Z, labels, mask, resid, jnp.asarray(lambda_stab, dtype), jnp.asarray(lambda_lin, dtype),
             jnp.asarray(lr, dtype), k_batch)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, desc="STRIDE operators", unit="step")
-    history = []
-    for t in range(num_steps):
-        params, opt_state, loss = _step(params, opt_state, jnp.asarray(t, jnp.int32), data, b_s=b_s, b_r=b_r)
-        history.append(loss)
-        if bar is not None:
-            bar.update(1)
-    history = jnp.stack(history)
-    history.block_until_ready()
-    if bar is not None:
-        bar.close()
+    params, history = _train(params, opt_state, data, num_steps, b_s, b_r, progress)
     seconds = time.perf_counter() - start
     settings = dict(encoder=encoder, rank=rank, hidden_dim=hidden, learning_rate=lr, num_steps=num_steps,
                     batch_size=batch_size, lambda_stab=lambda_stab, lambda_lin=lambda_lin, sketch_dim=sketch_dim,

@@ -23,11 +23,11 @@ from jaxtyping import Array, Float, Int, UInt
 
 from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
-from ..core import curvature as _curvature
 from ..core.gradients import raise_on_bad, streamed_map, streamed_sum
 from ..core.phases import PhaseRunner
-from ..core.task import Task, fingerprint
+from ..core.task import Task
 from ..solvers import distributed as _distributed
+from ..solvers.operator import DampedGGN
 from ..solvers.precondition import NystromPreconditioner, block_error_estimate, nystrom_preconditioner
 from ..solvers.solve import AbstractSolver, prepare_checkpointed, solve_checkpointed
 from ..solvers.solve import check_solver as _check_solver
@@ -233,12 +233,11 @@ def build_cache(
     References:
         Badó and Fenech, "Clustered Influence Functions", ICML 2026.
     """
-    b = _check_build(task, num_clusters=num_clusters, sketch_dim=sketch_dim, damping=damping, key=key, solver=solver,
-                     batch_size=batch_size, normalize_sketches=normalize_sketches,
-                     kmeans_max_iters=kmeans_max_iters, kmeans_tol=kmeans_tol,
-                     sketch_block_size=sketch_block_size, curvature=curvature, correction=correction,
-                     progress=progress, mesh=mesh)
-    fp = fingerprint(task)
+    operator = DampedGGN(task, damping=damping, curvature=curvature, batch_size=batch_size, mesh=mesh)
+    b = _check_build(task, operator, num_clusters=num_clusters, sketch_dim=sketch_dim, key=key, solver=solver,
+                     normalize_sketches=normalize_sketches, kmeans_max_iters=kmeans_max_iters, kmeans_tol=kmeans_tol,
+                     sketch_block_size=sketch_block_size, correction=correction, progress=progress)
+    fp = operator.fingerprint
     run = PhaseRunner(_open_checkpoint(task, b, checkpoint_dir, fp), progress=progress, total=_num_phases(b),
                       desc="CiF cache")
     sketches, centroids, assignments = _sketch_and_cluster(run, task, b)
@@ -259,7 +258,7 @@ def build_cache(
         centroids=centroids, sketch_key=b.key_data, num_examples=task.num_examples, damping=b.damping,
         sketch_dim=b.sketch_dim, sketch_block_size=b.sketch_block_size,
         normalize_sketches=b.normalize_sketches, rtol=solver.rtol, atol=solver.atol, max_steps=solver.step_budget,
-        fingerprint=fp, curvature=_curvature.describe(b.curvature), timings=run.close(),
+        fingerprint=fp, curvature=operator.describe_curvature(), timings=run.close(),
         solver=solver.describe(), correction=terms, lowrank=lowrank,
     )
 
@@ -267,44 +266,46 @@ def build_cache(
 class _Build(NamedTuple):
     """The checked settings of one :func:`build_cache` call."""
 
+    operator: DampedGGN
     num_clusters: int
     sketch_dim: int
-    damping: float
     key: jax.Array
     key_data: Array
     solver: AbstractSolver
-    batch_size: int | None
     normalize_sketches: bool
     kmeans_max_iters: int
     kmeans_tol: float
     sketch_block_size: int
-    curvature: object
     correction: AbstractCorrection | None
-    shared: NystromPreconditioner | None  #: the solver's own Nystrom factors, reused by the correction
+    shared: NystromPreconditioner | None  #: the low-rank factors of the solver's preconditioner, reused
     progress: bool
-    mesh: object
+
+    @property
+    def damping(self) -> float:
+        return self.operator.damping
+
+    @property
+    def batch_size(self) -> int | None:
+        """Examples per chunk of every data pass (the operator's)."""
+        return self.operator.batch_size
 
 
-def _check_build(task, *, num_clusters, sketch_dim, damping, key, solver, batch_size, normalize_sketches,
-                 kmeans_max_iters, kmeans_tol, sketch_block_size, curvature, correction, progress, mesh) -> _Build:
-    """Every argument of :func:`build_cache` checked, before any work."""
-    _checks.task(task)
+def _check_build(task, operator: DampedGGN, *, num_clusters, sketch_dim, key, solver, normalize_sketches,
+                 kmeans_max_iters, kmeans_tol, sketch_block_size, correction, progress) -> _Build:
+    """Every argument of :func:`build_cache` checked, before any work (the operator's when it was made)."""
     n = task.num_examples
     num_clusters = _checks.positive_int(num_clusters, "num_clusters")
     if num_clusters > n:
         raise ValueError(f"`num_clusters` = {num_clusters} exceeds the number of training examples N = {n}.")
     solver = _check_solver(solver)
     key, key_data = _check_key(key)
-    curvature = _curvature.check(curvature, n, task.dtype)
-    plan = _distributed.check_mesh(mesh)
-    if plan is not None:
-        _distributed.check_task(plan, task, curvature)
-    if mesh is not None and not solver.supports_mesh:
+    if operator.mesh is not None and not solver.supports_mesh:
         raise ValueError(f"`mesh` applies to cif_jax.CG; {type(solver).__name__} runs on one device. Drop it or use "
                          "cif_jax.CG().")
-    shared = solver.nystrom()
+    pre = solver.built_preconditioner()
+    shared = None if pre is None else pre.low_rank()
     if shared is not None:
-        shared.check(task, curvature)
+        shared.check(operator)
     sketch_dim = _checks.positive_int(sketch_dim, "sketch_dim")
     if sketch_dim > task.num_params:
         raise ValueError(f"`sketch_dim` = {sketch_dim} exceeds the number of parameters p = {task.num_params}: a JL "
@@ -316,27 +317,25 @@ def _check_build(task, *, num_clusters, sketch_dim, damping, key, solver, batch_
                       "memory with the cache; the paper uses d = 32. Pass a smaller `sketch_dim` if memory is short.",
                       stacklevel=3)
     return _Build(
-        num_clusters=num_clusters, sketch_dim=sketch_dim,
-        damping=_checks.damping(damping), key=key, key_data=key_data, solver=solver,
-        batch_size=_checks.positive_int(batch_size, "batch_size", allow_none=True),
-        normalize_sketches=bool(normalize_sketches),
+        operator=operator, num_clusters=num_clusters, sketch_dim=sketch_dim, key=key, key_data=key_data,
+        solver=solver, normalize_sketches=bool(normalize_sketches),
         kmeans_max_iters=_checks.positive_int(kmeans_max_iters, "kmeans_max_iters"),
         kmeans_tol=_checks.nonnegative_float(kmeans_tol, "kmeans_tol"),
-        sketch_block_size=_checks.positive_int(sketch_block_size, "sketch_block_size"), curvature=curvature,
-        correction=_correction.check(correction), shared=shared, progress=bool(progress), mesh=mesh)
+        sketch_block_size=_checks.positive_int(sketch_block_size, "sketch_block_size"),
+        correction=_correction.check(correction), shared=shared, progress=bool(progress))
 
 
 def _open_checkpoint(task, b: _Build, directory, fp: str):
     """The build's :class:`cif_jax.core.checkpoint.Checkpoint` in ``directory`` (None: none asked for)."""
     if directory is None:
         return None
-    _distributed.check_single_process(b.mesh)
+    _distributed.check_single_process(b.operator.mesh)
     return _checkpoint.Checkpoint(directory, kind="cache", settings={
         "fingerprint": fp, "num_examples": task.num_examples, "num_params": int(task.num_params),
         "dtype": jnp.dtype(task.dtype).name, "num_clusters": b.num_clusters, "sketch_dim": b.sketch_dim,
         "damping": b.damping, "key": np.asarray(b.key_data).tolist(), "normalize_sketches": b.normalize_sketches,
         "kmeans_max_iters": b.kmeans_max_iters, "kmeans_tol": b.kmeans_tol, "sketch_block_size": b.sketch_block_size,
-        "curvature": _curvature.describe(b.curvature),
+        "curvature": b.operator.describe_curvature(),
         "correction": None if b.correction is None else b.correction.describe(),
         "solver": b.solver.describe(), "solver_arrays": _checkpoint.leaves_digest(b.solver)})
 
@@ -415,10 +414,10 @@ def _factors(run: PhaseRunner, task, b: _Build, assignments, means):
         else:
             settings = dict(rank=rank)
         source = run("nystrom", lambda: nystrom_preconditioner(
-            task, key=jax.random.fold_in(b.key, 2), damping=b.damping, error_iters=0, batch_size=b.batch_size,
-            rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, curvature=b.curvature,
-            progress=b.progress, **settings), store="nystrom", module=NystromPreconditioner)
-        solver = solver.share_nystrom(source)  # free: the factors precondition the solves too
+            b.operator, key=jax.random.fold_in(b.key, 2), error_iters=0,
+            rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, progress=b.progress, **settings),
+            store="nystrom", module=NystromPreconditioner)
+        solver = solver.adopt(source)  # free: the factors precondition the solves too
     return _correction.nystrom_factors(source, correction.rank), source, probe, solver
 
 
@@ -432,8 +431,7 @@ def _prepared(run: PhaseRunner, task, b: _Build, solver):
         return solver
 
     def prepare():
-        return solver.prepare(task, damping=b.damping, num_systems=_num_systems(b), batch_size=b.batch_size,
-                              curvature=b.curvature, key=jax.random.fold_in(b.key, 4))
+        return solver.prepare(b.operator, _num_systems(b), key=jax.random.fold_in(b.key, 4))
 
     ckpt = run.checkpoint
     return run("preconditioner", prepare if ckpt is None else lambda: prepare_checkpointed(solver, ckpt, prepare))
@@ -443,12 +441,12 @@ def _solve_fn(run: PhaseRunner, task, b: _Build, solver):
     """``solve(rhs)`` with the build's operator; with a checkpoint, each call's blocks stored under their
     own names, in the (fixed) order of the calls."""
     calls = itertools.count(1)
-    kw = dict(damping=b.damping, batch_size=b.batch_size, curvature=b.curvature, mesh=b.mesh, progress=b.progress)
 
     def solve(rhs):
         if run.checkpoint is None:
-            return solver.solve(task, rhs, **kw)
-        return solve_checkpointed(solver, task, rhs, checkpoint=run.checkpoint, name=f"solves{next(calls)}", **kw)
+            return solver.solve(b.operator, rhs, progress=b.progress)
+        return solve_checkpointed(solver, b.operator, rhs, checkpoint=run.checkpoint, name=f"solves{next(calls)}",
+                                  progress=b.progress)
 
     return solve
 
@@ -490,9 +488,8 @@ def _lowrank_terms(run: PhaseRunner, task, b: _Build, probe, factors, source, me
     error = source.error_estimate
     if not bool(jnp.isfinite(error)):  # the factors' own estimate, else a block power iteration
         error = run("factor error", lambda: block_error_estimate(
-            task, basis, eig, key=jax.random.fold_in(b.key, 6), iters=_lowrank.ERROR_ITERS,
-            block=min(getattr(b.solver, "rhs_batch_size", None) or 32, task.num_params), batch_size=b.batch_size,
-            curvature=b.curvature))
+            b.operator, basis, eig, key=jax.random.fold_in(b.key, 6), iters=_lowrank.ERROR_ITERS,
+            block=min(getattr(b.solver, "rhs_batch_size", None) or 32, task.num_params)))
     return LowRankTerms(
         basis=basis, eigenvalues=eig, coords=coords,
         mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),

@@ -488,6 +488,11 @@ def fold_alphas(cache: InfluenceCache, task: Task, folds, *, batch_size: int | N
     K folds; each fold query then costs O(|S_k| (r + 1) + C) in :func:`loss_delta_from_alphas`.
     """
     _check_task(cache, task)
+    return _fold_alphas(cache, task, folds, batch_size)
+
+
+def _fold_alphas(cache: InfluenceCache, task: Task, folds, batch_size) -> Alphas:
+    """:func:`fold_alphas` for a task already checked against the cache (one fingerprint per query)."""
     g = mean_subset_gradients(task, folds, batch_size=batch_size)
     return _make_alphas(cache, g.astype(cache.responses.dtype))
 
@@ -515,7 +520,7 @@ def fold_loss_delta(cache: InfluenceCache, task: Task, folds, *, batch_size: int
     if estimator.self_terms:
         _terms(cache)  # refuse before the gradient pass
     subs = _checks.subsets(folds, cache.num_examples)
-    alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
+    alphas = _fold_alphas(cache, task, folds, batch_size)
     out = _scores(cache, subs, alphas, None, estimator)
     if estimator.self_terms:
         out = out + _overlap(cache, subs, None, estimator).astype(out.dtype)
@@ -547,7 +552,7 @@ def fold_matrix(cache: InfluenceCache, task: Task, folds, *, batch_size: int | N
     _check_task(cache, task)
     if estimator.self_terms:
         _terms(cache)
-    alphas = fold_alphas(cache, task, folds, batch_size=batch_size)
+    alphas = _fold_alphas(cache, task, folds, batch_size)
     counts = cluster_counts(cache, folds).astype(alphas.clusters.dtype)
     n = jnp.asarray(cache.num_examples, counts.dtype)
     out = jnp.matmul(counts, alphas.clusters.T, precision=HIGHEST) / n

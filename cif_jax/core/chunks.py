@@ -58,3 +58,18 @@ def chunk_sum(fn: Callable, tree, batch_size: int | None):
     if rem:
         total = jax.tree_util.tree_map(jnp.add, total, fn(rest))
     return total
+
+
+def row_blocks(rows, block: int):
+    """``(padded, real)`` for each block of ``block`` rows of ``rows`` (2-D), in order.
+
+    The last block is zero-padded to ``block`` rows, so that every block has one
+    shape and a jitted function of it compiles once; ``real`` is how many of its
+    rows are ``rows``' own (slice the block's results to it).
+    """
+    for start in range(0, rows.shape[0], block):
+        chunk = rows[start : start + block]
+        real = chunk.shape[0]
+        if real < block:
+            chunk = jnp.concatenate([chunk, jnp.zeros((block - real, chunk.shape[1]), chunk.dtype)])
+        yield chunk, real

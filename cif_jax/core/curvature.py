@@ -7,10 +7,11 @@ clustering and queries still use all N (paper section 5.6):
 
     \\tilde H_M = \\frac{\\sum_{i \\in M} w_i J_i^\\top W_i J_i}{\\sum_{i \\in M} w_i} + \\lambda I.
 
-A :class:`CurvatureSample` names the subset and its weights; every function that
-applies the operator (``ggn_operator``, ``apply_ggn``, ``solve_ggn``,
-``influence``, ``build_cache``, the preconditioners) takes it as ``curvature=``.
-``curvature=None`` means all N examples with equal weights.
+A :class:`CurvatureSample` names the subset and its weights; the operator
+:class:`cif_jax.DampedGGN` takes it as ``curvature=`` (and so do the functions
+that make one: ``solve_ggn``, ``influence``, ``build_cache``); preconditioners
+built on that operator describe the sample's GGN. ``curvature=None`` means all N
+examples with equal weights.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ differentiable loss), then ``J_i^T`` by transposing the linearisation. Products
 are summed over chunks of examples and divided by N. With a
 :class:`cif_jax.CurvatureSample` the sum runs over the sample only, weighted, and
 is divided by the sum of the weights.
+
+The operator as a value (damping, sample, chunks, mesh) is
+:class:`cif_jax.DampedGGN`, in :mod:`cif_jax.solvers.operator`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,8 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float
 
-from . import checks as _checks
-from . import curvature as _curvature
 from .chunks import chunk_sum
 from .task import Task
 
@@ -71,73 +70,7 @@ def ggn_matvec_fn(task: Task, *, batch_size: int | None = None, curvature=None):
     return mv
 
 
-def ggn_operator(
-    task: Task, *, damping: float, batch_size: int | None = None, curvature=None
-) -> lx.FunctionLinearOperator:
-    """The damped GGN ``H~ = (1/N) sum_i J_i^T W_i J_i + damping * I`` as a lineax operator.
-
-    Paper eqs. (1)-(2). The operator acts on flat (p,) vectors in
-    ``ravel_pytree(params)`` order and is tagged symmetric and positive
-    semidefinite, so ``lineax.CG`` accepts it. ``W_i`` is the Hessian of
-    ``loss_fn`` in the model outputs, computed by autodiff; for it to be PSD the
-    loss must be convex in the outputs (cross-entropy, squared error, ...).
-
-    Args:
-        task: the model snapshot and training data.
-        damping: lambda > 0.
-        batch_size: examples per chunk of each product (None: all at once). Only
-            memory and speed depend on it.
-        curvature: a :class:`cif_jax.CurvatureSample` to build the GGN from a weighted
-            subset of the examples (None: all N, equal weights).
-
-    Returns:
-        A ``lineax.FunctionLinearOperator``; ``op.mv(v)`` applies ``H~``. Wrap calls
-        in ``jax.jit`` (or use it inside ``lineax.linear_solve``) for speed.
-    """
-    _checks.task(task)
-    lam = _checks.damping(damping)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    return _damped_operator(task, lam, batch_size, curvature)
-
-
-def _damped_operator(task: Task, lam: float, batch_size, curvature=None):
-    mv = ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature)
-    flat, _ = ravel_pytree(task.params)
-    structure = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
-
-    def damped(v):
-        return mv(v) + jnp.asarray(lam, v.dtype) * v
-
-    return lx.FunctionLinearOperator(
-        damped, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
-    )
-
-
-@eqx.filter_jit
-def _apply_damped(task: Task, lam, batch_size, vectors, curvature=None):
-    mv = ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature)
-    return jax.vmap(mv)(vectors) + jnp.asarray(lam, vectors.dtype) * vectors
-
-
 @eqx.filter_jit
 def apply_undamped(task: Task, batch_size, vectors, curvature=None):
     return jax.vmap(ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature))(vectors)
 
-
-def apply_ggn(
-    task: Task, vectors: Float[Array, "k p"], *, damping: float, batch_size: int | None = None, curvature=None
-):
-    """``H~ v`` for each row v of ``vectors`` (k, p), jitted; one data pass serves all k.
-
-    ``curvature``: as :func:`ggn_operator`.
-    """
-    _checks.task(task)
-    lam = _checks.damping(damping)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    vectors = jnp.asarray(vectors)
-    p = task.num_params
-    if vectors.ndim != 2 or vectors.shape[1] != p:
-        raise ValueError(f"`vectors` must have shape (k, p) = (k, {p}); got {vectors.shape}.")
-    return _apply_damped(task, lam, batch_size, vectors.astype(task.dtype), curvature)

@@ -353,9 +353,12 @@ def _layout(num: int, shards: int, rhs_batch_size: int | None):
     return source, position, num_blocks, block
 
 
-def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size,
-               rhs_batch_size, progress, curvature=None, preconditioner=None, product_dtype=None):
+def solve_rows(plan: MeshPlan, kernel, rhs, settings, rhs_batch_size, progress, preconditioner=None,
+               product_dtype=None):
     """The sharded counterpart of the block loop of :func:`cif_jax.solve_ggn` (validated inputs).
+
+    ``kernel``: the operator's :class:`cif_jax.solvers.operator.GGNKernel`; ``settings``:
+    ``(rtol, atol, max_steps, max_restarts)``.
 
     Returns ``(solutions, residuals, num_steps, converged)`` as ordinary arrays on
     this process's first local device, every row in every process.
@@ -372,8 +375,11 @@ def solve_rows(plan: MeshPlan, task: Task, rhs, lam, rtol, atol, max_steps, max_
         return jnp.where((source >= 0)[..., None], picked, jnp.zeros((), rows.dtype))
 
     stack = jax.jit(arrange, out_shardings=stack_sharding)(_global(rhs, rep), _global(source, rep))
-    op = _place_operator(plan, task, curvature, preconditioner, np.dtype(dtype))
+    task, batch_size = kernel.task, kernel.batch_size
+    op = _place_operator(plan, task, kernel.curvature, preconditioner, np.dtype(dtype))
     fns = (task.apply_fn, task.loss_fn)
+    rtol, atol, max_steps, max_restarts = settings
+    lam = np.asarray(kernel.damping)
     settings = tuple(_global(np.asarray(v, t), rep) for v, t in
                      ((lam, dtype), (rtol, dtype), (atol, dtype), (max_steps, np.int32), (max_restarts, np.int32)))
 

@@ -12,8 +12,11 @@ Sampling", sec. 2): with an explicit scale ``s`` and the damping ``lambda``,
 
 ``B_j`` drawn uniformly with replacement from the pool (all N, or a
 :class:`cif_jax.CurvatureSample`), ``hat w = w / mean(w)`` so that every
-``A_j`` is an unbiased estimate of the pool's damped GGN. ``batch_size=None``
-uses the whole pool every step (deterministic). With ``s >= lambda_max(A_j)``
+``A_j`` is an unbiased estimate of the pool's damped GGN. The pool, lambda and
+the chunks of each product are the operator's (:class:`cif_jax.DampedGGN`: its
+``curvature``, ``damping`` and ``batch_size``); ``B`` is LiSSA's own
+``batch_size``, and ``batch_size=None`` uses the whole pool every step
+(deterministic). With ``s >= lambda_max(A_j)``
 the recursion is a truncated Neumann series of ``s A^{-1}``: its error is at most
 ``(1 - lambda / s)^{J+1} ||x*||``, so the depth needed grows like
 ``(s / lambda) ln(1 / tol)``: LiSSA is slow at small damping, where CG
@@ -36,7 +39,8 @@ from ..core import curvature as _curvature
 from ..core.checks import as_key
 from ..core.ggn import ggn_matvec_fn
 from ..core.task import Task
-from .solve import AbstractSolver, SolveResult, _check_rhs
+from .operator import DampedGGN, check_operator
+from .solve import AbstractSolver, SolveResult
 
 #: Power iterations per sampled operator when ``scale="auto"``.
 POWER_ITERS = 30
@@ -180,25 +184,23 @@ def _residuals(task, rhs, x, pool_idx, pool_w, lam, chunk):
 
 
 def lissa(
-    task: Task,
+    operator: DampedGGN,
     rhs: Float[Array, "q p"],
     *,
-    damping: float,
     scale,
     depth: int,
     key,
     repeats: int = 1,
     batch_size: int | None = None,
-    curvature=None,
     tol: float = 0.0,
-    chunk_size: int | None = None,
 ) -> LissaResult:
     """Solves ``H~ x = b`` for each row b of ``rhs`` by LiSSA (see the module docstring).
 
     Args:
-        task: the model snapshot and training data.
+        operator: the damped GGN (:class:`cif_jax.DampedGGN`): its damping, its
+            curvature sample as the pool (None: all N examples, equal weights) and its
+            ``batch_size`` as the examples per chunk inside each product (memory only).
         rhs: (Q, p) right-hand sides (e.g. gradient sums; divide by N for ``influence``'s scale).
-        damping: lambda > 0.
         scale: s > 0, at least the largest eigenvalue of every ``A_j``, or ``"auto"``:
             1.5 x the largest power-iteration eigenvalue of 5 sampled ``A_j``
             (of the one ``A`` with ``batch_size=None``).
@@ -208,10 +210,7 @@ def lissa(
             ``batch_size=None`` every repeat is the same).
         batch_size: B, examples per step drawn with replacement from the pool
             (None: the whole pool, deterministic). At most the pool size.
-        curvature: a :class:`cif_jax.CurvatureSample`: the pool and its weights
-            (None: all N examples, equal weights).
         tol: stop a system when ``||h_j - h_{j-1}|| <= tol ||h_j||`` (0: run all J steps).
-        chunk_size: examples per chunk inside each product (memory only).
 
     Returns:
         A :class:`LissaResult` with true residuals.
@@ -225,16 +224,14 @@ def lissa(
         Agarwal, Bullins and Hazan, "Second-order stochastic optimization for machine
         learning in linear time", JMLR 2017; Koh and Liang, ICML 2017; "Faithful and Fast Influence Function via Advanced Sampling".
     """
-    _checks.task(task)
-    lam = _checks.damping(damping)
+    operator = check_operator(operator)
+    task, lam, curvature, chunk_size = operator.task, operator.damping, operator.curvature, operator.batch_size
     depth = _checks.positive_int(depth, "depth")
     repeats = _checks.positive_int(repeats, "repeats")
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    chunk_size = _checks.positive_int(chunk_size, "chunk_size", allow_none=True)
     tol = _checks.nonnegative_float(tol, "tol")
     scale_value = _check_scale(scale, "scale")
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    pool_size = task.num_examples if curvature is None else int(curvature.indices.shape[0])
+    pool_size = operator.curvature_size
     if batch_size is not None and batch_size > pool_size:
         raise ValueError(f"`batch_size` = {batch_size} exceeds the pool of {pool_size} examples; lower it or "
                          "pass batch_size=None for the whole pool.")
@@ -242,7 +239,7 @@ def lissa(
         raise ValueError("`repeats` > 1 needs minibatches: with batch_size=None every repeat is identical. "
                          "Set `batch_size` or repeats=1.")
     key = as_key(key)
-    rhs = _check_rhs(task, jnp.asarray(rhs))  # the shape checks of every other solver
+    rhs = operator.rows(jnp.asarray(rhs))  # the shape checks of every other solver
     _checks.finite_rows(rhs, "right-hand sides", what="row")
     rhs = rhs.astype(task.dtype)
 
@@ -278,8 +275,8 @@ def lissa(
 class LiSSA(AbstractSolver):
     """LiSSA as a solver object: ``solver=cj.LiSSA(depth=..., key=...)`` wherever a solve is made.
 
-    The settings of :func:`lissa`; ``curvature`` and ``damping`` come from the call
-    it is passed to. ``rtol``/``atol`` only judge the result (``converged`` and the
+    The settings of :func:`lissa`; the pool, damping and chunks come from the
+    operator it solves on. ``rtol``/``atol`` only judge the result (``converged`` and the
     warning): LiSSA runs its ``depth`` (or stops on ``tol``), and the true
     residuals it reaches are reported (in a cache, as rho_c of the bound).
 
@@ -315,14 +312,12 @@ class LiSSA(AbstractSolver):
         return (f"lissa(scale={self.scale},depth={self.depth},repeats={self.repeats},"
                 f"batch_size={self.batch_size},tol={self.tol:g})")
 
-    def solve(self, task, rhs, *, damping, batch_size=None, curvature=None, mesh=None, key=None, progress=False,
-              warn=True):
-        """LiSSA on the rows of ``rhs`` (``batch_size`` chunks each product; the solver's own is the minibatch)."""
-        if mesh is not None:
-            raise ValueError("`mesh` applies to CG solves; LiSSA runs on one device. Drop it or use cif_jax.CG().")
-        out = lissa(task, rhs, damping=damping, scale=self.scale, depth=self.depth, key=self.key,
-                    repeats=self.repeats, batch_size=self.batch_size, curvature=curvature, tol=self.tol,
-                    chunk_size=batch_size)
+    def solve(self, operator, rhs, *, key=None, progress=False, warn=True):
+        """LiSSA on the rows of ``rhs`` (the operator's ``batch_size`` chunks each product; the solver's is B)."""
+        operator = check_operator(operator)
+        self._refuse_mesh(operator)
+        out = lissa(operator, rhs, scale=self.scale, depth=self.depth, key=self.key, repeats=self.repeats,
+                    batch_size=self.batch_size, tol=self.tol)
         result = SolveResult(out.solutions, out.pool_residuals, out.num_steps, jnp.ones(out.num_steps.shape, bool))
         hint = (f"After depth {self.depth} (scale {float(out.scale):.3g}): LiSSA needs about (scale / damping) "
                 "ln(1 / rtol) steps; raise `depth` or use cif_jax.CG().")

@@ -53,11 +53,11 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
 from ..core import checks as _checks
-from ..core import curvature as _curvature
 from ..core.checks import as_key
-from ..core.chunks import chunk_sum
+from ..core.chunks import chunk_sum, row_blocks
 from ..core.ggn import apply_undamped
-from ..core.task import Task, fingerprint
+from ..core.task import Task
+from .operator import DampedGGN, GGNKernel, check_operator
 
 #: Default cap on the Nystrom rank for ``rank="auto"``.
 DEFAULT_MAX_RANK = 512
@@ -125,22 +125,36 @@ class Preconditioner(eqx.Module):
         blank = {k: v for k, v in _BLANK.items() if k in names}
         return dataclasses.replace(self, **blank)
 
-    def check(self, task: Task, curvature):
-        """This preconditioner in the task's dtype, after checking it was built for ``task`` and ``curvature``."""
-        if self.size != task.num_params:
-            raise ValueError(f"the preconditioner acts on {self.size} parameters; the task has p = {task.num_params}.")
-        if self.fingerprint != fingerprint(task):
+    def low_rank(self) -> NystromPreconditioner | None:
+        """Its low-rank factors ``U diag(s) U^T`` of the GGN, if it has them (None by default).
+
+        A cache reuses them for its correction and per-example coordinates instead of
+        building its own (:func:`cif_jax.build_cache`).
+        """
+        return None
+
+    def check(self, operator: DampedGGN):
+        """This preconditioner in the operator's dtype, after checking it was built for ``operator``.
+
+        The task (by fingerprint) and the curvature sample must be the operator's, and
+        ``P + lambda I`` invertible at its damping.
+        """
+        if self.size != operator.num_params:
+            raise ValueError(f"the preconditioner acts on {self.size} parameters; the task has p = "
+                             f"{operator.num_params}.")
+        if self.fingerprint != operator.fingerprint:
             raise ValueError(
                 "the preconditioner was built from another model snapshot or data set (fingerprint mismatch); "
                 "rebuild it for this task."
             )
-        want = _curvature.describe(curvature)
+        want = operator.describe_curvature()
         if self.curvature != want:
             raise ValueError(
                 f"the preconditioner was built for curvature {self.curvature!r}, the solve uses {want!r}; "
                 "build it with the same `curvature=`."
             )
-        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, task.dtype), self)
+        self.check_damping(operator.damping)
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, operator.dtype), self)
 
 
 _BLANK = {"fingerprint": "", "curvature": "", "seconds": 0.0, "num_products": 0, "note": ""}
@@ -178,6 +192,9 @@ class NystromPreconditioner(Preconditioner):
     @property
     def size(self) -> int:
         return self.basis.shape[1]
+
+    def low_rank(self) -> NystromPreconditioner:
+        return self
 
     def describe(self) -> str:
         return f"nystrom(rank={self.rank})"
@@ -283,30 +300,24 @@ def _nystrom_factor(q, y):
     return ut, s, jnp.all(jnp.isfinite(c))
 
 
-def _products(task, vectors, batch_size, curvature, block, bar):
+def _products(kernel: GGNKernel, vectors, block, bar):
     """GGN products of the rows of ``vectors``, ``block`` rows per data pass (last block padded)."""
     out = []
-    num = vectors.shape[0]
-    for start in range(0, num, block):
-        chunk = vectors[start : start + block]
-        short = block - chunk.shape[0]
-        if short:
-            chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
-        res = apply_undamped(task, batch_size, chunk, curvature)
-        out.append(res[: block - short])
+    for chunk, real in row_blocks(vectors, block):
+        out.append(apply_undamped(kernel.task, kernel.batch_size, chunk, kernel.curvature)[:real])
         if bar is not None:
-            bar.update(block - short)
+            bar.update(real)
     return jnp.concatenate(out)
 
 
-def _error_estimate(task, ut, s, key, iters, batch_size, curvature, bar):
+def _error_estimate(kernel: GGNKernel, ut, s, key, iters, bar):
     """Power iteration on the PSD residual ``GGN - U diag(s) U^T`` (a lower estimate of its norm)."""
     p = ut.shape[1]
     v = jax.random.normal(key, (1, p), ut.dtype)
     v = v / jnp.linalg.norm(v)
     est = jnp.asarray(0.0, ut.dtype)
     for _ in range(iters):
-        w = _products(task, v, batch_size, curvature, 1, bar) - ((v @ ut.T) * s[None, :]) @ ut
+        w = _products(kernel, v, 1, bar) - ((v @ ut.T) * s[None, :]) @ ut
         est = jnp.linalg.norm(w)
         if not bool(est > 0):
             break
@@ -314,8 +325,7 @@ def _error_estimate(task, ut, s, key, iters, batch_size, curvature, bar):
     return est
 
 
-def block_error_estimate(task, basis, eigenvalues, *, key, iters: int, block: int, batch_size=None,
-                         curvature=None):
+def block_error_estimate(operator: DampedGGN, basis, eigenvalues, *, key, iters: int, block: int):
     """A block power-iteration estimate of ``||GGN - U diag(s) U^T||`` (a lower estimate of the norm).
 
     ``block`` orthonormal vectors, ``iters`` rounds of ``W = E V`` and re-orthonormalisation; the
@@ -323,10 +333,11 @@ def block_error_estimate(task, basis, eigenvalues, *, key, iters: int, block: in
     sketch's shape, so they reuse its compiled program: ``iters * block`` GGN-vector products.
     """
     p = basis.shape[1]
+    kernel = operator.kernel()
     v = _orthonormal_block_jit(as_key(key), None, block, p, basis.dtype)
     est = jnp.asarray(0.0, basis.dtype)
     for _ in range(iters):
-        w = _products(task, v, batch_size, curvature, block, None) - ((v @ basis.T) * eigenvalues[None, :]) @ basis
+        w = _products(kernel, v, block, None) - ((v @ basis.T) * eigenvalues[None, :]) @ basis
         est = jnp.linalg.norm(w, ord=2)
         if not bool(est > 0):
             break
@@ -336,37 +347,35 @@ def block_error_estimate(task, basis, eigenvalues, *, key, iters: int, block: in
 
 
 def nystrom_preconditioner(
-    task: Task,
+    operator: DampedGGN,
     *,
     key,
     rank: int | str = "auto",
-    damping: float | None = None,
     max_rank: int = DEFAULT_MAX_RANK,
     initial_rank: int = 64,
     condition_target: float = DEFAULT_CONDITION_TARGET,
     error_iters: int = 10,
-    batch_size: int | None = None,
     rhs_batch_size: int | None = 16,
-    curvature=None,
     progress: bool = False,
     accept: Callable | None = None,
 ) -> NystromPreconditioner:
     """Builds a randomized Nystrom preconditioner of the undamped GGN from block products.
 
+    The factors describe the undamped GGN of ``operator`` (its task, curvature sample
+    and chunks); its damping enters only the adaptive rule, so the result serves
+    solves at any damping.
+
     Args:
-        task: the model snapshot and training data.
+        operator: a :class:`cif_jax.DampedGGN`.
         key: PRNG key for the random test matrix and the error estimate.
         rank: r, an integer (fixed rank), or ``"auto"``: start at ``initial_rank`` and
             double (reusing the products made) until the estimated preconditioned
             condition number ``(s_r + damping + ||E||) / damping`` is at most
             ``condition_target``, or the rank reaches ``max_rank``.
-        damping: lambda > 0 of the solves it will serve; needed for ``rank="auto"``.
         max_rank, initial_rank, condition_target: the adaptive rule's settings.
         error_iters: power iterations (one GGN product each) estimating ``||E||`` per
             round; 0 skips the estimate (then only ``s_r`` enters the rule).
-        batch_size: examples per chunk of each GGN product.
         rhs_batch_size: test vectors per data pass (block products).
-        curvature: a :class:`cif_jax.CurvatureSample` (the solves must use the same).
         progress: show a progress bar over products.
         accept: with ``rank="auto"``, a rule ``accept(basis, eigenvalues) -> (done, note)``
             that replaces the condition-number rule: the rank doubles until it says
@@ -377,13 +386,11 @@ def nystrom_preconditioner(
         A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
         :func:`cif_jax.solve_ggn`, :func:`cif_jax.baselines.influence` or :func:`cif_jax.build_cache`.
     """
-    _checks.task(task)
-    p = task.num_params
+    operator = check_operator(operator)
+    p = operator.num_params
     if isinstance(rank, str):
         if rank != "auto":
             raise ValueError(f"`rank` must be a positive integer or 'auto', got {rank!r}.")
-        if damping is None:
-            raise ValueError("`rank='auto'` needs the `damping` of the solves it will serve.")
         max_rank = _checks.positive_int(max_rank, "max_rank")
         initial_rank = _checks.positive_int(initial_rank, "initial_rank")
         condition_target = float(condition_target)
@@ -397,17 +404,15 @@ def nystrom_preconditioner(
         first = min(rank, p)
         if rank > p:
             raise ValueError(f"`rank` = {rank} exceeds the number of parameters p = {p}.")
-    lam = _checks.damping(damping) if damping is not None else None
+    lam = operator.damping
     if isinstance(error_iters, bool) or not isinstance(error_iters, (int, np.integer)) or error_iters < 0:
         raise ValueError(f"`error_iters` must be an integer >= 0, got {error_iters!r}.")
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
     key = as_key(key)
 
     start_time = time.perf_counter()
     bar = _bar(progress)
-    sketch = _Sketch(task, key, batch_size, curvature, rhs_batch_size, bar)
+    sketch = _Sketch(operator, key, rhs_batch_size, bar)
     target_rank = first
     note = ""
     while True:
@@ -444,8 +449,8 @@ def _bar(progress):
 class _Sketch:
     """A Nystrom sketch of the undamped GGN that grows, reusing every product made so far."""
 
-    def __init__(self, task, key, batch_size, curvature, rhs_batch_size, bar):
-        self.task, self.key, self.batch_size, self.curvature = task, key, batch_size, curvature
+    def __init__(self, operator: DampedGGN, key, rhs_batch_size, bar):
+        self.operator, self.kernel, self.key = operator, operator.kernel(), key
         self.rhs_batch_size, self.bar = rhs_batch_size, bar
         self.q = self.y = self.ut = self.s = None
         self.num_products = 0
@@ -457,11 +462,11 @@ class _Sketch:
 
     def grow(self, rank: int):
         """Adds test vectors up to ``rank`` and refactors."""
-        task, p = self.task, self.task.num_params
+        p, dtype = self.operator.num_params, self.operator.dtype
         new = rank - self.rank
         block = new if self.rhs_batch_size is None else min(self.rhs_batch_size, new)
-        q_new = _orthonormal_block_jit(jax.random.fold_in(self.key, 2 * self.round), self.q, new, p, task.dtype)
-        y_new = _products(task, q_new, self.batch_size, self.curvature, block, self.bar)
+        q_new = _orthonormal_block_jit(jax.random.fold_in(self.key, 2 * self.round), self.q, new, p, dtype)
+        y_new = _products(self.kernel, q_new, block, self.bar)
         self.num_products += new
         self.q = q_new if self.q is None else jnp.concatenate([self.q, q_new])
         self.y = y_new if self.y is None else jnp.concatenate([self.y, y_new])
@@ -475,18 +480,18 @@ class _Sketch:
 
     def error_estimate(self, iters: int):
         if not iters:
-            return jnp.asarray(jnp.nan, self.task.dtype)
+            return jnp.asarray(jnp.nan, self.operator.dtype)
         self.num_products += iters
-        return _error_estimate(self.task, self.ut, self.s, jax.random.fold_in(self.key, 2 * self.round - 1), iters,
-                               self.batch_size, self.curvature, self.bar)
+        return _error_estimate(self.kernel, self.ut, self.s, jax.random.fold_in(self.key, 2 * self.round - 1), iters,
+                               self.bar)
 
     def preconditioner(self, err, seconds, note="") -> NystromPreconditioner:
         return NystromPreconditioner(
             basis=self.ut,
             eigenvalues=self.s,
             error_estimate=err,
-            fingerprint=fingerprint(self.task),
-            curvature=_curvature.describe(self.curvature),
+            fingerprint=self.operator.fingerprint,
+            curvature=self.operator.describe_curvature(),
             num_products=self.num_products,
             seconds=seconds,
             note=note,
@@ -536,14 +541,11 @@ def plain_iterations(eigenvalues, error: float, damping: float, rtol: float) -> 
 
 
 def auto_nystrom(
-    task: Task,
+    operator: DampedGGN,
     *,
-    damping: float,
     num_systems: int,
     rtol: float,
     key,
-    batch_size=None,
-    curvature=None,
     rhs_batch_size: int | None = 16,
     max_rank: int = DEFAULT_MAX_RANK,
     progress: bool = False,
@@ -573,15 +575,14 @@ def auto_nystrom(
     Returns:
         ``(preconditioner or None, note)``: the note says what was chosen and why.
     """
-    lam = _checks.damping(damping)
-    p = task.num_params
+    lam, p = operator.damping, operator.num_params
     top = min(max_rank, p)
     if not force and (num_systems < MIN_SYSTEMS or top < 1):
         return None, f"none ({num_systems} system(s): fewer than {MIN_SYSTEMS}, no probe)"
     start = time.perf_counter()
     bar = _bar(progress)
-    sketch = _Sketch(task, as_key(key), batch_size, curvature, rhs_batch_size, bar)
-    examples = task.num_examples if curvature is None else int(curvature.indices.shape[0])
+    sketch = _Sketch(operator, as_key(key), rhs_batch_size, bar)
+    examples = operator.curvature_size
     sketch.grow(min(PROBE_RANK, top))
     err = sketch.error_estimate(ERROR_ITERS)
     plain = num_systems * plain_iterations(sketch.s, float(err), lam, rtol)
@@ -617,6 +618,7 @@ def auto_nystrom(
 
 
 def jacobi_batch(batch_size):
+    """Examples per chunk of a diagonal or K-FAC pass: ``batch_size``, or 64 when it is None."""
     return 64 if batch_size is None else batch_size
 
 
@@ -653,20 +655,24 @@ def _ggn_diagonal(task: Task, batch_size, curvature):
     return total / jnp.sum(data[2])
 
 
-def build_jacobi(task, batch_size, curvature):
+def build_jacobi(operator: DampedGGN) -> JacobiPreconditioner:
+    """The Jacobi preconditioner of a checked operator (chunks: its ``batch_size``, else :func:`jacobi_batch`)."""
     start = time.perf_counter()
-    diag = jax.block_until_ready(_ggn_diagonal(task, batch_size, curvature))
+    diag = jax.block_until_ready(_ggn_diagonal(operator.task, jacobi_batch(operator.batch_size),
+                                               operator.curvature))
     if not bool(jnp.all(jnp.isfinite(diag))):
         raise ValueError("the GGN diagonal holds NaN or Inf; check the model snapshot and the data.")
-    return JacobiPreconditioner(
+    pre = JacobiPreconditioner(
         diagonal=diag,
-        fingerprint=fingerprint(task),
-        curvature=_curvature.describe(curvature),
+        fingerprint=operator.fingerprint,
+        curvature=operator.describe_curvature(),
         seconds=time.perf_counter() - start,
     )
+    pre.check_damping(operator.damping)
+    return pre
 
 
-def jacobi_preconditioner(task: Task, *, batch_size: int | None = 64, curvature=None) -> JacobiPreconditioner:
+def jacobi_preconditioner(operator: DampedGGN) -> JacobiPreconditioner:
     """Builds the Jacobi (diagonal GGN) preconditioner, exactly.
 
     ``diag(GGN) = (1/N) sum_i sum_a (J_i^T e_a) * (J_i^T W_i e_a)``: one
@@ -674,14 +680,15 @@ def jacobi_preconditioner(task: Task, *, batch_size: int | None = 64, curvature=
     (number of outputs) per-example gradient passes.
 
     Args:
-        task: the model snapshot and training data.
-        batch_size: examples per chunk (memory about ``batch_size * outputs * p``).
-        curvature: a :class:`cif_jax.CurvatureSample` (the solves must use the same).
+        operator: a :class:`cif_jax.DampedGGN`: the diagonal is its GGN's (task and
+            curvature sample), in chunks of its ``batch_size`` (64 when it has none:
+            memory is about ``batch_size * outputs * p``).
 
     Returns:
         A :class:`JacobiPreconditioner`.
+
+    Raises:
+        ValueError: when the damped diagonal is singular to working precision at the
+            operator's damping.
     """
-    _checks.task(task)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    return build_jacobi(task, batch_size, curvature)
+    return build_jacobi(check_operator(operator))

@@ -5,8 +5,11 @@ per-query systems of IF, eq. 3; the correction's calibration systems) goes
 through one solver object, passed as ``solver=``: :class:`CG` (the default),
 :class:`cif_jax.LiSSA`, or :class:`LineaxSolver`. A solver is an immutable
 settings object, like lineax's; :meth:`AbstractSolver.solve` solves a block of
-right-hand sides on a task's damped GGN and returns a :class:`SolveResult` whose
-residuals are recomputed after the solve, whatever the solver.
+right-hand sides on a damped-GGN operator (:class:`cif_jax.DampedGGN`, which holds
+the task, damping, curvature sample, chunks and mesh) and returns a
+:class:`SolveResult` whose residuals are recomputed after the solve, whatever the
+solver: ``solver.solve(operator, rhs)``, as lineax's ``linear_solve(operator, b,
+solver)``.
 
 :class:`CG` runs block conjugate gradients (:mod:`cif_jax.solvers.cg`). Its
 ``preconditioner`` is ``"auto"`` by default: a cost model
@@ -32,14 +35,15 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
-from ..core import curvature as _curvature
 from ..core.checks import as_key
+from ..core.chunks import row_blocks
 from ..core.ggn import ggn_matvec_fn
 from ..core.task import Task
 from . import distributed as _distributed
 from . import kfac as _kfac
 from . import precondition as _precondition
 from .cg import balanced_block, check_product_dtype, inner_rtol, low_precision, solve_system
+from .operator import DampedGGN, GGNKernel, check_operator
 from .precondition import NystromPreconditioner, Preconditioner
 
 #: The PRNG key of a randomized preconditioner build when the caller passes none.
@@ -77,18 +81,13 @@ class AbstractSolver(eqx.Module):
         """The most iterations one system may take (recorded in a cache)."""
 
     @abc.abstractmethod
-    def solve(self, task: Task, rhs, *, damping: float, batch_size=None, curvature=None, mesh=None, key=None,
-              progress: bool = False, warn: bool = True) -> SolveResult:
+    def solve(self, operator: DampedGGN, rhs, *, key=None, progress: bool = False, warn: bool = True) -> SolveResult:
         """Solves ``H~ x_r = b_r`` for every row of ``rhs``; residuals are recomputed after the solve.
 
         Args:
-            task: the model snapshot and training data.
+            operator: the damped GGN (:class:`cif_jax.DampedGGN`). Its mesh, if any, is
+                for solvers that support one (:attr:`supports_mesh`).
             rhs: (R, p) right-hand sides.
-            damping: lambda > 0.
-            batch_size: examples per chunk of each GGN product (None: all at once).
-            curvature: a :class:`cif_jax.CurvatureSample` for the GGN (None: all N).
-            mesh: a ``jax.sharding.Mesh`` to spread the solves over (see
-                :mod:`cif_jax.solvers.distributed`), for solvers that support it.
             key: PRNG key of randomized preconditioner builds (None: a fixed key).
             progress: show progress.
             warn: warn when some system misses the tolerance.
@@ -98,9 +97,8 @@ class AbstractSolver(eqx.Module):
     def describe(self) -> str:
         """A short stable description of the settings (recorded in a cache)."""
 
-    def prepare(self, task: Task, *, damping: float, num_systems: int, batch_size=None, curvature=None, key=None,
-                progress: bool = False) -> AbstractSolver:
-        """This solver with everything it builds from the task built (a preconditioner); itself by default."""
+    def prepare(self, operator: DampedGGN, num_systems: int, *, key=None, progress: bool = False) -> AbstractSolver:
+        """This solver with everything it builds from the operator built (a preconditioner); itself by default."""
         return self
 
     @property
@@ -113,13 +111,25 @@ class AbstractSolver(eqx.Module):
         """Whether :meth:`solve` takes a ``mesh``."""
         return False
 
-    def nystrom(self) -> NystromPreconditioner | None:
-        """The Nystrom preconditioner this (prepared) solver uses, if any (the correction reuses it)."""
+    def built_preconditioner(self) -> Preconditioner | None:
+        """The built preconditioner this solver uses, if any (None by default).
+
+        A cache asks it for low-rank factors (:meth:`Preconditioner.low_rank`) before
+        building its own.
+        """
         return None
 
-    def share_nystrom(self, nystrom: NystromPreconditioner) -> AbstractSolver:
-        """This solver using ``nystrom`` where it would otherwise choose its own preconditioner."""
+    def adopt(self, preconditioner: Preconditioner) -> AbstractSolver:
+        """This solver using ``preconditioner`` where it would otherwise build its own; itself by default.
+
+        A cache passes the low-rank factors it built, which then precondition its solves too.
+        """
         return self
+
+    def _refuse_mesh(self, operator: DampedGGN) -> None:
+        if operator.mesh is not None and not self.supports_mesh:
+            raise ValueError(f"`mesh` applies to cif_jax.CG; {type(self).__name__} runs on one device. Drop it or "
+                             "use cif_jax.CG().")
 
     def _judge(self, result: SolveResult, rhs, warn: bool, what: str, hint: str) -> SolveResult:
         """``result`` with ``converged`` from its true residuals (``rhs=None``: as it is), warning on a miss."""
@@ -138,21 +148,21 @@ class AbstractSolver(eqx.Module):
         return result
 
 
-def _build_jacobi(task, *, batch_size, curvature, **_):
-    return _precondition.build_jacobi(task, _precondition.jacobi_batch(batch_size), curvature), ""
+def _build_jacobi(operator, **_):
+    return _precondition.build_jacobi(operator), ""
 
 
 def _build_kfac(eigen_corrected):
-    def build(task, *, batch_size, curvature, **_):
-        return _kfac.build_kfac(task, _precondition.jacobi_batch(batch_size), curvature, eigen_corrected, None), ""
+    def build(operator, **_):
+        return _kfac.build_kfac(operator, eigen_corrected), ""
 
     return build
 
 
 def _build_auto(force: bool):
-    def build(task, *, damping, num_systems, rtol, key, batch_size, curvature, rhs_batch_size, max_rank, progress):
+    def build(operator, *, num_systems, rtol, key, rhs_batch_size, max_rank, progress):
         return _precondition.auto_nystrom(
-            task, damping=damping, num_systems=num_systems, rtol=rtol, key=key, batch_size=batch_size, curvature=curvature, rhs_batch_size=rhs_batch_size or 16,
+            operator, num_systems=num_systems, rtol=rtol, key=key, rhs_batch_size=rhs_batch_size or 16,
             max_rank=max_rank, progress=progress, force=force)
 
     return build
@@ -206,7 +216,7 @@ class CG(AbstractSolver):
         choice: set by :meth:`prepare`: what ``"auto"`` chose, and why.
 
     Example:
-        >>> solver = cj.CG(rtol=1e-5).prepare(task, damping=1e-3, num_systems=160)
+        >>> solver = cj.CG(rtol=1e-5).prepare(cj.DampedGGN(task, damping=1e-3), num_systems=160)
         >>> cache = cj.build_cache(task, num_clusters=10, sketch_dim=32, damping=1e-3, key=key, solver=solver)
         >>> deltas = cj.influence(task, folds, damping=1e-3, solver=solver)  # the same preconditioner
     """
@@ -256,65 +266,53 @@ class CG(AbstractSolver):
         return (f"cg(rtol={self.rtol:g},atol={self.atol:g},max_steps={self.max_steps},"
                 f"max_restarts={self.max_restarts},preconditioner={name}{extra})")
 
-    def nystrom(self):
-        return self.preconditioner if isinstance(self.preconditioner, NystromPreconditioner) else None
+    def built_preconditioner(self):
+        return self.preconditioner if isinstance(self.preconditioner, Preconditioner) else None
 
-    def share_nystrom(self, nystrom):
+    def adopt(self, preconditioner):
         if isinstance(self.preconditioner, str) and self.preconditioner in ("auto", "nystrom"):
-            return dataclasses.replace(self, preconditioner=nystrom, choice="shared Nystrom factors")
+            return dataclasses.replace(self, preconditioner=preconditioner, choice="shared Nystrom factors")
         return self
 
-    def prepare(self, task, *, damping, num_systems, batch_size=None, curvature=None, key=None, progress=False):
-        """This CG with its preconditioner built (or ``"auto"`` decided) for ``task``; a settled one is returned as is.
+    def prepare(self, operator, num_systems, *, key=None, progress=False):
+        """This CG with its preconditioner built (or ``"auto"`` decided) for ``operator``; a settled one as is.
 
         Args:
-            task: the model snapshot and training data.
-            damping: lambda > 0 of the solves it will serve.
+            operator: the :class:`cif_jax.DampedGGN` of the solves it will serve (a
+                preconditioner belongs to one task and curvature sample).
             num_systems: how many systems it will solve (``"auto"`` weighs its build
                 against this many solves; pass the total when it serves several calls).
-            batch_size, curvature: as the solves (a preconditioner belongs to one curvature).
             key: PRNG key of the Nystrom sketch (None: ``jax.random.key(0)``).
             progress: show progress.
         """
         if self.prepared:
             return self if self.preconditioner != "none" else dataclasses.replace(self, preconditioner=None)
-        _checks.task(task)
-        lam = _checks.damping(damping)
+        operator = check_operator(operator)
         num_systems = _checks.positive_int(num_systems, "num_systems")
-        curvature = _curvature.check(curvature, task.num_examples, task.dtype)
         key = jax.random.key(DEFAULT_KEY_SEED) if key is None else as_key(key)
         built, note = BUILDERS[self.preconditioner](
-            task, damping=lam, num_systems=num_systems, rtol=self.rtol, key=key, batch_size=batch_size,
-            curvature=curvature, rhs_batch_size=self.rhs_batch_size, max_rank=self.max_rank, progress=progress)
+            operator, num_systems=num_systems, rtol=self.rtol, key=key, rhs_batch_size=self.rhs_batch_size,
+            max_rank=self.max_rank, progress=progress)
         return dataclasses.replace(self, preconditioner=built, choice=note or self.preconditioner)
 
-    def solve(self, task, rhs, *, damping, batch_size=None, curvature=None, mesh=None, key=None, progress=False,
-              warn=True):
-        _checks.task(task)
-        lam = _checks.damping(damping)
-        batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-        plan = _distributed.check_mesh(mesh)
-        rhs = _check_rhs(task, rhs)
-        curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-        if plan is not None:
-            _distributed.check_task(plan, task, curvature)
+    def solve(self, operator, rhs, *, key=None, progress=False, warn=True):
+        operator = check_operator(operator)
+        rhs = operator.rows(rhs)
         _distributed.finite_rows(rhs, "right-hand sides", what="row")
-        rhs = rhs.astype(task.dtype)
-        product_dtype = check_product_dtype(self.product_dtype, task.dtype)
-        solver = self.prepare(task, damping=lam, num_systems=rhs.shape[0], batch_size=batch_size,
-                              curvature=curvature, key=key, progress=progress)
+        rhs = rhs.astype(operator.dtype)
+        product_dtype = check_product_dtype(self.product_dtype, operator.dtype)
+        solver = self.prepare(operator, rhs.shape[0], key=key, progress=progress)
         pre = solver.preconditioner
         if pre is not None:
-            pre = pre.check(task, curvature)
-            pre.check_damping(lam)
-            pre = pre.for_jit()
+            pre = pre.check(operator).for_jit()
+        settings = (self.rtol, self.atol, self.max_steps, self.max_restarts)
+        plan = operator.plan
         if plan is None:
-            x, res, steps, ok = _solve_local(task, rhs, lam, self.rtol, self.atol, self.max_steps, self.max_restarts,
-                                             batch_size, self.rhs_batch_size, progress, curvature, pre, product_dtype)
+            x, res, steps, ok = _solve_local(operator.kernel(), rhs, settings, self.rhs_batch_size, progress, pre,
+                                             product_dtype)
         else:
-            x, res, steps, ok = _distributed.solve_rows(plan, task, rhs, lam, self.rtol, self.atol, self.max_steps,
-                                                        self.max_restarts, batch_size, self.rhs_batch_size, progress,
-                                                        curvature, pre, product_dtype)
+            x, res, steps, ok = _distributed.solve_rows(plan, operator.kernel(), rhs, settings, self.rhs_batch_size,
+                                                        progress, pre, product_dtype)
         hint = (f"Raise `max_steps` (now {self.max_steps}), increase `damping`, or loosen `rtol`"
                 + (" (float32 CG stalls near 1e-6)." if rhs.dtype == jnp.float32 else "."))
         # The kernel judged convergence on the unscaled residuals (rhs may be a global array here).
@@ -398,39 +396,33 @@ class LineaxSolver(AbstractSolver):
         return (f"lineax({type(self.solver).__name__},rtol={self.rtol:g},atol={self.atol:g},"
                 f"max_restarts={self.max_restarts},preconditioner={pre})")
 
-    def nystrom(self):
-        return self.preconditioner if isinstance(self.preconditioner, NystromPreconditioner) else None
+    def built_preconditioner(self):
+        return self.preconditioner
 
-    def solve(self, task, rhs, *, damping, batch_size=None, curvature=None, mesh=None, key=None, progress=False,
-              warn=True):
-        if mesh is not None:
-            raise ValueError("`mesh` applies to cif_jax.CG; LineaxSolver runs on one device.")
-        _checks.task(task)
-        lam = _checks.damping(damping)
-        batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-        rhs = _check_rhs(task, rhs)
-        curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+    def solve(self, operator, rhs, *, key=None, progress=False, warn=True):
+        operator = check_operator(operator)
+        self._refuse_mesh(operator)
+        rhs = operator.rows(rhs)
         _checks.finite_rows(rhs, "right-hand sides", what="row")
-        rhs = rhs.astype(task.dtype)
+        rhs = rhs.astype(operator.dtype)
         pre = self.preconditioner
         if pre is not None:
-            pre = pre.check(task, curvature)
-            pre.check_damping(lam)
-            pre = pre.for_jit()
-        settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(self.rtol, rhs.dtype), jnp.asarray(self.atol, rhs.dtype))
+            pre = pre.check(operator).for_jit()
+        kernel = operator.kernel()
+        settings = (jnp.asarray(self.rtol, rhs.dtype), jnp.asarray(self.atol, rhs.dtype))
         x, res, steps = _in_blocks(rhs, self.rhs_batch_size, lambda chunk: _lineax_block(
-            task, chunk, *settings, self.solver, pre, self.max_restarts, batch_size, curvature), progress,
-            "lineax solves")
+            kernel, chunk, *settings, self.solver, pre, self.max_restarts), progress, "lineax solves")
         result = SolveResult(x, res, steps, jnp.ones(res.shape, bool))
         return self._judge(result, rhs, warn, "lineax", "Raise the lineax solver's `max_steps`, increase "
                            "`damping`, or loosen `rtol`.")
 
 
 @eqx.filter_jit
-def _lineax_block(task, rhs, lam, rtol, atol, lsolver, preconditioner, max_restarts, batch_size, curvature):
+def _lineax_block(kernel: GGNKernel, rhs, rtol, atol, lsolver, preconditioner, max_restarts):
     import lineax as lx
 
-    mv = ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature)
+    lam = kernel.damping.astype(rhs.dtype)
+    mv = kernel.undamped()
     p, dtype = rhs.shape[1], rhs.dtype
     struct = jax.ShapeDtypeStruct((p,), dtype)
     op = lx.FunctionLinearOperator(lambda y: y + mv(y) / lam, struct, tags=lx.positive_semidefinite_tag)
@@ -476,16 +468,6 @@ def _lineax_block(task, rhs, lam, rtol, atol, lsolver, preconditioner, max_resta
     return y * (scale / lam)[:, None], res, steps
 
 
-def _check_rhs(task: Task, rhs):
-    rhs = _distributed.as_rows(rhs)
-    p = task.num_params
-    if rhs.ndim != 2 or rhs.shape[1] != p:
-        raise ValueError(f"`rhs` must have shape (R, p) = (R, {p}); got {rhs.shape}.")
-    if rhs.shape[0] == 0:
-        raise ValueError("`rhs` has no rows: nothing to solve.")
-    return rhs
-
-
 def check_solver(solver) -> AbstractSolver:
     """``solver=``: None (a default :class:`CG`) or a solver object."""
     if solver is None:
@@ -525,9 +507,8 @@ def prepare_checkpointed(solver: AbstractSolver, checkpoint, prepare) -> Abstrac
     return prepared
 
 
-def solve_checkpointed(solver: AbstractSolver, task: Task, rhs, *, checkpoint, name: str, damping,
-                       batch_size=None, curvature=None, mesh=None, key=None, progress=False,
-                       warn=True) -> SolveResult:
+def solve_checkpointed(solver: AbstractSolver, operator: DampedGGN, rhs, *, checkpoint, name: str, key=None,
+                       progress=False, warn=True) -> SolveResult:
     """``solver.solve`` block by block, each block's :class:`SolveResult` saved in ``checkpoint`` as it finishes.
 
     The blocks are those the solver would form (:func:`cif_jax.solvers.cg.balanced_block`
@@ -540,7 +521,7 @@ def solve_checkpointed(solver: AbstractSolver, task: Task, rhs, *, checkpoint, n
     (:meth:`AbstractSolver.prepare`): each block is one call.
     """
     num = int(rhs.shape[0])
-    devices = 1
+    devices, mesh = 1, operator.mesh
     if mesh is not None and "rhs" in mesh.shape:
         devices = int(mesh.shape["rhs"])
     block = min(num, balanced_block(-(-num // devices), getattr(solver, "rhs_batch_size", None)) * devices)
@@ -555,8 +536,7 @@ def solve_checkpointed(solver: AbstractSolver, task: Task, rhs, *, checkpoint, n
         parts.append(checkpoint.arrays(
             f"{name}-{start:07d}-{stop:07d}-{_checkpoint.digest(rhs[start:stop])}",
             lambda start=start, stop=stop: solver.solve(
-                task, rhs[start:stop], damping=damping, batch_size=batch_size, curvature=curvature, mesh=mesh,
-                key=key, progress=False, warn=False)._asdict()))
+                operator, rhs[start:stop], key=key, progress=False, warn=False)._asdict()))
     result = SolveResult(*(jnp.concatenate([jnp.asarray(part[field]) for part in parts])
                            for field in SolveResult._fields))
     return solver._judge(result, None, warn, type(solver).__name__,
@@ -577,6 +557,9 @@ def solve_ggn(
     warn: bool = True,
 ) -> SolveResult:
     """Solves ``H~ x_r = b_r`` for every row of ``rhs``, reporting true residuals.
+
+    The convenient form of ``solver.solve(cj.DampedGGN(task, damping=..., ...), rhs)``;
+    make the operator once instead when several calls share it.
 
     The results do not depend on ``batch_size`` or the solver's ``rhs_batch_size``
     beyond float rounding: each system runs its own iteration; blocks only share
@@ -606,16 +589,18 @@ def solve_ggn(
     Returns:
         A :class:`SolveResult`.
     """
-    return check_solver(solver).solve(task, rhs, damping=damping, batch_size=batch_size, curvature=curvature,
-                                      mesh=mesh, key=key, progress=progress, warn=warn)
+    solver = check_solver(solver)
+    operator = DampedGGN(task, damping=damping, curvature=curvature, batch_size=batch_size, mesh=mesh)
+    return solver.solve(operator, rhs, key=key, progress=progress, warn=warn)
 
 
 @eqx.filter_jit
-def _solve_block(task: Task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, curvature=None,
-                 preconditioner=None, product_dtype=None):
-    build = lambda t: jax.vmap(ggn_matvec_fn(t, batch_size=batch_size, curvature=curvature))
-    mv = build(task)
-    mv_low = None if product_dtype is None else low_precision(build, task, product_dtype)
+def _solve_block(kernel: GGNKernel, rhs, rtol, atol, max_steps, max_restarts, preconditioner=None,
+                 product_dtype=None):
+    lam = kernel.damping.astype(rhs.dtype)
+    build = lambda t: jax.vmap(ggn_matvec_fn(t, batch_size=kernel.batch_size, curvature=kernel.curvature))
+    mv = build(kernel.task)
+    mv_low = None if product_dtype is None else low_precision(build, kernel.task, product_dtype)
     minv = None if preconditioner is None else preconditioner.inverse(lam)
     return solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts,
                         mv_low=mv_low, inner=0.0 if product_dtype is None else inner_rtol(product_dtype))
@@ -625,26 +610,21 @@ def _in_blocks(rhs, rhs_batch_size, solve_block, progress, desc):
     """``solve_block`` on equal blocks of the rows of ``rhs`` (the last zero-padded); the outputs' columns joined."""
     num = rhs.shape[0]
     block = balanced_block(num, rhs_batch_size)
-    starts = range(0, num, block)
+    blocks = row_blocks(rhs, block)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=desc, unit="block", total=math.ceil(num / block))
-    parts = []
-    for start in starts:
-        chunk = rhs[start : start + block]
-        short = block - chunk.shape[0]
-        if short:
-            chunk = jnp.concatenate([chunk, jnp.zeros((short, chunk.shape[1]), chunk.dtype)])
-        parts.append(jax.tree_util.tree_map(lambda a: a[: block - short], solve_block(chunk)))
+        blocks = tqdm(blocks, desc=desc, unit="block", total=math.ceil(num / block))
+    parts = [jax.tree_util.tree_map(lambda a, real=real: a[:real], solve_block(chunk)) for chunk, real in blocks]
     return tuple(jnp.concatenate(col) for col in zip(*parts))
 
 
-def _solve_local(task, rhs, lam, rtol, atol, max_steps, max_restarts, batch_size, rhs_batch_size, progress,
-                 curvature, preconditioner, product_dtype=None):
-    """The systems in blocks of ``rhs_batch_size`` on one device."""
-    # Settings as arrays: a new damping, tolerance or step budget reuses the compiled program.
-    settings = (jnp.asarray(lam, rhs.dtype), jnp.asarray(rtol, rhs.dtype), jnp.asarray(atol, rhs.dtype),
-                jnp.asarray(max_steps, jnp.int32), jnp.asarray(max_restarts, jnp.int32))
+def _solve_local(kernel: GGNKernel, rhs, settings, rhs_batch_size, progress, preconditioner, product_dtype=None):
+    """The systems in blocks of ``rhs_batch_size`` on one device; ``settings``: ``(rtol, atol, max_steps,
+    max_restarts)``."""
+    # Settings as arrays (and lambda in the kernel): new values reuse the compiled program.
+    rtol, atol, max_steps, max_restarts = settings
+    arrays = (jnp.asarray(rtol, rhs.dtype), jnp.asarray(atol, rhs.dtype), jnp.asarray(max_steps, jnp.int32),
+              jnp.asarray(max_restarts, jnp.int32))
     return _in_blocks(rhs, rhs_batch_size, lambda chunk: _solve_block(
-        task, chunk, *settings, batch_size, curvature, preconditioner, product_dtype), progress, "CG solves")
+        kernel, chunk, *arrays, preconditioner, product_dtype), progress, "CG solves")

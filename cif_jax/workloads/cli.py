@@ -322,17 +322,16 @@ def _cache_and_solver(args, task):
     correction = _correction(cj, args)
     shares_factors = args.preconditioner in ("auto", "nystrom") and correction is not None
     t0 = time.perf_counter()
+    operator = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
     if args.preconditioner == "nystrom" and args.rank != "auto" and correction is None:
         if args.rank > task.num_params:
             raise CliError(f"--rank {args.rank} exceeds the {task.num_params:,} parameters.")
         solver = cj.CG(rtol=args.rtol, max_steps=args.max_steps, rhs_batch_size=args.rhs_batch_size,
                        preconditioner=cj.nystrom_preconditioner(
-                           task, key=pre_key, rank=args.rank, damping=args.damping, batch_size=args.batch_size,
-                           rhs_batch_size=args.rhs_batch_size, progress=True))
+                           operator, key=pre_key, rank=args.rank, rhs_batch_size=args.rhs_batch_size, progress=True))
     elif not shares_factors:
         if_systems = sum(k if args.if_folds is None else min(args.if_folds, k) for k in args.k) + args.halves
-        solver = solver.prepare(task, damping=args.damping, num_systems=args.num_clusters + if_systems,
-                                batch_size=args.batch_size, key=pre_key, progress=True)
+        solver = solver.prepare(operator, args.num_clusters + if_systems, key=pre_key, progress=True)
     # else: the cache builds its low-rank factors (the rank chosen by the spectrum) and they
     # precondition every solve, the cache's and IF's.
     pre_time = time.perf_counter() - t0
@@ -345,7 +344,7 @@ def _cache_and_solver(args, task):
     for w in caught:
         print(f"warning: {w.message}")
     if shares_factors:
-        solver = solver.share_nystrom(cache.nystrom())
+        solver = solver.adopt(cache.nystrom())
         pre_time = cache.timing.get("nystrom", 0.0)
     pre = solver.preconditioner
     pre_info = {"solver": solver.describe(), "choice": solver.choice, "seconds": pre_time,

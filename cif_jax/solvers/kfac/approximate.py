@@ -7,10 +7,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ...core import checks as _checks
-from ...core import curvature as _curvature
 from ...core.task import Task
+from ..operator import DampedGGN
 from ..precondition import Preconditioner
-from .blocks import DEFAULT_BATCH_SIZE
 from .build import build_kfac
 
 
@@ -93,17 +92,13 @@ def ekfac_influence(
     """
     from ...core.gradients import gradient_sums_pass, raise_on_bad
 
-    _checks.task(task)
-    lam = _checks.damping(damping)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
+    operator = DampedGGN(task, damping=damping, curvature=curvature, batch_size=batch_size)
     subs = _checks.subsets(subsets, task.num_examples)
     if preconditioner is None:
-        preconditioner = build_kfac(task, DEFAULT_BATCH_SIZE if batch_size is None else batch_size, curvature, True,
-                                None)
+        preconditioner = build_kfac(operator, True)
     else:
-        preconditioner = _as_approximation(preconditioner, lam).check(task, curvature)
-    preconditioner.check_damping(lam)
+        preconditioner = _as_approximation(preconditioner, operator.damping).check(operator)
+    lam, batch_size = operator.damping, operator.batch_size
     sums, bad = gradient_sums_pass(task, jnp.asarray(subs.mask.T), batch_size)
     raise_on_bad(bad)
     dtype = task.dtype

@@ -8,10 +8,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from ...core import checks as _checks
-from ...core import curvature as _curvature
 from ...core.chunks import chunk_sum
-from ...core.task import Task, fingerprint
+from ...core.task import Task
+from ..operator import DampedGGN, check_operator
 from ..precondition import build_jacobi
 from .blocks import _HIGHEST, DEFAULT_BATCH_SIZE, KFACPreconditioner, check_damping
 from .tagging import _Model, _Untaggable
@@ -71,8 +70,11 @@ def _eigh(m):
     return jnp.maximum(evals, 0), evecs
 
 
-def build_kfac(task: Task, batch_size, curvature, eigen_corrected: bool, damping):
+def build_kfac(operator: DampedGGN, eigen_corrected: bool):
+    """(E)K-FAC of a checked operator's GGN (chunks: its ``batch_size``, else ``DEFAULT_BATCH_SIZE``), damping checked."""
     start = time.perf_counter()
+    task, curvature = operator.task, operator.curvature
+    batch_size = DEFAULT_BATCH_SIZE if operator.batch_size is None else operator.batch_size
     try:
         model = _Model(task)
         model.check_forward(task)
@@ -87,7 +89,7 @@ def build_kfac(task: Task, batch_size, curvature, eigen_corrected: bool, damping
             UserWarning,
             stacklevel=3,
         )
-        return build_jacobi(task, batch_size, curvature)
+        return build_jacobi(operator)
     if model.unfactored:
         warnings.warn(
             f"K-FAC factors {len(model.layers)} layer(s); {len(model.unfactored)} parameter array(s) of two or more "
@@ -120,12 +122,11 @@ def build_kfac(task: Task, batch_size, curvature, eigen_corrected: bool, damping
         layout=layout,
         layers=tuple(layer["name"] for layer in model.layers),
         num_params=task.num_params,
-        fingerprint=fingerprint(task),
-        curvature=_curvature.describe(curvature),
+        fingerprint=operator.fingerprint,
+        curvature=operator.describe_curvature(),
         seconds=time.perf_counter() - start,
     )
-    if damping is not None:
-        check_damping(pre, damping)
+    check_damping(pre, operator.damping)
     return pre
 
 
@@ -133,9 +134,7 @@ def build_kfac(task: Task, batch_size, curvature, eigen_corrected: bool, damping
 # ------------------------------------------------------------------------------------------- public API
 
 
-def kfac_preconditioner(
-    task: Task, *, batch_size: int | None = DEFAULT_BATCH_SIZE, curvature=None, damping: float | None = None
-):
+def kfac_preconditioner(operator: DampedGGN):
     """Builds the K-FAC preconditioner of the undamped GGN (one pass over the data).
 
     Per layer found in the model (see :mod:`cif_jax.solvers.kfac`), ``A`` from the layer
@@ -145,12 +144,11 @@ def kfac_preconditioner(
     the factors' traces (Martens and Grosse 2015, section 6.3).
 
     Args:
-        task: the model snapshot and training data.
-        batch_size: examples per chunk (memory about ``batch_size * outputs * sum of
-            layer output sizes``).
-        curvature: a :class:`cif_jax.CurvatureSample` (the solves must use the same).
-        damping: optional lambda of the solves it will serve: then the damped blocks
-            are checked to be invertible in the task's dtype (a clear error if not).
+        operator: a :class:`cif_jax.DampedGGN`: the factors are of its GGN (task and
+            curvature sample), in chunks of its ``batch_size`` (64 when it has none:
+            memory about ``batch_size * outputs * sum of layer output sizes``); the
+            damped blocks are checked to be invertible at its damping in the task's
+            dtype (a clear error if not).
 
     Returns:
         A :class:`KFACPreconditioner`, or, with a warning, a
@@ -162,7 +160,7 @@ def kfac_preconditioner(
         >>> params = {"w": jnp.ones((3, 2)) / 3, "b": jnp.zeros(2)}
         >>> task = cj.Task(lambda p, x: x @ p["w"] + p["b"], optax.softmax_cross_entropy_with_integer_labels,
         ...                params, jnp.arange(12.0).reshape(4, 3) / 10, jnp.array([0, 1, 0, 1]))
-        >>> pre = cj.kfac_preconditioner(task)
+        >>> pre = cj.kfac_preconditioner(cj.DampedGGN(task, damping=1e-3))
         >>> pre.layout.shapes  # one block [W^T, b]: 2 outputs x (3 inputs + bias)
         ((2, 4),)
         >>> x = cj.solve_ggn(task, jnp.ones((1, 8)), damping=1e-3, solver=cj.CG(rtol=1e-5, preconditioner=pre))
@@ -173,12 +171,10 @@ def kfac_preconditioner(
         Martens and Grosse, ICML 2015; Grosse and Martens, ICML 2016; Botev, Ritter
         and Barber, ICML 2017 (see :mod:`cif_jax.solvers.kfac`).
     """
-    return _public_build(task, batch_size, curvature, damping, eigen_corrected=False)
+    return build_kfac(check_operator(operator), eigen_corrected=False)
 
 
-def ekfac_preconditioner(
-    task: Task, *, batch_size: int | None = DEFAULT_BATCH_SIZE, curvature=None, damping: float | None = None
-):
+def ekfac_preconditioner(operator: DampedGGN):
     """Builds the EK-FAC preconditioner (K-FAC's eigenbasis, eigenvalues re-estimated; two data passes).
 
     As :func:`kfac_preconditioner`, plus a second pass that measures the GGN's
@@ -187,19 +183,11 @@ def ekfac_preconditioner(
     approximate inverse: :func:`ekfac_solve`, :func:`ekfac_influence`.
 
     Args:
-        task, batch_size, curvature, damping: as :func:`kfac_preconditioner`.
+        operator: as :func:`kfac_preconditioner`.
 
     Returns:
         A :class:`KFACPreconditioner` with ``scalings`` (``kind == "ekfac"``), or a
         :class:`cif_jax.JacobiPreconditioner` with a warning when no layer can be factored.
     """
-    return _public_build(task, batch_size, curvature, damping, eigen_corrected=True)
+    return build_kfac(check_operator(operator), eigen_corrected=True)
 
-
-def _public_build(task, batch_size, curvature, damping, *, eigen_corrected):
-    _checks.task(task)
-    batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    if damping is not None:
-        _checks.damping(damping)
-    curvature = _curvature.check(curvature, task.num_examples, task.dtype)
-    return build_kfac(task, batch_size, curvature, eigen_corrected, damping)
