@@ -51,15 +51,9 @@ get the exact GGN diagonal (a Jacobi block). Everything is estimated from one
 pass over the data (two for EK-FAC), one vector-Jacobian product per example and
 output, as :func:`cif_jax.jacobi_preconditioner`.
 
-**Finding the layers.** ``kfac-jax`` (0.0.8, the newest on PyPI) was tried
-first: it installs (with distrax, tfp-nightly and chex) but crashes on jax
-0.10.2 (its jaxpr interpreter unpacks ``Primitive.get_bind_params`` as a
-``(subfuns, params)`` pair, which jax no longer returns); with that patched it
-tags LeNet-5's dense layers but not our im2col convolutions (they get diagonal
-blocks), and it estimates curvature only for the loss families it can register,
-not for an arbitrary ``Task.loss_fn`` whose output Hessian we get by autodiff.
-So the layers are found here, model-agnostically, in the jaxpr of
-``task.apply_fn`` for one example: a layer is a ``dot_general`` with one
+**Finding the layers** (why not ``kfac-jax``: see the docs' development page).
+The layers are found model-agnostically, in the jaxpr of ``task.apply_fn`` for
+one example: a layer is a ``dot_general`` with one
 contracting dimension whose one operand is a whole parameter leaf (possibly
 reshaped, transposed or cast: an im2col kernel ``(kh, kw, cin, cout) ->
 (kh*kw*cin, cout)``) used nowhere else, and whose other operand is the layer
