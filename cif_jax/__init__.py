@@ -110,6 +110,7 @@ from cif_jax.solvers.precondition import NystromPreconditioner as NystromPrecond
 from cif_jax.solvers.precondition import Preconditioner as Preconditioner
 from cif_jax.solvers.precondition import jacobi_preconditioner as jacobi_preconditioner
 from cif_jax.solvers.precondition import nystrom_preconditioner as nystrom_preconditioner
+from cif_jax.solvers.sampled import sampled_preconditioner as sampled_preconditioner
 from cif_jax.solvers.solve import CG as CG
 from cif_jax.solvers.solve import AbstractSolver as AbstractSolver
 from cif_jax.solvers.solve import LineaxSolver as LineaxSolver

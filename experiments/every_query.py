@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 
 import _common as ec
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,6 +44,11 @@ def main():
     p.add_argument("--folds", type=int, default=50)
     p.add_argument("--test-points", type=int, default=100)
     p.add_argument("--ranks", default="256,512,1024,auto", help="comma-separated factor ranks; 'auto' for the default")
+    p.add_argument("--factors", default="nystrom", choices=["nystrom", "sampled"],
+                   help="how the cache's factors are built: the library's Nystrom (r GGN products) or "
+                        "cj.sampled_preconditioner (a few passes of sampled pseudo-gradients; fixed ranks only)")
+    p.add_argument("--power-iters", type=int, default=1, help="sampled factors: extra passes")
+    p.add_argument("--samples", type=int, default=1, help="sampled factors: draws per example and pass")
     args = ec.finish_args(p.parse_args())
     task, ds = ec.trained_task(args.dataset, args.model, seed=args.seed)
     n = task.num_examples
@@ -86,13 +92,24 @@ def main():
           "test points")
 
     for rank in ranks:
+        if args.factors == "sampled" and rank == "auto":
+            raise SystemExit("--factors sampled takes fixed ranks (--ranks 256,1024)")
+
         def cell(rank=rank):
             correction = cj.CalibratedCorrection(rank=rank)
             t0 = time.perf_counter()
-            cache, warned = ec.build_cache(task, args, num_clusters=args.clusters, correction=correction)
+            pre, factor_seconds = "auto", None
+            if args.factors == "sampled":
+                op = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
+                pre = cj.sampled_preconditioner(op, key=jax.random.fold_in(jax.random.key(args.seed), 2), rank=rank,
+                                                power_iters=args.power_iters, samples=args.samples)
+                factor_seconds = time.perf_counter() - t0
+            cache, warned = ec.build_cache(task, args, num_clusters=args.clusters, correction=correction,
+                                           preconditioner=pre)
             build = time.perf_counter() - t0
             low = cache.lowrank
             out = {"build_seconds": build, "timing": ec.cache_timing(cache), "rank": low.rank, "note": low.note,
+                   "factors": args.factors, "factor_seconds": factor_seconds,
                    "predicted_error": float(low.predicted_error),
                    "tail_ratio": low.tail_eigenvalue_ratio(args.damping),
                    "error_estimate": float(low.error_estimate), "warnings": warned,
@@ -119,6 +136,8 @@ def main():
             return out
 
         key = f"rank={rank}" if rank != "auto" else f"rank=auto,tolerance={cj.cif.lowrank.DEFAULT_TOLERANCE:g}"
+        if args.factors == "sampled":
+            key = f"sampled(power_iters={args.power_iters},samples={args.samples}),{key}"
         r = cells(key, cell)
         h = r["hybrid"]
         print(f"rank {rank} -> {r['rank']} (predicted {r['predicted_error']:.3g}, s_r/lambda {r['tail_ratio']:.3g}), "

@@ -1,0 +1,205 @@
+"""Low-rank factors of the GGN from sampled pseudo-gradients: a few data passes instead of r products.
+
+The GGN is an expectation over outputs drawn from the loss's curvature. With
+``W_i = L_i L_i^T`` (the loss Hessian in the outputs of example i, factored
+here by an unpivoted Cholesky that zeroes a vanishing pivot) and ``z ~ N(0, I)``,
+the pseudo-gradient ``h_i = J_i^T L_i z`` has ``E[h_i h_i^T] = J_i^T W_i J_i``,
+so ``F = (1/N) sum_i h_i h_i^T`` is an unbiased estimate of the GGN (for the
+softmax cross-entropy this is the Fisher with labels drawn from the model, as
+kronfluence draws them). Each ``h_i`` is one vector-Jacobian product, like a
+per-example gradient; ``F Q`` for a block Q of r vectors is then two matrix
+products per chunk of examples, ``H^T (H Q)``, instead of r GGN products.
+
+:func:`sampled_preconditioner` builds a rank-r factorisation in
+``3 + power_iters`` passes over the data:
+
+1. the range: ``X = H^T Omega`` (Omega an N x r Gaussian matrix), ``Q = qr(X)``;
+2. ``Y = F Q`` (one pass each, ``power_iters`` more times with ``Q = qr(Y)``),
+   and the stable Nystrom factorisation of ``(Q, Y)`` (as
+   :func:`cif_jax.nystrom_preconditioner`): a basis ``U``;
+3. the eigenvalues measured again in that basis from fresh draws,
+   ``s_k = (1/N) sum_i (u_k . h'_i)^2``: unbiased for ``u_k^T GGN u_k``, without
+   the upward bias of the values the basis was chosen to maximise (EK-FAC's
+   correction, Grosse et al. 2023, in a learnt basis instead of a Kronecker one).
+
+The result is a :class:`cif_jax.NystromPreconditioner` of the operator: pass it to
+:class:`cif_jax.CG`, and a cache built with that solver takes its factors for the
+correction and the per-example coordinates.
+"""
+
+from __future__ import annotations
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from ..core import checks as _checks
+from ..core.checks import as_key
+from ..core.chunks import chunk_sum
+from .operator import DampedGGN, check_operator
+from .precondition import NystromPreconditioner, _nystrom_factor
+
+HIGHEST = jax.lax.Precision.HIGHEST
+#: Examples per chunk of a pass when the operator has no ``batch_size``.
+DEFAULT_BATCH_SIZE = 256
+
+
+def psd_factor(w):
+    """``L`` (lower triangular) with ``L L^T = W`` for a symmetric PSD ``W`` (q x q), traceable.
+
+    Unpivoted Cholesky; a pivot at or below ``q eps tr(W)`` (a singular direction,
+    e.g. the softmax's all-ones null vector) gets a zero column.
+    """
+    q = w.shape[0]
+    tiny = q * jnp.finfo(w.dtype).eps * jnp.maximum(jnp.trace(w), jnp.finfo(w.dtype).tiny)
+    rows = jnp.arange(q)
+
+    def body(j, low):
+        d = w[j, j] - jnp.sum(low[j] ** 2)
+        ok = d > tiny
+        dj = jnp.sqrt(jnp.where(ok, d, 1))
+        col = (w[:, j] - low @ low[j]) / dj
+        col = jnp.where(rows > j, col, 0).at[j].set(dj)
+        return low.at[:, j].set(jnp.where(ok, col, 0))
+
+    return jax.lax.fori_loop(0, q, body, jnp.zeros_like(w))
+
+
+def _pseudo_grads_fn(task, samples: int):
+    """``h(flat, x, y, key) -> (samples, p)``: one example's pseudo-gradients ``J^T L z``, ``z ~ N(0, I)``."""
+    _, unravel = ravel_pytree(task.params)
+    one = lambda a: jax.tree_util.tree_map(lambda leaf: leaf[None], a)
+
+    def example(flat, x, y, key):
+        out, vjp = jax.vjp(lambda fp: task.apply_fn(unravel(fp), one(x))[0], flat)
+        o = out.reshape(-1)
+        w = jax.hessian(lambda v: task.loss_fn(v.reshape(out.shape)[None], one(y))[0])(o)
+        low = psd_factor((w + w.T) / 2)
+        z = jax.random.normal(key, (samples, o.size), o.dtype)
+        return jax.vmap(lambda c: vjp((c @ low.T).reshape(out.shape))[0])(z)
+
+    return example
+
+
+def _data(operator: DampedGGN):
+    """``(inputs, targets, indices, sqrt-weights, total weight)`` of the examples that define the GGN."""
+    task, sample = operator.task, operator.curvature
+    n = task.num_examples
+    if sample is None:
+        return task.inputs, task.targets, jnp.arange(n), jnp.ones(n, task.dtype), float(n)
+    take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, sample.indices, axis=0), tree)
+    w = sample.weights.astype(task.dtype)
+    return take(task.inputs), take(task.targets), sample.indices, jnp.sqrt(w), float(jnp.sum(w))
+
+
+def _chunks(task, data, key, samples: int, batch_size: int, reduce):
+    """``sum over chunks of reduce(H, indices)``, ``H`` the chunk's weighted pseudo-gradients (B * samples, p)."""
+    flat, _ = ravel_pytree(task.params)
+    per_example = jax.vmap(_pseudo_grads_fn(task, samples), in_axes=(None, 0, 0, 0))
+
+    def chunk(c):
+        cx, cy, ci, csw = c
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ci)
+        h = per_example(flat, cx, cy, keys) * csw[:, None, None].astype(flat.dtype)  # (B, S, p)
+        return reduce(h.reshape(-1, h.shape[-1]) / np.sqrt(samples), ci)
+
+    return chunk_sum(chunk, data, batch_size)
+
+
+@eqx.filter_jit
+def _range_pass(task, data, key, omega_key, rank: int, samples: int, batch_size: int):
+    """``H^T Omega`` (p, r): Omega's rows drawn per example (and sample) from ``omega_key``."""
+    def reduce(h, idx):
+        omega = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(omega_key, i), (samples, rank), h.dtype))(idx)
+        return jnp.matmul(h.T, omega.reshape(-1, rank), precision=HIGHEST)
+
+    return _chunks(task, data, key, samples, batch_size, reduce)
+
+
+@eqx.filter_jit
+def _apply_pass(task, data, key, q, samples: int, batch_size: int):
+    """``H^T (H Q)`` (p, r) for an orthonormal block ``Q`` (p, r)."""
+    return _chunks(task, data, key, samples, batch_size,
+                   lambda h, _: jnp.matmul(h.T, jnp.matmul(h, q, precision=HIGHEST), precision=HIGHEST))
+
+
+@eqx.filter_jit
+def _diag_pass(task, data, key, basis, samples: int, batch_size: int):
+    """``sum_i (u_k . h_i)^2`` (r,) for the rows ``u_k`` of ``basis`` (r, p)."""
+    return _chunks(task, data, key, samples, batch_size,
+                   lambda h, _: jnp.sum(jnp.matmul(h, basis.T, precision=HIGHEST) ** 2, axis=0))
+
+
+@jax.jit
+def _orthonormal(x):
+    return jnp.linalg.qr(x)[0]
+
+
+def sampled_preconditioner(
+    operator: DampedGGN,
+    *,
+    key,
+    rank: int,
+    power_iters: int = 1,
+    samples: int = 1,
+    progress: bool = False,
+) -> NystromPreconditioner:
+    """Rank-r factors ``U diag(s) U^T`` of the undamped GGN from sampled pseudo-gradients (see the module docstring).
+
+    Args:
+        operator: a :class:`cif_jax.DampedGGN` (its task, curvature sample and chunks;
+            ``batch_size=None`` passes chunks of 256 examples, since each chunk holds
+            ``batch_size * samples`` pseudo-gradients of length p).
+        key: PRNG key of the draws (the range's Gaussian matrix, two independent
+            sets of pseudo-gradients: one for the basis, one for the eigenvalues).
+        rank: r, at most p.
+        power_iters: extra passes ``Q <- qr(F Q)`` before the factorisation (0: the
+            range pass alone feeds it).
+        samples: pseudo-gradients drawn per example and pass (their mean of outer
+            products estimates each example's ``J^T W J``).
+        progress: print one line per pass.
+
+    Returns:
+        A :class:`cif_jax.NystromPreconditioner` whose ``num_products`` counts the
+        passes (each about one per-example gradient pass plus two (N, p) x (p, r)
+        matrix products), with ``error_estimate`` NaN (a cache estimates it).
+    """
+    operator = check_operator(operator)
+    p = operator.num_params
+    rank = _checks.positive_int(rank, "rank")
+    if rank > p:
+        raise ValueError(f"`rank` = {rank} exceeds the number of parameters p = {p}.")
+    if isinstance(power_iters, bool) or not isinstance(power_iters, (int, np.integer)) or power_iters < 0:
+        raise ValueError(f"`power_iters` must be an integer >= 0, got {power_iters!r}.")
+    samples = _checks.positive_int(samples, "samples")
+    key = as_key(key)
+    task = operator.task
+    x, y, idx, sw, total = _data(operator)
+    data = (x, y, idx, sw)
+    batch = operator.batch_size or DEFAULT_BATCH_SIZE
+    basis_key, omega_key, value_key = jax.random.split(key, 3)
+    start = time.perf_counter()
+    say = print if progress else (lambda *a, **k: None)
+    q = _orthonormal(_range_pass(task, data, basis_key, omega_key, rank, samples, batch))
+    say(f"sampled factors: range pass, {time.perf_counter() - start:.1f} s", flush=True)
+    for it in range(power_iters + 1):
+        y_block = _apply_pass(task, data, basis_key, q, samples, batch) / total
+        if it < power_iters:
+            q = _orthonormal(y_block)
+        say(f"sampled factors: pass {it + 2}, {time.perf_counter() - start:.1f} s", flush=True)
+    ut, _, ok = _nystrom_factor(q.T, y_block.T)
+    if not bool(ok):
+        raise FloatingPointError("the sampled factorisation failed (Cholesky of Q^T F Q not positive definite); "
+                                 "check that the loss is convex in the outputs.")
+    values = _diag_pass(task, data, value_key, ut, samples, batch) / total
+    order = jnp.argsort(-values)
+    say(f"sampled factors: eigenvalue pass, {time.perf_counter() - start:.1f} s", flush=True)
+    return NystromPreconditioner(
+        basis=ut[order], eigenvalues=jnp.maximum(values[order], 0), error_estimate=jnp.asarray(jnp.nan, ut.dtype),
+        fingerprint=operator.fingerprint, curvature=operator.describe_curvature(), num_products=power_iters + 3,
+        seconds=time.perf_counter() - start,
+        note=f"sampled: rank {rank}, {power_iters + 3} passes, {samples} draw(s) per example")
