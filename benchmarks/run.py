@@ -478,7 +478,8 @@ def _split_sketch(task, pre, rank, cfg, key):
     root = jax.jit(inverse_sqrt(pre, lam))
     q = cpre._orthonormal_block_jit(key, None, rank, task.num_params, task.dtype)
     w = root(q)
-    y = root(w + cpre._products(task, w, cfg["batch_size"], None, cfg["rhs_block"], None) / lam)
+    kernel = cj.DampedGGN(task, damping=lam, batch_size=cfg["batch_size"]).kernel()
+    y = root(w + cpre._products(kernel, w, cfg["rhs_block"], None) / lam)
     ut, s, ok = cpre._nystrom_factor(q, y)
     if not bool(ok):
         raise FloatingPointError("the Nystrom factorisation of the whitened operator failed")
@@ -530,7 +531,7 @@ def section_kfac(task, cfg, state):
 
         def guided():
             q = jnp.asarray(top_directions(pre, r))
-            ut, s, _ = cpre._nystrom_factor(q, cpre._products(task, q, bs, None, block, None))
+            ut, s, _ = cpre._nystrom_factor(q, cpre._products(op.kernel(), q, block, None))
             return cj.NystromPreconditioner(ut, s, jnp.asarray(jnp.nan, q.dtype), cj.fingerprint(task), "full", r, 0.0)
 
         t, ny_k = timed(guided, warmup=False)

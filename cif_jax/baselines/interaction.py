@@ -48,6 +48,7 @@ from jaxtyping import Array, Float
 from ..cif.cache import InfluenceCache
 from ..core import checks as _checks
 from ..core.ggn import ggn_matvec_fn
+from ..core.gradients import subset_gradient_sums
 from ..core.task import Task, take_examples
 from ..solvers.operator import DampedGGN
 from ..solvers.solve import check_solver, solve_ggn
@@ -514,11 +515,11 @@ def second_order_group_influence(
     _check_target(target, task)
     subs = _checks.subsets(subsets, task.num_examples)
     operator = DampedGGN(task, damping=damping, batch_size=batch_size)
-    lam = operator.damping
     # 2Q + 1 systems in three calls: one preconditioner decision for all of them.
     solver = check_solver(solver).prepare(operator, 2 * subs.sizes.size + 1)
-    deltas = influence(task, subsets, damping=lam, solver=solver, batch_size=batch_size)  # (Q, p), already / N
-    n = jnp.asarray(task.num_examples, deltas.dtype)
+    sums = subset_gradient_sums(task, subsets, batch_size=batch_size)
+    n = jnp.asarray(task.num_examples, sums.dtype)
+    deltas = solver.solve(operator, sums).solutions / n  # (Q, p): per-query IF on the same operator
     starts = np.concatenate([[0], np.cumsum(subs.sizes)])
     hsd = []
     for q in range(subs.sizes.size):

@@ -225,6 +225,8 @@ def lissa(
         learning in linear time", JMLR 2017; Koh and Liang, ICML 2017; "Faithful and Fast Influence Function via Advanced Sampling".
     """
     operator = check_operator(operator)
+    if operator.mesh is not None:
+        raise ValueError("`mesh` applies to cif_jax.CG; LiSSA runs on one device. Make the operator without it.")
     task, lam, curvature, chunk_size = operator.task, operator.damping, operator.curvature, operator.batch_size
     depth = _checks.positive_int(depth, "depth")
     repeats = _checks.positive_int(repeats, "repeats")

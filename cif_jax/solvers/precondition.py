@@ -333,7 +333,7 @@ def block_error_estimate(operator: DampedGGN, basis, eigenvalues, *, key, iters:
     sketch's shape, so they reuse its compiled program: ``iters * block`` GGN-vector products.
     """
     p = basis.shape[1]
-    kernel = operator.kernel()
+    kernel = check_operator(operator).kernel()
     v = _orthonormal_block_jit(as_key(key), None, block, p, basis.dtype)
     est = jnp.asarray(0.0, basis.dtype)
     for _ in range(iters):
@@ -575,6 +575,7 @@ def auto_nystrom(
     Returns:
         ``(preconditioner or None, note)``: the note says what was chosen and why.
     """
+    operator = check_operator(operator)
     lam, p = operator.damping, operator.num_params
     top = min(max_rank, p)
     if not force and (num_systems < MIN_SYSTEMS or top < 1):

@@ -108,7 +108,7 @@ class AbstractSolver(eqx.Module):
 
     @property
     def supports_mesh(self) -> bool:
-        """Whether :meth:`solve` takes a ``mesh``."""
+        """Whether :meth:`solve` takes an operator with a ``mesh``."""
         return False
 
     def built_preconditioner(self) -> Preconditioner | None:

@@ -321,8 +321,8 @@ def _cache_and_solver(args, task):
     pre_key = jax.random.fold_in(jax.random.key(args.seed), 1)
     correction = _correction(cj, args)
     shares_factors = args.preconditioner in ("auto", "nystrom") and correction is not None
-    t0 = time.perf_counter()
     operator = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
+    t0 = time.perf_counter()
     if args.preconditioner == "nystrom" and args.rank != "auto" and correction is None:
         if args.rank > task.num_params:
             raise CliError(f"--rank {args.rank} exceeds the {task.num_params:,} parameters.")
