@@ -39,7 +39,7 @@ def test_pseudo_gradients_are_unbiased_for_each_example(name):
     x = jax.tree_util.tree_map(lambda a: a[i], task.inputs)
     h = np.asarray(fn(flat, x, task.targets[i], jax.random.key(1)))
     want = problem.jac[i].T @ problem.out_hess[i] @ problem.jac[i]
-    got = h.T @ h / h.shape[0]
+    got = h.T @ h  # the draws carry 1 / sqrt(S): their outer products sum to the mean
     assert np.abs(got - want).max() <= 0.1 * np.abs(want).max()
 
 
@@ -106,3 +106,17 @@ def test_bad_settings_are_refused(kwargs, match):
         cj.sampled_preconditioner(cj.DampedGGN(problem.task, damping=LAM), key=jax.random.key(0), **kwargs)
     with pytest.raises(TypeError, match="DampedGGN"):
         cj.sampled_preconditioner(problem.task, key=jax.random.key(0), rank=4)
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_exact_columns_at_full_rank_are_the_ggn(name):
+    # samples="exact": the q columns J^T L e_a per example sum to J^T W J with no draws, so at
+    # r = p the factors are the GGN to rounding (float64).
+    problem = get_problem(name)
+    p = problem.num_params
+    pre = cj.sampled_preconditioner(cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH), key=jax.random.key(5),
+                                    rank=p, samples="exact", power_iters=0)
+    u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
+    ggn = problem.ggn - LAM * np.eye(p)
+    np.testing.assert_allclose(u.T @ np.diag(s) @ u, ggn, atol=1e-9 * np.abs(ggn).max())
+    np.testing.assert_allclose(s, np.sort(np.linalg.eigvalsh(ggn))[::-1], atol=1e-9 * s[0])

@@ -69,8 +69,10 @@ def psd_factor(w):
     return jax.lax.fori_loop(0, q, body, jnp.zeros_like(w))
 
 
-def _pseudo_grads_fn(task, samples: int):
-    """``h(flat, x, y, key) -> (samples, p)``: one example's pseudo-gradients ``J^T L z``, ``z ~ N(0, I)``."""
+def _pseudo_grads_fn(task, samples):
+    """``h(flat, x, y, key) -> (S, p)``: one example's pseudo-gradients ``J^T L z``, ``z ~ N(0, I)`` (S = samples
+    draws), or, with ``samples="exact"``, the q columns ``J^T L e_a`` (S = q: their outer products sum to
+    ``J^T W J`` exactly)."""
     _, unravel = ravel_pytree(task.params)
     one = lambda a: jax.tree_util.tree_map(lambda leaf: leaf[None], a)
 
@@ -79,7 +81,10 @@ def _pseudo_grads_fn(task, samples: int):
         o = out.reshape(-1)
         w = jax.hessian(lambda v: task.loss_fn(v.reshape(out.shape)[None], one(y))[0])(o)
         low = psd_factor((w + w.T) / 2)
-        z = jax.random.normal(key, (samples, o.size), o.dtype)
+        if samples == "exact":
+            z = jnp.eye(o.size, dtype=o.dtype)
+        else:
+            z = jax.random.normal(key, (samples, o.size), o.dtype) / np.sqrt(samples)
         return jax.vmap(lambda c: vjp((c @ low.T).reshape(out.shape))[0])(z)
 
     return example
@@ -105,30 +110,31 @@ def _chunks(task, data, key, samples: int, batch_size: int, reduce):
         cx, cy, ci, csw = c
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ci)
         h = per_example(flat, cx, cy, keys) * csw[:, None, None].astype(flat.dtype)  # (B, S, p)
-        return reduce(h.reshape(-1, h.shape[-1]) / np.sqrt(samples), ci)
+        return reduce(h.reshape(-1, h.shape[-1]), ci)
 
     return chunk_sum(chunk, data, batch_size)
 
 
 @eqx.filter_jit
-def _range_pass(task, data, key, omega_key, rank: int, samples: int, batch_size: int):
-    """``H^T Omega`` (p, r): Omega's rows drawn per example (and sample) from ``omega_key``."""
+def _range_pass(task, data, key, omega_key, rank: int, samples, batch_size: int):
+    """``H^T Omega`` (p, r): Omega's rows drawn per example (and pseudo-gradient) from ``omega_key``."""
     def reduce(h, idx):
-        omega = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(omega_key, i), (samples, rank), h.dtype))(idx)
+        per = h.shape[0] // idx.shape[0]
+        omega = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(omega_key, i), (per, rank), h.dtype))(idx)
         return jnp.matmul(h.T, omega.reshape(-1, rank), precision=HIGHEST)
 
     return _chunks(task, data, key, samples, batch_size, reduce)
 
 
 @eqx.filter_jit
-def _apply_pass(task, data, key, q, samples: int, batch_size: int):
+def _apply_pass(task, data, key, q, samples, batch_size: int):
     """``H^T (H Q)`` (p, r) for an orthonormal block ``Q`` (p, r)."""
     return _chunks(task, data, key, samples, batch_size,
                    lambda h, _: jnp.matmul(h.T, jnp.matmul(h, q, precision=HIGHEST), precision=HIGHEST))
 
 
 @eqx.filter_jit
-def _diag_pass(task, data, key, basis, samples: int, batch_size: int):
+def _diag_pass(task, data, key, basis, samples, batch_size: int):
     """``sum_i (u_k . h_i)^2`` (r,) for the rows ``u_k`` of ``basis`` (r, p)."""
     return _chunks(task, data, key, samples, batch_size,
                    lambda h, _: jnp.sum(jnp.matmul(h, basis.T, precision=HIGHEST) ** 2, axis=0))
@@ -145,7 +151,7 @@ def sampled_preconditioner(
     key,
     rank: int,
     power_iters: int = 1,
-    samples: int = 1,
+    samples: int | str = 1,
     progress: bool = False,
 ) -> NystromPreconditioner:
     """Rank-r factors ``U diag(s) U^T`` of the undamped GGN from sampled pseudo-gradients (see the module docstring).
@@ -160,7 +166,10 @@ def sampled_preconditioner(
         power_iters: extra passes ``Q <- qr(F Q)`` before the factorisation (0: the
             range pass alone feeds it).
         samples: pseudo-gradients drawn per example and pass (their mean of outer
-            products estimates each example's ``J^T W J``).
+            products estimates each example's ``J^T W J``), or ``"exact"``: the q
+            columns ``J^T L e_a`` of each example (q = its number of outputs), whose
+            outer products sum to ``J^T W J`` exactly, so the factors have no sampling
+            noise, at q vector-Jacobian products per example and pass.
         progress: print one line per pass.
 
     Returns:
@@ -175,7 +184,8 @@ def sampled_preconditioner(
         raise ValueError(f"`rank` = {rank} exceeds the number of parameters p = {p}.")
     if isinstance(power_iters, bool) or not isinstance(power_iters, (int, np.integer)) or power_iters < 0:
         raise ValueError(f"`power_iters` must be an integer >= 0, got {power_iters!r}.")
-    samples = _checks.positive_int(samples, "samples")
+    if samples != "exact":
+        samples = _checks.positive_int(samples, "samples")
     key = as_key(key)
     task = operator.task
     x, y, idx, sw, total = _data(operator)
@@ -202,4 +212,5 @@ def sampled_preconditioner(
         basis=ut[order], eigenvalues=jnp.maximum(values[order], 0), error_estimate=jnp.asarray(jnp.nan, ut.dtype),
         fingerprint=operator.fingerprint, curvature=operator.describe_curvature(), num_products=power_iters + 3,
         seconds=time.perf_counter() - start,
-        note=f"sampled: rank {rank}, {power_iters + 3} passes, {samples} draw(s) per example")
+        note=f"sampled: rank {rank}, {power_iters + 3} passes, "
+             + ("the exact output-Hessian factor" if samples == "exact" else f"{samples} draw(s) per example"))
