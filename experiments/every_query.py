@@ -48,8 +48,9 @@ def main():
                    help="how the cache's factors are built: the library's Nystrom (r GGN products) or "
                         "cj.sampled_preconditioner (a few passes of sampled pseudo-gradients; fixed ranks only)")
     p.add_argument("--power-iters", type=int, default=1, help="sampled factors: extra passes")
-    p.add_argument("--samples", type=int, default=1, help="sampled factors: draws per example and pass")
+    p.add_argument("--samples", default="1", help="sampled factors: draws per example and pass, or 'exact'")
     args = ec.finish_args(p.parse_args())
+    args.samples = args.samples if args.samples == "exact" else int(args.samples)
     task, ds = ec.trained_task(args.dataset, args.model, seed=args.seed)
     n = task.num_examples
     ranks = [r if r == "auto" else int(r) for r in args.ranks.split(",")]
