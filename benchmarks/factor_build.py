@@ -8,8 +8,10 @@ For each model and rank r, on the same trained model and operator (damping 1e-3)
 * the units: one GGN-vector product (a block of 16 products, per vector) and one
   per-example gradient pass over the data, timed warm;
 * ``cj.nystrom_preconditioner`` at rank r (the library's build: r GGN products in blocks
-  of 32, no error iterations);
-* ``cj.sampled_preconditioner`` at rank r with ``power_iters`` 0 and 1 (3 or 4 passes);
+  of 32, no error iterations), and with one subspace iteration (2r products);
+* ``cj.sampled_preconditioner`` at rank r: the exact output-Hessian factor columns
+  (q vector-Jacobian products per example and pass) with ``power_iters`` 0 and 1 (3 or
+  4 passes), and one Gaussian draw per example (power 1);
 * each build timed on its first call (compilation included: a build is done once per
   model) and, for the digits models, again warm; its cost also in product units;
 * the accuracy of each against the exact operator: ``||GGN - U diag(s) U^T||_2`` by a
@@ -72,8 +74,13 @@ def builders(op, rank):
     key = jax.random.key(7)
     return {
         "nystrom": lambda: cj.nystrom_preconditioner(op, key=key, rank=rank, error_iters=0, rhs_batch_size=32),
-        "sampled, power 0": lambda: cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=0),
-        "sampled, power 1": lambda: cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=1),
+        "nystrom, power 1": lambda: cj.nystrom_preconditioner(op, key=key, rank=rank, error_iters=0,
+                                                              rhs_batch_size=32, power_iters=1),
+        "exact columns, power 0": lambda: cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=0,
+                                                                    samples="exact"),
+        "exact columns, power 1": lambda: cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=1,
+                                                                    samples="exact"),
+        "1 draw, power 1": lambda: cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=1),
     }
 
 

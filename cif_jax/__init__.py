@@ -95,6 +95,7 @@ from cif_jax.core.plan import plan_batches as plan_batches
 from cif_jax.core.task import Task as Task
 from cif_jax.core.task import fingerprint as fingerprint
 from cif_jax.solvers.distributed import solver_mesh as solver_mesh
+from cif_jax.solvers.jacobi import jacobi_preconditioner as jacobi_preconditioner
 from cif_jax.solvers.kfac import KFACPreconditioner as KFACPreconditioner
 from cif_jax.solvers.kfac import ekfac_influence as ekfac_influence
 from cif_jax.solvers.kfac import ekfac_preconditioner as ekfac_preconditioner
@@ -108,7 +109,6 @@ from cif_jax.solvers.operator import DampedGGN as DampedGGN
 from cif_jax.solvers.precondition import JacobiPreconditioner as JacobiPreconditioner
 from cif_jax.solvers.precondition import NystromPreconditioner as NystromPreconditioner
 from cif_jax.solvers.precondition import Preconditioner as Preconditioner
-from cif_jax.solvers.precondition import jacobi_preconditioner as jacobi_preconditioner
 from cif_jax.solvers.precondition import nystrom_preconditioner as nystrom_preconditioner
 from cif_jax.solvers.sampled import sampled_preconditioner as sampled_preconditioner
 from cif_jax.solvers.solve import CG as CG

@@ -323,3 +323,24 @@ def test_nystrom_needs_an_operator_with_a_valid_damping():
         cj.nystrom_preconditioner(task, key=jax.random.key(0), rank=4)
     with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
         cj.nystrom_preconditioner(cj.DampedGGN(task, damping=0.0), key=jax.random.key(0), rank=4)
+
+
+def test_a_subspace_iteration_sharpens_the_factors(mlp):
+    # One power iteration (r more products) on the dense-referenced MLP GGN, same start: the
+    # factors' spectral error falls (0.217 -> 0.097 at r = 10 of p = 57; the optimum, the 11th
+    # eigenvalue, is 0.045), the products are counted, and at r = p it is exact.
+    ggn = mlp.ggn - LAM * np.eye(mlp.num_params)
+    op = _op(mlp.task, batch_size=BATCH)
+
+    def error(pre):
+        u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
+        return np.linalg.norm(ggn - u.T @ np.diag(s) @ u, 2)
+
+    plain = cj.nystrom_preconditioner(op, key=jax.random.key(1), rank=10, error_iters=0)
+    power = cj.nystrom_preconditioner(op, key=jax.random.key(1), rank=10, error_iters=0, power_iters=1)
+    assert power.num_products == 2 * plain.num_products == 20
+    assert error(power) < 0.5 * error(plain)
+    full = cj.nystrom_preconditioner(op, key=jax.random.key(1), rank=mlp.num_params, error_iters=0, power_iters=1)
+    assert error(full) <= 1e-8 * np.linalg.norm(ggn, 2)
+    with pytest.raises(ValueError, match="`power_iters` applies to a fixed `rank`"):
+        cj.nystrom_preconditioner(op, key=jax.random.key(1), rank="auto", power_iters=1)

@@ -49,14 +49,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
 from ..core import checks as _checks
 from ..core.checks import as_key
-from ..core.chunks import chunk_sum, row_blocks
+from ..core.chunks import row_blocks
 from ..core.ggn import apply_undamped
-from ..core.task import Task
 from .operator import DampedGGN, GGNKernel, check_operator
 
 #: Default cap on the Nystrom rank for ``rank="auto"``.
@@ -282,6 +280,12 @@ _orthonormal_block_jit = jax.jit(_orthonormal_block, static_argnums=(2, 3, 4))
 
 
 @jax.jit
+def _rows_basis(y):
+    """An orthonormal basis of the row space of ``y`` (r, p), as rows."""
+    return jnp.linalg.qr(y.T)[0].T
+
+
+@jax.jit
 def _nystrom_factor(q, y):
     """Stable Nystrom factorisation from orthonormal rows q (r, p) and y = GGN q (rows)."""
     p = q.shape[1]
@@ -358,6 +362,7 @@ def nystrom_preconditioner(
     rhs_batch_size: int | None = 16,
     progress: bool = False,
     accept: Callable | None = None,
+    power_iters: int = 0,
 ) -> NystromPreconditioner:
     """Builds a randomized Nystrom preconditioner of the undamped GGN from block products.
 
@@ -381,6 +386,10 @@ def nystrom_preconditioner(
             that replaces the condition-number rule: the rank doubles until it says
             done (or reaches ``max_rank``); ``error_iters`` then run once, at the end,
             and the last note is kept in :attr:`NystromPreconditioner.note`.
+        power_iters: with a fixed ``rank``, subspace iterations before the factorisation
+            (each ``r`` more products: the test block becomes an orthonormal basis of
+            its products), which sharpen the captured subspace where the spectrum
+            decays slowly (Halko, Martinsson and Tropp 2011, alg. 4.3).
 
     Returns:
         A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
@@ -408,6 +417,10 @@ def nystrom_preconditioner(
     if isinstance(error_iters, bool) or not isinstance(error_iters, (int, np.integer)) or error_iters < 0:
         raise ValueError(f"`error_iters` must be an integer >= 0, got {error_iters!r}.")
     rhs_batch_size = _checks.positive_int(rhs_batch_size, "rhs_batch_size", allow_none=True)
+    if isinstance(power_iters, bool) or not isinstance(power_iters, (int, np.integer)) or power_iters < 0:
+        raise ValueError(f"`power_iters` must be an integer >= 0, got {power_iters!r}.")
+    if power_iters and adaptive:
+        raise ValueError("`power_iters` applies to a fixed `rank`; the adaptive rule grows the rank instead.")
     key = as_key(key)
 
     start_time = time.perf_counter()
@@ -424,9 +437,12 @@ def nystrom_preconditioner(
                 break
             target_rank = min(2 * target_rank, max_rank, p)
             continue
-        err = sketch.error_estimate(error_iters)
         if not adaptive:
+            for _ in range(power_iters):
+                sketch.power()
+            err = sketch.error_estimate(error_iters)
             break
+        err = sketch.error_estimate(error_iters)
         kappa = (float(sketch.s[-1]) + lam + (0.0 if error_iters == 0 else float(err))) / lam
         if bar is not None:
             bar.set_postfix_str(f"rank {target_rank}, kappa~{kappa:.3g}")
@@ -470,13 +486,26 @@ class _Sketch:
         self.num_products += new
         self.q = q_new if self.q is None else jnp.concatenate([self.q, q_new])
         self.y = y_new if self.y is None else jnp.concatenate([self.y, y_new])
+        self._factor()
+        self.round += 1
+
+    def power(self):
+        """One subspace iteration: the test vectors become an orthonormal basis of the products, then
+        their products are made (``rank`` more); the factors then see ``GGN^2`` through the new block."""
+        rank = self.rank
+        block = rank if self.rhs_batch_size is None else min(self.rhs_batch_size, rank)
+        self.q = _rows_basis(self.y)
+        self.y = _products(self.kernel, self.q, block, self.bar)
+        self.num_products += rank
+        self._factor()
+
+    def _factor(self):
         self.ut, self.s, ok = _nystrom_factor(self.q, self.y)
         if not bool(ok):
             raise FloatingPointError(
                 "the Nystrom factorisation failed (Cholesky of Q^T Y not positive definite); the GGN products are "
                 "not symmetric PSD to working precision. Check that the loss is convex in the outputs."
             )
-        self.round += 1
 
     def error_estimate(self, iters: int):
         if not iters:
@@ -613,83 +642,3 @@ def auto_nystrom(
     note = (f"auto: rank {sketch.rank}, kappa~{kappa:.3g}, predicted {here:.0f} solve products against {plain:.0f} "
             f"plain ({sketch.num_products} build products)")
     return sketch.preconditioner(err, time.perf_counter() - start, note), note
-
-
-# ---------------------------------------------------------------------------------------------- Jacobi
-
-
-def jacobi_batch(batch_size):
-    """Examples per chunk of a diagonal or K-FAC pass: ``batch_size``, or 64 when it is None."""
-    return 64 if batch_size is None else batch_size
-
-
-@eqx.filter_jit
-def _ggn_diagonal(task: Task, batch_size, curvature):
-    flat, unravel = ravel_pytree(task.params)
-    if curvature is None:
-        data = (task.inputs, task.targets, jnp.ones(task.num_examples, flat.dtype))
-    else:
-        take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, curvature.indices, axis=0), tree)
-        data = (take(task.inputs), take(task.targets), curvature.weights.astype(flat.dtype))
-    one = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[None], tree)
-
-    def example(x, y, w):
-        out, vjp_fn = jax.vjp(lambda fp: task.apply_fn(unravel(fp), one(x))[0], flat)
-        m = out.size
-
-        def loss_one(o):
-            return task.loss_fn(o.reshape(out.shape)[None], one(y))[0]
-
-        hess = jax.hessian(loss_one)(out.reshape(-1)).reshape(m, m)
-        # diag(J^T W J) = sum_a (J^T e_a) * (J^T W e_a): m vector-Jacobian products and an
-        # (m, m) x (m, p) product. (A square root W = L L^T by `eigh` did the same with a
-        # LAPACK call per example, which deadlocked XLA:CPU on jaxlib 0.10.2 for one chunk
-        # of 512 examples followed by a short chunk of 288.)
-        cols = jax.vmap(lambda c: vjp_fn(c.reshape(out.shape))[0])(jnp.eye(m, dtype=out.dtype))  # (m, p): J^T e_a
-        weighted = jnp.matmul((hess + hess.T) / 2, cols, precision=jax.lax.Precision.HIGHEST)
-        return w * jnp.sum(cols * weighted, axis=0)
-
-    def chunk(c):
-        return jnp.sum(jax.vmap(example)(*c), axis=0)
-
-    total = chunk_sum(chunk, data, batch_size)
-    return total / jnp.sum(data[2])
-
-
-def build_jacobi(operator: DampedGGN) -> JacobiPreconditioner:
-    """The Jacobi preconditioner of a checked operator (chunks: its ``batch_size``, else :func:`jacobi_batch`)."""
-    start = time.perf_counter()
-    diag = jax.block_until_ready(_ggn_diagonal(operator.task, jacobi_batch(operator.batch_size),
-                                               operator.curvature))
-    if not bool(jnp.all(jnp.isfinite(diag))):
-        raise ValueError("the GGN diagonal holds NaN or Inf; check the model snapshot and the data.")
-    pre = JacobiPreconditioner(
-        diagonal=diag,
-        fingerprint=operator.fingerprint,
-        curvature=operator.describe_curvature(),
-        seconds=time.perf_counter() - start,
-    )
-    pre.check_damping(operator.damping)
-    return pre
-
-
-def jacobi_preconditioner(operator: DampedGGN) -> JacobiPreconditioner:
-    """Builds the Jacobi (diagonal GGN) preconditioner, exactly.
-
-    ``diag(GGN) = (1/N) sum_i sum_a (J_i^T e_a) * (J_i^T W_i e_a)``: one
-    vector-Jacobian product per example and model output, so it costs about
-    (number of outputs) per-example gradient passes.
-
-    Args:
-        operator: a :class:`cif_jax.DampedGGN`: the diagonal is its GGN's (task and
-            curvature sample), in chunks of its ``batch_size`` (64 when it has none:
-            memory is about ``batch_size * outputs * p``).
-
-    Returns:
-        A :class:`JacobiPreconditioner`.
-
-    Raises:
-        ValueError: when the damped diagonal is singular to working precision at the
-            operator's damping.
-    """
-    return build_jacobi(check_operator(operator))

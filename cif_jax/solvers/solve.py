@@ -40,6 +40,7 @@ from ..core.chunks import row_blocks
 from ..core.ggn import ggn_matvec_fn
 from ..core.task import Task
 from . import distributed as _distributed
+from . import jacobi as _jacobi
 from . import kfac as _kfac
 from . import precondition as _precondition
 from .cg import balanced_block, check_product_dtype, inner_rtol, low_precision, solve_system
@@ -149,7 +150,7 @@ class AbstractSolver(eqx.Module):
 
 
 def _build_jacobi(operator, **_):
-    return _precondition.build_jacobi(operator), ""
+    return _jacobi.build_jacobi(operator), ""
 
 
 def _build_kfac(eigen_corrected):

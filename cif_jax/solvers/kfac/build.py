@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 from ...core.chunks import chunk_sum
 from ...core.task import Task
+from ..jacobi import build_jacobi
 from ..operator import DampedGGN, check_operator
-from ..precondition import build_jacobi
 from .blocks import _HIGHEST, DEFAULT_BATCH_SIZE, KFACPreconditioner, check_damping
 from .tagging import _Model, _Untaggable
 
