@@ -44,9 +44,10 @@ def main():
     p.add_argument("--folds", type=int, default=50)
     p.add_argument("--test-points", type=int, default=100)
     p.add_argument("--ranks", default="256,512,1024,auto", help="comma-separated factor ranks; 'auto' for the default")
-    p.add_argument("--factors", default="nystrom", choices=["nystrom", "sampled"],
-                   help="how the cache's factors are built: the library's Nystrom (r GGN products) or "
-                        "cj.sampled_preconditioner (a few passes of sampled pseudo-gradients; fixed ranks only)")
+    p.add_argument("--factors", default="nystrom", choices=["nystrom", "nystrom-power", "sampled"],
+                   help="how the cache's factors are built: the library's Nystrom (r GGN products), Nystrom with "
+                        "--power-iters subspace iterations, or cj.sampled_preconditioner (a few passes of "
+                        "pseudo-gradients); the last two at fixed ranks only")
     p.add_argument("--power-iters", type=int, default=1, help="sampled factors: extra passes")
     p.add_argument("--samples", default="1", help="sampled factors: draws per example and pass, or 'exact'")
     args = ec.finish_args(p.parse_args())
@@ -93,17 +94,22 @@ def main():
           "test points")
 
     for rank in ranks:
-        if args.factors == "sampled" and rank == "auto":
-            raise SystemExit("--factors sampled takes fixed ranks (--ranks 256,1024)")
+        if args.factors != "nystrom" and rank == "auto":
+            raise SystemExit(f"--factors {args.factors} takes fixed ranks (--ranks 256,1024)")
 
         def cell(rank=rank):
             correction = cj.CalibratedCorrection(rank=rank)
             t0 = time.perf_counter()
             pre, factor_seconds = "auto", None
+            op = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
+            key = jax.random.fold_in(jax.random.key(args.seed), 2)
             if args.factors == "sampled":
-                op = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
-                pre = cj.sampled_preconditioner(op, key=jax.random.fold_in(jax.random.key(args.seed), 2), rank=rank,
-                                                power_iters=args.power_iters, samples=args.samples)
+                pre = cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=args.power_iters,
+                                                samples=args.samples)
+            elif args.factors == "nystrom-power":
+                pre = cj.nystrom_preconditioner(op, key=key, rank=rank, error_iters=0, power_iters=args.power_iters,
+                                                rhs_batch_size=args.rhs_batch_size or 32)
+            if args.factors != "nystrom":
                 factor_seconds = time.perf_counter() - t0
             cache, warned = ec.build_cache(task, args, num_clusters=args.clusters, correction=correction,
                                            preconditioner=pre)
@@ -139,6 +145,8 @@ def main():
         key = f"rank={rank}" if rank != "auto" else f"rank=auto,tolerance={cj.cif.lowrank.DEFAULT_TOLERANCE:g}"
         if args.factors == "sampled":
             key = f"sampled(power_iters={args.power_iters},samples={args.samples}),{key}"
+        elif args.factors == "nystrom-power":
+            key = f"nystrom(power_iters={args.power_iters}),{key}"
         r = cells(key, cell)
         h = r["hybrid"]
         print(f"rank {rank} -> {r['rank']} (predicted {r['predicted_error']:.3g}, s_r/lambda {r['tail_ratio']:.3g}), "

@@ -204,7 +204,7 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the input was validated")
 
-    mod = importlib.import_module("cif_jax.baselines.attribution")
+    mod = importlib.import_module("cif_jax.estimators.attribution")
     for name in ("_dot_pass", "_feature_pass", "_margin_pass", "per_example_grads_pass"):
         monkeypatch.setattr(mod, name, forbidden)
 

@@ -51,7 +51,7 @@ def no_work(monkeypatch):
         "cif_jax.solvers.precondition": ("auto_nystrom", "_products"),
     "cif_jax.solvers.jacobi": ("build_jacobi",),
         "cif_jax.cif.correction": ("_terms_pass",),
-        "cif_jax.baselines.influence": ("gradient_sums_pass",),
+        "cif_jax.estimators.influence": ("gradient_sums_pass",),
     }.items():
         mod = importlib.import_module(module)
         for name in names:

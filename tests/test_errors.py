@@ -28,7 +28,7 @@ import cif_jax as cj
 
 _EXPENSIVE = {
     "cif_jax.core.gradients": ("per_example_grads_pass", "gradient_sums_pass"),
-    "cif_jax.baselines.influence": ("gradient_sums_pass",),
+    "cif_jax.estimators.influence": ("gradient_sums_pass",),
     "cif_jax.cif.queries": ("gradient_sums_pass",),
     "cif_jax.cif.bounds": ("gradient_sums_pass",),
     "cif_jax.cif.cache": ("_sketch_pass", "_means_pass", "kmeans_fit", "nystrom_preconditioner"),
@@ -47,7 +47,7 @@ def no_work(monkeypatch):
         raise AssertionError("expensive work started before the input was validated")
 
     for module, names in _EXPENSIVE.items():
-        # importlib: `cif_jax.baselines.influence` the attribute is the function, not the module.
+        # importlib: `cif_jax.estimators.influence` the attribute is the function, not the module.
         mod = importlib.import_module(module)
         for name in names:
             monkeypatch.setattr(mod, name, forbidden)

@@ -216,10 +216,10 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("expensive work started before the input was validated")
 
-    mod = importlib.import_module("cif_jax.baselines.retrain")
+    mod = importlib.import_module("cif_jax.evaluation.retrain")
     for name in ("_train_many", "_pbrf", "_evaluate_many"):
         monkeypatch.setattr(mod, name, forbidden)
-    monkeypatch.setattr(importlib.import_module("cif_jax.baselines.training"), "train", forbidden)
+    monkeypatch.setattr(importlib.import_module("cif_jax.evaluation.training"), "train", forbidden)
 
 
 def test_train_many_bad_input(no_work):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import cif_jax as cj
-from cif_jax.baselines import stride as st
+from cif_jax.estimators import stride as st
 from cif_jax.workloads.models import MLP, LeNet5
 
 N, D, C = 12, 3, 3

@@ -1,4 +1,4 @@
-"""Tests for the training protocol (cif_jax.baselines.training) and the workloads' checkpoints (cif_jax.workloads.training)."""
+"""Tests for the training protocol (cif_jax.evaluation.training) and the workloads' checkpoints (cif_jax.workloads.training)."""
 
 import os
 
@@ -144,7 +144,7 @@ def test_optimizer_direction_is_pytorch_sgd():
 
 def test_compiled_step_is_reused_across_calls(tiny):
     """Leave-fold-out retraining calls `train` many times: it must not recompile each time."""
-    from cif_jax.baselines import training
+    from cif_jax.evaluation import training
 
     x, y, k = tiny
     cfg = _lenet_cfg(k)

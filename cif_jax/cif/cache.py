@@ -188,7 +188,7 @@ def build_cache(
     """Builds a CiF cache: sketch, cluster, cluster means, low-rank factors, C damped-GGN solves.
 
     Paper section 3.3, eqs. (5)-(9). With ``num_clusters == N`` every example is its
-    own cluster and the cache reproduces per-query IF (:func:`cif_jax.baselines.influence`).
+    own cluster and the cache reproduces per-query IF (:func:`cif_jax.estimators.influence`).
 
     Args:
         task: the model snapshot and training data.

@@ -125,7 +125,7 @@ def param_delta(cache: InfluenceCache, subsets) -> Float[Array, "q p"]:
     .. math:: \\hat\\Delta\\theta_S = \\frac{1}{N} \\sum_c m_c(S) v_c
 
     Returns:
-        (Q, p) flat parameter changes; compare with :func:`cif_jax.baselines.influence`.
+        (Q, p) flat parameter changes; compare with :func:`cif_jax.estimators.influence`.
     """
     counts = cluster_counts(cache, subsets)
     n = jnp.asarray(cache.num_examples, cache.responses.dtype)

@@ -93,7 +93,7 @@ def plan_batches(
 
     Returns:
         A :class:`BatchPlan`; pass ``batch_size`` and ``rhs_batch_size`` on to
-        :func:`cif_jax.solve_ggn`, :func:`cif_jax.baselines.influence`, :func:`cif_jax.build_cache`.
+        :func:`cif_jax.solve_ggn`, :func:`cif_jax.estimators.influence`, :func:`cif_jax.build_cache`.
     """
     _checks.task(task)
     budget = parse_bytes(memory_budget)

@@ -393,7 +393,7 @@ def nystrom_preconditioner(
 
     Returns:
         A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
-        :func:`cif_jax.solve_ggn`, :func:`cif_jax.baselines.influence` or :func:`cif_jax.build_cache`.
+        :func:`cif_jax.solve_ggn`, :func:`cif_jax.estimators.influence` or :func:`cif_jax.build_cache`.
     """
     operator = check_operator(operator)
     p = operator.num_params

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
-from cif_jax.baselines.lds import pearson_rows
+from cif_jax.evaluation.lds import pearson_rows
 
 
 class Correlation(NamedTuple):

@@ -1,6 +1,6 @@
 """The workloads' training: the main job's settings per dataset and model checkpoints.
 
-The training loop itself (the paper's SGD protocol) is :mod:`cif_jax.baselines.training`;
+The training loop itself (the paper's SGD protocol) is :mod:`cif_jax.evaluation.training`;
 its names are importable from here too.
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
-from cif_jax.baselines.training import History, check_xy, evaluate, learning_rates, make_optimizer, train
+from cif_jax.evaluation.training import History, check_xy, evaluate, learning_rates, make_optimizer, train
 from cif_jax.workloads.models import build_from_config, model_config
 
 __all__ = [

@@ -74,13 +74,13 @@ def ekfac_influence(
         \\text{ per block}
 
     (kronfluence's estimator; Grosse et al. 2023, eq. (19)). It is fast (no CG) but
-    not :func:`cif_jax.baselines.influence`: it equals it only where the Kronecker
+    not :func:`cif_jax.estimators.influence`: it equals it only where the Kronecker
     factorisation is exact (one linear layer, squared loss). Use it when speed
     matters more than exactness, and measure the gap on your model.
 
     Args:
         task: the model snapshot and training data.
-        subsets: as :func:`cif_jax.baselines.influence`.
+        subsets: as :func:`cif_jax.estimators.influence`.
         damping: lambda > 0.
         preconditioner: a built :class:`KFACPreconditioner` (EK-FAC or K-FAC) for this
             task and curvature; None builds EK-FAC here.

@@ -55,7 +55,7 @@ class KFACPreconditioner(Preconditioner):
     One block per layer found (see the module docstring), the exact GGN diagonal
     for every other parameter. Stores undamped quantities, so one build serves any
     damping; pass it as ``cif_jax.CG(preconditioner=...)`` to :func:`cif_jax.solve_ggn`,
-    :func:`cif_jax.baselines.influence` or :func:`cif_jax.build_cache`, or use it as an
+    :func:`cif_jax.estimators.influence` or :func:`cif_jax.build_cache`, or use it as an
     approximate inverse with :func:`cif_jax.ekfac_solve` / :func:`cif_jax.ekfac_influence`.
 
     Attributes:

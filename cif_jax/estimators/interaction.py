@@ -4,7 +4,7 @@
 Summed influences miss how the members of a group interact. Expanding a scalar
 target ``f`` (here the mean loss of an evaluation task V) to second order around
 ``theta_0`` along the removal response ``delta_S = sum_{i in S} delta_i``,
-``delta_i = (1/N) H~^{-1} g_i`` (:func:`cif_jax.baselines.influence`):
+``delta_i = (1/N) H~^{-1} g_i`` (:func:`cif_jax.estimators.influence`):
 
 .. math::
 
@@ -150,14 +150,14 @@ def interaction_terms(
 ) -> InteractionTerms:
     """Exact terms for candidates ``indices``: ``coords_i = delta_i``, ``curved_i = H_f delta_i``.
 
-    One damped-GGN solve per candidate (as :func:`cif_jax.baselines.influence`, same
+    One damped-GGN solve per candidate (as :func:`cif_jax.estimators.influence`, same
     settings), then one ``H_f`` product per candidate.
 
     Args:
         task: the training task (the model snapshot and its N examples).
         target: a task on the evaluation data with the same params.
         indices: (P,) distinct training example indices, the candidate pool.
-        damping, solver, batch_size: as :func:`cif_jax.baselines.influence`.
+        damping, solver, batch_size: as :func:`cif_jax.estimators.influence`.
         kind: ``H_f`` as :func:`target_curvature`.
         method: ``"exact"`` (|P| solves, k = p) or ``"target_factors"`` (the same
             terms from ``|V| q`` solves, q the model outputs, k = |V| q: with the GGN

@@ -4,7 +4,7 @@ Three ways to answer "what changes when the training examples S are removed?"
 without a first-order approximation in the data:
 
 * :func:`retrain`: cold-start retraining without S, with the same protocol
-  (:func:`cif_jax.baselines.training.train`: optimiser, epochs, schedule, shuffling seed)
+  (:func:`cif_jax.evaluation.training.train`: optimiser, epochs, schedule, shuffling seed)
   and the same initialisation as the base model. The measured change of the
   evaluation losses is the ground truth for fidelity.
 * :func:`train_many`: the same for many small models at once, in pure JAX:
@@ -15,7 +15,7 @@ without a first-order approximation in the data:
   to convergence.
 
 Sign and scale follow the README: ``param_delta = theta_{-S} - theta_0`` is the
-parameter change when S is removed (compare :func:`cif_jax.baselines.influence`,
+parameter change when S is removed (compare :func:`cif_jax.estimators.influence`,
 ``Delta theta_S = (1/N) H~^{-1} sum_{i in S} g_i``, eq. 3), and
 ``loss_delta = loss(theta_{-S}) - loss(theta_0)`` on each evaluation example:
 **positive means removing S raised the loss, S was helpful** (compare
@@ -53,16 +53,16 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
 from ..core import checks as _checks
+from ..core import snapshots as _snapshots
 from ..core.chunks import chunk_map, chunk_sum
 from ..core.task import Task
-from . import common as _baselines
 
 __all__ = ["PBRFResult", "RetrainResult", "TrainedModels", "evaluate_many", "pbrf", "retrain", "train_many"]
 
 _NORMALIZATIONS = ("kept", "all")
 
 
-# -- cold-start retraining with cif_jax.baselines.training.train ---------------------------------------
+# -- cold-start retraining with cif_jax.evaluation.training.train ---------------------------------------
 
 
 class RetrainResult(NamedTuple):
@@ -91,7 +91,7 @@ def _nnx_flat(model):
 
 def _nnx_eval_losses(model, x, y, batch_size):
     task = Task.from_nnx(model, optax.softmax_cross_entropy_with_integer_labels, x, y)
-    return _baselines.per_example_losses(task, batch_size)
+    return _snapshots.per_example_losses(task, batch_size)
 
 
 def _model_factory(build_model):
@@ -138,7 +138,7 @@ def retrain(
     eval_batch_size: int | None = 1024,
     progress: bool = False,
 ) -> RetrainResult:
-    """Exact leave-subset-out retraining: one cold-start :func:`cif_jax.baselines.training.train` run per subset.
+    """Exact leave-subset-out retraining: one cold-start :func:`cif_jax.evaluation.training.train` run per subset.
 
     For each subset S the model is rebuilt by ``build_model()`` (the base model's
     initialisation) and trained on the examples not in S with the base model's
@@ -161,7 +161,7 @@ def retrain(
         eval_inputs: ``(E, ...)`` evaluation inputs.
         eval_targets: ``(E,)`` evaluation labels.
         epochs, learning_rate, batch_size, momentum, weight_decay, schedule, seed:
-            the training protocol, as :func:`cif_jax.baselines.training.train`.
+            the training protocol, as :func:`cif_jax.evaluation.training.train`.
         base_model: the trained base model, if already at hand; otherwise it is
             trained here from ``build_model()`` on all N examples with the same
             protocol.
@@ -192,7 +192,7 @@ def retrain(
         raise ValueError(f"`eval_inputs` must hold examples shaped like the training inputs {x.shape[1:]}, got "
                          f"{xe.shape[1:]}.")
     for arr, name in ((x, "inputs"), (xe, "eval_inputs")):
-        _baselines.check_finite_data(arr, name)
+        _snapshots.check_finite_data(arr, name)
     n = x.shape[0]
     subs = _checks.subsets(subsets, n)
     full = np.flatnonzero(subs.sizes == n)
@@ -292,7 +292,7 @@ def train_many(
     """Trains M small models at once, each on its own subset of the training data.
 
     Model m minimises, by ``num_steps`` full-batch steps of ``train``'s optimiser
-    (:func:`cif_jax.baselines.training.make_optimizer`: coupled weight decay, heavy-ball
+    (:func:`cif_jax.evaluation.training.make_optimizer`: coupled weight decay, heavy-ball
     momentum, then ``-learning_rate``),
 
     .. math::
@@ -303,7 +303,7 @@ def train_many(
 
     from ``init_params`` (default: ``task.params``; build the task with the
     initial parameters for cold-start training). With one batch this is exactly
-    ``cif_jax.baselines.training.train(..., batch_size=N)`` on the kept examples
+    ``cif_jax.evaluation.training.train(..., batch_size=N)`` on the kept examples
     (``"kept"``). The M problems are vmapped (or mapped in batches of
     ``model_batch_size``) in one compiled program; each evaluates the model on
     all N examples at once, so this is meant for small models (logistic
@@ -334,7 +334,7 @@ def train_many(
     """
     _checks.task(task)
     n = task.num_examples
-    keep = _baselines.check_keep_masks(keep, n)
+    keep = _snapshots.check_keep_masks(keep, n)
     num_steps = _checks.positive_int(num_steps, "num_steps")
     learning_rate = _checks.positive_float(learning_rate, "learning_rate")
     momentum = float(momentum)
@@ -344,8 +344,8 @@ def train_many(
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"`normalization` must be one of {_NORMALIZATIONS}, got {normalization!r}.")
     model_batch_size = _checks.positive_int(model_batch_size, "model_batch_size", allow_none=True)
-    _baselines.check_finite_data(task.inputs, "task.inputs")
-    _baselines.check_finite_data(task.targets, "task.targets")
+    _snapshots.check_finite_data(task.inputs, "task.inputs")
+    _snapshots.check_finite_data(task.targets, "task.targets")
     flat0, _ = ravel_pytree(task.params)
     m = keep.shape[0]
     if init_params is None:
@@ -353,14 +353,14 @@ def train_many(
             raise ValueError("`stacked_init=True` needs `init_params` with a leading axis M.")
         init_params = task.params
     if stacked_init:
-        if _baselines.check_stacked(init_params, task.params, "init_params") != m:
+        if _snapshots.check_stacked(init_params, task.params, "init_params") != m:
             raise ValueError(f"`init_params` with `stacked_init=True` needs a leading axis of size M = {m} (one "
                              "initialisation per row of `keep`).")
         inits = jax.vmap(lambda p: ravel_pytree(p)[0])(init_params)
         if not bool(jnp.isfinite(inits).all()):
             raise ValueError("`init_params` holds NaN or Inf parameters.")
     else:
-        _baselines.check_params_like(init_params, task.params, "init_params")
+        _snapshots.check_params_like(init_params, task.params, "init_params")
         inits = jnp.broadcast_to(ravel_pytree(init_params)[0], (m, flat0.shape[0]))
     weights = jnp.asarray(keep, flat0.dtype)
     denominators = keep.sum(axis=1) if normalization == "kept" else np.full(m, n)
@@ -399,9 +399,9 @@ def evaluate_many(task: Task, params: PyTree, eval_inputs, eval_targets, *,
     Returns:
         ``(M, E)`` losses.
     """
-    ev = _baselines.eval_task(task, eval_inputs, eval_targets)
+    ev = _snapshots.eval_task(task, eval_inputs, eval_targets)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    _baselines.check_stacked(params, task.params, "params")
+    _snapshots.check_stacked(params, task.params, "params")
     return _evaluate_many(task, params, ev.inputs, ev.targets, batch_size)
 
 
@@ -537,7 +537,7 @@ def pbrf(
         raise TypeError(f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
     if (eval_inputs is None) != (eval_targets is None):
         raise ValueError("Give both `eval_inputs` and `eval_targets`, or neither.")
-    ev = None if eval_inputs is None else _baselines.eval_task(task, eval_inputs, eval_targets)
+    ev = None if eval_inputs is None else _snapshots.eval_task(task, eval_inputs, eval_targets)
     flat0, unravel = ravel_pytree(task.params)
     if not bool(jnp.isfinite(flat0).all()):
         raise ValueError("`task.params` holds NaN or Inf parameters.")
@@ -551,6 +551,6 @@ def pbrf(
     if ev is not None:
         params = jax.vmap(unravel)(flat0[None, :] + deltas)
         losses = _evaluate_many(task, params, ev.inputs, ev.targets, batch_size)
-        base = _baselines.per_example_losses(ev, batch_size)
+        base = _snapshots.per_example_losses(ev, batch_size)
         loss_delta = losses - base[None, :]
     return PBRFResult(deltas, loss_delta, objective)

@@ -36,9 +36,9 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from scipy.stats import rankdata
 
 from ..core import checks as _checks
+from ..core import snapshots as _snapshots
 from ..core.checks import as_key
 from ..core.task import Task
-from . import common as _baselines
 from .retrain import evaluate_many, train_many
 
 __all__ = ["DatamodelLDSResult", "LDSResult", "datamodel_lds", "lds", "random_subsets", "subset_losses"]
@@ -177,13 +177,13 @@ def subset_losses(
         ValueError: on bad masks, settings or initialisations, before training.
     """
     _checks.task(task)
-    keep = _baselines.check_keep_masks(keep, task.num_examples)
-    _baselines.eval_task(task, eval_inputs, eval_targets)
+    keep = _snapshots.check_keep_masks(keep, task.num_examples)
+    _snapshots.eval_task(task, eval_inputs, eval_targets)
     m = keep.shape[0]
     if init_params is None:
         init_params = task.params
     if stacked_init:
-        num_seeds = _baselines.check_stacked(init_params, task.params, "init_params")
+        num_seeds = _snapshots.check_stacked(init_params, task.params, "init_params")
         # Model (m, s) is row m * S + s: subset masks repeated, initialisations tiled.
         inits = jax.tree_util.tree_map(lambda a: jnp.tile(jnp.asarray(a), (m,) + (1,) * (np.ndim(a) - 1)),
                                        init_params)

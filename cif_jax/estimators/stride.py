@@ -23,10 +23,10 @@ stay close to ``z`` off it (stability, eq. 2), while the subset responses
 membership ``X_s = X R`` (eq. 13). For a test point, the response of operator
 k is ``y_k = (A_k^T phi(h))[class]`` (Alg. 1 l. 9) and the per-example
 scores ``w`` solve the Lasso ``min 1/2 ||y - X w||^2 + alpha ||w||_1``
-(:func:`cif_jax.baselines.lasso`).
+(:func:`cif_jax.estimators.lasso`).
 
 Sign: ``w_i > 0`` when example i raises the class logit (helpful), the
-library's convention; :func:`cif_jax.baselines.lds` predicts the loss of a subset S' by
+library's convention; :func:`cif_jax.evaluation.lds` predicts the loss of a subset S' by
 ``-sum_{i in S'} w_i``.
 
 References:
@@ -562,7 +562,7 @@ def stride_scores(ops: StrideOperators, H_test: Float[Array, "q d"], *, classes,
 
     ``cj.lasso(ops.membership, stride_responses(ops, H_test, classes=classes),
     **lasso_settings)``: ``coef[q, i] > 0`` when example i raises the class
-    logit of test point q (helpful). :func:`cif_jax.baselines.lds` predicts the loss of a
+    logit of test point q (helpful). :func:`cif_jax.evaluation.lds` predicts the loss of a
     subset S' by ``-sum_{i in S'} coef[q, i]``.
 
     Args:
@@ -570,7 +570,7 @@ def stride_scores(ops: StrideOperators, H_test: Float[Array, "q d"], *, classes,
         H_test: ``(Q, d)`` test features.
         classes: ``(Q,)`` classes read.
         **lasso_settings: ``alpha``, ``alpha_ratio``, ``fit_intercept``, ``tol``,
-            ``max_steps`` of :func:`cif_jax.baselines.lasso`.
+            ``max_steps`` of :func:`cif_jax.estimators.lasso`.
 
     Returns:
         :class:`cif_jax.LassoSolution`; ``coef`` holds the ``(Q, N)`` scores.

@@ -42,11 +42,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..cif.sketch import DEFAULT_BLOCK_SIZE
 from ..cif.sketch import sketch as _sketch_rows
 from ..core import checks as _checks
+from ..core import snapshots as _snapshots
 from ..core.checks import as_int, as_key
 from ..core.chunks import chunk_map
 from ..core.gradients import per_example_grads_pass, raise_on_bad, streamed_map, streamed_sum
 from ..core.task import Task
-from . import common as _baselines
 
 __all__ = ["grad_dot", "tracin", "trak", "trak_margin"]
 
@@ -184,7 +184,7 @@ def _check_classifier(task: Task) -> None:
 def _common(task, eval_inputs, eval_targets, groups, batch_size):
     _checks.task(task)
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
-    ev = _baselines.eval_task(task, eval_inputs, eval_targets)
+    ev = _snapshots.eval_task(task, eval_inputs, eval_targets)
     return ev, _group_mask_t(groups, task.num_examples), batch_size
 
 
@@ -275,12 +275,12 @@ def tracin(
     ev, mask_t, batch_size = _common(task, eval_inputs, eval_targets, groups, batch_size)
     if checkpoints is None:
         raise ValueError("`tracin` needs `checkpoints` (a list of parameter pytrees); for one, pass [task.params].")
-    params = _baselines.check_checkpoints(task, checkpoints)
-    lrs = _baselines.check_positive_floats(learning_rates, "learning_rates", len(params))
+    params = _snapshots.check_checkpoints(task, checkpoints)
+    lrs = _snapshots.check_positive_floats(learning_rates, "learning_rates", len(params))
     total = None
     for theta, lr in zip(params, lrs):
-        t_k = _baselines.with_params(task, theta)
-        g_eval = _eval_grads(_baselines.with_params(ev, theta), batch_size)
+        t_k = _snapshots.with_params(task, theta)
+        g_eval = _eval_grads(_snapshots.with_params(ev, theta), batch_size)
         scores, bad = _dot_pass(t_k, g_eval, mask_t, batch_size)
         raise_on_bad(bad)
         scores = jnp.asarray(lr, scores.dtype) * scores
@@ -372,12 +372,12 @@ def trak(
         if key is None:
             raise ValueError("`trak` needs `key` (jax.random.key(seed)) to draw the JL projection.")
         key = as_key(key)
-    params = _baselines.check_checkpoints(task, checkpoints)
+    params = _snapshots.check_checkpoints(task, checkpoints)
 
     # Q_bar: the out-to-loss weights 1 - p_y = sigmoid(-f), averaged over checkpoints.
     q_bar = 0
     for theta in params:
-        margins = _margin_pass(_baselines.with_params(task, theta), batch_size)
+        margins = _margin_pass(_snapshots.with_params(task, theta), batch_size)
         q_bar = q_bar + jax.nn.sigmoid(-margins)
     q_bar = q_bar / len(params)
     _checks.finite_rows(q_bar[:, None], "TRAK out-to-loss weights")
@@ -385,10 +385,10 @@ def trak(
     total = None
     for k, theta in enumerate(params):
         key_k = None if key is None else jax.random.fold_in(key, k)
-        feats, bad = _feature_pass(_margin_task(_baselines.with_params(task, theta)), key_k, sketch_dim, block_size,
+        feats, bad = _feature_pass(_margin_task(_snapshots.with_params(task, theta)), key_k, sketch_dim, block_size,
                                    batch_size)
         raise_on_bad(bad)
-        eval_feats, bad_eval = _feature_pass(_margin_task(_baselines.with_params(ev, theta)), key_k, sketch_dim,
+        eval_feats, bad_eval = _feature_pass(_margin_task(_snapshots.with_params(ev, theta)), key_k, sketch_dim,
                                              block_size, batch_size)
         _raise_bad_eval(bad_eval)
         scores, evals = _kernel_scores(feats, eval_feats, q_bar.astype(feats.dtype), mask_t, ridge)

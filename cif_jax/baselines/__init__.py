@@ -1,1 +1,0 @@
-"""Per-query IF and the related methods: attribution, retraining, LDS, PBRF, STRIDE, Lasso, interaction, LiSSA."""

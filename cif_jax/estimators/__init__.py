@@ -1,0 +1,1 @@
+"""The influence estimators beside CiF: per-query IF, gradient attribution (Grad-Dot, TracIn, TRAK), interaction-aware group influence, STRIDE (with its Lasso) and the curvature samplers for LiSSA."""
