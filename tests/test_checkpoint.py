@@ -134,6 +134,10 @@ def test_foreign_or_damaged_directories_are_refused(tmp_path):
     a_file.write_text("")
     with pytest.raises(cj.CheckpointError, match="is a file"):
         build(a_file, num_clusters=4, correction=None)
+    # A directory that cannot be created (its parent is a file): the library's error, naming the
+    # argument, not a bare OSError (running as root, a read-only folder would not show it).
+    with pytest.raises(cj.CheckpointError, match="`checkpoint_dir` .* cannot be written"):
+        build(a_file / "sub", num_clusters=4, correction=None)
     good = tmp_path / "good"
     build(good, num_clusters=4, correction=None)
     path = good / "means.npz"

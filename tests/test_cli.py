@@ -69,6 +69,9 @@ def test_cv_small_run_writes_real_results(tmp_path, capsys):
         (["--factor-rank", "0"], "--factor-rank must be at least 1"),
         (["--halves", "2"], "--halves"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent-tfds"], "mnist"),
+        (["--rtol", "inf"], "--rtol must be a positive finite number"),
+        (["--rtol", "nan"], "--rtol must be a positive finite number"),
+        (["--seed", "-1"], "--seed must be a non-negative integer"),
     ],
 )
 def test_cv_bad_input_is_one_clear_line(tmp_path, capsys, extra, message):
@@ -92,6 +95,20 @@ def test_cv_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     assert main(base + ["--model", "mlp"]) == 0
     assert main(base + ["--model", "lenet5"]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_cv_checkpoint_trained_on_other_data_is_refused(tmp_path, capsys):
+    # The same model and seed on another subsample: the checkpoint records a digest of the
+    # data it was trained on, and a run on other data refuses it instead of scoring a model
+    # that never saw part of its training set.
+    base = ["cv", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--k", "3", "-C", "2",
+            "--bootstrap", "10", "--no-plots", "--output", str(tmp_path / "o"), "--factor-rank", "32",
+            "--checkpoint", str(tmp_path / "m.ckpt")]
+    assert main(base + ["--subsample", "0.1"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--subsample", "0.15"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and "data" in err
 
 
 def test_cv_without_the_cli_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path):

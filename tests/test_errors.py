@@ -90,6 +90,20 @@ def _mean_loss(outputs, targets):
     return jnp.mean(cross_entropy(outputs, targets))
 
 
+def test_transposed_binary_outputs_are_refused(no_work):
+    # A binary model returning (2, B) instead of (B, 2): a check on a batch of 2 alone is fooled
+    # (the shapes coincide); it must be refused before any work, not fail late inside vmap.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(10, 3)))
+    y = jnp.asarray(rng.integers(0, 2, 10))
+    params = {"w": jnp.asarray(rng.normal(size=(3, 2)))}
+    transposed = cj.Task(lambda p, xb: (xb @ p["w"]).T, cross_entropy, params, x, y)
+    with pytest.raises(ValueError, match="leading batch dimension: a batch of 3 inputs gave shape \\(2, 3\\)"):
+        cj.per_example_grads(transposed)
+    with pytest.raises(ValueError, match="leading batch dimension"):
+        _build(transposed)
+
+
 def test_model_output_must_be_batched(task, no_work):
     bad = cj.Task(_first_row_only, cross_entropy, task.params, task.inputs, task.targets)
     with pytest.raises(ValueError, match="leading batch dimension"):

@@ -5,6 +5,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -119,6 +121,33 @@ def test_flipped_byte_in_array_is_refused(saved):
         cj.load_cache(saved)
 
 
+def test_a_float64_cache_read_without_x64_says_so(saved, cache):
+    # In a process with JAX's 64-bit types off (the default), a float64 cache can only be read as
+    # float32; that must be said, not done silently.
+    assert cache.responses.dtype == jnp.float64
+    code = ("import warnings, cif_jax as cj\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            f"    c = cj.load_cache({str(saved)!r})\n"
+            "print(c.responses.dtype, any('64-bit' in str(w.message) for w in caught))\n")
+    env = {**os.environ, "JAX_ENABLE_X64": "0", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["float32", "True"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", [99, 12])
+def test_unknown_compression_in_the_central_directory_is_refused(saved, method):
+    # A flipped byte in a central-directory entry's compression method (offset 10 of the
+    # record) made zipfile raise NotImplementedError (99: unknown; 12: bzip2 over deflate data
+    # fails to decompress); both must arrive as CacheFileError, which callers catch to rebuild.
+    raw = bytearray(saved.read_bytes())
+    at = raw.index(b"PK\x01\x02")
+    raw[at + 10 : at + 12] = method.to_bytes(2, "little")
+    saved.write_bytes(bytes(raw))
+    with pytest.raises(cj.CacheFileError, match="corrupt"):
+        cj.load_cache(saved)
+
+
 def test_tampered_array_with_valid_zip_fails_its_checksum(saved):
     # A changed array in a well-formed archive (CRC recomputed) is caught by the header's SHA-256.
     def edit(name, data):
@@ -187,6 +216,17 @@ def test_save_into_missing_folder_raises(tmp_path, cache):
     assert not (tmp_path / "missing").exists()
     with pytest.raises(TypeError, match="InfluenceCache"):
         cj.save_cache(tmp_path / "c.npz", {"responses": jnp.zeros(3)})
+
+
+def test_unwritable_save_target_is_the_librarys_error(tmp_path, cache, monkeypatch):
+    from cif_jax.cif import persistence
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(persistence, "atomic_write", refuse)
+    with pytest.raises(cj.CacheFileError, match="cannot save the cache .*Permission denied"):
+        cj.save_cache(tmp_path / "c.npz", cache)
 
 
 def test_failed_save_leaves_old_file_intact(saved, cache, monkeypatch):

@@ -16,6 +16,7 @@ import math
 import os
 import warnings
 import zipfile
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +91,11 @@ def save_cache(path: str | os.PathLike, cache: InfluenceCache) -> None:
         "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _digest(v)} for k, v in arrays.items()},
     }
     arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    try:
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except OSError as err:
+        raise CacheFileError(f"cannot save the cache to {path!r}: {err.strerror or err}. Pass a path in a writable "
+                             "folder with room for it.") from err
 
 
 def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> InfluenceCache:
@@ -123,6 +128,11 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
             raise CacheFileError(f"{path!r}: array {name!r} has shape {arrays[name].shape}, expected {shape}.")
     if arrays["means"].dtype != arrays["responses"].dtype:
         raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
+    stored = arrays["responses"].dtype
+    if jnp.dtype(jnp.asarray(np.zeros((), stored)).dtype) != stored:
+        warnings.warn(f"{path!r} holds a {stored} cache, but JAX is running without 64-bit types, so it is read "
+                      f"as {jnp.asarray(np.zeros((), stored)).dtype}. Enable them before loading "
+                      "(jax.config.update('jax_enable_x64', True)) to keep its precision.", stacklevel=2)
     correction = None if method is None else _read_correction(path, arrays, static, n, old)
     lowrank = None if note is None else _read_lowrank(path, arrays, note, n, c, p)
     static = {k: v for k, v in static.items() if not k.startswith(("correction_", "lowrank_"))}
@@ -167,7 +177,7 @@ def _read_file(path: str) -> tuple[dict, dict]:
             arrays = {name: data[name] for name in data.files if name != "__header__"}
     except CacheFileError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError, zlib.error) as err:
         raise CacheFileError(f"{path!r} is truncated or corrupt and cannot be read: {err}") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CacheFileError(f"{path!r} is not a cif_jax cache (format {header.get('format')!r}).")

@@ -117,10 +117,14 @@ class Checkpoint:
                     "settings": json.loads(json.dumps(settings))}
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"`checkpoint_dir` {self.directory!r} is a file, not a directory.")
-        os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, MANIFEST)
-        while not self._claim(path, manifest):
-            pass  # another run created the manifest meanwhile: compare with it
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            while not self._claim(path, manifest):
+                pass  # another run created the manifest meanwhile: compare with it
+        except OSError as err:
+            raise CheckpointError(f"`checkpoint_dir` {self.directory!r} cannot be written: {err.strerror or err}. "
+                                  "Pass a writable directory.") from err
         self.loaded: list[str] = []  # phases read back rather than computed, in order
 
     def _claim(self, path: str, manifest: dict) -> bool:

@@ -61,8 +61,17 @@ def damping(value) -> float:
     return value
 
 
+def _leading_batch(out, take: int) -> None:
+    for leaf in jax.tree_util.tree_leaves(out):
+        if leaf.ndim < 1 or leaf.shape[0] != take:
+            raise ValueError(
+                f"`Task.apply_fn` must return outputs with a leading batch dimension: a batch of {take} "
+                f"inputs gave shape {leaf.shape}."
+            )
+
+
 def task(task) -> None:
-    """Checks that the model and loss produce per-example outputs and losses."""
+    """Checks that the model and loss produce per-example outputs and losses (shapes only, no compute)."""
     from .task import Task
 
     if not isinstance(task, Task):
@@ -80,12 +89,12 @@ def task(task) -> None:
         raise ValueError(
             f"`Task.apply_fn(params, inputs[:{take}])` failed; check that the inputs match the model: {err}{hint}"
         ) from err
-    for leaf in jax.tree_util.tree_leaves(out):
-        if leaf.ndim < 1 or leaf.shape[0] != take:
-            raise ValueError(
-                f"`Task.apply_fn` must return outputs with a leading batch dimension: a batch of {take} "
-                f"inputs gave shape {leaf.shape}."
-            )
+    _leading_batch(out, take)
+    if task.num_examples > take:
+        # A second batch size: an output laid out (outputs, batch) can match one batch size by chance
+        # (a binary model's (2, B) at B = 2) but not two.
+        more = jax.tree_util.tree_map(lambda a: a[: take + 1], task.inputs)
+        _leading_batch(jax.eval_shape(task.apply_fn, task.params, more), take + 1)
     try:
         loss = jax.eval_shape(task.loss_fn, out, y)
     except Exception as err:

@@ -131,8 +131,10 @@ def _validate(args) -> str:
         raise CliError("every --k must be at least 2 (a fold workload needs two folds).")
     if not (args.damping > 0 and math.isfinite(args.damping)):
         raise CliError("--damping must be a positive number.")
-    if not (args.rtol > 0):
-        raise CliError("--rtol must be positive.")
+    if not (args.rtol > 0 and math.isfinite(args.rtol)):
+        raise CliError(f"--rtol must be a positive finite number (the CG true relative residual); got {args.rtol}.")
+    if args.seed < 0:
+        raise CliError(f"--seed must be a non-negative integer (it seeds NumPy and JAX); got {args.seed}.")
     args.rank = _rank_option(args.rank, "--rank")
     args.factor_rank = _rank_option(args.factor_rank, "--factor-rank")
     if args.halves < 0 or (args.halves and args.halves < 3):
@@ -278,6 +280,18 @@ def _load_data(args):
     return ds
 
 
+def _data_digest(ds) -> str:
+    """A short SHA-256 of the training inputs and labels: a checkpoint is reused only on the data it saw."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (ds.x_train, ds.y_train):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _trained_model(args, ds, out: str):
     """``(model, "trained" | "loaded", seconds, test accuracy)``: the checkpoint if there is one, else training."""
     from cif_jax.workloads import models as cmodels
@@ -287,7 +301,10 @@ def _trained_model(args, ds, out: str):
     epochs, lr, schedule = training.TRAINING[args.dataset]
     epochs = args.epochs or epochs
     lr = args.lr or lr
-    ckpt = args.checkpoint or os.path.join(out, f"model-seed{args.seed}-e{epochs}-lr{lr:g}.ckpt")
+    data = _data_digest(ds)
+    sub = "" if args.subsample is None else f"-sub{args.subsample:g}"
+    ckpt = args.checkpoint or os.path.join(out, f"model-seed{args.seed}-e{epochs}-lr{lr:g}{sub}.ckpt")
+    wanted = {"epochs": epochs, "learning_rate": lr, "seed": args.seed, "data": data}
     t0 = time.perf_counter()
     if os.path.exists(ckpt):
         try:
@@ -295,13 +312,19 @@ def _trained_model(args, ds, out: str):
         except ValueError as err:
             raise CliError(f"checkpoint {ckpt!r} does not fit this model: {str(err).splitlines()[0]} "
                            "Delete it or pass another --checkpoint.") from None
+        saved = training.read_checkpoint(ckpt).get("metadata", {})
+        differ = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])
+        if "data" not in saved and args.checkpoint is None:
+            differ.append("data (not recorded)")
+        if differ:
+            raise CliError(f"checkpoint {ckpt!r} was trained with other settings ({', '.join(differ)}: e.g. another "
+                           "--subsample, --seed or data set); delete it, or pass --output DIR for a new run.")
         trained = "loaded"
     else:
         model = cmodels.build_from_config(config, seed=args.seed)
         model, _ = training.train(model, ds.x_train, ds.y_train, epochs=epochs, learning_rate=lr,
                                   schedule=schedule, seed=args.seed, progress=True)
-        training.save_checkpoint(ckpt, model, config=config,
-                                 metadata={"epochs": epochs, "learning_rate": lr, "seed": args.seed})
+        training.save_checkpoint(ckpt, model, config=config, metadata=wanted)
         trained = "trained"
     train_time = time.perf_counter() - t0
     _, test_acc = training.evaluate(model, ds.x_test, ds.y_test)
