@@ -16,6 +16,7 @@ import pytest
 from _models import N, cache_for, softmax_problem
 
 import cif_jax as cj
+from cif_jax.cif import persistence
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +202,18 @@ def test_header_values_no_build_writes_are_refused(saved, field, value):
         cj.load_cache(saved)
 
 
+@pytest.mark.parametrize("field, value", [("damping", 0.5), ("rtol", 0.3), ("max_steps", 5)])
+def test_plausible_header_values_fail_the_checksum(saved, field, value):
+    # Values a build could have written pass the value checks; the header's checksum refuses them
+    # (a damping rewritten from 1e-2 to 0.5 made `error_bound` 50x smaller before format 6).
+    _edit_header(saved, lambda h: h["static"].update({field: value}))
+    with pytest.raises(cj.CacheFileError, match="checksum"):
+        cj.load_cache(saved)
+    _edit_header(saved, lambda h: h.pop("static_sha256"))
+    with pytest.raises(cj.CacheFileError, match="checksum"):  # and dropping the checksum is no way round it
+        cj.load_cache(saved)
+
+
 def test_missing_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(cj.CacheFileError, match="no cache file"):
         cj.load_cache(tmp_path / "absent.npz")
@@ -236,7 +249,7 @@ def test_failed_save_leaves_old_file_intact(saved, cache, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(cj.CacheFileError, match="disk full"):
         cj.save_cache(saved, cache)
     monkeypatch.undo()
     assert saved.read_bytes() == before
@@ -357,6 +370,9 @@ def test_correction_shapes_and_fields_are_checked(tmp_path, cache):
                                     "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()}
             if header_edit is not None:
                 header_edit(h)
+                # Self-consistent: the static fields' checksum rewritten too, so that the
+                # structural checks, not the checksum, must refuse it.
+                h["static_sha256"] = persistence._static_digest(h["static"])
 
         _edit_header(path, fix)
         return path

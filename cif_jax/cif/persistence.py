@@ -28,7 +28,7 @@ from .correction import CorrectionTerms
 from .lowrank import LowRankTerms
 
 FORMAT = "cif_jax.InfluenceCache"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # 3: adds the static field "solver"; version 2 files are read as solver="cg".
 # 4: adds the self-influence correction (arrays "correction.*", static "correction_method" and
 #    "correction_rank"); version 2 and 3 files are read with no correction.
@@ -87,6 +87,7 @@ def save_cache(path: str | os.PathLike, cache: InfluenceCache) -> None:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "static": static,
+        "static_sha256": _static_digest(static),
         "timings": [list(t) for t in cache.timings],
         "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _digest(v)} for k, v in arrays.items()},
     }
@@ -117,6 +118,10 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
     method, note = static["correction_method"], static["lowrank_note"]
     _check_manifest(path, header, arrays, old)
     _check_static(path, static)
+    want = header.get("static_sha256", "absent")
+    if want is not None and want != _static_digest(static):
+        raise CacheFileError(f"{path!r}: the header's static fields (damping, tolerances, fingerprint, ...) fail "
+                             "their SHA-256 checksum: the file was changed after it was written. Rebuild the cache.")
     n = static["num_examples"]
     c, p = arrays["responses"].shape
     expected = {
@@ -197,6 +202,9 @@ def _upgrade(path: str, header: dict) -> tuple[dict, bool]:
     old = version == 4
     if old and isinstance(header.get("static"), dict):
         header["static"]["lowrank_note"] = None  # no factors before version 5
+        version = 5
+    if version == 5:
+        header["static_sha256"] = None  # no checksum of the static fields before version 6
         version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise CacheFileError(
@@ -232,6 +240,11 @@ def _check_manifest(path: str, header: dict, arrays: dict, old: bool) -> None:
                                  f"{spec.get('shape')}/{spec.get('dtype')}.")
         if _digest(arr) != spec.get("sha256"):
             raise CacheFileError(f"{path!r}: array {name!r} fails its checksum; the file is corrupt.")
+
+
+def _static_digest(static: dict) -> str:
+    """SHA-256 of the header's static fields (as JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(static, sort_keys=True).encode()).hexdigest()
 
 
 def _check_static(path: str, static: dict) -> None:
