@@ -45,12 +45,12 @@ def test_pseudo_gradients_are_unbiased_for_each_example(name):
 
 @pytest.mark.parametrize("name", PROBLEMS)
 def test_full_rank_factors_approach_the_ggn(name):
-    # r = p with 2,000 draws per example: U diag(s) U^T is the GGN up to Monte Carlo error
-    # (measured 0.013-0.020 relative, Frobenius, over these problems; tolerance 0.05).
+    # r = p with 1,000 draws per example: U diag(s) U^T is the GGN up to Monte Carlo error
+    # (measured 0.019-0.024 relative, Frobenius, over these problems; tolerance 0.05).
     problem = get_problem(name)
     p = problem.num_params
     op = cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH)
-    pre = cj.sampled_preconditioner(op, key=jax.random.key(0), rank=p, samples=2000)
+    pre = cj.sampled_preconditioner(op, key=jax.random.key(0), rank=p, samples=1000)
     u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
     np.testing.assert_allclose(u @ u.T, np.eye(p), atol=1e-10)
     assert np.all(s >= 0) and np.all(np.diff(s) <= 0)
@@ -83,10 +83,10 @@ def test_the_result_does_not_depend_on_the_chunks():
 
 
 def test_a_cache_takes_the_sampled_factors():
-    problem = get_problem("mlp")
+    problem = get_problem("softmax")
     op = cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH)
-    pre = cj.sampled_preconditioner(op, key=jax.random.key(4), rank=12)
-    cache = cj.build_cache(problem.task, num_clusters=6, sketch_dim=4, damping=LAM, batch_size=BATCH,
+    pre = cj.sampled_preconditioner(op, key=jax.random.key(4), rank=12, samples="exact")
+    cache = cj.build_cache(problem.task, num_clusters=4, sketch_dim=4, damping=LAM, batch_size=BATCH,
                            key=jax.random.key(0), solver=cj.CG(rtol=1e-8, preconditioner=pre),
                            correction=cj.CalibratedCorrection(rank=12))
     np.testing.assert_array_equal(np.asarray(cache.lowrank.basis), np.asarray(pre.basis))
