@@ -249,7 +249,7 @@ def corrected_error_bound(cache: InfluenceCache, task: Task, subsets, eval_sets=
         estimator: ``"hybrid"`` (default) or ``"corrected"``.
 
     Returns:
-        A :class:`CorrectedErrorBound`; ``cross + correction + solver`` bounds ``|IF - corrected|``
+        A `CorrectedErrorBound`; ``cross + correction + solver`` bounds ``|IF - corrected|``
         when ``correction_is_bound``.
     """
     from .queries import _eval_subsets, _terms, check_estimator, in_eval_sets

@@ -225,7 +225,7 @@ def build_cache(
             The docs' settings page says what is stored.
 
     Returns:
-        An :class:`InfluenceCache`, with phase timings in ``cache.timing``.
+        An `InfluenceCache`, with phase timings in ``cache.timing``.
 
     Raises:
         ValueError: on invalid settings (before any work) or non-finite gradients.

@@ -325,7 +325,7 @@ def kmeans_fit(
         tol: relative tolerance of the stopping rule (``>= 0``).
 
     Returns:
-        A :class:`KMeansResult`.
+        A `KMeansResult`.
 
     Examples:
         >>> import jax, jax.numpy as jnp

@@ -176,7 +176,7 @@ def cluster_alphas(cache: InfluenceCache, eval_grads) -> Alphas:
         eval_grads: (p,) one evaluation gradient, or (Q, p) one per query.
 
     Returns:
-        An :class:`Alphas` with leading shape () or (Q,).
+        An `Alphas` with leading shape () or (Q,).
     """
     return _make_alphas(cache, _eval_matrix(cache, eval_grads, None))
 

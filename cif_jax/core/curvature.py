@@ -49,7 +49,7 @@ def uniform_sample(num_examples: int, *, size: int, key) -> CurvatureSample:
         key: PRNG key.
 
     Returns:
-        A :class:`CurvatureSample` with sorted indices and unit weights.
+        A `CurvatureSample` with sorted indices and unit weights.
     """
     n = _checks.positive_int(num_examples, "num_examples")
     size = _checks.positive_int(size, "size")

@@ -92,7 +92,7 @@ def plan_batches(
         curvature: a :class:`cif_jax.CurvatureSample` (its examples are the ones chunked).
 
     Returns:
-        A :class:`BatchPlan`; pass ``batch_size`` and ``rhs_batch_size`` on to
+        A `BatchPlan`; pass ``batch_size`` and ``rhs_batch_size`` on to
         :func:`cif_jax.solve_ggn`, :func:`cif_jax.estimators.influence`, :func:`cif_jax.build_cache`.
     """
     _checks.task(task)

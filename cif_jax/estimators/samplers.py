@@ -85,7 +85,7 @@ def logit_sample(logits: Float[Array, "n y"], *, per_class: int, key, num_exampl
         num_examples: N of the task, checked against the rows of ``logits`` if given.
 
     Returns:
-        A :class:`cif_jax.CurvatureSample` with sorted distinct indices, unit weights.
+        A `cif_jax.CurvatureSample` with sorted distinct indices, unit weights.
 
     References:
         "Faithful and Fast Influence Function via Advanced Sampling", sec. 3.
@@ -166,7 +166,7 @@ def feature_sample(
         num_examples: N of the task, checked against the rows of ``features`` if given.
 
     Returns:
-        A :class:`cif_jax.CurvatureSample` with sorted distinct indices.
+        A `cif_jax.CurvatureSample` with sorted distinct indices.
 
     References:
         "Faithful and Fast Influence Function via Advanced Sampling", sec. 3.

@@ -89,7 +89,7 @@ def jacobi_preconditioner(operator: DampedGGN) -> JacobiPreconditioner:
             memory is about ``batch_size * outputs * p``).
 
     Returns:
-        A :class:`JacobiPreconditioner`.
+        A `JacobiPreconditioner`.
 
     Raises:
         ValueError: when the damped diagonal is singular to working precision at the

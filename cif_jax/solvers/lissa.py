@@ -213,7 +213,7 @@ def lissa(
         tol: stop a system when ``||h_j - h_{j-1}|| <= tol ||h_j||`` (0: run all J steps).
 
     Returns:
-        A :class:`LissaResult` with true residuals.
+        A `LissaResult` with true residuals.
 
     Raises:
         ValueError: on bad settings, before any work.

@@ -392,7 +392,7 @@ def nystrom_preconditioner(
             decays slowly (Halko, Martinsson and Tropp 2011, alg. 4.3).
 
     Returns:
-        A :class:`NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
+        A `NystromPreconditioner`; pass it as ``cif_jax.CG(preconditioner=...)`` to
         :func:`cif_jax.solve_ggn`, :func:`cif_jax.estimators.influence` or :func:`cif_jax.build_cache`.
     """
     operator = check_operator(operator)

@@ -173,7 +173,7 @@ def sampled_preconditioner(
         progress: print one line per pass.
 
     Returns:
-        A :class:`cif_jax.NystromPreconditioner` whose ``num_products`` counts the
+        A `cif_jax.NystromPreconditioner` whose ``num_products`` counts the
         passes (each about one per-example gradient pass plus two (N, p) x (p, r)
         matrix products), with ``error_estimate`` NaN (a cache estimates it).
     """

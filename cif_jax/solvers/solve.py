@@ -588,7 +588,7 @@ def solve_ggn(
         warn: warn when some system did not meet the tolerance.
 
     Returns:
-        A :class:`SolveResult`.
+        A `SolveResult`.
     """
     solver = check_solver(solver)
     operator = DampedGGN(task, damping=damping, curvature=curvature, batch_size=batch_size, mesh=mesh)

@@ -151,7 +151,7 @@ def kfac_preconditioner(operator: DampedGGN):
             dtype (a clear error if not).
 
     Returns:
-        A :class:`KFACPreconditioner`, or, with a warning, a
+        A `KFACPreconditioner`, or, with a warning, a
         :class:`cif_jax.JacobiPreconditioner` when no layer can be factored.
 
     Examples:
@@ -186,7 +186,7 @@ def ekfac_preconditioner(operator: DampedGGN):
         operator: as :func:`kfac_preconditioner`.
 
     Returns:
-        A :class:`KFACPreconditioner` with ``scalings`` (``kind == "ekfac"``), or a
+        A `KFACPreconditioner` with ``scalings`` (``kind == "ekfac"``), or a
         :class:`cif_jax.JacobiPreconditioner` with a warning when no layer can be factored.
     """
     return build_kfac(check_operator(operator), eigen_corrected=True)
