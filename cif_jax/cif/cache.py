@@ -204,7 +204,8 @@ def build_cache(
         batch_size: examples per chunk in every data pass (None: all at once).
         normalize_sketches: cluster unit-normalised sketches ``h_i / ||h_i||`` (by
             direction) instead of the raw ones (the paper's).
-        kmeans_max_iters, kmeans_tol: Lloyd iteration cap and tolerance.
+        kmeans_max_iters: the cap on Lloyd iterations of k-means.
+        kmeans_tol: the relative tolerance of the k-means stopping rule (see :func:`cif_jax.kmeans_fit`).
         sketch_block_size: columns of the JL projection per PRNG block (appendix C).
         curvature: a :class:`cif_jax.CurvatureSample`: solve with the GGN of a weighted
             subset (paper section 5.6) while gradients and clustering use all N. None: all N.
