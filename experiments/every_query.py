@@ -101,8 +101,9 @@ def main():
             correction = cj.CalibratedCorrection(rank=rank)
             t0 = time.perf_counter()
             pre, factor_seconds = "auto", None
-            op = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
-            key = jax.random.fold_in(jax.random.key(args.seed), 2)
+            if args.factors != "nystrom":  # the factors built here, then handed to the cache
+                op = cj.DampedGGN(task, damping=args.damping, batch_size=args.batch_size)
+                key = jax.random.fold_in(jax.random.key(args.seed), 2)
             if args.factors == "sampled":
                 pre = cj.sampled_preconditioner(op, key=key, rank=rank, power_iters=args.power_iters,
                                                 samples=args.samples)

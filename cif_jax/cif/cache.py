@@ -300,9 +300,7 @@ def _check_build(task, operator: DampedGGN, *, num_clusters, sketch_dim, key, so
         raise ValueError(f"`num_clusters` = {num_clusters} exceeds the number of training examples N = {n}.")
     solver = _check_solver(solver)
     key, key_data = _check_key(key)
-    if operator.mesh is not None and not solver.supports_mesh:
-        raise ValueError(f"`mesh` applies to cif_jax.CG; {type(solver).__name__} runs on one device. Drop it or use "
-                         "cif_jax.CG().")
+    solver.check_mesh(operator)
     pre = solver.built_preconditioner()
     shared = None if pre is None else pre.low_rank()
     if shared is not None:

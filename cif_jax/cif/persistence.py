@@ -134,9 +134,10 @@ def load_cache(path: str | os.PathLike, *, task: Task | None = None) -> Influenc
     if arrays["means"].dtype != arrays["responses"].dtype:
         raise CacheFileError(f"{path!r}: means and responses have different dtypes.")
     stored = arrays["responses"].dtype
-    if jnp.dtype(jnp.asarray(np.zeros((), stored)).dtype) != stored:
+    read_as = jnp.asarray(np.zeros((), stored)).dtype  # what jnp.asarray below will make of it
+    if read_as != stored:
         warnings.warn(f"{path!r} holds a {stored} cache, but JAX is running without 64-bit types, so it is read "
-                      f"as {jnp.asarray(np.zeros((), stored)).dtype}. Enable them before loading "
+                      f"as {read_as}. Enable them before loading "
                       "(jax.config.update('jax_enable_x64', True)) to keep its precision.", stacklevel=2)
     correction = None if method is None else _read_correction(path, arrays, static, n, old)
     lowrank = None if note is None else _read_lowrank(path, arrays, note, n, c, p)

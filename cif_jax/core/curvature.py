@@ -93,3 +93,12 @@ def describe(curvature: CurvatureSample | None) -> str:
     w = w / w.sum()
     digest = hashlib.sha256(idx.tobytes() + np.round(w, 12).tobytes()).hexdigest()[:16]
     return f"sample:{idx.size}:{digest}"
+
+
+def weighted_examples(task, curvature: CurvatureSample | None, dtype):
+    """``(inputs, targets, weights)`` of the examples that define the GGN: all N with unit weights, or the
+    sample's examples with its weights, in ``dtype`` (traceable)."""
+    if curvature is None:
+        return task.inputs, task.targets, jnp.ones(task.num_examples, dtype)
+    take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, curvature.indices, axis=0), tree)
+    return take(task.inputs), take(task.targets), curvature.weights.astype(dtype)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ..core.chunks import chunk_sum
+from ..core.curvature import weighted_examples
+from ..core.ggn import as_batch_of_one
 from ..core.task import Task
 from .operator import DampedGGN, check_operator
 from .precondition import JacobiPreconditioner
@@ -29,12 +31,8 @@ def jacobi_batch(batch_size):
 @eqx.filter_jit
 def _ggn_diagonal(task: Task, batch_size, curvature):
     flat, unravel = ravel_pytree(task.params)
-    if curvature is None:
-        data = (task.inputs, task.targets, jnp.ones(task.num_examples, flat.dtype))
-    else:
-        take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, curvature.indices, axis=0), tree)
-        data = (take(task.inputs), take(task.targets), curvature.weights.astype(flat.dtype))
-    one = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[None], tree)
+    data = weighted_examples(task, curvature, flat.dtype)
+    one = as_batch_of_one
 
     def example(x, y, w):
         out, vjp_fn = jax.vjp(lambda fp: task.apply_fn(unravel(fp), one(x))[0], flat)

@@ -316,8 +316,6 @@ class LiSSA(AbstractSolver):
 
     def solve(self, operator, rhs, *, key=None, progress=False, warn=True):
         """LiSSA on the rows of ``rhs`` (the operator's ``batch_size`` chunks each product; the solver's is B)."""
-        operator = check_operator(operator)
-        self._refuse_mesh(operator)
         out = lissa(operator, rhs, scale=self.scale, depth=self.depth, key=self.key, repeats=self.repeats,
                     batch_size=self.batch_size, tol=self.tol)
         result = SolveResult(out.solutions, out.pool_residuals, out.num_steps, jnp.ones(out.num_steps.shape, bool))

@@ -480,7 +480,7 @@ class _Sketch:
         """Adds test vectors up to ``rank`` and refactors."""
         p, dtype = self.operator.num_params, self.operator.dtype
         new = rank - self.rank
-        block = new if self.rhs_batch_size is None else min(self.rhs_batch_size, new)
+        block = self._block(new)
         q_new = _orthonormal_block_jit(jax.random.fold_in(self.key, 2 * self.round), self.q, new, p, dtype)
         y_new = _products(self.kernel, q_new, block, self.bar)
         self.num_products += new
@@ -493,11 +493,14 @@ class _Sketch:
         """One subspace iteration: the test vectors become an orthonormal basis of the products, then
         their products are made (``rank`` more); the factors then see ``GGN^2`` through the new block."""
         rank = self.rank
-        block = rank if self.rhs_batch_size is None else min(self.rhs_batch_size, rank)
         self.q = _rows_basis(self.y)
-        self.y = _products(self.kernel, self.q, block, self.bar)
+        self.y = _products(self.kernel, self.q, self._block(rank), self.bar)
         self.num_products += rank
         self._factor()
+
+    def _block(self, count: int) -> int:
+        """Test vectors per data pass for ``count`` new products."""
+        return count if self.rhs_batch_size is None else min(self.rhs_batch_size, count)
 
     def _factor(self):
         self.ut, self.s, ok = _nystrom_factor(self.q, self.y)

@@ -40,6 +40,8 @@ from jax.flatten_util import ravel_pytree
 from ..core import checks as _checks
 from ..core.checks import as_key
 from ..core.chunks import chunk_sum
+from ..core.curvature import weighted_examples
+from ..core.ggn import as_batch_of_one
 from .operator import DampedGGN, check_operator
 from .precondition import NystromPreconditioner, _nystrom_factor
 
@@ -74,7 +76,7 @@ def _pseudo_grads_fn(task, samples):
     draws), or, with ``samples="exact"``, the q columns ``J^T L e_a`` (S = q: their outer products sum to
     ``J^T W J`` exactly)."""
     _, unravel = ravel_pytree(task.params)
-    one = lambda a: jax.tree_util.tree_map(lambda leaf: leaf[None], a)
+    one = as_batch_of_one
 
     def example(flat, x, y, key):
         out, vjp = jax.vjp(lambda fp: task.apply_fn(unravel(fp), one(x))[0], flat)
@@ -93,12 +95,9 @@ def _pseudo_grads_fn(task, samples):
 def _data(operator: DampedGGN):
     """``(inputs, targets, indices, sqrt-weights, total weight)`` of the examples that define the GGN."""
     task, sample = operator.task, operator.curvature
-    n = task.num_examples
-    if sample is None:
-        return task.inputs, task.targets, jnp.arange(n), jnp.ones(n, task.dtype), float(n)
-    take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, sample.indices, axis=0), tree)
-    w = sample.weights.astype(task.dtype)
-    return take(task.inputs), take(task.targets), sample.indices, jnp.sqrt(w), float(jnp.sum(w))
+    x, y, w = weighted_examples(task, sample, task.dtype)
+    idx = jnp.arange(task.num_examples) if sample is None else sample.indices
+    return x, y, idx, jnp.sqrt(w), float(jnp.sum(w))
 
 
 def _chunks(task, data, key, samples: int, batch_size: int, reduce):

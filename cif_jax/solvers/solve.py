@@ -127,7 +127,8 @@ class AbstractSolver(eqx.Module):
         """
         return self
 
-    def _refuse_mesh(self, operator: DampedGGN) -> None:
+    def check_mesh(self, operator: DampedGGN) -> None:
+        """Raises when ``operator`` has a mesh and this solver cannot spread its solves over one."""
         if operator.mesh is not None and not self.supports_mesh:
             raise ValueError(f"`mesh` applies to cif_jax.CG; {type(self).__name__} runs on one device. Drop it or "
                              "use cif_jax.CG().")
@@ -402,7 +403,7 @@ class LineaxSolver(AbstractSolver):
 
     def solve(self, operator, rhs, *, key=None, progress=False, warn=True):
         operator = check_operator(operator)
-        self._refuse_mesh(operator)
+        self.check_mesh(operator)
         rhs = operator.rows(rhs)
         _checks.finite_rows(rhs, "right-hand sides", what="row")
         rhs = rhs.astype(operator.dtype)

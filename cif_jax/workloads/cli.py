@@ -280,20 +280,9 @@ def _load_data(args):
     return ds
 
 
-def _data_digest(ds) -> str:
-    """A short SHA-256 of the training inputs and labels: a checkpoint is reused only on the data it saw."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in (ds.x_train, ds.y_train):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.shape}{a.dtype}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 def _trained_model(args, ds, out: str):
     """``(model, "trained" | "loaded", seconds, test accuracy)``: the checkpoint if there is one, else training."""
+    from cif_jax.core.checkpoint import digest
     from cif_jax.workloads import models as cmodels
     from cif_jax.workloads import training
 
@@ -301,7 +290,7 @@ def _trained_model(args, ds, out: str):
     epochs, lr, schedule = training.TRAINING[args.dataset]
     epochs = args.epochs or epochs
     lr = args.lr or lr
-    data = _data_digest(ds)
+    data = digest(ds.x_train, ds.y_train)  # a checkpoint is reused only on the data it was trained on
     sub = "" if args.subsample is None else f"-sub{args.subsample:g}"
     ckpt = args.checkpoint or os.path.join(out, f"model-seed{args.seed}-e{epochs}-lr{lr:g}{sub}.ckpt")
     wanted = {"epochs": epochs, "learning_rate": lr, "seed": args.seed, "data": data}

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ...core.chunks import chunk_sum
+from ...core.curvature import weighted_examples
 from ...core.task import Task
 from ..jacobi import build_jacobi
 from ..operator import DampedGGN, check_operator
@@ -16,17 +17,10 @@ from .blocks import _HIGHEST, DEFAULT_BATCH_SIZE, KFACPreconditioner, check_damp
 from .tagging import _Model, _Untaggable
 
 
-def _data(task: Task, curvature, dtype):
-    if curvature is None:
-        return (task.inputs, task.targets, jnp.ones(task.num_examples, dtype))
-    take = lambda tree: jax.tree_util.tree_map(lambda a: jnp.take(a, curvature.indices, axis=0), tree)
-    return (take(task.inputs), take(task.targets), curvature.weights.astype(dtype))
-
-
 def _factor_pass(model: _Model, task: Task, batch_size, curvature):
     """Weighted means of A, G per layer and of the diagonal of the other leaves."""
     dtype = task.dtype
-    data = _data(task, curvature, dtype)
+    data = weighted_examples(task, curvature, dtype)
 
     def run(leaf_values, data):
         def example(x, y, w):
@@ -44,7 +38,7 @@ def _factor_pass(model: _Model, task: Task, batch_size, curvature):
 
 def _scaling_pass(model: _Model, task: Task, batch_size, curvature, input_bases, output_bases):
     """EK-FAC's second moments of the per-example, per-output block gradients in the Kronecker eigenbasis."""
-    data = _data(task, curvature, task.dtype)
+    data = weighted_examples(task, curvature, task.dtype)
 
     def run(leaf_values, data, qa, qg):
         def example(x, y, w):
