@@ -49,6 +49,8 @@ import optax  # noqa: E402
 import cif_jax as cj  # noqa: E402
 from cif_jax.workloads import data as cdata  # noqa: E402
 
+RETRAIN_PIECE = 10  # subsets retrained per resumable cell
+
 
 def linear(params, x):
     return x @ params["w1"] + params["b1"][None, :]
@@ -82,7 +84,7 @@ def timed(fn):
     return out, seconds
 
 
-def run_model(name, x, y, xt, yt, args, settings, rng_seed):
+def run_model(name, x, y, xt, yt, args, settings, rng_seed, cells):
     n, d = x.shape
     k = int(np.max(np.asarray(y))) + 1
     lam = args.damping
@@ -112,10 +114,24 @@ def run_model(name, x, y, xt, yt, args, settings, rng_seed):
 
     # LDS targets.
     keep = cj.random_subsets(jax.random.key(settings["subset_seed"]), settings["subsets"], n)
-    losses, t_retrain = timed(lambda: cj.subset_losses(
-        start, keep, xt, yt, init_params=inits, stacked_init=inits is not None,
-        model_batch_size=settings["model_batch_size"], **train_kw))
-    losses = np.asarray(losses)
+    # Retrained in pieces of RETRAIN_PIECE subsets, each its own cell: a run stopped midway
+    # (the MLP's 500 models take hours on one core) resumes at the first unfinished piece.
+    start_fp = cj.fingerprint(start)
+    pieces = []
+    for lo in range(0, settings["subsets"], RETRAIN_PIECE):
+        def piece(lo=lo):
+            out, sec = timed(lambda: cj.subset_losses(
+                start, keep[lo:lo + RETRAIN_PIECE], xt, yt, init_params=inits, stacked_init=inits is not None,
+                model_batch_size=settings["model_batch_size"], **train_kw))
+            print(f"[{name}] retrained subsets {lo}-{lo + out.shape[0] - 1} x {seeds} seeds in {sec:.0f} s",
+                  flush=True)
+            return {"losses": np.asarray(out).tolist(), "seconds": sec, "start": start_fp}
+        pieces.append(cells(f"model/{name}/retrain/{lo}", piece))
+        if pieces[-1]["start"] != start_fp:
+            raise SystemExit(f"{cells.path}: its retraining pieces for {name!r} started from another model or "
+                             "data (fingerprint differs); delete the file or pass another --output")
+    losses = np.concatenate([np.asarray(pc["losses"]) for pc in pieces])
+    t_retrain = sum(pc["seconds"] for pc in pieces)
     print(f"[{name}] retrained {settings['subsets']} x {seeds} models in {t_retrain:.0f} s", flush=True)
 
     scores, seconds, factors = {}, {}, {}
@@ -206,7 +222,7 @@ def main():
     name = "lds" if args.max_rank == 1024 else f"lds-maxrank{args.max_rank}"
     cells = ec.Cells(name, args, {**{k: v for k, v in vars(args).items() if k not in ("output", "models")},
                                    **settings})
-    results = [cells(f"model/{m}", lambda m=m: run_model(m, x, y, xt, yt, args, settings, args.seed))
+    results = [cells(f"model/{m}", lambda m=m: run_model(m, x, y, xt, yt, args, settings, args.seed, cells))
                for m in args.models]
     out = {"settings": {"dataset": args.dataset, "num_train": int(x.shape[0]), "dtype": "float64",
                         "damping": args.damping, **settings},
