@@ -46,3 +46,68 @@ def test_parse_bytes(value, want):
 def test_parse_bytes_refuses(value):
     with pytest.raises(ValueError, match="memory_budget"):
         parse_bytes(value)
+
+
+# ---- batch_size=None: chunks sized for a memory budget (never all N unless all N fit) ----
+
+from cif_jax.core import chunks as _chunks  # noqa: E402
+
+
+def _wide(c):
+    # Per example: a (1000,) float32 intermediate (4,000 bytes), then its sum.
+    return jnp.sum(c[:, None] * jnp.ones((1, 1000), c.dtype), axis=1)
+
+
+def test_chunk_bytes_reads_the_traced_program():
+    x = jnp.ones((64,), jnp.float32)
+    one, two = _chunks.chunk_bytes(_wide, x, 1), _chunks.chunk_bytes(_wide, x, 2)
+    # The (B, 1000) product and its broadcast operands are the only arrays that grow with B.
+    assert 4_000 <= two - one <= 3 * 4_000
+
+
+def test_budget_batch_size_is_all_when_all_fit_else_a_power_of_two_that_fits():
+    x = jnp.ones((64,), jnp.float32)
+    per = _chunks.chunk_bytes(_wide, x, 2) - _chunks.chunk_bytes(_wide, x, 1)
+    fixed = _chunks.chunk_bytes(_wide, x, 1) - per
+    assert _chunks.budget_batch_size(_wide, x, budget=10**9) == 64
+    for budget in (fixed + 5 * per, fixed + 16 * per, fixed + 40 * per):
+        b = _chunks.budget_batch_size(_wide, x, budget=budget)
+        assert b & (b - 1) == 0 and fixed + b * per <= budget < fixed + 2 * b * per
+    assert _chunks.budget_batch_size(_wide, x, budget=1) == 1  # nothing fits: one example at a time
+
+
+def test_default_chunks_give_the_unchunked_result():
+    x = jnp.arange(3000, dtype=jnp.float32) / 3000
+    # 3,000 examples x ~12 kB each exceed no budget of the default's size; force chunking with a small one.
+    b = _chunks.budget_batch_size(_wide, x, budget=2**20)
+    assert 1 < b < 3000
+    chunked = _chunks.chunk_sum(lambda c: jnp.sum(_wide(c)), x, b)
+    assert jnp.allclose(chunked, jnp.sum(_wide(x)), rtol=1e-5)
+
+
+def test_block_product_chunks_see_the_block():
+    # The GGN block product's chunk size for batch_size=None falls as the block widens: the
+    # vectors are vmapped inside each chunk, where the budget reads them.
+    from cif_jax.core.ggn import ggn_block_fn
+
+    task = mlp_problem().task
+    data = (task.inputs, task.targets)
+
+    def size(k):
+        v = jnp.zeros((k, task.num_params), task.dtype)
+        mv = ggn_block_fn(task)
+        seen = {}
+        orig = _chunks.budget_batch_size
+
+        def spy(fn, tree, budget=_chunks.DEFAULT_MEMORY_BUDGET):
+            seen["per"] = _chunks.chunk_bytes(fn, tree, 2) - _chunks.chunk_bytes(fn, tree, 1)
+            return orig(fn, tree, budget)
+
+        _chunks.budget_batch_size = spy
+        try:
+            mv(v)
+        finally:
+            _chunks.budget_batch_size = orig
+        return seen["per"]
+
+    assert data and size(16) > 8 * size(1)

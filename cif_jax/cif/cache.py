@@ -201,7 +201,7 @@ def build_cache(
             for the bound. With CG's ``preconditioner="auto"`` the correction's Nystrom
             factors also precondition the solves; a solver holding a
             :class:`cif_jax.NystromPreconditioner` lends its factors to the correction.
-        batch_size: examples per chunk in every data pass (None: all at once).
+        batch_size: examples per chunk in every data pass (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`).
         normalize_sketches: cluster unit-normalised sketches ``h_i / ||h_i||`` (by
             direction) instead of the raw ones (the paper's).
         kmeans_max_iters: the cap on Lloyd iterations of k-means.

@@ -4,15 +4,29 @@ A pass over N examples in chunks of B runs ``N // B`` full chunks under
 ``lax.scan`` / ``lax.map`` and, when ``N % B != 0``, one short final chunk with
 its own static shape. Sums add chunk results (never average chunk means), so a
 short last chunk is weighted by its true size.
+
+``batch_size=None`` never means "all N at once" unless all N fit: B is then chosen
+so that one chunk's intermediate arrays stay under :data:`DEFAULT_MEMORY_BUDGET`
+(:func:`budget_batch_size`). The chunk's cost is read off the traced program, not
+guessed: the per-chunk function is traced (not compiled, not run) at one and at two
+examples, and the bytes of every intermediate array it creates are summed. That sum
+counts arrays XLA may fuse away or free early, so it over-states the peak, and B errs
+small. Pass an integer ``batch_size`` to choose B yourself (e.g. from
+:func:`cif_jax.plan_batches` for another budget).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 from jax import lax
+
+#: Bytes of intermediates one chunk may create when ``batch_size=None`` (1 GiB: a laptop's share).
+DEFAULT_MEMORY_BUDGET = 2**30
 
 
 def num_leading(tree) -> int:
@@ -28,10 +42,52 @@ def _split(tree, batch_size: int):
     return num_full, full, n - cut, rest
 
 
-def chunk_map(fn: Callable, tree, batch_size: int | None):
-    """``fn`` applied to chunks of ``tree`` (split on axis 0), outputs concatenated on axis 0."""
+def _jaxpr_bytes(jaxpr) -> int:
+    """Bytes of every array a jaxpr's equations create, nested programs included (each counted once)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                total += math.prod(aval.shape) * aval.dtype.itemsize
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jex.ClosedJaxpr):
+                    total += _jaxpr_bytes(sub.jaxpr)
+                elif isinstance(sub, jex.Jaxpr):
+                    total += _jaxpr_bytes(sub)
+    return total
+
+
+def chunk_bytes(fn: Callable, tree, size: int) -> int:
+    """The bytes of the intermediates ``fn`` creates on a chunk of ``size`` examples (traced only)."""
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((size, *a.shape[1:]), a.dtype), tree)
+    return _jaxpr_bytes(jax.make_jaxpr(fn)(shapes).jaxpr)
+
+
+def budget_batch_size(fn: Callable, tree, budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """The chunk size for ``batch_size=None``: N if every example fits ``budget``, else the largest
+    power of two B whose chunk's intermediates (``fixed + B * per_example``, traced at one and at two
+    examples) fit, and at least 1."""
     n = num_leading(tree)
-    if batch_size is None or batch_size >= n:
+    one, two = chunk_bytes(fn, tree, 1), chunk_bytes(fn, tree, min(2, n))
+    per = max(two - one, 1) if n > 1 else max(one, 1)
+    fixed = max(one - per, 0)
+    if fixed + n * per <= budget:
+        return n
+    fits = max((budget - fixed) // per, 1)
+    return int(min(2 ** int(math.log2(fits)), n))
+
+
+def chunk_map(fn: Callable, tree, batch_size: int | None):
+    """``fn`` applied to chunks of ``tree`` (split on axis 0), outputs concatenated on axis 0.
+
+    ``batch_size=None``: chosen for :data:`DEFAULT_MEMORY_BUDGET` (:func:`budget_batch_size`).
+    """
+    n = num_leading(tree)
+    if batch_size is None:
+        batch_size = budget_batch_size(fn, tree)
+    if batch_size >= n:
         return fn(tree)
     num_full, full, rem, rest = _split(tree, batch_size)
     out = lax.map(fn, full)
@@ -43,9 +99,14 @@ def chunk_map(fn: Callable, tree, batch_size: int | None):
 
 
 def chunk_sum(fn: Callable, tree, batch_size: int | None):
-    """Sum over chunks of ``fn(chunk)``; ``fn`` returns a pytree of fixed shape."""
+    """Sum over chunks of ``fn(chunk)``; ``fn`` returns a pytree of fixed shape.
+
+    ``batch_size=None``: chosen for :data:`DEFAULT_MEMORY_BUDGET` (:func:`budget_batch_size`).
+    """
     n = num_leading(tree)
-    if batch_size is None or batch_size >= n:
+    if batch_size is None:
+        batch_size = budget_batch_size(fn, tree)
+    if batch_size >= n:
         return fn(tree)
     num_full, full, rem, rest = _split(tree, batch_size)
     shapes = jax.eval_shape(fn, jax.tree_util.tree_map(lambda a: a[0], full))

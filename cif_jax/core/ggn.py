@@ -36,12 +36,15 @@ def output_hvp(loss_fn, output, target, tangent):
     return jax.jvp(jax.grad(loss_one), (output,), (tangent,))[1]
 
 
-def ggn_matvec_fn(task: Task, *, batch_size: int | None = None, curvature=None):
-    """Returns ``mv(v) -> (1/N) sum_i J_i^T W_i J_i v`` (undamped), traceable.
+def ggn_block_fn(task: Task, *, batch_size: int | None = None, curvature=None):
+    """Returns ``mv(V) -> V (1/N) sum_i J_i^T W_i J_i`` (undamped) for a (k, p) block, traceable.
 
-    ``v`` is a flat (p,) vector; vmapping ``mv`` over a block of vectors shares the
-    forward pass (it does not depend on ``v``). With ``curvature`` (a validated
-    :class:`cif_jax.CurvatureSample`) the weighted mean runs over its examples.
+    One pass over the examples serves the k rows: each chunk is linearised once (the
+    forward pass does not depend on the vectors) and its Jacobian products are
+    vmapped over the block inside the chunk, so ``batch_size=None`` sizes the chunks
+    for the block's memory (:func:`cif_jax.core.chunks.budget_batch_size`). With
+    ``curvature`` (a validated :class:`cif_jax.CurvatureSample`) the weighted mean
+    runs over its examples.
     """
     flat, unravel = ravel_pytree(task.params)
     if curvature is None:
@@ -53,24 +56,38 @@ def ggn_matvec_fn(task: Task, *, batch_size: int | None = None, curvature=None):
         data = (take(task.inputs), take(task.targets), weights)
         total_weight = jnp.sum(weights)
 
-    def chunk_product(v, chunk):
+    def chunk_product(block, chunk):
         x, y, w = chunk
         outputs, jvp_fn = jax.linearize(lambda fp: task.apply_fn(unravel(fp), x), flat)
-        jv = jvp_fn(v)
-        wjv = jax.vmap(lambda o, t, tv: output_hvp(task.loss_fn, o, t, tv))(outputs, y, jv)
-        if w is not None:
-            wjv = wjv * w.reshape(w.shape + (1,) * (wjv.ndim - 1)).astype(wjv.dtype)
-        (jt,) = jax.linear_transpose(jvp_fn, flat)(wjv)
-        return jt
 
-    def mv(v):
-        total = chunk_sum(lambda c: chunk_product(v, c), data, batch_size)
+        def one(v):
+            jv = jvp_fn(v)
+            wjv = jax.vmap(lambda o, t, tv: output_hvp(task.loss_fn, o, t, tv))(outputs, y, jv)
+            if w is not None:
+                wjv = wjv * w.reshape(w.shape + (1,) * (wjv.ndim - 1)).astype(wjv.dtype)
+            (jt,) = jax.linear_transpose(jvp_fn, flat)(wjv)
+            return jt
+
+        return jax.vmap(one)(block)
+
+    def mv(block):
+        total = chunk_sum(lambda c: chunk_product(block, c), data, batch_size)
         return total / jnp.asarray(total_weight, total.dtype)
 
     return mv
 
 
+def ggn_matvec_fn(task: Task, *, batch_size: int | None = None, curvature=None):
+    """Returns ``mv(v) -> (1/N) sum_i J_i^T W_i J_i v`` (undamped) for one flat (p,) vector, traceable.
+
+    For a block of vectors use :func:`ggn_block_fn` (not ``jax.vmap`` of this: the
+    chunk size chosen for ``batch_size=None`` would not see the block).
+    """
+    block = ggn_block_fn(task, batch_size=batch_size, curvature=curvature)
+    return lambda v: block(v[None])[0]
+
+
 @eqx.filter_jit
 def apply_undamped(task: Task, batch_size, vectors, curvature=None):
-    return jax.vmap(ggn_matvec_fn(task, batch_size=batch_size, curvature=curvature))(vectors)
+    return ggn_block_fn(task, batch_size=batch_size, curvature=curvature)(vectors)
 

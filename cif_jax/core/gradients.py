@@ -98,7 +98,7 @@ def per_example_grads(task: Task, *, batch_size: int | None = None) -> Float[Arr
 
     Args:
         task: the model snapshot and training data.
-        batch_size: examples per vmapped chunk (None: all at once). The result does
+        batch_size: examples per vmapped chunk (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`). The result does
             not depend on it.
 
     Returns:
@@ -140,7 +140,7 @@ def subset_gradient_sums(task: Task, subsets, *, batch_size: int | None = None) 
         task: the model snapshot and training data.
         subsets: a boolean mask (Q, N), a 2-D integer array (Q, m), or a list of
             integer index arrays.
-        batch_size: examples per chunk (None: all at once).
+        batch_size: examples per chunk (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`).
 
     Returns:
         ``(Q, p)`` gradient sums, the right-hand sides of paper eq. (3).

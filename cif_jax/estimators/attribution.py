@@ -215,7 +215,7 @@ def grad_dot(
         groups: None for per-example scores, or groups of training examples (a
             boolean mask (G, N) or a list of index arrays; non-empty, in range,
             no duplicates) whose member scores are summed.
-        batch_size: training examples per streamed chunk (None: all at once).
+        batch_size: training examples per streamed chunk (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`).
 
     Returns:
         ``(E, N)`` scores, or ``(E, G)`` group scores, in the params' dtype.
@@ -314,14 +314,14 @@ def trak(
     (:func:`trak_margin`) and a JL projection ``Pi_k`` (eq. (5),
     :func:`cif_jax.jl_projection`, streamed by :func:`cif_jax.cif.sketch`):
 
-    .. math::
+    $$
+    \\phi_k(z) = \\Pi_k \\nabla_\\theta f(z; \\theta_k), \\qquad
+    \\Phi_k = [\\phi_k(x_1), \\dots, \\phi_k(x_N)]^\\top \\in \\mathbb{R}^{N \\times d},
 
-        \\phi_k(z) = \\Pi_k \\nabla_\\theta f(z; \\theta_k), \\qquad
-        \\Phi_k = [\\phi_k(x_1), \\dots, \\phi_k(x_N)]^\\top \\in \\mathbb{R}^{N \\times d},
-
-        Q_k = \\mathrm{diag}(1 - p_{y_i}(\\theta_k)), \\qquad
-        \\tau(z)_i = \\bar Q_{ii} \\cdot \\frac{1}{K} \\sum_k
-        \\phi_k(z)^\\top (\\Phi_k^\\top \\Phi_k + \\rho I)^{-1} \\phi_k(x_i),
+    Q_k = \\mathrm{diag}(1 - p_{y_i}(\\theta_k)), \\qquad
+    \\tau(z)_i = \\bar Q_{ii} \\cdot \\frac{1}{K} \\sum_k
+    \\phi_k(z)^\\top (\\Phi_k^\\top \\Phi_k + \\rho I)^{-1} \\phi_k(x_i),
+    $$
 
     with ``Q_bar = (1/K) sum_k Q_k`` (the ensemble averages the out-to-loss
     weights and the kernel terms separately, as Algorithm 1 does) and ridge

@@ -4,20 +4,20 @@ A baseline that avoids parameter space. On the frozen activations ``h(x)`` of
 one layer and the frozen logits ``z(x)``, STRIDE (sec. 3, Alg. 1, app. A, E.1)
 learns one small operator per training subset ``S_k``,
 
-.. math::
-
-    \\Delta_k(x) = A_k^\\top \\phi(h(x)), \\qquad
-    \\phi(h) = V_2\\, \\mathrm{relu}(V_1 h + c_1) + c_2,
+$$
+\\Delta_k(x) = A_k^\\top \\phi(h(x)), \\qquad
+\\phi(h) = V_2\\, \\mathrm{relu}(V_1 h + c_1) + c_2,
+$$
 
 with ``A_k`` of shape (r, C) and the encoder ``phi`` shared by all subsets,
 so that the steered logits ``z + Delta_k`` fit ``S_k`` (fidelity, eq. 1) and
 stay close to ``z`` off it (stability, eq. 2), while the subset responses
 ``ybar_k`` (eq. 3) stay near a linear function of the membership (eq. 4):
 
-.. math::
-
-    L = \\frac1K \\sum_k \\big(\\mathrm{fid}_k + \\lambda_{stab}\\, \\mathrm{stab}_k\\big)
-        + \\lambda_{lin} \\lVert (I - P)\\, \\bar y \\rVert^2 \\qquad \\text{(eqs. 5-6)},
+$$
+L = \\frac1K \\sum_k \\big(\\mathrm{fid}_k + \\lambda_{stab}\\, \\mathrm{stab}_k\\big)
+    + \\lambda_{lin} \\lVert (I - P)\\, \\bar y \\rVert^2 \\qquad \\text{(eqs. 5-6)},
+$$
 
 ``P = X_s (X_s^T X_s + g I)^{-1} X_s^T`` the ridge projector of the sketched
 membership ``X_s = X R`` (eq. 13). For a test point, the response of operator
@@ -152,7 +152,7 @@ def stride_features(
         task: the model snapshot (its ``params`` and ``apply_fn``).
         inputs: inputs with leading dimension n (training or test points).
         feature_fn: ``feature_fn(params, x_batch) -> (B, d)``.
-        batch_size: examples per chunk (``None``: all at once).
+        batch_size: examples per chunk (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`).
 
     Returns:
         ``(H, Z)`` of shapes ``(n, d)`` and ``(n, C)``.
@@ -413,10 +413,10 @@ def stride_fit(
 
     Minimises (eqs. 5-6)
 
-    .. math::
-
-        L = \\frac1K \\sum_k \\big(\\mathrm{fid}_k + \\lambda_{stab}\\,\\mathrm{stab}_k\\big)
-            + \\lambda_{lin}\\, \\lVert (I - P)\\, \\bar y \\rVert^2
+    $$
+    L = \\frac1K \\sum_k \\big(\\mathrm{fid}_k + \\lambda_{stab}\\,\\mathrm{stab}_k\\big)
+        + \\lambda_{lin}\\, \\lVert (I - P)\\, \\bar y \\rVert^2
+    $$
 
     over the encoder ``phi`` and ``A`` (init 0) with one ``optax.adam``:
     ``fid_k`` is the mean cross-entropy of ``softmax(z_i + Delta_k(x_i))`` on a

@@ -295,11 +295,11 @@ def train_many(
     (:func:`cif_jax.evaluation.training.make_optimizer`: coupled weight decay, heavy-ball
     momentum, then ``-learning_rate``),
 
-    .. math::
-
-        F_m(\\theta) = \\frac{1}{D_m} \\sum_{i:\\, \\mathrm{keep}_{mi}} \\ell_i(\\theta)
-        + \\frac{wd}{2} \\|\\theta\\|^2,
-        \\qquad D_m = \\sum_i \\mathrm{keep}_{mi} \\ (\\text{"kept"}) \\ \\text{or} \\ N \\ (\\text{"all"}),
+    $$
+    F_m(\\theta) = \\frac{1}{D_m} \\sum_{i:\\, \\mathrm{keep}_{mi}} \\ell_i(\\theta)
+    + \\frac{wd}{2} \\|\\theta\\|^2,
+    \\qquad D_m = \\sum_i \\mathrm{keep}_{mi} \\ (\\text{"kept"}) \\ \\text{or} \\ N \\ (\\text{"all"}),
+    $$
 
     from ``init_params`` (default: ``task.params``; build the task with the
     initial parameters for cold-start training). With one batch this is exactly
@@ -394,7 +394,7 @@ def evaluate_many(task: Task, params: PyTree, eval_inputs, eval_targets, *,
         params: parameters with a leading axis M, e.g. ``train_many(...).params``.
         eval_inputs: ``(E, ...)`` evaluation inputs.
         eval_targets: ``(E, ...)`` evaluation targets.
-        batch_size: evaluation examples per chunk (None: all at once).
+        batch_size: evaluation examples per chunk (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`).
 
     Returns:
         ``(M, E)`` losses.
@@ -487,11 +487,11 @@ def pbrf(
     From ``theta_0 = task.params``, runs ``num_steps`` full-batch steps of
     ``optimizer`` on
 
-    .. math::
-
-        \\frac{1}{N} \\sum_{i=1}^N D_\\ell\\big(f(\\theta, x_i), f(\\theta_0, x_i)\\big)
-        - \\frac{1}{N} \\sum_{i \\in S} \\ell\\big(f(\\theta, x_i), y_i\\big)
-        + \\frac{\\lambda}{2} \\|\\theta - \\theta_0\\|^2,
+    $$
+    \\frac{1}{N} \\sum_{i=1}^N D_\\ell\\big(f(\\theta, x_i), f(\\theta_0, x_i)\\big)
+    - \\frac{1}{N} \\sum_{i \\in S} \\ell\\big(f(\\theta, x_i), y_i\\big)
+    + \\frac{\\lambda}{2} \\|\\theta - \\theta_0\\|^2,
+    $$
 
     with ``D_l(z, z0) = l(z) - l(z0) - dl/dz(z0)^T (z - z0)`` the Bregman
     divergence of the loss in the outputs. Its Hessian at ``theta_0`` is the damped

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..core import checks as _checks
 from ..core.curvature import CurvatureSample
-from ..core.ggn import ggn_matvec_fn
+from ..core.ggn import ggn_block_fn
 from ..core.task import Task
 from .cg import balanced_block, inner_rtol, low_precision, solve_system
 
@@ -299,7 +299,7 @@ def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, b
             curvature = None if op.indices is None else CurvatureSample(op.indices, op.weights)
 
             def product(t):
-                return jax.vmap(ggn_matvec_fn(t, batch_size=batch_size, curvature=curvature))
+                return ggn_block_fn(t, batch_size=batch_size, curvature=curvature)
 
             any_ = jnp.any
         else:
@@ -307,10 +307,9 @@ def _sharded_block(plan: MeshPlan, fns, op: _Operator, stack, index, settings, b
             local_weight = jnp.sum(op.weights)  # > 0: every shard holds a real example
 
             def product(t):  # sum of this shard's weighted J^T W J v, added over the data axis
-                share = ggn_matvec_fn(t, batch_size=batch_size, curvature=CurvatureSample(local, op.weights))
-                one = lambda v: lax.psum(share(v) * local_weight.astype(v.dtype), data_axis) \
-                    / op.total_weight.astype(v.dtype)
-                return jax.vmap(one)
+                share = ggn_block_fn(t, batch_size=batch_size, curvature=CurvatureSample(local, op.weights))
+                return lambda block: lax.psum(share(block) * local_weight.astype(block.dtype), data_axis) \
+                    / op.total_weight.astype(block.dtype)
 
             def any_(flags):  # all devices along the data axis take the same decision
                 return lax.psum(jnp.any(flags).astype(jnp.int32), data_axis) > 0

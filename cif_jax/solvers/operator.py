@@ -71,7 +71,7 @@ class DampedGGN(eqx.Module):
         damping: lambda > 0.
         curvature: a :class:`cif_jax.CurvatureSample`: the GGN of a weighted subset of
             the examples (None: all N, equal weights).
-        batch_size: examples per chunk of each product (None: all at once). Only memory
+        batch_size: examples per chunk of each product (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`). Only memory
             and speed depend on it.
         mesh: a ``jax.sharding.Mesh`` that :class:`cif_jax.CG` spreads its solves over
             (see :func:`cif_jax.solve_ggn`); None: one device.

@@ -37,7 +37,7 @@ from ..core import checkpoint as _checkpoint
 from ..core import checks as _checks
 from ..core.checks import as_key
 from ..core.chunks import row_blocks
-from ..core.ggn import ggn_matvec_fn
+from ..core.ggn import ggn_block_fn
 from ..core.task import Task
 from . import distributed as _distributed
 from . import jacobi as _jacobi
@@ -573,7 +573,7 @@ def solve_ggn(
             gradient sums, eq. 3).
         damping: lambda > 0 of eq. (2).
         solver: a solver object (None: ``cif_jax.CG()``, preconditioner ``"auto"``).
-        batch_size: examples per chunk of each GGN product (None: all at once).
+        batch_size: examples per chunk of each GGN product (None: chosen for a memory budget, see :func:`cif_jax.core.chunks.budget_batch_size`).
         curvature: a :class:`cif_jax.CurvatureSample`: the GGN of a weighted subset of
             the examples (None: all N).
         mesh: a ``jax.sharding.Mesh`` to spread the solves over (None: one device). The
@@ -600,7 +600,7 @@ def solve_ggn(
 def _solve_block(kernel: GGNKernel, rhs, rtol, atol, max_steps, max_restarts, preconditioner=None,
                  product_dtype=None):
     lam = kernel.damping.astype(rhs.dtype)
-    build = lambda t: jax.vmap(ggn_matvec_fn(t, batch_size=kernel.batch_size, curvature=kernel.curvature))
+    build = lambda t: ggn_block_fn(t, batch_size=kernel.batch_size, curvature=kernel.curvature)
     mv = build(kernel.task)
     mv_low = None if product_dtype is None else low_precision(build, kernel.task, product_dtype)
     minv = None if preconditioner is None else preconditioner.inverse(lam)
