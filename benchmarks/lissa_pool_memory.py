@@ -188,7 +188,7 @@ def _markdown(result, baseline) -> str:
     if baseline is not None:
         head += " peak MiB, baseline | XLA scratch MiB, baseline |"
         rule += "---|---|"
-    lines = ["### Where LiSSA's memory goes (`benchmarks/lissa_pool_memory.py`)", "",
+    lines = ["# Where LiSSA's memory goes (`benchmarks/lissa_pool_memory.py`)", "",
              f"{st['dataset']} {st['model']}, {st['num_rhs']} right-hand sides, pool of {st['pool_size']} "
              f"(uniform), minibatch {st['lissa_batch']}, chunks of {st['chunk']}, depth {st['depth']}; each part "
              f"in a fresh process. Machine: {m.get('cpu')} ({m.get('cpus_usable')} usable core(s)), jax "

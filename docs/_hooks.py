@@ -10,6 +10,9 @@
   (``experiments/results/*.png``, ``benchmarks/results/*.png``) are added to the
   site as they are, and each of those two pages ends with all of its folder's
   figures: a new result shows up without editing the docs.
+* On the Benchmarks page, each results file included with ``--8<--`` is inlined with
+  its headings one level down, so that the page has one title and each file is a
+  section of it in the contents panel.
 """
 
 import glob
@@ -21,6 +24,8 @@ from mkdocs.structure.files import File
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|obj|exc):(?=<code>)")
 GALLERIES = {"experiments.md": "experiments/results", "benchmarks.md": "benchmarks/results"}
+#: Pages that include several results files, each with its own title, under a title of their own.
+DEMOTE = {"benchmarks.md"}
 
 
 def _figures(folder):
@@ -34,10 +39,28 @@ def on_files(files, config, **kwargs):
     return files
 
 
+_SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.MULTILINE)
+
+
+def _demoted(path):
+    """A results file's text with every heading one level down (its title becomes a section)."""
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if not fenced and re.match(r"#{1,5} ", line) else line)
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown, page, **kwargs):
     folder = GALLERIES.get(page.file.src_uri)
     if folder is None:
         return markdown
+    if page.file.src_uri in DEMOTE:
+        # The page has its own title; each included results file becomes one section of it.
+        markdown = _SNIPPET.sub(lambda m: _demoted(m.group(1)), markdown)
     lines = [markdown.rstrip(), "", "## Figures", "",
              f"Every figure in `{folder}/`, as committed (the JSON beside each says which run made it).", ""]
     for path in _figures(folder):

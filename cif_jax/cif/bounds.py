@@ -24,11 +24,11 @@ from .queries import _check_task, cluster_counts
 def error_bound(cache: InfluenceCache, subset_size) -> tuple[Float[Array, ...], Float[Array, ...]]:
     """Theorem 3.1: the expected parameter error for a uniformly random subset of size m.
 
-    .. math::
-
-        \\mathbb{E}\\|\\Delta\\theta_S - \\hat\\Delta\\theta_S\\|_2 \\le
-        \\underbrace{\\frac{1}{\\lambda N}\\sqrt{\\frac{m(N-m)}{N-1}\\,\\mathrm{tr}(\\bar\\Sigma)}}_{\\text{scatter}}
-        + \\underbrace{\\frac{m}{\\lambda N}\\sum_c \\frac{n_c}{N}\\rho_c\\|\\mu_c\\|_2}_{\\text{solver}}
+    $$
+    \\mathbb{E}\\|\\Delta\\theta_S - \\hat\\Delta\\theta_S\\|_2 \\le
+    \\underbrace{\\frac{1}{\\lambda N}\\sqrt{\\frac{m(N-m)}{N-1}\\,\\mathrm{tr}(\\bar\\Sigma)}}_{\\text{scatter}}
+    + \\underbrace{\\frac{m}{\\lambda N}\\sum_c \\frac{n_c}{N}\\rho_c\\|\\mu_c\\|_2}_{\\text{solver}}
+    $$
 
     This is eq. (37) of appendix A (eq. 16 of the main text, whose typesetting
     leaves tr(Sigma_bar) outside the square root; the proof puts it inside). For
@@ -64,11 +64,11 @@ def subset_error_bound(
 ) -> tuple[Float[Array, " q"], Float[Array, " q"]]:
     """The deterministic per-subset bound of eq. (13) / Theorem A.6.
 
-    .. math::
-
-        \\|\\Delta\\theta_S - \\hat\\Delta\\theta_S\\|_2 \\le \\frac{1}{\\lambda N}
-        \\Big\\|\\sum_{i \\in S} (g_i - \\mu_{c(i)})\\Big\\|_2
-        + \\frac{1}{\\lambda N}\\sum_c m_c(S)\\,\\rho_c\\|\\mu_c\\|_2
+    $$
+    \\|\\Delta\\theta_S - \\hat\\Delta\\theta_S\\|_2 \\le \\frac{1}{\\lambda N}
+    \\Big\\|\\sum_{i \\in S} (g_i - \\mu_{c(i)})\\Big\\|_2
+    + \\frac{1}{\\lambda N}\\sum_c m_c(S)\\,\\rho_c\\|\\mu_c\\|_2
+    $$
 
     With ``task`` (the task the cache was built from) the scatter term is exact,
     from one streamed gradient pass. Without it the cache's per-example deviation
@@ -132,10 +132,10 @@ def query_error_bound(cache: InfluenceCache, subsets, eval_grads, *, task: Task 
     For an evaluation set that holds no removed example (held-out points, another fold), with
     ``D_S = sum_{i in S} (g_i - mu_c(i))``:
 
-    .. math::
-
-        |\\Delta\\ell_{IF} - \\Delta\\hat\\ell| \\le \\frac{1}{N}\\Big(\\sqrt{q_1(g_V)\\, q_1(D_S)}
-        + \\sqrt{q_2(g_V)\\, q_2(D_S)}\\Big) + \\frac{\\|g_V\\|}{\\lambda N} \\sum_c m_c(S) \\rho_c \\|\\mu_c\\|
+    $$
+    |\\Delta\\ell_{IF} - \\Delta\\hat\\ell| \\le \\frac{1}{N}\\Big(\\sqrt{q_1(g_V)\\, q_1(D_S)}
+    + \\sqrt{q_2(g_V)\\, q_2(D_S)}\\Big) + \\frac{\\|g_V\\|}{\\lambda N} \\sum_c m_c(S) \\rho_c \\|\\mu_c\\|
+    $$
 
     ``q1(x) = ||(I - U U^T) x||^2 / lambda + q2(x)`` and ``q2`` weighs the factors' coordinates by
     ``e / ((s + lambda)(s + lambda + e))``, ``e`` bounding ``||GGN - U diag(s) U^T||`` (taken as
@@ -195,12 +195,12 @@ class CorrectedErrorBound(NamedTuple):
 
     With ``V`` the evaluation set (training examples, mean loss) and ``d_i = g_i - mu_c(i)``:
 
-    .. math::
-
-        \\Delta\\ell_{IF} - \\Delta\\hat\\ell_{corr} =
-        \\underbrace{\\frac{1}{N|V|}\\sum_{i \\in S} (G_V - 1[i \\in V]\\, g_i)^\\top \\tilde H^{-1} d_i}_{\\text{cross}}
-        + \\underbrace{\\frac{1}{|V|}\\sum_{i \\in S \\cap V} (t_i - \\hat t_i)}_{\\text{correction}}
-        + \\text{solver},
+    $$
+    \\Delta\\ell_{IF} - \\Delta\\hat\\ell_{corr} =
+    \\underbrace{\\frac{1}{N|V|}\\sum_{i \\in S} (G_V - 1[i \\in V]\\, g_i)^\\top \\tilde H^{-1} d_i}_{\\text{cross}}
+    + \\underbrace{\\frac{1}{|V|}\\sum_{i \\in S \\cap V} (t_i - \\hat t_i)}_{\\text{correction}}
+    + \\text{solver},
+    $$
 
     ``G_V = sum_{j in V} g_j``. Attributes:
 

@@ -206,7 +206,8 @@ def build_cache(
             direction) instead of the raw ones (the paper's).
         kmeans_max_iters: the cap on Lloyd iterations of k-means.
         kmeans_tol: the relative tolerance of the k-means stopping rule (see :func:`cif_jax.kmeans_fit`).
-        sketch_block_size: columns of the JL projection per PRNG block (appendix C).
+        sketch_block_size: columns of the JL projection per PRNG block (appendix C); default 4,096
+            (``cif_jax.cif.sketch.DEFAULT_BLOCK_SIZE``).
         curvature: a :class:`cif_jax.CurvatureSample`: solve with the GGN of a weighted
             subset (paper section 5.6) while gradients and clustering use all N. None: all N.
         correction: ``"calibrated"`` (default, :class:`cif_jax.CalibratedCorrection`),

@@ -3,9 +3,9 @@
 When the evaluation set V shares examples with the removed set S (a cross-validation
 fold scored on itself, V = S), per-query IF's score
 
-.. math::
-
-    \\Delta\\ell(S; V) = \\frac{1}{N |V|} \\sum_{j \\in V} \\sum_{i \\in S} g_j^\\top \\tilde H^{-1} g_i
+$$
+\\Delta\\ell(S; V) = \\frac{1}{N |V|} \\sum_{j \\in V} \\sum_{i \\in S} g_j^\\top \\tilde H^{-1} g_i
+$$
 
 contains the self terms ``g_i^T H~^{-1} g_i`` of the members of ``S cap V``. They are
 positive and, on a well-fit model, most of the score. CiF replaces each ``g_i`` on
@@ -13,9 +13,9 @@ the right by its cluster mean, so its self term becomes ``g_i^T v_c(i)``, which 
 near zero for a cluster of near-zero gradients. The correction adds back, per
 member of ``S cap V``,
 
-.. math::
-
-    t_i = \\frac{1}{N}\\, g_i^\\top \\tilde H^{-1} (g_i - \\mu_{c(i)}),
+$$
+t_i = \\frac{1}{N}\\, g_i^\\top \\tilde H^{-1} (g_i - \\mu_{c(i)}),
+$$
 
 weighted as the evaluation gradient weights example i (``1/|V|`` for a mean loss).
 Written on the deviation ``g_i - mu_c(i)``, the term is exactly zero when every

@@ -1,13 +1,13 @@
 """Jitted k-means (k-means++ seeding, then Lloyd iterations).
 
-CiF partitions the sketched gradients :math:`h_i = \\Pi g_i` into ``C`` clusters
+CiF partitions the sketched gradients $h_i = \\Pi g_i$ into ``C`` clusters
 (eq. (6)) by minimising the k-means objective
 
-.. math::
+$$
+\\sum_{i=1}^N \\lVert h_i - \\mu_{c(i)} \\rVert_2^2 .
+$$
 
-    \\sum_{i=1}^N \\lVert h_i - \\mu_{c(i)} \\rVert_2^2 .
-
-Seeding is greedy k-means++ (:math:`D^2` sampling) from a required ``key``; Lloyd
+Seeding is greedy k-means++ ($D^2$ sampling) from a required ``key``; Lloyd
 iterations then run in a ``lax.while_loop``. Everything is deterministic for a
 given key. With ``num_clusters == N`` every example is its own cluster, which is
 how CiF reproduces per-query influence exactly.
@@ -117,12 +117,12 @@ def _kmeanspp_indices(points: Array, key: PRNGKeyArray, num_clusters: int) -> In
     """Greedy k-means++ seeding: indices of ``num_clusters`` distinct points.
 
     The first index is uniform. At each next step, ``2 + floor(ln C)``
-    candidates are drawn with probability proportional to :math:`D(x)^2`, the
+    candidates are drawn with probability proportional to $D(x)^2$, the
     squared distance to the nearest chosen centre, and the candidate that most
-    reduces the total :math:`\\sum_x D(x)^2` is kept (the greedy variant of
+    reduces the total $\\sum_x D(x)^2$ is kept (the greedy variant of
     Arthur and Vassilvitskii; the trial count is the usual heuristic). Greedy
     seeding lands in the global optimum more often than one draw per step.
-    When every :math:`D(x)^2` is zero (all points coincide with chosen centres)
+    When every $D(x)^2$ is zero (all points coincide with chosen centres)
     candidates are uniform among points not yet chosen, so indices are always
     distinct. Distances are computed as ``sum((x - c)**2)``, exactly zero for
     duplicates.
@@ -295,14 +295,14 @@ def kmeans_fit(
 ) -> KMeansResult:
     """k-means of ``points`` into ``num_clusters`` clusters (eq. (6)).
 
-    Seeds with greedy k-means++ (:math:`D^2` sampling from ``key``, keeping the
+    Seeds with greedy k-means++ ($D^2$ sampling from ``key``, keeping the
     best of ``2 + floor(ln C)`` candidates per step; uniform among unchosen
-    points when all :math:`D^2` vanish, so seeds are distinct points), then
+    points when all $D^2$ vanish, so seeds are distinct points), then
     runs Lloyd iterations in a ``lax.while_loop``.
 
     Stopping rule: at most ``max_iters`` iterations; stop early once an
     iteration leaves the assignments unchanged, or once its total squared
-    centroid shift :math:`\\sum_c \\lVert \\mu_c^{new} - \\mu_c^{old} \\rVert^2`
+    centroid shift $\\sum_c \\lVert \\mu_c^{new} - \\mu_c^{old} \\rVert^2$
     is at most ``tol`` times the mean per-coordinate variance of ``points``.
 
     Empty clusters are re-seeded deterministically with the points farthest

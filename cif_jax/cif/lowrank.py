@@ -9,11 +9,11 @@ and each example's coordinates ``U^T g_i`` (an (N, r) matrix, built in the scatt
 pass that streams the gradients anyway), and carries the deviations through the
 low-rank inverse:
 
-.. math::
-
-    \\Delta\\hat\\ell(S; V) = \\frac{1}{N} \\sum_c m_c(S)\\, g_V^\\top v_c
-    + \\frac{1}{N} (U^\\top g_V)^\\top (\\mathrm{diag}(s) + \\lambda I)^{-1}
-      \\sum_{i \\in S} U^\\top d_i .
+$$
+\\Delta\\hat\\ell(S; V) = \\frac{1}{N} \\sum_c m_c(S)\\, g_V^\\top v_c
++ \\frac{1}{N} (U^\\top g_V)^\\top (\\mathrm{diag}(s) + \\lambda I)^{-1}
+  \\sum_{i \\in S} U^\\top d_i .
+$$
 
 With ``r = p`` this is per-query IF exactly, and with one cluster per example it is
 IF at any rank (every ``d_i`` is zero). What it misses is the deviations' part in

@@ -122,7 +122,9 @@ def _recombine(counts, responses, n):
 def param_delta(cache: InfluenceCache, subsets) -> Float[Array, "q p"]:
     """CiF parameter change on removing each subset (paper eq. 10).
 
-    .. math:: \\hat\\Delta\\theta_S = \\frac{1}{N} \\sum_c m_c(S) v_c
+    $$
+    \\hat\\Delta\\theta_S = \\frac{1}{N} \\sum_c m_c(S) v_c
+    $$
 
     Returns:
         (Q, p) flat parameter changes; compare with :func:`cif_jax.estimators.influence`.
@@ -377,11 +379,11 @@ def loss_delta(cache: InfluenceCache, subsets, eval_grads, *, eval_sets=None,
                estimator: str | Estimator = "hybrid") -> Float[Array, " q"]:
     """CiF first-order change of the evaluation loss on removing each subset.
 
-    .. math::
-
-        \\Delta\\hat\\ell(S; V) = \\frac{1}{N} \\sum_c m_c(S)\\, \\alpha_c(V)
-        + \\frac{1}{N} (U^\\top g_V)^\\top (\\mathrm{diag}(s) + \\lambda I)^{-1} \\sum_{i \\in S} U^\\top d_i
-        + \\frac{1}{|V|} \\sum_{i \\in S \\cap V} r_i
+    $$
+    \\Delta\\hat\\ell(S; V) = \\frac{1}{N} \\sum_c m_c(S)\\, \\alpha_c(V)
+    + \\frac{1}{N} (U^\\top g_V)^\\top (\\mathrm{diag}(s) + \\lambda I)^{-1} \\sum_{i \\in S} U^\\top d_i
+    + \\frac{1}{|V|} \\sum_{i \\in S \\cap V} r_i
+    $$
 
     (the default ``estimator="hybrid"``: eq. (11), the deviations ``d_i = g_i - mu_c(i)``
     through the cache's low-rank factors, and the self-term remainders ``r_i``).

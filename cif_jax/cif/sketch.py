@@ -1,22 +1,22 @@
 """Streamed Gaussian Johnson-Lindenstrauss sketch of per-example gradients.
 
 CiF clusters gradients in a low-dimensional space: each gradient
-:math:`g_i \\in \\mathbb{R}^p` is mapped to :math:`h_i = \\Pi g_i` with a
-Gaussian projection :math:`\\Pi \\in \\mathbb{R}^{d \\times p}`,
-:math:`\\Pi_{ab} \\sim \\mathcal{N}(0, 1/d)` (eq. (5)). For large networks
-:math:`\\Pi` cannot be stored, so, as in appendix C, it is split into contiguous
+$g_i \\in \\mathbb{R}^p$ is mapped to $h_i = \\Pi g_i$ with a
+Gaussian projection $\\Pi \\in \\mathbb{R}^{d \\times p}$,
+$\\Pi_{ab} \\sim \\mathcal{N}(0, 1/d)$ (eq. (5)). For large networks
+$\\Pi$ cannot be stored, so, as in appendix C, it is split into contiguous
 column blocks that are regenerated from the key when needed and the projection
 is accumulated block by block:
 
-.. math::
-
-    y^{(0)} = 0, \\qquad y^{(b)} = y^{(b-1)} + \\Pi_{:, \\mathcal{I}_b} x_{\\mathcal{I}_b},
-    \\qquad y^{(B)} = \\Pi x.
+$$
+y^{(0)} = 0, \\qquad y^{(b)} = y^{(b-1)} + \\Pi_{:, \\mathcal{I}_b} x_{\\mathcal{I}_b},
+\\qquad y^{(B)} = \\Pi x.
+$$
 
 Column block ``b`` (columns ``[b * block_size, (b + 1) * block_size)``) is
 ``jax.random.normal(jax.random.fold_in(key, b), (sketch_dim, block_size), dtype)
 / sqrt(sketch_dim)``; the last block is generated in full and truncated at
-``num_params``. So :math:`\\Pi` is a pure function of
+``num_params``. So $\\Pi$ is a pure function of
 ``(key, sketch_dim, num_params, block_size, dtype)``: any column range equals
 the same slice of the full matrix, and a gradient sketched in row chunks gives
 the same features as one sketched all at once.
@@ -43,7 +43,7 @@ from ..core.checks import as_int, as_key
 __all__ = ["DEFAULT_BLOCK_SIZE", "jl_projection", "sketch"]
 
 DEFAULT_BLOCK_SIZE: int = 4096
-"""Number of columns of :math:`\\Pi` generated per block.
+"""Number of columns of $\\Pi$ generated per block.
 
 The projection depends on it (each block is drawn from its own folded key), so
 a cache of sketches must record it alongside the key and ``sketch_dim``. 4096
@@ -84,10 +84,10 @@ def jl_projection(
     block_size: int = DEFAULT_BLOCK_SIZE,
     dtype: Any = None,
 ) -> Float[Array, "d cols"]:
-    """Columns ``[start, stop)`` of the Gaussian JL matrix :math:`\\Pi` (eq. (5)).
+    """Columns ``[start, stop)`` of the Gaussian JL matrix $\\Pi$ (eq. (5)).
 
-    :math:`\\Pi \\in \\mathbb{R}^{d \\times p}` has entries
-    :math:`\\mathcal{N}(0, 1/d)` (appendix C). It is never stored: the column
+    $\\Pi \\in \\mathbb{R}^{d \\times p}$ has entries
+    $\\mathcal{N}(0, 1/d)$ (appendix C). It is never stored: the column
     blocks covering ``[start, stop)`` are regenerated from ``key`` (block ``b``
     from ``jax.random.fold_in(key, b)``) and sliced, so every column range is the
     same slice of the full matrix. The matrix depends on ``key``, ``sketch_dim``,
@@ -188,10 +188,10 @@ def sketch(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Float[Array, "n d"]:
-    """Streamed JL sketch :math:`h_i = \\Pi g_i` of each row of ``grads`` (eq. (5)).
+    """Streamed JL sketch $h_i = \\Pi g_i$ of each row of ``grads`` (eq. (5)).
 
     Equals ``grads @ jl_projection(key, sketch_dim, p, block_size=block_size,
-    dtype=grads.dtype).T`` but never materialises :math:`\\Pi`: a ``lax.fori_loop``
+    dtype=grads.dtype).T`` but never materialises $\\Pi$: a ``lax.fori_loop``
     over column blocks regenerates one ``(sketch_dim, block_size)`` block at a time
     and adds its contribution (the streamed accumulation of appendix C). Each row
     is projected independently, so sketching gradients in row chunks gives the
@@ -204,9 +204,9 @@ def sketch(
 
     Args:
         grads: per-example gradients, shape ``(N, p)``, floating.
-        key: PRNG key defining :math:`\\Pi`; use the same key for every chunk.
+        key: PRNG key defining $\\Pi$; use the same key for every chunk.
         sketch_dim: ``d``, the sketch dimension.
-        block_size: columns of :math:`\\Pi` per block; part of the projection's
+        block_size: columns of $\\Pi$ per block; part of the projection's
             definition (see ``DEFAULT_BLOCK_SIZE``).
 
     Returns:

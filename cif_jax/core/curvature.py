@@ -3,9 +3,9 @@
 At scale the damped GGN may be estimated from M << N examples while gradients,
 clustering and queries still use all N (paper section 5.6):
 
-.. math::
-
-    \\tilde H_M = \\frac{\\sum_{i \\in M} w_i J_i^\\top W_i J_i}{\\sum_{i \\in M} w_i} + \\lambda I.
+$$
+\\tilde H_M = \\frac{\\sum_{i \\in M} w_i J_i^\\top W_i J_i}{\\sum_{i \\in M} w_i} + \\lambda I.
+$$
 
 A :class:`CurvatureSample` names the subset and its weights; the operator
 :class:`cif_jax.DampedGGN` takes it as ``curvature=`` (and so do the functions

@@ -85,10 +85,10 @@ def influence(
 ) -> Float[Array, "q p"]:
     """Per-query influence: the parameter change when each subset S is removed (paper eq. 3).
 
-    .. math::
-
-        \\Delta\\theta_S = \\frac{1}{N} \\tilde H^{-1} \\sum_{i \\in S} g_i,
-        \\qquad \\tilde H = \\frac{1}{N} \\sum_i J_i^\\top W_i J_i + \\lambda I.
+    $$
+    \\Delta\\theta_S = \\frac{1}{N} \\tilde H^{-1} \\sum_{i \\in S} g_i,
+    \\qquad \\tilde H = \\frac{1}{N} \\sum_i J_i^\\top W_i J_i + \\lambda I.
+    $$
 
     The gradient sums are streamed (the (N, p) gradients are never held) and all
     Q systems go to one solve. A warning is raised when some solve misses the

@@ -6,11 +6,11 @@ target ``f`` (here the mean loss of an evaluation task V) to second order around
 ``theta_0`` along the removal response ``delta_S = sum_{i in S} delta_i``,
 ``delta_i = (1/N) H~^{-1} g_i`` (:func:`cif_jax.estimators.influence`):
 
-.. math::
-
-    \\Delta f(S) \\approx F + I, \\qquad F = \\nabla f^\\top \\delta_S, \\qquad
-    I = \\tfrac12 \\delta_S^\\top H_f \\delta_S = \\tfrac12 \\sum_{i, j \\in S} I_{ij},
-    \\quad I_{ij} = \\delta_i^\\top H_f \\delta_j,
+$$
+\\Delta f(S) \\approx F + I, \\qquad F = \\nabla f^\\top \\delta_S, \\qquad
+I = \\tfrac12 \\delta_S^\\top H_f \\delta_S = \\tfrac12 \\sum_{i, j \\in S} I_{ij},
+\\quad I_{ij} = \\delta_i^\\top H_f \\delta_j,
+$$
 
 with ``H_f`` the target's curvature at ``theta_0`` (the interaction paper, eqs. 5-9; its
 equations were lost in extraction, so the forms here are rebuilt from its text:

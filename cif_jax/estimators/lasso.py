@@ -3,9 +3,9 @@
 For every row ``y`` of ``targets`` (one per query) and a shared design
 ``X`` (K x N),
 
-.. math::
-
-    \\min_w \\; \\tfrac12 \\lVert y - X w \\rVert_2^2 + \\alpha \\lVert w \\rVert_1 .
+$$
+\\min_w \\; \\tfrac12 \\lVert y - X w \\rVert_2^2 + \\alpha \\lVert w \\rVert_1 .
+$$
 
 STRIDE (sec. 3, app. E.1) recovers per-example scores ``w`` from the K subset
 responses ``y`` this way; app. E.1 writes the loss without the 1/2, which only
@@ -17,10 +17,10 @@ when the step goes uphill (the gradient restart of O'Donoghue and Candes). The
 loop stops when every duality gap is at most ``tol * ||y||^2``; the dual point
 is the rescaled residual ``theta = r min(1, alpha / ||X^T r||_inf)``, and
 
-.. math::
-
-    \\mathrm{gap} = \\tfrac12\\lVert r\\rVert^2 + \\alpha\\lVert w\\rVert_1
-      - \\big(\\tfrac12\\lVert y\\rVert^2 - \\tfrac12\\lVert y - \\theta\\rVert^2\\big) \\ge 0
+$$
+\\mathrm{gap} = \\tfrac12\\lVert r\\rVert^2 + \\alpha\\lVert w\\rVert_1
+  - \\big(\\tfrac12\\lVert y\\rVert^2 - \\tfrac12\\lVert y - \\theta\\rVert^2\\big) \\ge 0
+$$
 
 bounds the distance of the objective from its minimum.
 

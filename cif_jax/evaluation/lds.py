@@ -221,11 +221,11 @@ def lds(attributions: Float[Array, "t n"] | Callable[[np.ndarray], np.ndarray], 
     ``-sum_{i in S_m} score(z, i)`` (scores are positive when helpful, so more
     helpful members predict a lower loss), and
 
-    .. math::
-
-        \\mathrm{LDS}(z) = \\rho_{\\mathrm{Spearman}}\\Big(
-        \\big\\{-\\textstyle\\sum_{i \\in S_m} \\tau(z)_i\\big\\}_{m=1}^M,\\;
-        \\big\\{\\ell(z; \\theta_{S_m})\\big\\}_{m=1}^M\\Big),
+    $$
+    \\mathrm{LDS}(z) = \\rho_{\\mathrm{Spearman}}\\Big(
+    \\big\\{-\\textstyle\\sum_{i \\in S_m} \\tau(z)_i\\big\\}_{m=1}^M,\\;
+    \\big\\{\\ell(z; \\theta_{S_m})\\big\\}_{m=1}^M\\Big),
+    $$
 
     averaged over z. Group methods whose subset prediction is not a sum of
     per-example scores (e.g. CiF's ``loss_delta`` on the complements) pass a
@@ -298,10 +298,10 @@ def datamodel_lds(attributions: Float[Array, "t n"], keep, losses, *,
     that reference from the same retrained subsets as :func:`lds`, by the
     difference-in-means datamodel (Ilyas et al. 2022)
 
-    .. math::
-
-        w_i(z) = \\overline{\\ell(z;\\theta_S)}_{\\,i \\notin S}
-        - \\overline{\\ell(z;\\theta_S)}_{\\,i \\in S},
+    $$
+    w_i(z) = \\overline{\\ell(z;\\theta_S)}_{\\,i \\notin S}
+    - \\overline{\\ell(z;\\theta_S)}_{\\,i \\in S},
+    $$
 
     which is unbiased for the coefficients of a linear datamodel
     ``l(z; theta_S) = b + sum_{i in S} beta_i`` when membership is random with

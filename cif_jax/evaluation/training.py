@@ -12,12 +12,12 @@ Weight decay is coupled, as in PyTorch's ``SGD(weight_decay=...)`` which Bae
 et al. used: ``optax.add_decayed_weights(wd)`` adds ``wd * theta`` to the
 gradient before the momentum, which is plain SGD on
 
-.. math::
+$$
+\\frac{1}{|B|} \\sum_{i \\in B} \\ell_i(\\theta) + \\frac{wd}{2} \\|\\theta\\|^2 .
+$$
 
-   \\frac{1}{|B|} \\sum_{i \\in B} \\ell_i(\\theta) + \\frac{wd}{2} \\|\\theta\\|^2 .
-
-(The paper writes the penalty as :math:`\\lambda_{wd} \\|\\theta\\|^2`; with
-that convention :math:`\\lambda_{wd} = wd / 2`.) It applies to every
+(The paper writes the penalty as $\\lambda_{wd} \\|\\theta\\|^2$; with
+that convention $\\lambda_{wd} = wd / 2$.) It applies to every
 parameter, biases and GroupNorm scales included, as PyTorch does by default.
 
 References:

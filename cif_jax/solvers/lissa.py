@@ -4,11 +4,11 @@ Agarwal, Bullins and Hazan (2017), as used for influence functions by Koh and
 Liang (2017) and by "Faithful and Fast Influence Function via Advanced
 Sampling", sec. 2): with an explicit scale ``s`` and the damping ``lambda``,
 
-.. math::
+$$
+h_0 = b, \\qquad h_j = b + h_{j-1} - A_j h_{j-1} / s, \\qquad x = h_J / s,
 
-    h_0 = b, \\qquad h_j = b + h_{j-1} - A_j h_{j-1} / s, \\qquad x = h_J / s,
-
-    A_j u = \\frac{1}{B} \\sum_{i \\in B_j} \\hat w_i J_i^\\top W_i J_i u + \\lambda u,
+A_j u = \\frac{1}{B} \\sum_{i \\in B_j} \\hat w_i J_i^\\top W_i J_i u + \\lambda u,
+$$
 
 ``B_j`` drawn uniformly with replacement from the pool (all N, or a
 :class:`cif_jax.CurvatureSample`), ``hat w = w / mean(w)`` so that every

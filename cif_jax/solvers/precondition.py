@@ -18,9 +18,9 @@ sharing one data pass per block), the stable Nystrom approximation
 ``B = Q^T (Y + nu Q)``, ``C = chol(B)``, ``F = (Y + nu Q) C^{-T} = U Sigma V^T``,
 ``s = max(Sigma^2 - nu, 0)``. The preconditioner is
 
-.. math::
-
-    P^{-1} = (s_r + \\lambda)\\, U (\\mathrm{diag}(s) + \\lambda I)^{-1} U^\\top + (I - U U^\\top),
+$$
+P^{-1} = (s_r + \\lambda)\\, U (\\mathrm{diag}(s) + \\lambda I)^{-1} U^\\top + (I - U U^\\top),
+$$
 
 and the preconditioned condition number is at most
 ``(s_r + lambda + ||E||) / lambda`` with ``E = GGN - U diag(s) U^T`` (their

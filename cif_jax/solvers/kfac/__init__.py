@@ -8,18 +8,18 @@ convolution written as im2col patches times a kernel matrix), the GGN block of
 (column k of the output-Hessian factor propagated back to the layer's
 pre-activations),
 
-.. math::
-
-    \\mathrm{GGN}_{WW} = \\frac1N \\sum_i \\sum_k \\mathrm{vec}(D_{ik}) \\mathrm{vec}(D_{ik})^\\top,
-    \\qquad D_{ik} = \\sum_t g_{itk} a_{it}^\\top .
+$$
+\\mathrm{GGN}_{WW} = \\frac1N \\sum_i \\sum_k \\mathrm{vec}(D_{ik}) \\mathrm{vec}(D_{ik})^\\top,
+\\qquad D_{ik} = \\sum_t g_{itk} a_{it}^\\top .
+$$
 
 **K-FAC** (Martens and Grosse 2015, eq. (1) and section 3; for convolutions
 Grosse and Martens 2016, KFC, eqs. (11)-(12)) approximates it by ``G (x) A`` with
 
-.. math::
-
-    A = \\frac1N \\sum_i \\sum_t \\bar a_{it} \\bar a_{it}^\\top,
-    \\qquad G = \\frac1N \\sum_i \\frac1{T} \\sum_t \\sum_k g_{itk} g_{itk}^\\top,
+$$
+A = \\frac1N \\sum_i \\sum_t \\bar a_{it} \\bar a_{it}^\\top,
+\\qquad G = \\frac1N \\sum_i \\frac1{T} \\sum_t \\sum_k g_{itk} g_{itk}^\\top,
+$$
 
 ``a-bar = [a, 1]`` when a bias is added to the product (the bias is the last
 column of ``[W, b]``), T the number of positions (1 for a dense layer; KFC's
@@ -29,10 +29,10 @@ Barber 2017, "KFLR"), not sampled labels, so that the factors describe the same
 GGN as the CG operator. The damped block is the factored Tikhonov form of
 Martens and Grosse (2015, section 6.3),
 
-.. math::
-
-    (G + \\tfrac{\\sqrt\\lambda}{\\pi} I) \\otimes (A + \\pi \\sqrt\\lambda\\, I),
-    \\qquad \\pi = \\sqrt{\\frac{\\mathrm{tr}(A)/\\dim A}{\\mathrm{tr}(G)/\\dim G}},
+$$
+(G + \\tfrac{\\sqrt\\lambda}{\\pi} I) \\otimes (A + \\pi \\sqrt\\lambda\\, I),
+\\qquad \\pi = \\sqrt{\\frac{\\mathrm{tr}(A)/\\dim A}{\\mathrm{tr}(G)/\\dim G}},
+$$
 
 applied to a weight-shaped block ``V`` (out x in) as
 ``(G + sqrt(lambda)/pi I)^{-1} V (A + pi sqrt(lambda) I)^{-1}`` through the

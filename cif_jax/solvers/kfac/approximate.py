@@ -67,11 +67,11 @@ def ekfac_influence(
 ) -> Float[Array, "q p"]:
     """APPROXIMATE per-query influence with the EK-FAC inverse in place of the exact damped-GGN solve.
 
-    .. math::
-
-        \\Delta\\theta_S \\approx \\frac1N P^{-1} \\sum_{i \\in S} g_i,
-        \\qquad P = (Q_G \\otimes Q_A)(\\mathrm{diag}(s) + \\lambda)(Q_G \\otimes Q_A)^\\top
-        \\text{ per block}
+    $$
+    \\Delta\\theta_S \\approx \\frac1N P^{-1} \\sum_{i \\in S} g_i,
+    \\qquad P = (Q_G \\otimes Q_A)(\\mathrm{diag}(s) + \\lambda)(Q_G \\otimes Q_A)^\\top
+    \\text{ per block}
+    $$
 
     (kronfluence's estimator; Grosse et al. 2023, eq. (19)). It is fast (no CG) but
     not :func:`cif_jax.estimators.influence`: it equals it only where the Kronecker
