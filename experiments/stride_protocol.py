@@ -222,9 +222,12 @@ def method_scores(name, task, xt, yt, args, settings):
     if name == "IF":
         sol = cj.solve_ggn(task, g, **ec.solver_kwargs(args)).solutions
         return train_grad_products(task, sol, chunk) / n
-    if name == "CiF C=50":
+    if name == "CiF C=50":  # the paper's estimator: every member of a cluster gets its cluster's score
         cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True, correction=None)
         return np.asarray(cj.cluster_alphas(cache, g).clusters)[:, np.asarray(cache.assignments)] / n
+    if name == "CiF C=50 default":  # the library's default: clusters plus each example's low-rank deviation
+        cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True)
+        return np.asarray(cj.example_scores(cache, g))
     if name == "TRAK":
         return trak_scores(task, xt, yt, settings)
     raise ValueError(name)
@@ -328,7 +331,7 @@ def lds_part(cells, x, y, xt, yt, args, settings):
 
     store = ScoreStore(cells, args, "lds")
     names = ["STRIDE", "STRIDE K=200", "STRIDE no LDS loss", "STRIDE first layer", "STRIDE log-prob response",
-             "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "TRAK"]
+             "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "CiF C=50 default", "TRAK"]
     scores = {nm: store(nm, lambda nm=nm: method_scores(nm, task, xt, yt, args, settings), (xt.shape[0], n))
               for nm in names}
     rng = np.random.default_rng(0)
@@ -416,7 +419,8 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
           f"on the flipped ones {memorised:.3f}, clean test accuracy {acc:.3f}", flush=True)
     store = ScoreStore(cells, args, "mislabel")
     scores = {}
-    for nm in ["STRIDE", "STRIDE K=200", "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "TRAK"]:
+    for nm in ["STRIDE", "STRIDE K=200", "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "CiF C=50 default",
+               "TRAK"]:
         # Summed over the clean test points: one (N,) score per training example.
         scores[nm] = store(nm, lambda nm=nm: method_scores(nm, task, xc, yc, args, settings).sum(axis=0), (n,))
     lam = args.damping
