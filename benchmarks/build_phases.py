@@ -103,8 +103,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["digits/lenet5", "digits/mlp", "mnist5k/lenet5"])
     ap.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--tag", default="", help="results go to build-phases-<tag>-cpu.* (a run after a change)")
     args = ap.parse_args()
-    path = os.path.join(args.output, "build-phases-cpu.json")
+    stem = "build-phases" + (f"-{args.tag}" if args.tag else "") + "-cpu"
+    path = os.path.join(args.output, stem + ".json")
     done = json.load(open(path))["results"] if os.path.exists(path) else {}
     for name in args.workloads:
         if name in done:
@@ -113,19 +115,19 @@ def main():
         done[name] = {**workload(name, os.path.join(ROOT, "benchmarks", "_work")), "machine": machine(),
                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         write_json(path, {"benchmark": "build_phases", "damping": DAMPING, "results": done})
-    lines = ["# Where a default cache build's time goes", "",
+    lines = ["# Where a default cache build's time goes" + (f" ({args.tag})" if args.tag else ""), "",
              f"C = 10, d = 32, damping {DAMPING:g}, every other setting at the library's default; one process per "
              "workload, the build run twice (cold: compilation included; warm: the same call again). 'In products' "
              f"divides the warm seconds by one damped-GGN product per vector, timed warm in a block of {BLOCK} in the "
              "same process. 'Products it makes': the factor rank (the doublings reuse every product), the factor-error "
              "power iterations, and the solves' largest CG step count times their systems (C + calibration). "
-             "From `benchmarks/results/build-phases-cpu.json`.", ""]
+             f"From `benchmarks/results/{stem}.json`.", ""]
     lines += table(done)
     lines += [""] + [f"- {name}: N = {r['num_examples']}, p = {r['num_params']}, rank {r['warm']['rank']}, CG steps "
                      f"{sorted(set(r['warm']['cg_steps']))}, product {r['product_seconds_in_block'] * 1e3:.2f} ms per "
                      f"vector in a block of {BLOCK} ({r['product_seconds_alone'] * 1e3:.1f} ms alone); "
                      f"{r['machine'].get('cpu', '')}, {r['finished']}" for name, r in done.items()] + [""]
-    with open(os.path.join(args.output, "build-phases-cpu.md"), "w") as f:
+    with open(os.path.join(args.output, stem + ".md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
 

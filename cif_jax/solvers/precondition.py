@@ -299,7 +299,13 @@ def _nystrom_factor(q, y):
     b = (b + b.T) / 2
     c = jnp.linalg.cholesky(b)
     f_rows = jax.scipy.linalg.solve_triangular(c, y_nu, lower=True)  # (r, p) = (Y_nu C^{-T})^T
-    _, sigma, ut = jnp.linalg.svd(f_rows, full_matrices=False)
+    # The SVD of the wide (r, p) factor through a QR of its transpose and the SVD of the small
+    # (r, r) triangle: f_rows = R^T Q^T, R^T = W S V^T, so f_rows = W S (V^T Q^T). Backward
+    # stable like the direct SVD, and 2-4x faster on XLA:CPU at r = 1,024 (the direct SVD of a
+    # (1,024, 20,000) matrix took longer than the products of a digits LeNet-5 build).
+    qf, rf = jnp.linalg.qr(f_rows.T)
+    _, sigma, vt = jnp.linalg.svd(rf.T)
+    ut = jnp.matmul(vt, qf.T, precision=jax.lax.Precision.HIGHEST)
     s = jnp.maximum(sigma**2 - nu, 0)
     return ut, s, jnp.all(jnp.isfinite(c))
 
