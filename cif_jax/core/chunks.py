@@ -49,7 +49,8 @@ def _jaxpr_bytes(jaxpr) -> int:
         for var in eqn.outvars:
             aval = getattr(var, "aval", None)
             if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                total += math.prod(aval.shape) * aval.dtype.itemsize
+                # Extended dtypes (PRNG keys) may not say their size: count 8 bytes per element.
+                total += math.prod(aval.shape) * getattr(aval.dtype, "itemsize", 8)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(sub, jex.ClosedJaxpr):
