@@ -128,14 +128,19 @@ def solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_=j
     bhat = rhs / scale[:, None]
     target = jnp.asarray(rtol, dtype) + jnp.asarray(atol, dtype) / scale
 
-    def true_residual(y):  # ||b - H~ x|| / ||b|| with x = ||b|| y / lambda, on the unscaled system
+    def true_residual(y):
+        """``(||b - H~ x|| / ||b||, (I + GGN / lambda) y)`` with x = ||b|| y / lambda: the residual of
+        the unscaled system, and the scaled operator on y from the same product (a restart's
+        initial residual, so that the restart makes no product of its own)."""
         x = y * (scale / lam_)[:, None]
-        return jnp.linalg.norm(rhs - (mv(x) + lam_ * x), axis=1) / scale
+        hx = mv(x)
+        return jnp.linalg.norm(rhs - (hx + lam_ * x), axis=1) / scale, y + hx / scale[:, None]
 
     limit = jnp.full(rhs.shape[0], max_steps, jnp.int32)
     inner_ = jnp.asarray(inner, dtype)
-    y, steps = block_cg(cheap, bhat, jnp.zeros_like(bhat), jnp.maximum(target, inner_), limit, minv, any_)
-    res = true_residual(y)
+    # From x0 = 0 the initial residual is b itself: no product (and one fewer copy of it to compile).
+    y, steps = block_cg(cheap, bhat, jnp.zeros_like(bhat), jnp.maximum(target, inner_), limit, minv, any_, r0=bhat)
+    res, ay = true_residual(y)
     # Mixed precision keeps the best iterate: a refinement that does not lower the true
     # residual (products too coarse for this operator, e.g. bfloat16 on a stiff GGN) is
     # undone and ends that system's refinement, so the solve never returns worse than x = 0.
@@ -143,34 +148,38 @@ def solve_system(mv, minv, rhs, lam, rtol, atol, max_steps, max_restarts, any_=j
     if mv_low is not None:
         worse = ~(res < 1)
         y = jnp.where(worse[:, None], jnp.zeros_like(y), y)
+        ay = jnp.where(worse[:, None], jnp.zeros_like(ay), ay)
         res = jnp.where(worse, jnp.ones_like(res), res)
         stalled = worse & (jnp.linalg.norm(bhat, axis=1) > 0)
 
     def cond(state):
-        _, steps, res, stalled, k = state
+        _, _, steps, res, stalled, k = state
         return any_((res > target) & (steps < max_steps) & ~stalled) & (k < max_restarts)
 
     def body(state):
-        y, steps, res, stalled, k = state
+        y, ay, steps, res, stalled, k = state
         # Restart from the current iterate; systems already within tolerance stay frozen
         # (their explicit initial residual is below target), the budget is what is left.
         # Aim below the target for systems that missed it: their scaled-system residual can
         # already sit at the target while the unscaled one, rounded differently, is just above.
         aim = jnp.where(res > target, 0.5 * target, target)
+        # The accurate residual of the iterate, from the product its true residual made.
+        r0 = bhat - ay
         if mv_low is None:
-            y, more = block_cg(scaled, bhat, y, aim, limit - steps, minv, any_)
-            return y, steps + more, true_residual(y), stalled, k + 1
-        # A refinement step: the accurate residual, then cheap CG on the correction,
-        # asked for a factor `inner` (never below the final aim); stalled systems sit out.
-        r0 = bhat - scaled(y)
+            y, more = block_cg(scaled, bhat, y, aim, limit - steps, minv, any_, r0=r0)
+            res, ay = true_residual(y)
+            return y, ay, steps + more, res, stalled, k + 1
+        # A refinement step: cheap CG on the correction, asked for a factor `inner` (never
+        # below the final aim); stalled systems sit out.
         aim = jnp.where(stalled, jnp.inf, jnp.maximum(aim, inner_ * jnp.linalg.norm(r0, axis=1)))
         y_new, more = block_cg(cheap, bhat, y, aim, limit - steps, minv, any_, r0=r0)
-        res_new = true_residual(y_new)
+        res_new, ay_new = true_residual(y_new)
         better = res_new < res
         y = jnp.where(better[:, None], y_new, y)
-        return y, steps + more, jnp.where(better, res_new, res), stalled | ~better, k + 1
+        ay = jnp.where(better[:, None], ay_new, ay)
+        return y, ay, steps + more, jnp.where(better, res_new, res), stalled | ~better, k + 1
 
-    y, steps, res, _, _ = lax.while_loop(cond, body, (y, steps, res, stalled, jnp.asarray(0, jnp.int32)))
+    y, _, steps, res, _, _ = lax.while_loop(cond, body, (y, ay, steps, res, stalled, jnp.asarray(0, jnp.int32)))
     x = y * (scale / lam_)[:, None]
     return x, res, steps, res <= target
 
