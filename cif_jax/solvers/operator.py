@@ -31,7 +31,7 @@ from jaxtyping import Array, Float
 from ..core import checks as _checks
 from ..core import curvature as _curvature
 from ..core.curvature import CurvatureSample
-from ..core.ggn import ggn_matvec_fn
+from ..core.ggn import ggn_block_fn, ggn_matvec_fn
 from ..core.task import Task, fingerprint
 from . import distributed as _distributed
 
@@ -56,6 +56,11 @@ class GGNKernel(eqx.Module):
         """``mv(v) -> H~ v = GGN v + lambda v`` for one flat (p,) vector, traceable."""
         mv = self.undamped()
         return lambda v: mv(v) + self.damping.astype(v.dtype) * v
+
+    def damped_block(self):
+        """``mv(V) -> H~ V`` for a (k, p) block, traceable: one data pass, the chunks sized for the block."""
+        mv = ggn_block_fn(self.task, batch_size=self.batch_size, curvature=self.curvature)
+        return lambda vs: mv(vs) + self.damping.astype(vs.dtype) * vs
 
 
 class DampedGGN(eqx.Module):
@@ -174,7 +179,7 @@ class DampedGGN(eqx.Module):
 
 @eqx.filter_jit
 def _apply_damped(kernel: GGNKernel, vectors):
-    return jax.vmap(kernel.damped())(vectors)
+    return kernel.damped_block()(vectors)
 
 
 def check_operator(operator) -> DampedGGN:

@@ -425,6 +425,7 @@ def _lineax_block(kernel: GGNKernel, rhs, rtol, atol, lsolver, preconditioner, m
 
     lam = kernel.damping.astype(rhs.dtype)
     mv = kernel.undamped()
+    block = ggn_block_fn(kernel.task, batch_size=kernel.batch_size, curvature=kernel.curvature)
     p, dtype = rhs.shape[1], rhs.dtype
     struct = jax.ShapeDtypeStruct((p,), dtype)
     op = lx.FunctionLinearOperator(lambda y: y + mv(y) / lam, struct, tags=lx.positive_semidefinite_tag)
@@ -445,7 +446,7 @@ def _lineax_block(kernel: GGNKernel, rhs, rtol, atol, lsolver, preconditioner, m
 
     def residual(y):  # true residual of H~ x = b, relative to ||b||, with x = ||b|| y / lambda
         x = y * (scale / lam)[:, None]
-        return jnp.linalg.norm(rhs - (jax.vmap(mv)(x) + lam * x), axis=1) / scale
+        return jnp.linalg.norm(rhs - (block(x) + lam * x), axis=1) / scale
 
     y, steps = jax.vmap(one)(bhat)
     y = jnp.where(jnp.isfinite(y), y, 0)
