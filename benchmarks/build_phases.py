@@ -35,23 +35,12 @@ import jax  # noqa: E402
 import cif_jax as cj  # noqa: E402
 from cif_jax.cif import correction as _correction  # noqa: E402
 from cif_jax.cif import lowrank as _lowrank  # noqa: E402
-from cif_jax.workloads.runs import machine, trained_task, write_json  # noqa: E402
+from cif_jax.workloads.runs import machine, timed, trained_task, write_json  # noqa: E402
 
 BLOCK = 64
 #: Block widths whose per-vector product cost is timed.
 WIDTHS = (1, 8, BLOCK)
 DAMPING = 1e-3
-
-
-def seconds_of(fn, repeats: int = 3) -> float:
-    """Median warm seconds of ``fn()`` (one call first, to compile)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def build(task):
@@ -71,7 +60,8 @@ def workload(name: str, workdir: str) -> dict:
     op = cj.DampedGGN(task, damping=DAMPING)
     p = task.num_params
     vecs = jax.random.normal(jax.random.key(1), (BLOCK, p), task.dtype)
-    per_vector = {k: seconds_of(lambda k=k: op.apply(vecs[:k])) / k for k in WIDTHS}
+    # Median of 3 warm calls after one that compiles.
+    per_vector = {k: timed(lambda k=k: op.apply(vecs[:k]), repeats=3)[0] / k for k in WIDTHS}
     unit, single = per_vector[BLOCK], per_vector[1]
     print(f"[{name}] N = {task.num_examples}, p = {p}: product per vector "
           + ", ".join(f"{v * 1e3:.2f} ms in a block of {k}" for k, v in per_vector.items()), flush=True)

@@ -85,29 +85,23 @@ def test_default_chunks_give_the_unchunked_result():
     assert jnp.allclose(chunked, jnp.sum(_wide(x)), rtol=1e-5)
 
 
-def test_block_product_chunks_see_the_block():
+def test_block_product_chunks_see_the_block(monkeypatch):
     # The GGN block product's chunk size for batch_size=None falls as the block widens: the
     # vectors are vmapped inside each chunk, where the budget reads them.
     from cif_jax.core.ggn import ggn_block_fn
 
     task = mlp_problem().task
-    data = (task.inputs, task.targets)
+    seen = {}
+    choose = _chunks.budget_batch_size
 
-    def size(k):
-        v = jnp.zeros((k, task.num_params), task.dtype)
-        mv = ggn_block_fn(task)
-        seen = {}
-        orig = _chunks.budget_batch_size
+    def spy(fn, tree, budget=_chunks.DEFAULT_MEMORY_BUDGET):
+        seen["per"] = _chunks.chunk_bytes(fn, tree, 2) - _chunks.chunk_bytes(fn, tree, 1)
+        return choose(fn, tree, budget)
 
-        def spy(fn, tree, budget=_chunks.DEFAULT_MEMORY_BUDGET):
-            seen["per"] = _chunks.chunk_bytes(fn, tree, 2) - _chunks.chunk_bytes(fn, tree, 1)
-            return orig(fn, tree, budget)
+    monkeypatch.setattr(_chunks, "budget_batch_size", spy)
 
-        _chunks.budget_batch_size = spy
-        try:
-            mv(v)
-        finally:
-            _chunks.budget_batch_size = orig
+    def per_example(k):
+        ggn_block_fn(task)(jnp.zeros((k, task.num_params), task.dtype))
         return seen["per"]
 
-    assert data and size(16) > 8 * size(1)
+    assert per_example(16) > 8 * per_example(1)

@@ -57,9 +57,13 @@ class GGNKernel(eqx.Module):
         mv = self.undamped()
         return lambda v: mv(v) + self.damping.astype(v.dtype) * v
 
+    def undamped_block(self):
+        """``mv(V) -> GGN V`` for a (k, p) block, traceable: one data pass, the chunks sized for the block."""
+        return ggn_block_fn(self.task, batch_size=self.batch_size, curvature=self.curvature)
+
     def damped_block(self):
-        """``mv(V) -> H~ V`` for a (k, p) block, traceable: one data pass, the chunks sized for the block."""
-        mv = ggn_block_fn(self.task, batch_size=self.batch_size, curvature=self.curvature)
+        """``mv(V) -> H~ V`` for a (k, p) block, traceable."""
+        mv = self.undamped_block()
         return lambda vs: mv(vs) + self.damping.astype(vs.dtype) * vs
 
 

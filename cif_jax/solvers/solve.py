@@ -425,7 +425,7 @@ def _lineax_block(kernel: GGNKernel, rhs, rtol, atol, lsolver, preconditioner, m
 
     lam = kernel.damping.astype(rhs.dtype)
     mv = kernel.undamped()
-    block = ggn_block_fn(kernel.task, batch_size=kernel.batch_size, curvature=kernel.curvature)
+    block = kernel.undamped_block()
     p, dtype = rhs.shape[1], rhs.dtype
     struct = jax.ShapeDtypeStruct((p,), dtype)
     op = lx.FunctionLinearOperator(lambda y: y + mv(y) / lam, struct, tags=lx.positive_semidefinite_tag)
