@@ -120,3 +120,22 @@ def test_exact_columns_at_full_rank_are_the_ggn(name):
     ggn = problem.ggn - LAM * np.eye(p)
     np.testing.assert_allclose(u.T @ np.diag(s) @ u, ggn, atol=1e-9 * np.abs(ggn).max())
     np.testing.assert_allclose(s, np.sort(np.linalg.eigvalsh(ggn))[::-1], atol=1e-9 * s[0])
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_exact_columns_below_full_rank_are_a_nystrom_approximation(name):
+    # With the exact columns the second pass gives the exact GGN Q, so the factors are the stable
+    # Nystrom approximation of the GGN itself in the range pass's basis: never above the GGN (the
+    # residual is PSD), in two passes (no eigenvalue pass).
+    problem = get_problem(name)
+    p = problem.num_params
+    r = max(2, p // 3)
+    pre = cj.sampled_preconditioner(cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH), key=jax.random.key(6),
+                                    rank=r, samples="exact", power_iters=0)
+    assert pre.num_products == 2 and pre.rank == r and "2 passes" in pre.note
+    u, s = np.asarray(pre.basis), np.asarray(pre.eigenvalues)
+    ggn = problem.ggn - LAM * np.eye(p)
+    residual = ggn - u.T @ np.diag(s) @ u
+    assert np.linalg.eigvalsh((residual + residual.T) / 2).min() >= -1e-9 * s[0]
+    # the captured values are the GGN's own Rayleigh quotients or below (Nystrom), and ordered
+    assert np.all(s <= np.einsum("rp,pq,rq->r", u, ggn, u) + 1e-9 * s[0]) and np.all(np.diff(s) <= 0)

@@ -11,16 +11,23 @@ per-example gradient; ``F Q`` for a block Q of r vectors is then two matrix
 products per chunk of examples, ``H^T (H Q)``, instead of r GGN products.
 
 :func:`sampled_preconditioner` builds a rank-r factorisation in
-``3 + power_iters`` passes over the data:
+``3 + power_iters`` passes over the data (``2 + power_iters`` with ``samples="exact"``):
 
 1. the range: ``X = H^T Omega`` (Omega an N x r Gaussian matrix), ``Q = qr(X)``;
 2. ``Y = F Q`` (one pass each, ``power_iters`` more times with ``Q = qr(Y)``),
    and the stable Nystrom factorisation of ``(Q, Y)`` (as
    :func:`cif_jax.nystrom_preconditioner`): a basis ``U``;
-3. the eigenvalues measured again in that basis from fresh draws,
-   ``s_k = (1/N) sum_i (u_k . h'_i)^2``: unbiased for ``u_k^T GGN u_k``, without
-   the upward bias of the values the basis was chosen to maximise (EK-FAC's
+3. with drawn pseudo-gradients, the eigenvalues measured again in that basis from
+   fresh draws, ``s_k = (1/N) sum_i (u_k . h'_i)^2``: unbiased for ``u_k^T GGN u_k``,
+   without the upward bias of the values the basis was chosen to maximise (EK-FAC's
    correction, Grosse et al. 2023, in a learnt basis instead of a Kronecker one).
+
+With ``samples="exact"`` the pseudo-gradients are the q columns ``J_i^T L_i e_a``
+of every example, whose outer products sum to the GGN exactly: step 2's ``Y`` is
+then the exact ``GGN Q`` and the Nystrom eigenvalues are those of the product
+build, so step 3 is skipped (``2 + power_iters`` passes). The range pass makes the
+basis better than a product build's at the same rank: its test matrix is already
+``A^T Omega`` with ``GGN = A^T A / N``, half a subspace iteration.
 
 The result is a :class:`cif_jax.NystromPreconditioner` of the operator: pass it to
 :class:`cif_jax.CG`, and a cache built with that solver takes its factors for the
@@ -173,8 +180,9 @@ def sampled_preconditioner(
 
     Returns:
         A `cif_jax.NystromPreconditioner` whose ``num_products`` counts the
-        passes (each about one per-example gradient pass plus two (N, p) x (p, r)
-        matrix products), with ``error_estimate`` NaN (a cache estimates it).
+        passes (``3 + power_iters``; ``2 + power_iters`` for ``"exact"``), each
+        about one per-example gradient pass plus two (N, p) x (p, r) matrix
+        products, with ``error_estimate`` NaN (a cache estimates it).
     """
     operator = check_operator(operator)
     p = operator.num_params
@@ -200,16 +208,19 @@ def sampled_preconditioner(
         if it < power_iters:
             q = _orthonormal(y_block)
         say(f"sampled factors: pass {it + 2}, {time.perf_counter() - start:.1f} s", flush=True)
-    ut, _, ok = _nystrom_factor(q.T, y_block.T)
+    ut, values, ok = _nystrom_factor(q.T, y_block.T)
     if not bool(ok):
         raise FloatingPointError("the sampled factorisation failed (Cholesky of Q^T F Q not positive definite); "
                                  "check that the loss is convex in the outputs.")
-    values = _diag_pass(task, data, value_key, ut, samples, batch) / total
+    passes = power_iters + 2
+    if samples != "exact":  # drawn: the eigenvalues again from fresh draws (unbiased in the chosen basis)
+        values = _diag_pass(task, data, value_key, ut, samples, batch) / total
+        passes += 1
+        say(f"sampled factors: eigenvalue pass, {time.perf_counter() - start:.1f} s", flush=True)
     order = jnp.argsort(-values)
-    say(f"sampled factors: eigenvalue pass, {time.perf_counter() - start:.1f} s", flush=True)
     return NystromPreconditioner(
         basis=ut[order], eigenvalues=jnp.maximum(values[order], 0), error_estimate=jnp.asarray(jnp.nan, ut.dtype),
-        fingerprint=operator.fingerprint, curvature=operator.describe_curvature(), num_products=power_iters + 3,
+        fingerprint=operator.fingerprint, curvature=operator.describe_curvature(), num_products=passes,
         seconds=time.perf_counter() - start,
-        note=f"sampled: rank {rank}, {power_iters + 3} passes, "
+        note=f"sampled: rank {rank}, {passes} passes, "
              + ("the exact output-Hessian factor" if samples == "exact" else f"{samples} draw(s) per example"))
