@@ -16,6 +16,7 @@ rerun skips it; the table goes to ``build-phases-cpu.md``.
 
     taskset -c 0 python benchmarks/build_phases.py            # all three workloads
     python benchmarks/build_phases.py --workloads digits/mlp  # one
+    python benchmarks/build_phases.py --factors columns --tag columns  # the factors from the exact columns
 """
 
 from __future__ import annotations
@@ -43,18 +44,19 @@ WIDTHS = (1, 8, BLOCK)
 DAMPING = 1e-3
 
 
-def build(task):
+def build(task, factors="auto"):
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cache = cj.build_cache(task, num_clusters=10, sketch_dim=32, damping=DAMPING, key=jax.random.key(0))
+        cache = cj.build_cache(task, num_clusters=10, sketch_dim=32, damping=DAMPING, key=jax.random.key(0),
+                               correction=cj.CalibratedCorrection(factors=factors))
     jax.block_until_ready(cache.responses)
     steps = [int(s) for s in cache.num_steps]
     return {"seconds": time.perf_counter() - t, "timing": dict(cache.timings), "rank": int(cache.lowrank.rank),
             "cg_steps": steps, "note": cache.lowrank.note}
 
 
-def workload(name: str, workdir: str) -> dict:
+def workload(name: str, workdir: str, factors: str = "auto") -> dict:
     dataset, model = name.split("/")
     task, _ = trained_task(dataset, model, workdir=workdir)
     op = cj.DampedGGN(task, damping=DAMPING)
@@ -67,11 +69,12 @@ def workload(name: str, workdir: str) -> dict:
           + ", ".join(f"{v * 1e3:.2f} ms in a block of {k}" for k, v in per_vector.items()), flush=True)
     runs = {}
     for kind in ("cold", "warm"):
-        runs[kind] = build(task)
+        runs[kind] = build(task, factors)
         print(f"[{name}] {kind} build {runs[kind]['seconds']:.1f} s: {runs[kind]['timing']}", flush=True)
     warm = runs["warm"]
     systems = 10 + _correction.DEFAULT_NUM_SAMPLES
-    known = {"nystrom": warm["rank"], "factor error": f"{_lowrank.ERROR_ITERS} x a block of up to 32",
+    columns = "factors=columns" in warm["note"] or "exact columns (predicted" in warm["note"]
+    known = {"nystrom": "2 column passes" if columns else warm["rank"], "factor error": f"{_lowrank.ERROR_ITERS} x a block of up to 32",
              "solves": max(warm["cg_steps"]) * systems}
     return {"num_examples": int(task.num_examples), "num_params": int(p), "product_seconds_in_block": unit,
             "product_seconds_alone": single, "product_seconds_per_vector": {str(k): v for k, v in per_vector.items()},
@@ -94,6 +97,8 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=["digits/lenet5", "digits/mlp", "mnist5k/lenet5"])
     ap.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--tag", default="", help="results go to build-phases-<tag>-cpu.* (a run after a change)")
+    ap.add_argument("--factors", default="auto", choices=["auto", "products", "columns"],
+                    help="the correction's factor build (the library's default: auto)")
     args = ap.parse_args()
     stem = "build-phases" + (f"-{args.tag}" if args.tag else "") + "-cpu"
     path = os.path.join(args.output, stem + ".json")
@@ -102,11 +107,13 @@ def main():
         if name in done:
             print(f"[{name}] done earlier; skipped")
             continue
-        done[name] = {**workload(name, os.path.join(ROOT, "benchmarks", "_work")), "machine": machine(),
+        done[name] = {**workload(name, os.path.join(ROOT, "benchmarks", "_work"), args.factors), "machine": machine(),
+                      "factors": args.factors,
                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         write_json(path, {"benchmark": "build_phases", "damping": DAMPING, "results": done})
     lines = ["# Where a default cache build's time goes" + (f" ({args.tag})" if args.tag else ""), "",
-             f"C = 10, d = 32, damping {DAMPING:g}, every other setting at the library's default; one process per "
+             f"C = 10, d = 32, damping {DAMPING:g}, the correction's factors built by `factors={args.factors!r}`, "
+             "every other setting at the library's default; one process per "
              "workload, the build run twice (cold: compilation included; warm: the same call again). 'In products' "
              f"divides the warm seconds by one damped-GGN product per vector, timed warm in a block of {BLOCK} in the "
              "same process. 'Products it makes': the factor rank (the doublings reuse every product), the factor-error "

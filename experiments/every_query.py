@@ -48,6 +48,9 @@ def main():
                    help="how the cache's factors are built: the library's Nystrom (r GGN products), Nystrom with "
                         "--power-iters subspace iterations, or cj.sampled_preconditioner (a few passes of "
                         "pseudo-gradients); the last two at fixed ranks only")
+    p.add_argument("--factor-build", default="auto", choices=["auto", "products", "columns"],
+                   help="--factors nystrom: the correction's `factors=` (how the cache builds its factors: "
+                        "GGN products, the exact output-Hessian columns, or the faster of the two by a timed probe)")
     p.add_argument("--power-iters", type=int, default=1, help="sampled factors: extra passes")
     p.add_argument("--samples", default="1", help="sampled factors: draws per example and pass, or 'exact'")
     args = ec.finish_args(p.parse_args())
@@ -98,7 +101,7 @@ def main():
             raise SystemExit(f"--factors {args.factors} takes fixed ranks (--ranks 256,1024)")
 
         def cell(rank=rank):
-            correction = cj.CalibratedCorrection(rank=rank)
+            correction = cj.CalibratedCorrection(rank=rank, factors=args.factor_build)
             t0 = time.perf_counter()
             pre, factor_seconds = "auto", None
             if args.factors != "nystrom":  # the factors built here, then handed to the cache
@@ -144,6 +147,8 @@ def main():
             return out
 
         key = f"rank={rank}" if rank != "auto" else f"rank=auto,tolerance={cj.cif.lowrank.DEFAULT_TOLERANCE:g}"
+        if args.factors == "nystrom" and args.factor_build != "products":  # cells without it: products
+            key += f",factors={args.factor_build}"
         if args.factors == "sampled":
             key = f"sampled(power_iters={args.power_iters},samples={args.samples}),{key}"
         elif args.factors == "nystrom-power":

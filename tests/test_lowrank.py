@@ -41,10 +41,11 @@ def _build(problem, correction, num_clusters=NUM_CLUSTERS):
                               key=jax.random.key(0), solver=cj.CG(rtol=RTOL), batch_size=BATCH, correction=correction)
 
 
-@pytest.fixture(scope="module")
-def full(problem):
-    """Exact self terms and factors at r = p (``"auto"`` reaches p on these small models)."""
-    return _build(problem, cj.ExactCorrection())
+@pytest.fixture(scope="module", params=["products", "columns"])
+def full(problem, request):
+    """Exact self terms and factors at r = p (``"auto"`` reaches p on these small models), built from
+    GGN products or from the exact output-Hessian columns."""
+    return _build(problem, cj.ExactCorrection(factors=request.param))
 
 
 def _if(problem, s, g_v):
@@ -60,6 +61,8 @@ def test_auto_rank_reaches_p_and_records_it(problem, full):
     low = full.lowrank
     assert low.rank == problem.num_params and full.correction.rank == low.rank
     assert low.note.startswith("auto: rank") and float(low.predicted_error) < 1e-12
+    route = "columns" if "factors=columns" in full.correction.method else "products"
+    assert low.note.endswith(f"; built from factors={route}")
     # The coordinates are U^T g_i and U^T mu_c for the stored orthonormal basis.
     u = np.asarray(low.basis)
     np.testing.assert_allclose(u @ u.T, np.eye(low.rank), atol=1e-12)
@@ -218,6 +221,59 @@ def test_auto_rank_stops_where_the_factors_hold_the_deviations():
     assert seen[0][1] > 0.01 and seen[1][1] > 0.01 and seen[2][1] < 1e-12
     assert pre.note.startswith("auto: rank 8")
     np.testing.assert_allclose(np.asarray(pre.eigenvalues), np.logspace(0, -2, k), rtol=1e-8)
+
+
+def test_column_factors_keep_the_smallest_doubling_that_meets_the_rule():
+    # The column build is made at the cap; rank="auto" then keeps the top eigenpairs of the first
+    # doubling the rule accepts. The same operator with a known spectrum as above: 8 directions.
+    p, k, n = 24, 8, 40
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.normal(size=(p, k)))
+    coef, _ = np.linalg.qr(rng.normal(size=(n, k)))
+    x = (coef * np.sqrt(n * np.logspace(0, -2, k))) @ basis.T
+    task = cj.Task(_linear, _squared_error, {"w": jnp.zeros((p, 1))}, jnp.asarray(x), jnp.asarray(rng.normal(size=(n, 1))))
+    deviations = rng.normal(size=(6, k)) @ basis.T
+    lam, seen = 1e-3, []
+
+    def accept(u, s):
+        seen.append(u.shape[0])
+        return lr.probe_rule(deviations, lam, 0.01)(u, s)
+
+    full = cj.sampled_preconditioner(cj.DampedGGN(task, damping=lam), key=jax.random.key(1), rank=p,
+                                     samples="exact", power_iters=0)
+    kept = lr.smallest_accepted(full, 2, accept)
+    assert seen == [2, 4, 8] and kept.rank == 8 and kept.note.startswith("auto: rank 8")
+    np.testing.assert_allclose(np.asarray(kept.eigenvalues), np.logspace(0, -2, k), rtol=1e-8)
+    np.testing.assert_array_equal(np.asarray(kept.basis), np.asarray(full.basis[:8]))
+    # a rule that never accepts keeps everything
+    assert lr.smallest_accepted(full, 5, lambda u, s: (False, "no")).rank == p
+
+
+def test_factors_auto_times_both_routes_and_records_the_choice(monkeypatch):
+    from cif_jax.solvers import sampled
+
+    problem = get_problem("mlp")
+    op = cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH)
+    costs = sampled.factor_build_costs(op, rank=8, block=4)
+    assert costs["products"] > 0 and costs["columns"] > 0 and costs["probe_seconds"] > 0
+    route, note = sampled.choose_factor_build(op, rank=8, block=4)
+    assert route in ("products", "columns") and "predicted" in note
+    cache = _build(problem, cj.CalibratedCorrection(rank=8, num_samples=4))
+    assert cache.lowrank.note.startswith("rank 8; built from ")
+    assert "exact columns (predicted" in cache.lowrank.note or "GGN products (predicted" in cache.lowrank.note
+    # more outputs than the column route takes: products, with no probe
+    monkeypatch.setattr(sampled, "MAX_COLUMN_OUTPUTS", 0)
+    monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, **k: pytest.fail("probed"))
+    route, note = sampled.choose_factor_build(op, rank=8, block=4)
+    assert route == "products" and "outputs per example" in note
+
+
+@pytest.mark.parametrize("cls", [cj.CalibratedCorrection, cj.NystromCorrection, cj.ExactCorrection])
+def test_unknown_factor_build_is_refused(cls):
+    with pytest.raises(ValueError, match=f"`{cls.__name__}.factors` must be one of"):
+        cls(factors="kfac")
+    assert "factors=columns" in cls(factors="columns").describe()
+    assert "factors" not in cls().describe()
 
 
 def test_predicted_error_closed_form():

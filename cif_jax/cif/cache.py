@@ -11,6 +11,7 @@ their true residuals (eq. 9).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import warnings
 from typing import NamedTuple
@@ -29,6 +30,7 @@ from ..core.task import Task
 from ..solvers import distributed as _distributed
 from ..solvers.operator import DampedGGN
 from ..solvers.precondition import NystromPreconditioner, block_error_estimate, nystrom_preconditioner
+from ..solvers.sampled import choose_factor_build, sampled_preconditioner
 from ..solvers.solve import AbstractSolver, prepare_checkpointed, solve_checkpointed
 from ..solvers.solve import check_solver as _check_solver
 from . import correction as _correction
@@ -408,17 +410,37 @@ def _factors(run: PhaseRunner, task, b: _Build, assignments, means):
                 "solver with a built Nystrom preconditioner, or `correction=None`.",
                 stacklevel=3,
             )
-        if correction.rank == "auto":
-            settings = dict(rank="auto", max_rank=rank, initial_rank=min(_lowrank.DEFAULT_INITIAL_RANK, rank),
-                            accept=_lowrank.probe_rule(probe, b.damping, correction.tolerance))
-        else:
-            settings = dict(rank=rank)
-        source = run("nystrom", lambda: nystrom_preconditioner(
-            b.operator, key=jax.random.fold_in(b.key, 2), error_iters=0,
-            rhs_batch_size=getattr(solver, "rhs_batch_size", None) or 32, progress=b.progress, **settings),
-            store="nystrom", module=NystromPreconditioner)
+        source = run("nystrom", lambda: _build_factors(b, solver, probe, rank), store="nystrom",
+                     module=NystromPreconditioner)
         solver = solver.adopt(source)  # free: the factors precondition the solves too
     return _correction.nystrom_factors(source, correction.rank), source, probe, solver
+
+
+def _build_factors(b: _Build, solver, probe, rank: int) -> NystromPreconditioner:
+    """The correction's factors at ``rank`` (the cap for ``"auto"``), by its ``factors`` route.
+
+    ``"auto"`` times one chunk of each route first (:func:`cif_jax.solvers.sampled.choose_factor_build`).
+    The column route builds at the cap, and ``rank="auto"`` then keeps the smallest doubling of the
+    initial rank whose top eigenpairs meet the probe rule; the product route grows its rank by doubling.
+    """
+    correction, block = b.correction, getattr(solver, "rhs_batch_size", None) or 32
+    key = jax.random.fold_in(b.key, 2)
+    accept = _lowrank.probe_rule(probe, b.damping, correction.tolerance)
+    initial = min(_lowrank.DEFAULT_INITIAL_RANK, rank)
+    route, why = correction.factors, f"factors={correction.factors}"
+    if route == "auto":
+        route, why = choose_factor_build(b.operator, rank=rank, block=block)
+    if route == "products":
+        settings = dict(rank="auto", max_rank=rank, initial_rank=initial, accept=accept) \
+            if correction.rank == "auto" else dict(rank=rank)
+        pre = nystrom_preconditioner(b.operator, key=key, error_iters=0, rhs_batch_size=block,
+                                     progress=b.progress, **settings)
+    else:
+        pre = sampled_preconditioner(b.operator, key=key, rank=rank, power_iters=0, samples="exact",
+                                     progress=b.progress)
+        if correction.rank == "auto":
+            pre = _lowrank.smallest_accepted(pre, initial, accept)
+    return dataclasses.replace(pre, note=f"{pre.note or f'rank {pre.rank}'}; built from {why}")
 
 
 def _num_systems(b: _Build) -> int:
@@ -495,4 +517,12 @@ def _lowrank_terms(run: PhaseRunner, task, b: _Build, probe, factors, source, me
         mean_coords=jnp.matmul(means, basis.T, precision=jax.lax.Precision.HIGHEST),
         tail_norms=jnp.sqrt(jnp.maximum(tail_sq, 0)), error_estimate=jnp.asarray(error, eig.dtype),
         predicted_error=jnp.asarray(predicted, eig.dtype),
-        note=source.note if source.note.startswith("auto: rank") and rank == source.rank else f"rank {rank}")
+        note=_lowrank_note(source, rank))
+
+
+def _lowrank_note(source: NystromPreconditioner, rank: int) -> str:
+    """The factors' note: how the rank was chosen (``"auto: rank ..."`` or ``"rank r"``), and how
+    they were built when the cache built them (``"; built from ..."``)."""
+    how, _, built = source.note.partition("; built from ")
+    head = how if how.startswith("auto: rank") and rank == source.rank else f"rank {rank}"
+    return f"{head}; built from {built}" if built else head

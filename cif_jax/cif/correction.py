@@ -71,7 +71,13 @@ def factor_rank(rank: int, num_params: int, itemsize: int) -> int:
     return int(min(rank, num_params, fits))
 
 
-def _check_rank(owner: str, rank, max_rank, tolerance, allow_zero: bool):
+#: How a correction's low-rank factors are built (``factors=``): see :class:`CalibratedCorrection`.
+FACTOR_BUILDS = ("auto", "products", "columns")
+
+
+def _check_rank(owner: str, rank, max_rank, tolerance, allow_zero: bool, factors="auto"):
+    if not isinstance(factors, str) or factors not in FACTOR_BUILDS:
+        raise ValueError(f"`{owner}.factors` must be one of {FACTOR_BUILDS}; got {factors!r}.")
     if isinstance(rank, str):
         if rank != "auto":
             raise ValueError(f"`{owner}.rank` must be a positive integer or 'auto'; got {rank!r}.")
@@ -87,9 +93,10 @@ def _check_rank(owner: str, rank, max_rank, tolerance, allow_zero: bool):
 
 
 def _describe_rank(c) -> str:
+    built = "" if c.factors == "auto" else f", factors={c.factors}"
     if c.rank == "auto":
-        return f"rank=auto(max {c.max_rank}, tolerance {c.tolerance:g})"
-    return f"rank={c.rank}"
+        return f"rank=auto(max {c.max_rank}, tolerance {c.tolerance:g}){built}"
+    return f"rank={c.rank}{built}"
 
 
 class BuildContext(NamedTuple):
@@ -126,6 +133,7 @@ class AbstractCorrection(eqx.Module):
     rank: eqx.AbstractVar[int | str]
     max_rank: eqx.AbstractVar[int]
     tolerance: eqx.AbstractVar[float]
+    factors: eqx.AbstractVar[str]
 
     def describe(self) -> str:
         """A short description, recorded in the cache (``CorrectionTerms.method``) and in checkpoints."""
@@ -168,14 +176,16 @@ class ExactCorrection(AbstractCorrection):
             the removed set (:mod:`cif_jax.cif.lowrank`): ``"auto"`` (default), a positive
             integer, or 0 (no factors: such queries are answered by the clusters alone).
         max_rank, tolerance: the rule of ``rank="auto"`` (as :class:`CalibratedCorrection`).
+        factors: how the factors are built (as :class:`CalibratedCorrection`).
     """
 
     rank: int | str = "auto"
     max_rank: int = _lowrank.DEFAULT_MAX_RANK
     tolerance: float = _lowrank.DEFAULT_TOLERANCE
+    factors: str = "auto"
 
     def __check_init__(self):
-        _check_rank("ExactCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=True)
+        _check_rank("ExactCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=True, factors=self.factors)
 
     def describe(self) -> str:
         return "exact" if self.rank == 0 else f"exact({_describe_rank(self)})"
@@ -197,14 +207,17 @@ class NystromCorrection(AbstractCorrection):
             reused instead of building new ones: its top ``rank`` eigenpairs if it has more,
             all of them if it has fewer (the rank used is recorded in :attr:`CorrectionTerms.rank`).
         max_rank, tolerance: the rule of ``rank="auto"``.
+        factors: how the factors are built (as :class:`CalibratedCorrection`).
     """
 
     rank: int | str = "auto"
     max_rank: int = _lowrank.DEFAULT_MAX_RANK
     tolerance: float = _lowrank.DEFAULT_TOLERANCE
+    factors: str = "auto"
 
     def __check_init__(self):
-        _check_rank("NystromCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=False)
+        _check_rank("NystromCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=False,
+                    factors=self.factors)
 
     def describe(self) -> str:
         return f"nystrom({_describe_rank(self)})"
@@ -227,10 +240,28 @@ class CalibratedCorrection(AbstractCorrection):
             get one exact solve each.
         max_rank: the largest rank ``"auto"`` builds.
         tolerance: the predicted share outside the factors at which ``"auto"`` stops.
+        factors: how the rank-r Nystrom factors are built.
 
-    Cost: r GGN-vector products (in blocks) and the Nystrom factors' memory, about four
-    r x p arrays (``build_cache`` lowers r, with a warning, when they would exceed
-    :data:`MAX_FACTOR_BYTES`), plus about m more systems in the cache's block CG. The
+            * ``"products"``: r GGN-vector products (in blocks, one data pass per block), the
+              rank doubling from :data:`cif_jax.cif.lowrank.DEFAULT_INITIAL_RANK` for ``"auto"``
+              (:func:`cif_jax.nystrom_preconditioner`).
+            * ``"columns"``: two passes over the data that form each example's q exact
+              output-Hessian columns ``J_i^T L_i e_a`` (q vector-Jacobian products) and multiply
+              them into the sketch (:func:`cif_jax.sampled_preconditioner` with
+              ``samples="exact"``), at ``max_rank``; ``"auto"`` then keeps the smallest doubling
+              of the initial rank that meets ``tolerance``. Its basis is better than the
+              products' at the same rank (the range pass is half a subspace iteration); its
+              cost is about ``6 N q p r`` flops of dense matrix products, against r products.
+            * ``"auto"`` (default): the one predicted faster on this machine, from one timed
+              chunk of each (compiled and run once before timing; models with more than
+              :data:`cif_jax.solvers.sampled.MAX_COLUMN_OUTPUTS` outputs take products without
+              a probe). The choice and the two predictions are recorded in the cache's
+              ``lowrank.note``; pass ``"products"`` or ``"columns"`` for factors that do not
+              depend on the machine's timings.
+
+    Cost: r GGN-vector products (in blocks) or two column passes, and the Nystrom factors'
+    memory, about four r x p arrays (``build_cache`` lowers r, with a warning, when they would
+    exceed :data:`MAX_FACTOR_BYTES`), plus about m more systems in the cache's block CG. The
     factors also precondition the cache's C solves when no preconditioner is given.
     """
 
@@ -238,9 +269,11 @@ class CalibratedCorrection(AbstractCorrection):
     num_samples: int = DEFAULT_NUM_SAMPLES
     max_rank: int = _lowrank.DEFAULT_MAX_RANK
     tolerance: float = _lowrank.DEFAULT_TOLERANCE
+    factors: str = "auto"
 
     def __check_init__(self):
-        _check_rank("CalibratedCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=False)
+        _check_rank("CalibratedCorrection", self.rank, self.max_rank, self.tolerance, allow_zero=False,
+                    factors=self.factors)
         _checks.positive_int(self.num_samples, "CalibratedCorrection.num_samples")
 
     def describe(self) -> str:

@@ -142,6 +142,26 @@ def probe_rule(deviations, damping: float, tolerance: float):
     return accept
 
 
+def smallest_accepted(preconditioner, initial_rank: int, accept):
+    """The top eigenpairs of built factors at the smallest of ``initial_rank, 2 initial_rank, ...``
+    (and at most their rank) that ``accept(basis, eigenvalues)`` takes (:func:`probe_rule`).
+
+    The rule of ``rank="auto"`` for factors built at once at the cap (the exact-column build),
+    as :func:`cif_jax.nystrom_preconditioner` applies it while doubling; the note is the
+    rule's at the rank kept.
+    """
+    import dataclasses
+
+    r = min(initial_rank, preconditioner.rank)
+    while True:
+        done, note = accept(preconditioner.basis[:r], preconditioner.eigenvalues[:r])
+        if done or r >= preconditioner.rank:
+            break
+        r = min(2 * r, preconditioner.rank)
+    return dataclasses.replace(preconditioner, basis=preconditioner.basis[:r],
+                               eigenvalues=preconditioner.eigenvalues[:r], note=note)
+
+
 #: The probe's gradients are taken this many at a time (the calibration draws' count: one compiled pass).
 PROBE_CHUNK = 16
 

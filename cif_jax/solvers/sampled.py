@@ -53,8 +53,12 @@ from .operator import DampedGGN, check_operator
 from .precondition import NystromPreconditioner, _nystrom_factor
 
 HIGHEST = jax.lax.Precision.HIGHEST
-#: Examples per chunk of a pass when the operator has no ``batch_size``.
-DEFAULT_BATCH_SIZE = 256
+#: ``factors="auto"`` of a cache's correction takes GGN products without a probe for models with more
+#: outputs per example than this: each column pass costs q vector-Jacobian products per example and
+#: holds q length-p columns per example of a chunk.
+MAX_COLUMN_OUTPUTS = 64
+#: Examples in each route's timed chunk (:func:`factor_build_costs`).
+PROBE_EXAMPLES = 32
 
 
 def psd_factor(w):
@@ -164,8 +168,8 @@ def sampled_preconditioner(
 
     Args:
         operator: a :class:`cif_jax.DampedGGN` (its task, curvature sample and chunks;
-            ``batch_size=None`` passes chunks of 256 examples, since each chunk holds
-            ``batch_size * samples`` pseudo-gradients of length p).
+            each chunk holds ``batch_size * samples`` pseudo-gradients of length p, and
+            ``batch_size=None`` sizes the chunks for the memory budget with that counted).
         key: PRNG key of the draws (the range's Gaussian matrix, two independent
             sets of pseudo-gradients: one for the basis, one for the eigenvalues).
         rank: r, at most p.
@@ -197,8 +201,8 @@ def sampled_preconditioner(
     task = operator.task
     x, y, idx, sw, total = _data(operator)
     data = (x, y, idx, sw)
-    batch = operator.batch_size or DEFAULT_BATCH_SIZE
     basis_key, omega_key, value_key = jax.random.split(key, 3)
+    batch = operator.batch_size  # None: chunks sized for the memory budget (cif_jax.core.chunks)
     start = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
     q = _orthonormal(_range_pass(task, data, basis_key, omega_key, rank, samples, batch))
@@ -224,3 +228,66 @@ def sampled_preconditioner(
         seconds=time.perf_counter() - start,
         note=f"sampled: rank {rank}, {passes} passes, "
              + ("the exact output-Hessian factor" if samples == "exact" else f"{samples} draw(s) per example"))
+
+
+def num_outputs(task) -> int:
+    """q, the model's outputs per example (from its shapes; nothing is computed)."""
+    one = jax.tree_util.tree_map(lambda a: a[:1], task.inputs)
+    out = jax.eval_shape(task.apply_fn, task.params, one)
+    return int(np.prod(out.shape[1:]))
+
+
+def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
+    """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from one timed chunk of each.
+
+    Each route's chunk program (``block`` GGN-vector products, and one column pass at rank r)
+    runs once on :data:`PROBE_EXAMPLES` examples of the curvature (compiling it), then again,
+    timed; the predictions scale that chunk to the whole curvature:
+    ``r / block * m / b * t_products`` and ``1.5 * m / b * t_columns`` (the range pass is
+    about half of the product pass, one matrix product instead of two).
+
+    Returns:
+        ``{"products": s, "columns": s, "probe_seconds": s}``.
+    """
+    from ..core.ggn import apply_undamped
+    from ..core.task import take_examples
+
+    operator = check_operator(operator)
+    task, p = operator.task, operator.num_params
+    start = time.perf_counter()
+    x, y, idx, sw, _ = _data(operator)
+    m = int(idx.shape[0])
+    b = min(PROBE_EXAMPLES, m)
+    sub = take_examples(task, idx[:b])
+    vectors = jax.random.normal(jax.random.key(0), (block, p), task.dtype)
+    basis = jax.random.normal(jax.random.key(1), (p, rank), task.dtype)
+    key = jax.random.key(2)
+    cut = lambda tree: jax.tree_util.tree_map(lambda a: a[:b], tree)
+    data = (cut(x), cut(y), idx[:b], sw[:b])
+
+    def clock(fn):
+        jax.block_until_ready(fn())  # compile and warm
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - t0
+
+    t_products = clock(lambda: apply_undamped(sub, b, vectors, None))
+    t_columns = clock(lambda: _apply_pass(task, data, key, basis, "exact", b))
+    return {"products": rank / block * m / b * t_products, "columns": 1.5 * m / b * t_columns,
+            "probe_seconds": time.perf_counter() - start}
+
+
+def choose_factor_build(operator: DampedGGN, *, rank: int, block: int) -> tuple[str, str]:
+    """``("products" | "columns", note)``: the faster build of rank-r factors (``factors="auto"``).
+
+    Products without a probe when the model has more than :data:`MAX_COLUMN_OUTPUTS`
+    outputs per example; otherwise the faster by :func:`factor_build_costs`.
+    """
+    q = num_outputs(operator.task)
+    if q > MAX_COLUMN_OUTPUTS:
+        return "products", f"GGN products ({q} outputs per example: more than {MAX_COLUMN_OUTPUTS} for columns)"
+    costs = factor_build_costs(operator, rank=rank, block=block)
+    route = "columns" if costs["columns"] < costs["products"] else "products"
+    name = {"columns": "exact columns", "products": "GGN products"}[route]
+    return route, (f"{name} (predicted {costs['columns']:.3g} s for columns, {costs['products']:.3g} s for "
+                   f"products at rank {rank}; probe {costs['probe_seconds']:.2g} s)")
