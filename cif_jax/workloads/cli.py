@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--factor-rank", default="auto",
                     help="rank of the cache's low-rank factors: an integer, or 'auto' (default: chosen by the "
                          "spectrum, up to 1024)")
+    cv.add_argument("--factors", default="auto", choices=("auto", "products", "columns"),
+                    help="how the low-rank factors are built: GGN products, two passes of the exact output-Hessian "
+                         "columns, or 'auto' (default: the faster of the two by a timed chunk of each)")
     cv.add_argument("--halves", type=int, default=100,
                     help="random halves of the training set removed, each scored on every held-out test point "
                          "(default 100; 0 skips the held-out workload)")
@@ -156,10 +159,10 @@ def _validate(args) -> str:
 
 
 def _correction(cj, args):
-    """The ``correction=`` of the cache from ``--correction`` and ``--factor-rank``."""
+    """The ``correction=`` of the cache from ``--correction``, ``--factor-rank`` and ``--factors``."""
     kind = {"calibrated": cj.CalibratedCorrection, "nystrom": cj.NystromCorrection, "exact": cj.ExactCorrection,
             "none": None}[args.correction]
-    return None if kind is None else kind(rank=args.factor_rank)
+    return None if kind is None else kind(rank=args.factor_rank, factors=args.factors)
 
 
 def _held_out(cj, jax, args, task, ds, cache, solver_kw, estimators, n) -> dict:
