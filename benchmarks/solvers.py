@@ -127,7 +127,8 @@ def section_targets(task, name):
                          "over_one_plain_solve": seconds / t_plain, "solver": cache.solver,
                          "mean_iterations": float(np.mean(np.asarray(cache.num_steps))),
                          "max_residual": float(np.max(np.asarray(cache.residuals))),
-                         "timing": cache.timing})
+                         "timing": cache.timing,
+                         "factors": None if cache.lowrank is None else cache.lowrank.note})
             log(f"  {name} C={c} correction={correction}: {seconds:.1f} s = {seconds / t_plain:.2f}x plain "
                 f"({cache.solver})")
     return {"plain_solve_seconds": t_plain, "plain_iterations": int(res.num_steps[0]), "rows": rows}
