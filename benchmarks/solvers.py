@@ -183,10 +183,13 @@ def write_markdown(result, path):
         lines += [f"## Cache cost at the defaults ({model})", "",
                   f"One plain single-vector solve: {sec['plain_solve_seconds']:.2f} s, {sec['plain_iterations']} "
                   "iterations. Caches timed compiled (a first build compiles).", "",
-                  "| C | correction | seconds | / one plain solve | solver chosen | mean iterations | max residual |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| C | correction | seconds | / one plain solve | solver chosen | factors built from | mean iterations "
+                  "| max residual |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        built = lambda r: (r.get("factors") or "").partition("; built from ")[2] or "-"
         lines += [f"| {r['C']} | {r['correction']} | {r['seconds']:.1f} | {r['over_one_plain_solve']:.2f} | "
-                  f"`{r['solver']}` | {r['mean_iterations']:.1f} | {r['max_residual']:.1e} |" for r in sec["rows"]]
+                  f"`{r['solver']}` | {built(r)} | {r['mean_iterations']:.1f} | {r['max_residual']:.1e} |"
+                  for r in sec["rows"]]
         lines.append("")
     for model, sec in result.get("lineax", {}).items():
         lines += [f"## lineax.CG against our block CG ({model}, 16 right-hand sides)", "",
