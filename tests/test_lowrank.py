@@ -256,16 +256,63 @@ def test_factors_auto_times_both_routes_and_records_the_choice(monkeypatch):
     op = cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH)
     costs = sampled.factor_build_costs(op, rank=8, block=4)
     assert costs["products"] > 0 and costs["columns"] > 0 and costs["probe_seconds"] > 0
-    route, note = sampled.choose_factor_build(op, rank=8, block=4)
-    assert route in ("products", "columns") and "predicted" in note
-    cache = _build(problem, cj.CalibratedCorrection(rank=8, num_samples=4))
-    assert cache.lowrank.note.startswith("rank 8; built from ")
-    assert "exact columns (predicted" in cache.lowrank.note or "GGN products (predicted" in cache.lowrank.note
+    # The cheaper prediction decides, and the cache records it; both routes give the same factors
+    # here up to rounding (r = p: both are the GGN), so only the note tells them apart.
+    p = problem.num_params
+    for cheaper, words in (("columns", "exact columns"), ("products", "GGN products")):
+        fake = {"columns": 1.0 if cheaper == "columns" else 2.0, "products": 1.0 if cheaper == "products" else 2.0,
+                "probe_seconds": 0.0}
+        monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, fake=fake, **k: fake)
+        assert sampled.choose_factor_build(op, rank=8, block=4)[0] == cheaper
+        cache = _build(problem, cj.CalibratedCorrection(rank=p, num_samples=4))
+        assert cache.lowrank.note.startswith(f"rank {p}; built from {words} (predicted ")
+        assert f"1 s for {cheaper}" in cache.lowrank.note
+        ggn = problem.ggn - LAM * np.eye(p)
+        u, s = np.asarray(cache.lowrank.basis), np.asarray(cache.lowrank.eigenvalues)
+        np.testing.assert_allclose(u.T @ np.diag(s) @ u, ggn, atol=1e-9 * np.abs(ggn).max())
     # more outputs than the column route takes: products, with no probe
     monkeypatch.setattr(sampled, "MAX_COLUMN_OUTPUTS", 0)
     monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, **k: pytest.fail("probed"))
     route, note = sampled.choose_factor_build(op, rank=8, block=4)
     assert route == "products" and "outputs per example" in note
+
+
+def test_column_factors_in_a_cache_keep_the_smallest_accepted_doubling(monkeypatch):
+    # Inside a real cache: the column build at the cap (p), then rank="auto" keeps the first
+    # doubling of the initial rank (2 here) that the probe rule accepts at a loose tolerance.
+    problem = get_problem("mlp")
+    monkeypatch.setattr(lr, "DEFAULT_INITIAL_RANK", 2)
+    tol = 0.3
+    cache = _build(problem, cj.ExactCorrection(factors="columns", tolerance=tol))
+    low, p = cache.lowrank, problem.num_params
+    assert low.rank < p and low.rank in (2, 4, 8, 16, 32) and low.note.startswith(f"auto: rank {low.rank}")
+    assert float(low.predicted_error) <= tol and low.note.endswith("; built from factors=columns")
+    full = cj.sampled_preconditioner(cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH),
+                                     key=jax.random.fold_in(jax.random.key(0), 2), rank=p, samples="exact",
+                                     power_iters=0)
+    if low.rank > 2:  # the rule refused the doubling below
+        probe = lr.probe_deviations(problem.task, jax.random.fold_in(jax.random.key(0), 5), cache.assignments,
+                                    cache.means, BATCH)  # the build's own probe: same key, same examples
+        smaller = lr.predicted_error(probe, full.basis[: low.rank // 2], full.eigenvalues[: low.rank // 2], LAM)
+        assert smaller > tol
+    np.testing.assert_allclose(np.asarray(low.eigenvalues), np.asarray(full.eigenvalues[: low.rank]), rtol=1e-8)
+
+
+def test_column_passes_size_their_chunks_for_the_columns():
+    from cif_jax.solvers import sampled
+
+    problem = get_problem("mlp")
+    op = cj.DampedGGN(problem.task, damping=LAM)
+    q, p, item = sampled.num_outputs(problem.task), problem.num_params, 8
+    assert sampled.pass_batch_size(op, "exact") == N  # everything fits
+    assert sampled.pass_batch_size(cj.DampedGGN(problem.task, damping=LAM, batch_size=5), "exact") == 5
+    import unittest.mock as um
+
+    with um.patch.object(sampled, "CHUNK_BUDGET", 3 * q * p * item * 5):  # five examples' columns
+        assert sampled.pass_batch_size(op, "exact") == 4
+        assert sampled.pass_batch_size(op, 1) == min(2 ** int(np.log2(5 * q)), N)  # one draw per example
+    with um.patch.object(sampled, "CHUNK_BUDGET", 1):
+        assert sampled.pass_batch_size(op, "exact") == 1
 
 
 @pytest.mark.parametrize("cls", [cj.CalibratedCorrection, cj.NystromCorrection, cj.ExactCorrection])

@@ -389,8 +389,9 @@ def _factors(run: PhaseRunner, task, b: _Build, assignments, means):
     preconditioner they come from, the rank probe, and the solver (now sharing the factors).
 
     The factors come from the solver's Nystrom preconditioner when it has one; otherwise they are
-    built here (``"auto"``: the rank grows until the probe's share outside them is at most the
-    correction's tolerance) and then precondition the cluster solves too.
+    built here by the correction's ``factors`` route (:func:`_build_factors`; ``rank="auto"``: the
+    smallest doubling whose probe share outside them is at most the correction's tolerance) and then
+    precondition the cluster solves too.
     """
     correction, solver, source = b.correction, b.solver, b.shared
     if correction is None or correction.rank == 0:

@@ -231,11 +231,12 @@ class CalibratedCorrection(AbstractCorrection):
     """Nystrom estimates of ``t_i`` rescaled by exact solves for a small sample (the default).
 
     Attributes:
-        rank: Nystrom rank r, or ``"auto"`` (default): start at
-            :data:`cif_jax.cif.lowrank.DEFAULT_INITIAL_RANK` and double, reusing every
-            product made, until the share of a probe of deviations ``g_i - mu_c(i)`` that
+        rank: Nystrom rank r, or ``"auto"`` (default): the smallest of
+            :data:`cif_jax.cif.lowrank.DEFAULT_INITIAL_RANK` and its doublings (up to
+            ``max_rank``) at which the share of a probe of deviations ``g_i - mu_c(i)`` that
             lies outside the factors (:func:`cif_jax.cif.lowrank.predicted_error`) is at
-            most ``tolerance``, or the rank reaches ``max_rank``.
+            most ``tolerance``. The product build grows to it, reusing every product made;
+            the column build is made at ``max_rank`` and keeps that many of its top eigenpairs.
         num_samples: m, calibration draws (with replacement); the distinct drawn examples
             get one exact solve each.
         max_rank: the largest rank ``"auto"`` builds.

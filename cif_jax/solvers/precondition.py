@@ -168,9 +168,11 @@ class NystromPreconditioner(Preconditioner):
             (a lower estimate of it; NaN when not estimated).
         fingerprint: of the task it was built from.
         curvature: ``"full"`` or the curvature sample's identifier.
-        num_products: GGN-vector products spent building it (sketch and error estimate).
+        num_products: GGN-vector products spent building it (sketch and error estimate);
+            for :func:`cif_jax.sampled_preconditioner`, its passes over the data.
         seconds: wall-clock build time.
-        note: how the rank was chosen (``preconditioner="auto"``), or empty.
+        note: how the rank was chosen (``preconditioner="auto"``) and, for a cache's own
+            factors, how they were built; or empty.
     """
 
     basis: Float[Array, "r p"]

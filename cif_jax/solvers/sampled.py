@@ -46,7 +46,7 @@ from jax.flatten_util import ravel_pytree
 
 from ..core import checks as _checks
 from ..core.checks import as_key
-from ..core.chunks import chunk_sum
+from ..core.chunks import DEFAULT_MEMORY_BUDGET, chunk_sum
 from ..core.curvature import weighted_examples
 from ..core.ggn import as_batch_of_one
 from .operator import DampedGGN, check_operator
@@ -57,8 +57,24 @@ HIGHEST = jax.lax.Precision.HIGHEST
 #: outputs per example than this: each column pass costs q vector-Jacobian products per example and
 #: holds q length-p columns per example of a chunk.
 MAX_COLUMN_OUTPUTS = 64
-#: Examples in each route's timed chunk (:func:`factor_build_costs`).
+#: Examples in each route's timed chunk (:func:`factor_build_costs`), at most a pass's own chunk.
 PROBE_EXAMPLES = 32
+#: With ``batch_size=None`` a pass's chunk holds at most this many bytes of pseudo-gradients (counted
+#: three times: the columns, their weighted copy and the vector-Jacobian products' intermediates).
+#: The (p, r) blocks every chunk adds to are not counted: they exist whatever the chunk.
+CHUNK_BUDGET = DEFAULT_MEMORY_BUDGET
+
+
+def pass_batch_size(operator: DampedGGN, samples) -> int:
+    """Examples per chunk of a pass: the operator's ``batch_size``, or for None the largest power of
+    two whose ``3 * B * S`` pseudo-gradients of length p fit :data:`CHUNK_BUDGET` (S = samples, or q
+    for ``"exact"``), at most the curvature's size."""
+    m = operator.curvature_size
+    if operator.batch_size is not None:
+        return min(operator.batch_size, m)
+    per = samples if samples != "exact" else num_outputs(operator.task)
+    fits = max(CHUNK_BUDGET // (3 * per * operator.num_params * jnp.dtype(operator.dtype).itemsize), 1)
+    return int(min(2 ** int(np.log2(fits)), m))
 
 
 def psd_factor(w):
@@ -169,9 +185,10 @@ def sampled_preconditioner(
     Args:
         operator: a :class:`cif_jax.DampedGGN` (its task, curvature sample and chunks;
             each chunk holds ``batch_size * samples`` pseudo-gradients of length p, and
-            ``batch_size=None`` sizes the chunks for the memory budget with that counted).
-        key: PRNG key of the draws (the range's Gaussian matrix, two independent
-            sets of pseudo-gradients: one for the basis, one for the eigenvalues).
+            ``batch_size=None`` sizes the chunks for them: :func:`pass_batch_size`).
+        key: PRNG key of the draws (the range's Gaussian matrix and, for drawn
+            pseudo-gradients, two independent sets of them: one for the basis, one for
+            the eigenvalues).
         rank: r, at most p.
         power_iters: extra passes ``Q <- qr(F Q)`` before the factorisation (0: the
             range pass alone feeds it).
@@ -202,7 +219,7 @@ def sampled_preconditioner(
     x, y, idx, sw, total = _data(operator)
     data = (x, y, idx, sw)
     basis_key, omega_key, value_key = jax.random.split(key, 3)
-    batch = operator.batch_size  # None: chunks sized for the memory budget (cif_jax.core.chunks)
+    batch = pass_batch_size(operator, samples)
     start = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
     q = _orthonormal(_range_pass(task, data, basis_key, omega_key, rank, samples, batch))
@@ -238,13 +255,17 @@ def num_outputs(task) -> int:
 
 
 def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
-    """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from one timed chunk of each.
+    """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from timed chunks.
 
-    Each route's chunk program (``block`` GGN-vector products, and one column pass at rank r)
-    runs once on :data:`PROBE_EXAMPLES` examples of the curvature (compiling it), then again,
-    timed; the predictions scale that chunk to the whole curvature:
-    ``r / block * m / b * t_products`` and ``1.5 * m / b * t_columns`` (the range pass is
-    about half of the product pass, one matrix product instead of two).
+    Three chunk programs run on ``b`` examples of the curvature (``b`` =
+    :data:`PROBE_EXAMPLES`, or a column pass's own chunk if smaller): ``block`` GGN-vector
+    products, and the column build's two passes at rank r (the range pass and the product
+    pass). Each is run once (compiling it), then timed twice, keeping the faster; the
+    predictions scale the chunks to the curvature's m examples:
+    ``r / block * m / b * t_products`` and ``m / b * (t_range + t_pass)``. Both are priced at
+    rank r: with ``rank="auto"`` the product build may stop at a lower doubling, the column
+    build is always made at the cap. Neither counts the factorisations (the same (r, p)
+    algebra for both, done once more per doubling by the product build).
 
     Returns:
         ``{"products": s, "columns": s, "probe_seconds": s}``.
@@ -257,23 +278,27 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
     start = time.perf_counter()
     x, y, idx, sw, _ = _data(operator)
     m = int(idx.shape[0])
-    b = min(PROBE_EXAMPLES, m)
+    b = min(PROBE_EXAMPLES, pass_batch_size(operator, "exact"))
     sub = take_examples(task, idx[:b])
     vectors = jax.random.normal(jax.random.key(0), (block, p), task.dtype)
     basis = jax.random.normal(jax.random.key(1), (p, rank), task.dtype)
-    key = jax.random.key(2)
+    key, omega_key = jax.random.key(2), jax.random.key(3)
     cut = lambda tree: jax.tree_util.tree_map(lambda a: a[:b], tree)
     data = (cut(x), cut(y), idx[:b], sw[:b])
 
     def clock(fn):
         jax.block_until_ready(fn())  # compile and warm
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        return time.perf_counter() - t0
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+        return min(times)
 
     t_products = clock(lambda: apply_undamped(sub, b, vectors, None))
-    t_columns = clock(lambda: _apply_pass(task, data, key, basis, "exact", b))
-    return {"products": rank / block * m / b * t_products, "columns": 1.5 * m / b * t_columns,
+    t_range = clock(lambda: _range_pass(task, data, key, omega_key, rank, "exact", b))
+    t_pass = clock(lambda: _apply_pass(task, data, key, basis, "exact", b))
+    return {"products": rank / block * m / b * t_products, "columns": m / b * (t_range + t_pass),
             "probe_seconds": time.perf_counter() - start}
 
 
