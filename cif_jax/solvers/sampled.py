@@ -57,7 +57,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 #: outputs per example than this: each column pass costs q vector-Jacobian products per example and
 #: holds q length-p columns per example of a chunk.
 MAX_COLUMN_OUTPUTS = 64
-#: Examples in each route's timed chunk (:func:`factor_build_costs`), at most a pass's own chunk.
+#: Examples in the column passes' timed chunk (:func:`factor_build_costs`), at most a pass's own chunk;
+#: the products' chunk is four times larger (a GGN product per vector is far from linear in a small
+#: chunk: on digits LeNet-5, 32 examples predicted half of what a product over all 1,438 took).
 PROBE_EXAMPLES = 32
 #: With ``batch_size=None`` a pass's chunk holds at most this many bytes of pseudo-gradients (counted
 #: three times: the columns, their weighted copy and the vector-Jacobian products' intermediates).
@@ -257,12 +259,12 @@ def num_outputs(task) -> int:
 def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
     """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from timed chunks.
 
-    Three chunk programs run on ``b`` examples of the curvature (``b`` =
-    :data:`PROBE_EXAMPLES`, or a column pass's own chunk if smaller): ``block`` GGN-vector
-    products, and the column build's two passes at rank r (the range pass and the product
-    pass). Each is run once (compiling it), then timed twice, keeping the faster; the
+    Three chunk programs run on examples of the curvature: ``block`` GGN-vector products on
+    ``4 b`` of them, and the column build's two passes at rank r (the range pass and the
+    product pass) on ``b`` (``b`` = :data:`PROBE_EXAMPLES`, or a column pass's own chunk if
+    smaller; both at most m). Each is run once (compiling it), then timed twice, keeping the faster; the
     predictions scale the chunks to the curvature's m examples:
-    ``r / block * m / b * t_products`` and ``m / b * (t_range + t_pass)``. Both are priced at
+    ``r / block * m / (4 b) * t_products`` and ``m / b * (t_range + t_pass)``. Both are priced at
     rank r: with ``rank="auto"`` the product build may stop at a lower doubling, the column
     build is always made at the cap. Neither counts the factorisations (the same (r, p)
     algebra for both, done once more per doubling by the product build).
@@ -279,7 +281,8 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
     x, y, idx, sw, _ = _data(operator)
     m = int(idx.shape[0])
     b = min(PROBE_EXAMPLES, pass_batch_size(operator, "exact"))
-    sub = take_examples(task, idx[:b])
+    b_products = min(4 * b, m)
+    sub = take_examples(task, idx[:b_products])
     vectors = jax.random.normal(jax.random.key(0), (block, p), task.dtype)
     basis = jax.random.normal(jax.random.key(1), (p, rank), task.dtype)
     key, omega_key = jax.random.key(2), jax.random.key(3)
@@ -295,10 +298,10 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    t_products = clock(lambda: apply_undamped(sub, b, vectors, None))
+    t_products = clock(lambda: apply_undamped(sub, b_products, vectors, None))
     t_range = clock(lambda: _range_pass(task, data, key, omega_key, rank, "exact", b))
     t_pass = clock(lambda: _apply_pass(task, data, key, basis, "exact", b))
-    return {"products": rank / block * m / b * t_products, "columns": m / b * (t_range + t_pass),
+    return {"products": rank / block * m / b_products * t_products, "columns": m / b * (t_range + t_pass),
             "probe_seconds": time.perf_counter() - start}
 
 
