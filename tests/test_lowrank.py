@@ -270,6 +270,10 @@ def test_factors_auto_times_both_routes_and_records_the_choice(monkeypatch):
         ggn = problem.ggn - LAM * np.eye(p)
         u, s = np.asarray(cache.lowrank.basis), np.asarray(cache.lowrank.eigenvalues)
         np.testing.assert_allclose(u.T @ np.diag(s) @ u, ggn, atol=1e-9 * np.abs(ggn).max())
+    # a near tie goes to the columns (better factors at the same rank)
+    near = {"columns": sampled.COLUMN_PREFERENCE * 0.99, "products": 1.0, "probe_seconds": 0.0}
+    monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, **k: near)
+    assert sampled.choose_factor_build(op, rank=8, block=4)[0] == "columns"
     # more outputs than the column route takes: products, with no probe
     monkeypatch.setattr(sampled, "MAX_COLUMN_OUTPUTS", 0)
     monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, **k: pytest.fail("probed"))

@@ -253,7 +253,8 @@ class CalibratedCorrection(AbstractCorrection):
               of the initial rank that meets ``tolerance``. Its basis is better than the
               products' at the same rank (the range pass is half a subspace iteration); its
               cost is about ``6 N q p r`` flops of dense matrix products, against r products.
-            * ``"auto"`` (default): the one predicted faster on this machine, from one timed
+            * ``"auto"`` (default): the one predicted faster on this machine (a near tie going
+              to the columns: :data:`cif_jax.solvers.sampled.COLUMN_PREFERENCE`), from a timed
               chunk of each (compiled and run once before timing; models with more than
               :data:`cif_jax.solvers.sampled.MAX_COLUMN_OUTPUTS` outputs take products without
               a probe). The choice and the two predictions are recorded in the cache's
