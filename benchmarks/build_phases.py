@@ -123,7 +123,9 @@ def main():
     lines += [""] + [f"- {name}: N = {r['num_examples']}, p = {r['num_params']}, rank {r['warm']['rank']}, CG steps "
                      f"{sorted(set(r['warm']['cg_steps']))}, product {r['product_seconds_in_block'] * 1e3:.2f} ms per "
                      f"vector in a block of {BLOCK} ({r['product_seconds_alone'] * 1e3:.1f} ms alone); "
-                     f"{r['machine'].get('cpu', '')}, {r['finished']}" for name, r in done.items()] + [""]
+                     + (f"factors built from {r['warm']['note'].partition('; built from ')[2]}; "
+                        if "; built from " in r["warm"]["note"] else "")
+                     + f"{r['machine'].get('cpu', '')}, {r['finished']}" for name, r in done.items()] + [""]
     with open(os.path.join(args.output, stem + ".md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
