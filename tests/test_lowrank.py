@@ -270,6 +270,12 @@ def test_factors_auto_times_both_routes_and_records_the_choice(monkeypatch):
         ggn = problem.ggn - LAM * np.eye(p)
         u, s = np.asarray(cache.lowrank.basis), np.asarray(cache.lowrank.eigenvalues)
         np.testing.assert_allclose(u.T @ np.diag(s) @ u, ggn, atol=1e-9 * np.abs(ggn).max())
+    # products predicted under the floor: the columns are not timed
+    monkeypatch.undo()
+    assert sampled.factor_build_costs(op, rank=8, block=4, floor=float("inf"))["columns"] is None
+    monkeypatch.setattr(sampled, "PRODUCTS_FLOOR_SECONDS", float("inf"))
+    route, note = sampled.choose_factor_build(op, rank=8, block=4)
+    assert route == "products" and "the columns not timed" in note
     # a near tie goes to the columns (better factors at the same rank)
     near = {"columns": sampled.COLUMN_PREFERENCE * 0.99, "products": 1.0, "probe_seconds": 0.0}
     monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, **k: near)

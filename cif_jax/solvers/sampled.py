@@ -66,6 +66,10 @@ PROBE_EXAMPLES = 32
 #: MNIST-5k LeNet-5), which also shortens the cache's CG solves (digits LeNet-5: 1.5 s against 2.3 s),
 #: and a near tie should not flip with timing noise between two builds of one model.
 COLUMN_PREFERENCE = 1.25
+#: ``factors="auto"`` takes products without timing the columns when the products are predicted to
+#: take less than this many seconds: compiling the column probe alone costs seconds (2-7 s on the
+#: digits models), more than it could save.
+PRODUCTS_FLOOR_SECONDS = 10.0
 #: With ``batch_size=None`` a pass's chunk holds at most this many bytes of pseudo-gradients (counted
 #: three times: the columns, their weighted copy and the vector-Jacobian products' intermediates).
 #: The (p, r) blocks every chunk adds to are not counted: they exist whatever the chunk.
@@ -261,7 +265,7 @@ def num_outputs(task) -> int:
     return int(np.prod(out.shape[1:]))
 
 
-def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
+def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: float = 0.0) -> dict:
     """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from timed chunks.
 
     Three chunk programs run on examples of the curvature: ``block`` GGN-vector products on
@@ -274,8 +278,11 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
     build is always made at the cap. Neither counts the factorisations (the same (r, p)
     algebra for both, done once more per doubling by the product build).
 
+    The products are timed first; when they are predicted under ``floor`` seconds the columns
+    are not timed (``"columns": None``).
+
     Returns:
-        ``{"products": s, "columns": s, "probe_seconds": s}``.
+        ``{"products": s, "columns": s or None, "probe_seconds": s}``.
     """
     from ..core.ggn import apply_undamped
     from ..core.task import take_examples
@@ -304,9 +311,12 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int) -> dict:
         return min(times)
 
     t_products = clock(lambda: apply_undamped(sub, b_products, vectors, None))
+    products = rank / block * m / b_products * t_products
+    if products < floor:
+        return {"products": products, "columns": None, "probe_seconds": time.perf_counter() - start}
     t_range = clock(lambda: _range_pass(task, data, key, omega_key, rank, "exact", b))
     t_pass = clock(lambda: _apply_pass(task, data, key, basis, "exact", b))
-    return {"products": rank / block * m / b_products * t_products, "columns": m / b * (t_range + t_pass),
+    return {"products": products, "columns": m / b * (t_range + t_pass),
             "probe_seconds": time.perf_counter() - start}
 
 
@@ -314,13 +324,18 @@ def choose_factor_build(operator: DampedGGN, *, rank: int, block: int) -> tuple[
     """``("products" | "columns", note)``: the faster build of rank-r factors (``factors="auto"``).
 
     Products without a probe when the model has more than :data:`MAX_COLUMN_OUTPUTS`
-    outputs per example; otherwise the columns unless :func:`factor_build_costs` predicts them
+    outputs per example, and without timing the columns when the products are predicted
+    under :data:`PRODUCTS_FLOOR_SECONDS`; otherwise the columns unless :func:`factor_build_costs` predicts them
     more than :data:`COLUMN_PREFERENCE` times slower than the products.
     """
     q = num_outputs(operator.task)
     if q > MAX_COLUMN_OUTPUTS:
         return "products", f"GGN products ({q} outputs per example: more than {MAX_COLUMN_OUTPUTS} for columns)"
-    costs = factor_build_costs(operator, rank=rank, block=block)
+    costs = factor_build_costs(operator, rank=rank, block=block, floor=PRODUCTS_FLOOR_SECONDS)
+    if costs["columns"] is None:
+        return "products", (f"GGN products (predicted {costs['products']:.3g} s at rank {rank}, under "
+                            f"{PRODUCTS_FLOOR_SECONDS:g} s: the columns not timed; probe "
+                            f"{costs['probe_seconds']:.2g} s)")
     route = "columns" if costs["columns"] <= COLUMN_PREFERENCE * costs["products"] else "products"
     name = {"columns": "exact columns", "products": "GGN products"}[route]
     return route, (f"{name} (predicted {costs['columns']:.3g} s for columns, {costs['products']:.3g} s for "
