@@ -66,6 +66,10 @@ PROBE_EXAMPLES = 32
 #: MNIST-5k LeNet-5), which also shortens the cache's CG solves (digits LeNet-5: 1.5 s against 2.3 s),
 #: and a near tie should not flip with timing noise between two builds of one model.
 COLUMN_PREFERENCE = 1.25
+#: Each probe chunk is timed until its runs add up to this many seconds (at least two runs; the median
+#: is kept): one product chunk on digits LeNet-5 takes about 25 ms, and single runs of it predicted
+#: the product build anywhere from 14 to 29 s.
+PROBE_MIN_SECONDS = 0.25
 #: ``factors="auto"`` takes products without timing the columns when the products are predicted to
 #: take less than this many seconds: compiling the column probe alone costs seconds (2-7 s on the
 #: digits models), more than it could save.
@@ -271,8 +275,8 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: flo
     Three chunk programs run on examples of the curvature: ``block`` GGN-vector products on
     ``4 b`` of them, and the column build's two passes at rank r (the range pass and the
     product pass) on ``b`` (``b`` = :data:`PROBE_EXAMPLES`, or a column pass's own chunk if
-    smaller; both at most m). Each is run once (compiling it), then timed twice, keeping the faster; the
-    predictions scale the chunks to the curvature's m examples:
+    smaller; both at most m). Each is run once (compiling it), then timed until its runs
+    add up to :data:`PROBE_MIN_SECONDS` (at least twice), keeping the median; the predictions scale the chunks to the curvature's m examples:
     ``r / block * m / (4 b) * t_products`` and ``m / b * (t_range + t_pass)``. Both are priced at
     rank r: with ``rank="auto"`` the product build may stop at a lower doubling, the column
     build is always made at the cap. Neither counts the factorisations (the same (r, p)
@@ -304,11 +308,11 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: flo
     def clock(fn):
         jax.block_until_ready(fn())  # compile and warm
         times = []
-        for _ in range(2):
+        while len(times) < 2 or (sum(times) < PROBE_MIN_SECONDS and len(times) < 64):
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times.append(time.perf_counter() - t0)
-        return min(times)
+        return float(np.median(times))
 
     t_products = clock(lambda: apply_undamped(sub, b_products, vectors, None))
     products = rank / block * m / b_products * t_products
