@@ -254,6 +254,12 @@ def test_factors_auto_times_both_routes_and_records_the_choice(monkeypatch):
 
     problem = get_problem("mlp")
     op = cj.DampedGGN(problem.task, damping=LAM, batch_size=BATCH)
+    # a small model takes products with no probe at all
+    monkeypatch.setattr(sampled, "factor_build_costs", lambda *a, **k: pytest.fail("probed"))
+    route, note = sampled.choose_factor_build(op, rank=8, block=4)
+    assert route == "products" and "no probe" in note
+    monkeypatch.undo()
+    monkeypatch.setattr(sampled, "TRIVIAL_PRODUCT_WORK", 0)
     costs = sampled.factor_build_costs(op, rank=8, block=4)
     assert costs["products"] > 0 and costs["columns"] > 0 and costs["probe_seconds"] > 0
     # The cheaper prediction decides, and the cache records it; both routes give the same factors
@@ -272,6 +278,7 @@ def test_factors_auto_times_both_routes_and_records_the_choice(monkeypatch):
         np.testing.assert_allclose(u.T @ np.diag(s) @ u, ggn, atol=1e-9 * np.abs(ggn).max())
     # products predicted under the floor: the columns are not timed
     monkeypatch.undo()
+    monkeypatch.setattr(sampled, "TRIVIAL_PRODUCT_WORK", 0)
     assert sampled.factor_build_costs(op, rank=8, block=4, floor=float("inf"))["columns"] is None
     monkeypatch.setattr(sampled, "PRODUCTS_FLOOR_SECONDS", float("inf"))
     route, note = sampled.choose_factor_build(op, rank=8, block=4)

@@ -420,7 +420,7 @@ def _factors(run: PhaseRunner, task, b: _Build, assignments, means):
 def _build_factors(b: _Build, solver, probe, rank: int) -> NystromPreconditioner:
     """The correction's factors at ``rank`` (the cap for ``"auto"``), by its ``factors`` route.
 
-    ``"auto"`` times one chunk of each route first (:func:`cif_jax.solvers.sampled.choose_factor_build`).
+    ``"auto"`` times small chunks of the routes first (:func:`cif_jax.solvers.sampled.choose_factor_build`).
     The column route builds at the cap, and ``rank="auto"`` then keeps the smallest doubling of the
     initial rank whose top eigenpairs meet the probe rule; the product route grows its rank by doubling.
     """

@@ -254,12 +254,15 @@ class CalibratedCorrection(AbstractCorrection):
               products' at the same rank (the range pass is half a subspace iteration); its
               cost is about ``6 N q p r`` flops of dense matrix products, against r products.
             * ``"auto"`` (default): the one predicted faster on this machine (a near tie going
-              to the columns: :data:`cif_jax.solvers.sampled.COLUMN_PREFERENCE`), from a timed
-              chunk of each (compiled and run once before timing; models with more than
-              :data:`cif_jax.solvers.sampled.MAX_COLUMN_OUTPUTS` outputs take products without
-              a probe). The choice and the two predictions are recorded in the cache's
-              ``lowrank.note``; pass ``"products"`` or ``"columns"`` for factors that do not
-              depend on the machine's timings.
+              to the columns: :data:`cif_jax.solvers.sampled.COLUMN_PREFERENCE`), from timed
+              chunks of each (compiled and run once before timing). Products are taken with
+              no probe for builds with ``r m p`` under
+              :data:`cif_jax.solvers.sampled.TRIVIAL_PRODUCT_WORK` and for models with more
+              than :data:`cif_jax.solvers.sampled.MAX_COLUMN_OUTPUTS` outputs, and without
+              timing the columns when the products are predicted under
+              :data:`cif_jax.solvers.sampled.PRODUCTS_FLOOR_SECONDS`. The choice and the
+              predictions are recorded in the cache's ``lowrank.note``; pass ``"products"``
+              or ``"columns"`` for factors that do not depend on the machine's timings.
 
     Cost: r GGN-vector products (in blocks) or two column passes, and the Nystrom factors'
     memory, about four r x p arrays (``build_cache`` lowers r, with a warning, when they would

@@ -58,7 +58,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 #: holds q length-p columns per example of a chunk.
 MAX_COLUMN_OUTPUTS = 64
 #: Examples in the column passes' timed chunk (:func:`factor_build_costs`), at most a pass's own chunk;
-#: the products' chunk is four times larger (a GGN product per vector is far from linear in a small
+#: the products are timed on four times as many (in the operator's own chunks) (a GGN product per vector is far from linear in a small
 #: chunk: on digits LeNet-5, 32 examples predicted half of what a product over all 1,438 took).
 PROBE_EXAMPLES = 32
 #: ``factors="auto"`` takes the columns unless their predicted time exceeds the products' by more than
@@ -66,7 +66,11 @@ PROBE_EXAMPLES = 32
 #: MNIST-5k LeNet-5), which also shortens the cache's CG solves (digits LeNet-5: 1.5 s against 2.3 s),
 #: and a near tie should not flip with timing noise between two builds of one model.
 COLUMN_PREFERENCE = 1.25
-#: Each probe chunk is timed until its runs add up to this many seconds (at least two runs; the median
+#: ``factors="auto"`` takes products with no probe when ``r * m * p`` (rank, curvature examples,
+#: parameters) is below this: such a product build is a few seconds at most, and compiling the probe
+#: would cost about as much (the test suite's small models build hundreds of caches).
+TRIVIAL_PRODUCT_WORK = 1e9
+#: Each probe chunk is timed until its runs add up to this many seconds (at least three runs; the median
 #: is kept): one product chunk on digits LeNet-5 takes about 25 ms, and single runs of it predicted
 #: the product build anywhere from 14 to 29 s.
 PROBE_MIN_SECONDS = 0.25
@@ -273,10 +277,10 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: flo
     """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from timed chunks.
 
     Three chunk programs run on examples of the curvature: ``block`` GGN-vector products on
-    ``4 b`` of them, and the column build's two passes at rank r (the range pass and the
+    ``4 b`` of them (chunked as the operator chunks its products), and the column build's two passes at rank r (the range pass and the
     product pass) on ``b`` (``b`` = :data:`PROBE_EXAMPLES`, or a column pass's own chunk if
     smaller; both at most m). Each is run once (compiling it), then timed until its runs
-    add up to :data:`PROBE_MIN_SECONDS` (at least twice), keeping the median; the predictions scale the chunks to the curvature's m examples:
+    add up to :data:`PROBE_MIN_SECONDS` (at least three times), keeping the median; the predictions scale the chunks to the curvature's m examples:
     ``r / block * m / (4 b) * t_products`` and ``m / b * (t_range + t_pass)``. Both are priced at
     rank r: with ``rank="auto"`` the product build may stop at a lower doubling, the column
     build is always made at the cap. Neither counts the factorisations (the same (r, p)
@@ -308,13 +312,14 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: flo
     def clock(fn):
         jax.block_until_ready(fn())  # compile and warm
         times = []
-        while len(times) < 2 or (sum(times) < PROBE_MIN_SECONDS and len(times) < 64):
+        while len(times) < 3 or (sum(times) < PROBE_MIN_SECONDS and len(times) < 64):
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    t_products = clock(lambda: apply_undamped(sub, b_products, vectors, None))
+    # the operator's own chunking (its batch_size, or the budget) over the probe's examples
+    t_products = clock(lambda: apply_undamped(sub, operator.batch_size, vectors, None))
     products = rank / block * m / b_products * t_products
     if products < floor:
         return {"products": products, "columns": None, "probe_seconds": time.perf_counter() - start}
@@ -327,11 +332,14 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: flo
 def choose_factor_build(operator: DampedGGN, *, rank: int, block: int) -> tuple[str, str]:
     """``("products" | "columns", note)``: the faster build of rank-r factors (``factors="auto"``).
 
-    Products without a probe when the model has more than :data:`MAX_COLUMN_OUTPUTS`
-    outputs per example, and without timing the columns when the products are predicted
+    Products without a probe when ``r m p`` is under :data:`TRIVIAL_PRODUCT_WORK` or the model
+    has more than :data:`MAX_COLUMN_OUTPUTS` outputs per example, and without timing the columns when the products are predicted
     under :data:`PRODUCTS_FLOOR_SECONDS`; otherwise the columns unless :func:`factor_build_costs` predicts them
     more than :data:`COLUMN_PREFERENCE` times slower than the products.
     """
+    work = rank * operator.curvature_size * operator.num_params
+    if work < TRIVIAL_PRODUCT_WORK:
+        return "products", f"GGN products (r m p = {work:.3g}, under {TRIVIAL_PRODUCT_WORK:.0e}: no probe)"
     q = num_outputs(operator.task)
     if q > MAX_COLUMN_OUTPUTS:
         return "products", f"GGN products ({q} outputs per example: more than {MAX_COLUMN_OUTPUTS} for columns)"

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                          "spectrum, up to 1024)")
     cv.add_argument("--factors", default="auto", choices=("auto", "products", "columns"),
                     help="how the low-rank factors are built: GGN products, two passes of the exact output-Hessian "
-                         "columns, or 'auto' (default: the faster of the two by a timed chunk of each)")
+                         "columns, or 'auto' (default: chosen by timing small chunks of each; see docs/settings.md)")
     cv.add_argument("--halves", type=int, default=100,
                     help="random halves of the training set removed, each scored on every held-out test point "
                          "(default 100; 0 skips the held-out workload)")
