@@ -318,7 +318,7 @@ def test_column_factors_in_a_cache_keep_the_smallest_accepted_doubling(monkeypat
     np.testing.assert_allclose(np.asarray(low.eigenvalues), np.asarray(full.eigenvalues[: low.rank]), rtol=1e-8)
 
 
-def test_column_passes_size_their_chunks_for_the_columns():
+def test_column_passes_size_their_chunks_for_the_columns(monkeypatch):
     from cif_jax.solvers import sampled
 
     problem = get_problem("mlp")
@@ -326,13 +326,11 @@ def test_column_passes_size_their_chunks_for_the_columns():
     q, p, item = sampled.num_outputs(problem.task), problem.num_params, 8
     assert sampled.pass_batch_size(op, "exact") == N  # everything fits
     assert sampled.pass_batch_size(cj.DampedGGN(problem.task, damping=LAM, batch_size=5), "exact") == 5
-    import unittest.mock as um
-
-    with um.patch.object(sampled, "CHUNK_BUDGET", 3 * q * p * item * 5):  # five examples' columns
-        assert sampled.pass_batch_size(op, "exact") == 4
-        assert sampled.pass_batch_size(op, 1) == min(2 ** int(np.log2(5 * q)), N)  # one draw per example
-    with um.patch.object(sampled, "CHUNK_BUDGET", 1):
-        assert sampled.pass_batch_size(op, "exact") == 1
+    monkeypatch.setattr(sampled, "CHUNK_BUDGET", 3 * q * p * item * 5)  # five examples' columns
+    assert sampled.pass_batch_size(op, "exact") == 4
+    assert sampled.pass_batch_size(op, 1) == min(2 ** int(np.log2(5 * q)), N)  # one draw per example
+    monkeypatch.setattr(sampled, "CHUNK_BUDGET", 1)
+    assert sampled.pass_batch_size(op, "exact") == 1
 
 
 @pytest.mark.parametrize("cls", [cj.CalibratedCorrection, cj.NystromCorrection, cj.ExactCorrection])

@@ -23,6 +23,8 @@ that this part is small (:func:`probe_rule`), and the cache records how small.
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -150,8 +152,6 @@ def smallest_accepted(preconditioner, initial_rank: int, accept):
     as :func:`cif_jax.nystrom_preconditioner` applies it while doubling; the note is the
     rule's at the rank kept.
     """
-    import dataclasses
-
     r = min(initial_rank, preconditioner.rank)
     while True:
         done, note = accept(preconditioner.basis[:r], preconditioner.eigenvalues[:r])

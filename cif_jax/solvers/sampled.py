@@ -57,9 +57,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 #: outputs per example than this: each column pass costs q vector-Jacobian products per example and
 #: holds q length-p columns per example of a chunk.
 MAX_COLUMN_OUTPUTS = 64
-#: Examples in the column passes' timed chunk (:func:`factor_build_costs`), at most a pass's own chunk;
-#: the products are timed on four times as many (in the operator's own chunks) (a GGN product per vector is far from linear in a small
-#: chunk: on digits LeNet-5, 32 examples predicted half of what a product over all 1,438 took).
+#: Examples in the column passes' timed chunk (:func:`factor_build_costs`), at most a pass's own chunk.
+#: The products are timed on four times as many, in the operator's own chunks: a GGN product's time
+#: is far from linear in a small chunk (on digits LeNet-5, 32 examples predicted half of what a
+#: product over all 1,438 took).
 PROBE_EXAMPLES = 32
 #: ``factors="auto"`` takes the columns unless their predicted time exceeds the products' by more than
 #: this factor: at the same rank their factors are better (spectral error 8-20x smaller on digits and
@@ -277,11 +278,13 @@ def factor_build_costs(operator: DampedGGN, *, rank: int, block: int, floor: flo
     """Predicted seconds of rank-r factors built from GGN products and from the exact columns, from timed chunks.
 
     Three chunk programs run on examples of the curvature: ``block`` GGN-vector products on
-    ``4 b`` of them (chunked as the operator chunks its products), and the column build's two passes at rank r (the range pass and the
-    product pass) on ``b`` (``b`` = :data:`PROBE_EXAMPLES`, or a column pass's own chunk if
-    smaller; both at most m). Each is run once (compiling it), then timed until its runs
-    add up to :data:`PROBE_MIN_SECONDS` (at least three times), keeping the median; the predictions scale the chunks to the curvature's m examples:
-    ``r / block * m / (4 b) * t_products`` and ``m / b * (t_range + t_pass)``. Both are priced at
+    ``4 b`` of them (chunked as the operator chunks its products), and the column build's two
+    passes at rank r (the range pass and the product pass) on ``b`` (``b`` =
+    :data:`PROBE_EXAMPLES`, or a column pass's own chunk if smaller; both at most m). Each is
+    run once (compiling it), then timed until its runs add up to :data:`PROBE_MIN_SECONDS` (at
+    least three times), keeping the median. The predictions scale the chunks to the
+    curvature's m examples: ``r / block * m / (4 b) * t_products`` and
+    ``m / b * (t_range + t_pass)``. Both are priced at
     rank r: with ``rank="auto"`` the product build may stop at a lower doubling, the column
     build is always made at the cap. Neither counts the factorisations (the same (r, p)
     algebra for both, done once more per doubling by the product build).
@@ -333,9 +336,10 @@ def choose_factor_build(operator: DampedGGN, *, rank: int, block: int) -> tuple[
     """``("products" | "columns", note)``: the faster build of rank-r factors (``factors="auto"``).
 
     Products without a probe when ``r m p`` is under :data:`TRIVIAL_PRODUCT_WORK` or the model
-    has more than :data:`MAX_COLUMN_OUTPUTS` outputs per example, and without timing the columns when the products are predicted
-    under :data:`PRODUCTS_FLOOR_SECONDS`; otherwise the columns unless :func:`factor_build_costs` predicts them
-    more than :data:`COLUMN_PREFERENCE` times slower than the products.
+    has more than :data:`MAX_COLUMN_OUTPUTS` outputs per example, and without timing the
+    columns when the products are predicted under :data:`PRODUCTS_FLOOR_SECONDS`; otherwise the
+    columns unless :func:`factor_build_costs` predicts them more than
+    :data:`COLUMN_PREFERENCE` times slower than the products.
     """
     work = rank * operator.curvature_size * operator.num_params
     if work < TRIVIAL_PRODUCT_WORK:
