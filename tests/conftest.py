@@ -4,6 +4,18 @@ As in lineax's suite, x64 is enabled so that comparisons with dense references
 can use tight tolerances, and implicit rank promotion raises.
 """
 
+import os
+
+# XLA's optimisation passes are most of this suite's time: its problems are small, so
+# compiling them costs far more than running them (test_lowrank on one core: 143 s,
+# 100 s with the passes off, 32 s with every program already compiled). The suite
+# compiles with most passes off; set CIF_JAX_TESTS_OPTIMIZED=1 to run it as users
+# compile. The environment variable, not jax.config, so that the suite's
+# subprocesses (the CLI, the examples, the two-process checks) inherit it; the
+# memory test turns the passes back on, since what it measures depends on them.
+if os.environ.get("CIF_JAX_TESTS_OPTIMIZED", "") != "1":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax
 import pytest
 
