@@ -195,6 +195,59 @@ def test_linearity_term_and_sketch_eq13():
     np.testing.assert_allclose(np.sum((resid @ ybar) ** 2), np.sum((ybar - P @ ybar) ** 2), rtol=1e-10)
 
 
+def _np_example_lin(enc, A, H, Z, mask, key, s, ridge):
+    """Eq. (4) per subset, as it types: rows ``R[S_k]`` (|S_k| x s), ``y_k`` the members' responses."""
+    _, k_sketch, _ = jax.random.split(key, 3)
+    R = np.asarray(cj.jl_projection(k_sketch, s, mask.shape[1], dtype=jnp.float64)).T
+    phi, A, top = _np_phi(enc, H), np.asarray(A, np.float64), Z.argmax(axis=1)
+    lins = []
+    for k in range(mask.shape[0]):
+        members = np.flatnonzero(mask[k])
+        Xk = R[members]
+        g = ridge * np.trace(Xk.T @ Xk) / s
+        yk = (phi[members] @ A[k])[np.arange(members.size), top[members]]
+        res = Xk @ np.linalg.solve(Xk.T @ Xk + g * np.eye(s), Xk.T @ yk) - yk
+        lins.append(res @ res)
+    return np.mean(lins)
+
+
+def test_per_example_linearity_matches_numpy():
+    H, Z, y = _tiny(4)
+    S = _subsets(4)  # 12 subsets of 4 members; sketch_dim 3 < 4
+    mask = _mask(S)
+    key = jax.random.key(5)
+    kw = {**TINY, "linearity": "example"}
+    ops1 = cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **kw)
+    ops3 = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, **kw)
+    assert ops3.settings["linearity"] == "example"
+    # At init A = 0: every response is 0, so the term is 0 and the loss is the subset reading's.
+    sub = cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **TINY)
+    np.testing.assert_allclose(ops1.loss_history[0], sub.loss_history[0], rtol=1e-12)
+    # After one step: fid and stab as before, and the mean over k of ||X~_k (X~_k^T X~_k + g I)^-1 X~_k^T y_k - y_k||^2.
+    fid, stab, _ = _np_terms(ops1.encoder, ops1.A, H, Z, y, mask)
+    lin = _np_example_lin(ops1.encoder, ops1.A, H, Z, mask, key, TINY["sketch_dim"], TINY["lin_ridge"])
+    assert lin > 0
+    want = np.mean(fid + TINY["lambda_stab"] * stab) + TINY["lambda_lin"] * lin
+    np.testing.assert_allclose(ops3.loss_history[1], want, rtol=1e-10)
+    # A list of subsets of unequal sizes is padded, and padding adds nothing.
+    uneven = [np.arange(5), np.arange(5, 9), np.array([9, 10, 11, 0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one round: identical membership columns, as intended here
+        ops = cj.stride_fit(H, Z, y, uneven, key=key, num_steps=2, **kw)
+        one = cj.stride_fit(H, Z, y, uneven, key=key, num_steps=1, **kw)
+    m = np.zeros((3, N), bool)
+    for k, s_k in enumerate(uneven):
+        m[k, s_k] = True
+    fid, stab, _ = _np_terms(one.encoder, one.A, H, Z, y, m)
+    lin = _np_example_lin(one.encoder, one.A, H, Z, m, key, TINY["sketch_dim"], TINY["lin_ridge"])
+    np.testing.assert_allclose(ops.loss_history[1], np.mean(fid + TINY["lambda_stab"] * stab) + TINY["lambda_lin"] * lin,
+                               rtol=1e-10)
+    with pytest.raises(ValueError, match="linearity"):
+        cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **{**TINY, "linearity": "member"})
+    with pytest.warns(UserWarning, match="at most 4 <= sketch_dim = 4"):
+        cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **{**kw, "sketch_dim": 4})
+
+
 def test_full_batch_equals_none_and_minibatches_train():
     H, Z, y = _tiny(2)
     S = _subsets(2)

@@ -70,6 +70,7 @@ __all__ = [
 
 _HI = lax.Precision.HIGHEST
 _ENCODERS = ("mlp", "linear")
+_LINEARITY = ("subset", "example")
 
 
 class StrideOperators(NamedTuple):
@@ -297,33 +298,55 @@ def _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r):
     return jax.vmap(fn, in_axes=(None, 0, 0, 0, None, None, None))(phi_all, A, mask, keys, Z, labels, top)
 
 
-def _loss(params, H, Z, labels, mask, keys, resid, lambda_stab, lambda_lin, b_s, b_r):
-    """Eqs. (5)-(6): ``mean_k (fid_k + lambda_stab stab_k) + lambda_lin ||(I - P) ybar||^2``."""
+def _member_responses(enc, A, H, Z, members, valid):
+    """``(K, m)``: each member's response ``(A_k^T phi(h_i))[argmax z_i]`` (the summands of eq. 3), 0 on padding."""
+    phi = _phi(enc, H)[members]  # (K, m, r)
+    delta = jnp.einsum("kmr,krc->kmc", phi, A, precision=_HI)
+    top = jnp.argmax(Z, axis=1)[members]
+    return jnp.take_along_axis(delta, top[..., None], axis=2)[..., 0] * valid.astype(delta.dtype)
+
+
+def _loss(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab, lambda_lin, b_s, b_r):
+    """Eqs. (5)-(6): ``mean_k (fid_k + lambda_stab stab_k)`` plus the linearity term: ``lambda_lin ||(I - P)
+    ybar||^2`` over the K subset means (``resid`` (K, K)), or ``lambda_lin mean_k ||(I - P_k) y_k||^2`` over
+    each subset's member responses (``resid`` (K, m, m): ``linearity="example"``)."""
     enc, A = params
     fid, stab, ybar = _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r)
-    r = jnp.matmul(resid, ybar, precision=_HI)
-    return jnp.mean(fid + lambda_stab * stab) + lambda_lin * jnp.sum(r * r)
+    if resid.ndim == 3:
+        r = jnp.einsum("kij,kj->ki", resid, _member_responses(enc, A, H, Z, members, valid), precision=_HI)
+        lin = jnp.mean(jnp.sum(r * r, axis=1))
+    else:
+        r = jnp.matmul(resid, ybar, precision=_HI)
+        lin = jnp.sum(r * r)
+    return jnp.mean(fid + lambda_stab * stab) + lambda_lin * lin
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "d", "hidden", "rank", "num_classes", "num_examples",
-                                             "num_subsets", "sketch_dim", "dtype"))
-def _setup(key, query_ids, indices, lin_ridge, *, kind, d, hidden, rank, num_classes, num_examples, num_subsets,
-           sketch_dim, dtype):
-    """Initial ``(phi, A = 0)``, the fixed ``I - P`` of eq. (4) and the batch key, from ``split(key, 3)``."""
+                                             "num_subsets", "sketch_dim", "dtype", "linearity"))
+def _setup(key, query_ids, indices, members, valid, lin_ridge, *, kind, d, hidden, rank, num_classes, num_examples,
+           num_subsets, sketch_dim, dtype, linearity):
+    """Initial ``(phi, A = 0)``, the fixed ``I - P`` of eq. (4) and the batch key, from ``split(key, 3)``.
+
+    ``linearity="subset"``: one (K, K) projector of the sketched membership ``X R``; ``"example"``: one
+    (m, m) projector per subset of its members' rows ``R[S_k]`` (zero rows on padding), (K, m, m).
+    """
     k_init, k_sketch, k_batch = jax.random.split(key, 3)
     R = jl_projection(k_sketch, sketch_dim, num_examples, dtype=dtype).T
-    Xs = _sketch(query_ids, indices, R, num_subsets)
     params = (_init_encoder(k_init, kind, d, hidden, rank, dtype), jnp.zeros((num_subsets, rank, num_classes), dtype))
-    return params, _residual_projector(Xs, lin_ridge), k_batch
+    if linearity == "example":
+        rows = jnp.where(valid[..., None], R[members], 0)
+        return params, jax.vmap(_residual_projector, in_axes=(0, None))(rows, lin_ridge), k_batch
+    return params, _residual_projector(_sketch(query_ids, indices, R, num_subsets), lin_ridge), k_batch
 
 
 @functools.partial(jax.jit, static_argnames=("b_s", "b_r"))
 def _step(params, opt_state, t, data, *, b_s, b_r):
     """One Adam step on (phi, A); step t, subset k draw batches from ``fold_in(fold_in(batches, t), k)``."""
-    H, Z, labels, mask, resid, lambda_stab, lambda_lin, lr, k_batch = data
+    H, Z, labels, mask, resid, members, valid, lambda_stab, lambda_lin, lr, k_batch = data
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(k_batch, t), jnp.arange(mask.shape[0]))
     loss_fn = functools.partial(_loss, b_s=b_s, b_r=b_r)
-    loss, grads = jax.value_and_grad(loss_fn)(params, H, Z, labels, mask, keys, resid, lambda_stab, lambda_lin)
+    loss, grads = jax.value_and_grad(loss_fn)(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab,
+                                              lambda_lin)
     updates, opt_state = optax.adam(lr).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -351,7 +374,7 @@ def _as_features(H, Z, labels):
     return H.astype(dtype), Z.astype(dtype), jnp.asarray(labels, jnp.int32)
 
 
-def _warn_membership(mask_np, sketch_dim: int, lambda_lin: float):
+def _warn_membership(mask_np, sketch_dim: int, lambda_lin: float, linearity: str = "subset"):
     """Warns about memberships the fit cannot use well; returns each example's coverage (subsets holding it)."""
     num_subsets, n = mask_np.shape
     coverage = mask_np.sum(axis=0)
@@ -363,11 +386,29 @@ def _warn_membership(mask_np, sketch_dim: int, lambda_lin: float):
         warnings.warn("stride_fit: some examples belong to exactly the same subsets (identical columns of the "
                       "membership X, e.g. a single partition); the Lasso cannot tell them apart. Use several "
                       "rounds (`cj.stride_subsets` with num_subsets * subset_size > N).", stacklevel=3)
-    if lambda_lin > 0 and num_subsets <= sketch_dim:
+    largest = int(mask_np.sum(axis=1).max())
+    if lambda_lin > 0 and linearity == "example" and largest <= sketch_dim:
+        warnings.warn(f"stride_fit: every subset has at most {largest} <= sketch_dim = {sketch_dim} members: "
+                      "each projector P_k of eq. (4) is close to the identity and the linearity term nearly "
+                      "vanishes; use sketch_dim below the subset size.", stacklevel=3)
+    if lambda_lin > 0 and linearity == "subset" and num_subsets <= sketch_dim:
         warnings.warn(f"stride_fit: K = {num_subsets} <= sketch_dim = {sketch_dim}: the projector P of eq. (4) is "
                       "close to the identity and the linearity term nearly vanishes; use sketch_dim < K.",
                       stacklevel=3)
     return coverage
+
+
+def _member_table(subs, num_subsets: int):
+    """``(members (K, m), valid (K, m))``: subset k's member indices, padded to the largest subset."""
+    qi, ix = np.asarray(subs.query_ids), np.asarray(subs.indices)
+    order = np.argsort(qi, kind="stable")
+    qi, ix = qi[order], ix[order]
+    sizes = np.bincount(qi, minlength=num_subsets)
+    pos = np.arange(qi.size) - (np.cumsum(sizes) - sizes)[qi]
+    members = np.zeros((num_subsets, int(sizes.max())), np.int32)
+    valid = np.zeros(members.shape, bool)
+    members[qi, pos], valid[qi, pos] = ix, True
+    return members, valid
 
 
 def _train(params, opt_state, data, num_steps: int, b_s, b_r, progress: bool):
@@ -407,6 +448,7 @@ def stride_fit(
     lambda_lin: float = 10.0,
     sketch_dim: int = 64,
     lin_ridge: float = 1e-3,
+    linearity: str = "subset",
     progress: bool = False,
 ) -> StrideOperators:
     """Learns one low-rank logit-steering operator per training subset (STRIDE sec. 3, Alg. 1).
@@ -451,6 +493,14 @@ def stride_fit(
         lambda_lin: weight of the linearity term.
         sketch_dim: s, columns of the sketch.
         lin_ridge: relative ridge of eq. (4).
+        linearity: how eq. (4) is read. ``"subset"``: ``y`` is the K-vector of
+            subset means ``ybar_k`` (eq. 3) and ``X~`` the (K, s) sketch ``X R``, one
+            term ``lambda_lin ||(I - P) ybar||^2``. ``"example"``: per subset, as
+            eq. (4) types it (``X_k`` the |S_k| x N one-hot rows of its members):
+            ``y_k`` the |S_k| member responses (the summands of eq. 3, over all
+            members, not a batch), ``X~_k = R[S_k]``, and the term
+            ``lambda_lin mean_k ||(I - P_k) y_k||^2`` (the ``1/K`` of the other
+            terms). It needs subsets larger than ``sketch_dim``.
         progress: show a progress bar.
 
     Returns:
@@ -460,7 +510,8 @@ def stride_fit(
         UserWarning: examples in no subset (their scores will be 0); identical
             columns of the membership (e.g. a single partition: examples of one
             block cannot be told apart); ``K <= sketch_dim`` with ``lambda_lin > 0``
-            (the projector is then close to the identity and lin nearly vanishes).
+            (the projector is then close to the identity and lin nearly vanishes),
+            or with ``linearity="example"`` every subset no larger than ``sketch_dim``.
     """
     H, Z, labels = _as_features(H, Z, labels)
     n, d = H.shape
@@ -476,6 +527,9 @@ def stride_fit(
     hidden = d if hidden is None else hidden
     if encoder not in _ENCODERS:
         raise ValueError(f"`encoder` must be one of {_ENCODERS}, got {encoder!r}.")
+    if linearity not in _LINEARITY:
+        raise ValueError(f"`linearity` must be one of {_LINEARITY} (eq. 4 over subset means, or per subset over "
+                         f"its members), got {linearity!r}.")
     lr = _checks.positive_float(learning_rate, "learning_rate")
     num_steps = _checks.positive_int(num_steps, "num_steps")
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
@@ -486,7 +540,9 @@ def stride_fit(
 
     mask_np = subs.mask
     num_subsets = mask_np.shape[0]
-    coverage = _warn_membership(mask_np, sketch_dim, lambda_lin)
+    coverage = _warn_membership(mask_np, sketch_dim, lambda_lin, linearity)
+    members, valid = _member_table(subs, num_subsets) if linearity == "example" else (
+        np.zeros((num_subsets, 1), np.int32), np.zeros((num_subsets, 1), bool))
 
     dtype = H.dtype
     b_s = b_r = None
@@ -495,18 +551,19 @@ def stride_fit(
         b_r = int(min(batch_size, n - subs.sizes.min()))
     start = time.perf_counter()
     mask = jnp.asarray(mask_np)
-    params, resid, k_batch = _setup(key, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices),
+    members, valid = jnp.asarray(members), jnp.asarray(valid)
+    params, resid, k_batch = _setup(key, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), members, valid,
                                     jnp.asarray(lin_ridge, dtype), kind=encoder, d=d, hidden=hidden, rank=rank,
                                     num_classes=num_classes, num_examples=n, num_subsets=num_subsets,
-                                    sketch_dim=sketch_dim, dtype=jnp.dtype(dtype))
+                                    sketch_dim=sketch_dim, dtype=jnp.dtype(dtype), linearity=linearity)
     opt_state = optax.adam(lr).init(params)
-    data = (H, Z, labels, mask, resid, jnp.asarray(lambda_stab, dtype), jnp.asarray(lambda_lin, dtype),
+    data = (H, Z, labels, mask, resid, members, valid, jnp.asarray(lambda_stab, dtype), jnp.asarray(lambda_lin, dtype),
             jnp.asarray(lr, dtype), k_batch)
     params, history = _train(params, opt_state, data, num_steps, b_s, b_r, progress)
     seconds = time.perf_counter() - start
     settings = dict(encoder=encoder, rank=rank, hidden_dim=hidden, learning_rate=lr, num_steps=num_steps,
                     batch_size=batch_size, lambda_stab=lambda_stab, lambda_lin=lambda_lin, sketch_dim=sketch_dim,
-                    lin_ridge=lin_ridge)
+                    lin_ridge=lin_ridge, linearity=linearity)
     return StrideOperators(params[0], params[1], mask.astype(dtype), jnp.asarray(coverage, jnp.int32), history,
                            settings, seconds)
 
