@@ -198,15 +198,29 @@ def stride_scores(ops, feats, task, xt, *, response="logit"):
         return np.asarray(cj.lasso(ops.membership, Y).coef)
 
 
+def stride_fits(top):
+    """Each STRIDE row's fit (``top``: the penultimate layer). The ``eq.4 per example`` rows read eq. 4 as it
+    types (``linearity="example"``: per subset over its members); ``K=1000`` covers each example 25 times."""
+    return {"STRIDE": dict(layer=top, num_subsets=50), "STRIDE K=200": dict(layer=top, num_subsets=200),
+            "STRIDE no LDS loss": dict(layer=top, num_subsets=50, lambda_stab=0.0, lambda_lin=0.0),
+            "STRIDE first layer": dict(layer=1, num_subsets=50),
+            "STRIDE log-prob response": dict(layer=top, num_subsets=50),
+            "STRIDE eq.4 per example": dict(layer=top, num_subsets=50, linearity="example"),
+            "STRIDE eq.4 per example K=200": dict(layer=top, num_subsets=200, linearity="example"),
+            "STRIDE K=1000": dict(layer=top, num_subsets=1000)}
+
+
+LDS_METHODS = ["STRIDE", "STRIDE K=200", "STRIDE no LDS loss", "STRIDE first layer", "STRIDE log-prob response",
+               "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "CiF C=50 default", "TRAK"]
+MISLABEL_METHODS = ["STRIDE", "STRIDE K=200", "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50",
+                    "CiF C=50 default", "TRAK"]
+
+
 def method_scores(name, task, xt, yt, args, settings):
     n, lam, chunk = task.num_examples, args.damping, settings["grad_chunk"]
     top = len(settings["hidden"])
     if name.startswith("STRIDE"):
-        fits = {"STRIDE": dict(layer=top, num_subsets=50), "STRIDE K=200": dict(layer=top, num_subsets=200),
-                "STRIDE no LDS loss": dict(layer=top, num_subsets=50, lambda_stab=0.0, lambda_lin=0.0),
-                "STRIDE first layer": dict(layer=1, num_subsets=50),
-                "STRIDE log-prob response": dict(layer=top, num_subsets=50)}
-        ops, feats = stride_fit(task, settings, **fits[name])
+        ops, feats = stride_fit(task, settings, **stride_fits(top)[name])
         return stride_scores(ops, feats, task, xt, response="logprob" if "log-prob" in name else "logit")
     g = eval_grads(task, xt, yt)
     if name == "TracIn":  # the document's TracIn: the final checkpoint only, i.e. g_z . g_i
@@ -330,12 +344,11 @@ def lds_part(cells, x, y, xt, yt, args, settings):
     losses = np.concatenate([np.asarray(cells.values[f"lds/retrain/{b:05d}"]["losses"]) for b in range(0, m, block)])
 
     store = ScoreStore(cells, args, "lds")
-    names = ["STRIDE", "STRIDE K=200", "STRIDE no LDS loss", "STRIDE first layer", "STRIDE log-prob response",
-             "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "CiF C=50 default", "TRAK"]
+    names = args.methods or LDS_METHODS
     scores = {nm: store(nm, lambda nm=nm: method_scores(nm, task, xt, yt, args, settings), (xt.shape[0], n))
               for nm in names}
     rng = np.random.default_rng(0)
-    scores["random"] = rng.normal(size=scores["IF"].shape)
+    scores["random"] = rng.normal(size=(xt.shape[0], n))
     out, ref = {}, None
     for nm, s in scores.items():
         res = cj.datamodel_lds(s, keep, losses, key=jax.random.key(args.seed))
@@ -419,8 +432,7 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
           f"on the flipped ones {memorised:.3f}, clean test accuracy {acc:.3f}", flush=True)
     store = ScoreStore(cells, args, "mislabel")
     scores = {}
-    for nm in ["STRIDE", "STRIDE K=200", "TracIn", "diag-Fisher (E.2)", "EK-FAC", "IF", "CiF C=50", "CiF C=50 default",
-               "TRAK"]:
+    for nm in args.methods or MISLABEL_METHODS:
         # Summed over the clean test points: one (N,) score per training example.
         scores[nm] = store(nm, lambda nm=nm: method_scores(nm, task, xc, yc, args, settings).sum(axis=0), (n,))
     lam = args.damping
@@ -434,9 +446,11 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
             out.append(np.asarray(jnp.sum(g * cj.ekfac_solve(pre, g, damping=lam), axis=1)) / n)
         return np.concatenate(out)
 
-    scores["EK-FAC self"] = store("EK-FAC self", ekfac_self, (n,))
     cache = None
-    for corrected, nm in [(True, "CiF self C=50"), (False, "CiF self C=50 paper")]:
+    selves = [] if args.methods else [(True, "CiF self C=50"), (False, "CiF self C=50 paper")]
+    if not args.methods:
+        scores["EK-FAC self"] = store("EK-FAC self", ekfac_self, (n,))
+    for corrected, nm in selves:
         def cif_self(corrected=corrected):
             nonlocal cache
             if cache is None:
@@ -470,7 +484,15 @@ def main():
     p = ec.parser(__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", default=["lds", "mislabel"])
     p.add_argument("--models", type=int, default=None, help="datamodel retrainings M (default 64 quick, 1000 full)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only these methods (and the random row), written to stride_protocol_readings-<dataset>.json "
+                        "beside the full run's file; the retraining cells are shared. STRIDE rows: "
+                        + ", ".join(f"'{m}'" for m in stride_fits(2)))
     args = ec.finish_args(p.parse_args(), quick_dataset="digits", full_dataset="mnist5k")
+    known = set(stride_fits(2)) | set(LDS_METHODS) | set(MISLABEL_METHODS)
+    unknown = [m for m in args.methods or [] if m not in known]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(known)}")
     q = args.quick
     settings = {"hidden": [64, 32] if q else [512, 256], "learning_rate": 1e-3, "batch_size": 64,
                 "epochs": 20, "stride_subset_size": 100 if not q else 30,
@@ -496,11 +518,14 @@ def main():
     if "mislabel" in args.parts:
         mp = pick[:settings["mislabel_test_points"]]
         out["results"]["mislabel"] = mislabel_part(cells, x, y, xt_all[mp], yt_all[mp], args, settings)
-    ec.write("stride_protocol", args, out)
-    plot(out, args)
+    name = "stride_protocol_readings" if args.methods else "stride_protocol"
+    if args.methods:
+        out["settings"]["methods"] = list(args.methods)
+    ec.write(name, args, out)
+    plot(out, args, name)
 
 
-def plot(out, args):
+def plot(out, args, name="stride_protocol"):
     plt = ec.pyplot()
     res = out["results"]
     parts = [p for p in ["lds", "mislabel"] if p in res]
@@ -524,7 +549,7 @@ def plot(out, args):
         ax.legend(fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(ec.figure_path("stride_protocol", args))
+    fig.savefig(ec.figure_path(name, args))
 
 
 if __name__ == "__main__":
