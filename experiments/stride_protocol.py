@@ -488,6 +488,8 @@ def main():
                    help="only these methods (and the random row), written to stride_protocol_readings-<dataset>.json "
                         "beside the full run's file; the retraining cells are shared. STRIDE rows: "
                         + ", ".join(f"'{m}'" for m in stride_fits(2)))
+    p.add_argument("--name", default="stride_protocol_readings",
+                   help="with --methods: the results' file name (<name>-<dataset>.json)")
     args = ec.finish_args(p.parse_args(), quick_dataset="digits", full_dataset="mnist5k")
     known = set(stride_fits(2)) | set(LDS_METHODS) | set(MISLABEL_METHODS)
     unknown = [m for m in args.methods or [] if m not in known]
@@ -518,7 +520,7 @@ def main():
     if "mislabel" in args.parts:
         mp = pick[:settings["mislabel_test_points"]]
         out["results"]["mislabel"] = mislabel_part(cells, x, y, xt_all[mp], yt_all[mp], args, settings)
-    name = "stride_protocol_readings" if args.methods else "stride_protocol"
+    name = args.name if args.methods else "stride_protocol"
     if args.methods:
         out["settings"]["methods"] = list(args.methods)
     ec.write(name, args, out)
