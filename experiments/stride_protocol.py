@@ -485,12 +485,15 @@ def main():
     p.add_argument("--parts", nargs="+", default=["lds", "mislabel"])
     p.add_argument("--models", type=int, default=None, help="datamodel retrainings M (default 64 quick, 1000 full)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="only these methods (and the random row), written to stride_protocol_readings-<dataset>.json "
+                   help="only these methods (and the cheap rows: random, and the training loss for mislabels), "
+                        "written to <name>-<dataset>[-quick].json "
                         "beside the full run's file; the retraining cells are shared. STRIDE rows: "
                         + ", ".join(f"'{m}'" for m in stride_fits(2)))
     p.add_argument("--name", default="stride_protocol_readings",
                    help="with --methods: the results' file name (<name>-<dataset>.json)")
     args = ec.finish_args(p.parse_args(), quick_dataset="digits", full_dataset="mnist5k")
+    if args.name != "stride_protocol_readings" and not args.methods:
+        raise SystemExit("--name names the file of a --methods run; give --methods too")
     known = set(stride_fits(2)) | set(LDS_METHODS) | set(MISLABEL_METHODS)
     unknown = [m for m in args.methods or [] if m not in known]
     if unknown:

@@ -11,8 +11,10 @@ import os
 # 100 s with the passes off, 32 s with every program already compiled). The suite
 # compiles with most passes off; set CIF_JAX_TESTS_OPTIMIZED=1 to run it as users
 # compile. The environment variable, not jax.config, so that the suite's
-# subprocesses (the CLI, the examples, the two-process checks) inherit it; the
-# memory test turns the passes back on, since what it measures depends on them.
+# subprocesses (the CLI, the examples, the two-process checks) inherit it. The tests
+# that measure memory turn the passes back on (test_memory in its subprocess, the
+# others with the `xla_optimized` fixture), since the fusions decide what is
+# materialised.
 if os.environ.get("CIF_JAX_TESTS_OPTIMIZED", "") != "1":
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
@@ -38,6 +40,16 @@ def _fresh_compilation_caches():
     """
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def xla_optimized():
+    """XLA's passes on for one test (the suite turns most of them off): for tests that read a compiled
+    program's memory, which depends on what the fusions materialise. Read at compile time."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture

@@ -210,7 +210,7 @@ def _residual_check_scratch(problem, num, chunk):
     return mem.temp_size_in_bytes
 
 
-def test_residual_check_scratch_does_not_grow_with_the_number_of_systems(lr):
+def test_residual_check_scratch_does_not_grow_with_the_number_of_systems(lr, xla_optimized):
     # The check runs one system at a time: its scratch is one product's (a chunk's outputs and a few
     # p-vectors) plus the (Q, p) inputs it reads, whatever Q; hence the Q p 8-byte slack. Vmapped over Q
     # it held Q tangents of every chunk: 3.7 kB -> 25.6 kB here (about 7x), where this allows 2.6x.

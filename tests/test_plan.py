@@ -9,6 +9,9 @@ import cif_jax as cj
 from cif_jax.core.ggn import apply_undamped
 from cif_jax.core.plan import parse_bytes
 
+# The plans read compiled programs' memory, which XLA's passes decide: compiled as users compile.
+pytestmark = pytest.mark.usefixtures("xla_optimized")
+
 
 def _temp(task, bs, k):
     v = jnp.zeros((k, task.num_params), task.dtype)

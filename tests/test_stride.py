@@ -242,6 +242,23 @@ def test_per_example_linearity_matches_numpy():
     lin = _np_example_lin(one.encoder, one.A, H, Z, m, key, TINY["sketch_dim"], TINY["lin_ridge"])
     np.testing.assert_allclose(ops.loss_history[1], np.mean(fid + TINY["lambda_stab"] * stab) + TINY["lambda_lin"] * lin,
                                rtol=1e-10)
+    # With minibatches the fidelity and stability terms see a batch, the linearity term every member:
+    # the loss's change with lambda_lin is lambda_lin times the all-member numpy term.
+    from cif_jax.core import checks as _checks
+
+    subs = _checks.subsets(S, N)
+    members, valid = (jnp.asarray(a) for a in st._member_table(subs, 12))
+    _, resid, _ = st._setup(key, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), members, valid,
+                            jnp.asarray(TINY["lin_ridge"]), kind="mlp", d=D, hidden=4, rank=2, num_classes=C,
+                            num_examples=N, num_subsets=12, sketch_dim=TINY["sketch_dim"], dtype=jnp.dtype("float64"),
+                            linearity="example")
+    keys = jax.random.split(jax.random.key(2), 12)
+    args = ((ops1.encoder, ops1.A), jnp.asarray(H), jnp.asarray(Z), jnp.asarray(y), jnp.asarray(mask), keys, resid,
+            members, valid, jnp.asarray(0.7))
+    with_lin = st._loss(*args, jnp.asarray(2.0), b_s=2, b_r=2)
+    without = st._loss(*args, jnp.asarray(0.0), b_s=2, b_r=2)
+    lin = _np_example_lin(ops1.encoder, ops1.A, H, Z, mask, key, TINY["sketch_dim"], TINY["lin_ridge"])
+    np.testing.assert_allclose(with_lin - without, 2.0 * lin, rtol=1e-10)
     with pytest.raises(ValueError, match="linearity"):
         cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **{**TINY, "linearity": "member"})
     with pytest.warns(UserWarning, match="at most 4 <= sketch_dim = 4"):
