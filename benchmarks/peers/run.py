@@ -202,7 +202,11 @@ def markdown(result) -> str:
              f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, {m['platform']}; "
              f"jax {m['jax']}; peers: torch {result.get('peers', {}).get('torch', '-')}, pyDVL "
              f"{result.get('peers', {}).get('pydvl', '-')}, kronfluence {result.get('peers', {}).get('kronfluence', '-')}. "
-             f"Load average at the end: {result['load_average']}.", "",
+             f"Load average at the end: {result['load_average']}."
+             + (f" Pinned to {m['cpus_usable']} of the {m['cpu_count']} cores (`taskset`), both sides; PyTorch's "
+                f"threads: OMP_NUM_THREADS={result.get('omp_num_threads') or 'unset'}."
+                if m.get("cpus_usable") and m["cpus_usable"] < m["cpu_count"] else "")
+             + (f" {result['run_notes']}" if result.get("run_notes") else ""), "",
              f"N = {result['num_train']}, p = {result['num_params']}, {result['num_folds']} folds (K = 50 and 100), "
              f"damping {result['damping']}, true relative residual {result['rtol']}.", "",
              "| method | seconds (all folds) | vs our fastest exact IF | Spearman vs exact IF | note |",
@@ -331,6 +335,7 @@ def main():
               "num_params": int(task.num_params), "num_folds": len(folds), "damping": args.damping,
               "rtol": args.rtol, "peers": {k: v for k, v in peers.items() if not isinstance(v, dict)},
               "command": "python benchmarks/peers/run.py " + " ".join(sys.argv[1:]),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "methods": methods, "targets": targets,
               "fold_scores": {k: np.asarray(v).tolist() for k, v in scores.items()}}
     write(result, args)
