@@ -67,7 +67,10 @@ def recall_curve(scores, poisoned):
     return hits / poisoned.sum()
 
 
-def run(regime, seed, ds, args, settings):
+def run(regime, seed, ds, args, settings, methods=("CiF", "IF (summed)", "Grad-Dot", "TRAK")):
+    """One regime and seed: the poisoned model trained, then each of ``methods`` scores the groups.
+    ``"CiF"`` is the paper's estimator (eq. 11, no correction); ``"CiF default"`` the library's default cache
+    and estimator (the clusters, each member's deviation through the low-rank factors)."""
     rng = np.random.default_rng(seed)
     n = ds.x_train.shape[0]
     groups = np.array_split(rng.permutation(n), settings["groups"])
@@ -98,24 +101,31 @@ def run(regime, seed, ds, args, settings):
     target = cj.Task(task.apply_fn, task.loss_fn, task.params, xt, yt)
     g_target = cj.target_gradient(target)
 
+    def cif(correction):
+        cache = cj.build_cache(task, num_clusters=settings["clusters"], sketch_dim=32, key=jax.random.key(seed),
+                               normalize_sketches=True, **({} if correction else {"correction": None}),
+                               **ec.solver_kwargs(args, "auto"))
+        return np.asarray(cj.loss_delta(cache, groups, g_target))
+
+    def if_summed():
+        u = cj.solve_ggn(task, g_target[None, :], **ec.solver_kwargs(args, "auto")).solutions[0]
+        per_example = np.asarray(cj.per_example_grads(task, batch_size=args.batch_size) @ u) / n
+        return np.array([per_example[g].sum() for g in groups])
+
+    compute = {
+        "CiF": lambda: cif(False),
+        "CiF default": lambda: cif(True),
+        "IF (summed)": if_summed,
+        "Grad-Dot": lambda: np.asarray(cj.grad_dot(task, xt, yt, groups=groups, batch_size=args.batch_size)).mean(0),
+        "TRAK": lambda: np.asarray(cj.trak(task, xt, yt, sketch_dim=settings["trak_dim"], key=jax.random.key(seed + 1),
+                                           ridge=settings["trak_ridge"], groups=groups,
+                                           batch_size=args.batch_size)).mean(0),
+    }
     scores, seconds = {}, {}
-    t = time.perf_counter()
-    cache = cj.build_cache(task, correction=None, num_clusters=settings["clusters"], sketch_dim=32, key=jax.random.key(seed),
-                           normalize_sketches=True, **ec.solver_kwargs(args, "auto"))
-    scores["CiF"] = np.asarray(cj.loss_delta(cache, groups, g_target))
-    seconds["CiF"] = time.perf_counter() - t
-    t = time.perf_counter()
-    u = cj.solve_ggn(task, g_target[None, :], **ec.solver_kwargs(args, "auto")).solutions[0]
-    per_example = np.asarray(cj.per_example_grads(task, batch_size=args.batch_size) @ u) / n
-    scores["IF (summed)"] = np.array([per_example[g].sum() for g in groups])
-    seconds["IF (summed)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scores["Grad-Dot"] = np.asarray(cj.grad_dot(task, xt, yt, groups=groups, batch_size=args.batch_size)).mean(0)
-    seconds["Grad-Dot"] = time.perf_counter() - t
-    t = time.perf_counter()
-    scores["TRAK"] = np.asarray(cj.trak(task, xt, yt, sketch_dim=settings["trak_dim"], key=jax.random.key(seed + 1),
-                                        ridge=settings["trak_ridge"], groups=groups, batch_size=args.batch_size)).mean(0)
-    seconds["TRAK"] = time.perf_counter() - t
+    for name in methods:
+        t = time.perf_counter()
+        scores[name] = compute[name]()
+        seconds[name] = time.perf_counter() - t
 
     out = {"regime": regime, "seed": seed, "attack_success_rate": asr, "clean_accuracy": float(clean_acc),
            "num_poisoned_groups": int(num_poison), "methods": {}}
@@ -136,6 +146,10 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 10, 100])
     p.add_argument("--clusters", type=int, default=50)
     p.add_argument("--targets", type=int, default=64, help="triggered test images in the target")
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    p.add_argument("--with-default", action="store_true",
+                   help="also the library's default cache and estimator ('CiF default'), each in its own cell "
+                        "beside the regime's (the model retrained as there; its accuracy and ASR must match)")
     args = ec.finish_args(p.parse_args())
     ds = cdata.load_dataset(args.dataset, seed=0)
     small = ds.x_train.shape[1] <= 8
@@ -146,11 +160,23 @@ def main():
                 # mnist5k (d = 2048, top eigenvalue 3.3e6) needs about 1e-3 of the top, as cj.trak's check says.
                 "trak_ridge": 10.0 if args.quick else 3000.0}
     settings["recall_at"] = [settings["groups"] // 10, settings["groups"] // 5, settings["groups"] // 2]
-    cells = ec.Cells("backdoor", args, {**{k: v for k, v in vars(args).items() if k != "output"}, **settings})
-    runs = [cells(f"{regime}/seed{seed}", lambda regime=regime, seed=seed: run(regime, seed, ds, args, settings))
-            for regime in REGIMES for seed in args.seeds]
+    skip = ("output", "regimes", "with_default")  # not settings: they choose which cells run
+    cells = ec.Cells("backdoor", args, {**{k: v for k, v in vars(args).items() if k not in skip}, **settings})
+    runs = []
+    for regime in args.regimes:
+        for seed in args.seeds:
+            r = cells(f"{regime}/seed{seed}", lambda regime=regime, seed=seed: run(regime, seed, ds, args, settings))
+            if args.with_default:
+                d = cells(f"{regime}/seed{seed}/default", lambda regime=regime, seed=seed: run(
+                    regime, seed, ds, args, settings, methods=("CiF default",)))
+                same = all(d[k] == r[k] for k in ("attack_success_rate", "clean_accuracy"))
+                if not same:
+                    print(f"{regime} seed {seed}: the retrained model differs (ASR {d['attack_success_rate']:.4f} vs "
+                          f"{r['attack_success_rate']:.4f}); 'CiF default' scores another model", flush=True)
+                r = {**r, "methods": {**r["methods"], **d["methods"]}, "default_model_matches": same}
+            runs.append(r)
     summary = {}
-    for regime in REGIMES:
+    for regime in args.regimes:
         rs = [r for r in runs if r["regime"] == regime]
         summary[regime] = {"attack_success_rate": float(np.mean([r["attack_success_rate"] for r in rs])),
                            "clean_accuracy": float(np.mean([r["clean_accuracy"] for r in rs])), "methods": {}}
@@ -164,11 +190,13 @@ def main():
     out = {"settings": {"dataset": args.dataset, "model": args.model, "damping": args.damping, "rtol": args.rtol,
                         "seeds": args.seeds, **settings}, "summary": summary, "runs": runs,
            "cell_runs": cells.runs}
-    ec.write("backdoor", args, out)
+    # A run of some regimes only is written beside the full run's file, never over it.
+    stem = "backdoor" if set(args.regimes) == set(REGIMES) else "backdoor_" + "_".join(args.regimes)
+    ec.write(stem, args, out)
 
     plt = ec.pyplot()
-    fig, axes = plt.subplots(1, len(REGIMES), figsize=(5.5 * len(REGIMES), 4))
-    for ax, regime in zip(axes, REGIMES):
+    fig, axes = plt.subplots(1, len(args.regimes), figsize=(5.5 * len(args.regimes), 4), squeeze=False)
+    for ax, regime in zip(axes[0], args.regimes):
         rs = [r for r in runs if r["regime"] == regime]
         for name in rs[0]["methods"]:
             curve = np.mean([r["methods"][name]["recall_curve"] for r in rs], axis=0)
@@ -179,7 +207,7 @@ def main():
                title=f"{regime} trigger (ASR {summary[regime]['attack_success_rate']:.2f})")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(ec.figure_path("backdoor", args))
+    fig.savefig(ec.figure_path(stem, args))
 
 
 if __name__ == "__main__":
