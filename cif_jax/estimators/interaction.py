@@ -113,9 +113,10 @@ def target_curvature(target: Task, *, kind: str = "ggn", batch_size: int | None 
 
     Args:
         target: a :class:`cif_jax.Task` on the evaluation data (f = its mean loss).
-        kind: ``"ggn"`` (PSD, the default: the paper does not say which; the GGN
-            keeps ``I >= 0``) or ``"hessian"`` (forward-over-reverse, exact, indefinite
-            in general).
+        kind: ``"ggn"`` (PSD, the default: the paper's eq. 6 is written with the
+            target's Hessian, and its practical section replaces the Hessians by
+            damped Gauss-Newton approximations; the GGN keeps ``I >= 0``) or
+            ``"hessian"`` (forward-over-reverse, exact, indefinite in general).
         batch_size: examples per chunk of the GGN product (``"ggn"`` only).
 
     Returns:
