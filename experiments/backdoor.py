@@ -180,7 +180,8 @@ def main():
                 same = all(d[k] == r[k] for k in ("attack_success_rate", "clean_accuracy"))
                 if not same:
                     print(f"{regime} seed {seed}: the retrained model differs (ASR {d['attack_success_rate']:.4f} vs "
-                          f"{r['attack_success_rate']:.4f}); 'CiF default' scores another model", flush=True)
+                          f"{r['attack_success_rate']:.4f}, clean accuracy {d['clean_accuracy']:.4f} vs "
+                          f"{r['clean_accuracy']:.4f}); the default cell's rows score its own model", flush=True)
                 extra = {(k if k != "IF (summed)" else "IF (summed), the default cell's model"): v
                          for k, v in d["methods"].items()}
                 r = {**r, "methods": {**r["methods"], **extra}, "default_model_matches": same,
