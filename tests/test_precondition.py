@@ -24,6 +24,7 @@ from _models import (
     cache_for,
     dense_solve,
     get_problem,
+    linear_apply,
     masks_of,
     mlp_problem,
     random_subsets,
@@ -344,3 +345,27 @@ def test_a_subspace_iteration_sharpens_the_factors(mlp):
     assert error(full) <= 1e-8 * np.linalg.norm(ggn, 2)
     with pytest.raises(ValueError, match="`power_iters` applies to a fixed `rank`"):
         cj.nystrom_preconditioner(op, key=jax.random.key(1), rank="auto", power_iters=1)
+
+
+def test_error_estimate_of_a_wide_model_is_exact_and_stays_small():
+    # The spectral norm of the (block, p) power-iteration block came from an SVD of that wide
+    # matrix, which XLA:CPU materialises as a (p, p) factor above ~100k parameters (1.1 TB at
+    # p = 535,818): caches of such models failed in their error estimate. A linear least-squares
+    # model with p = 2^17 + 1 and N = 4 has GGN = X~^T X~ / N (X~ = [X, 1]), of rank 4, whose top
+    # eigenvalue is that of the 4 x 4 X~ X~^T / N; with zero factors the residual is the GGN, and a
+    # block of 8 >= 4 vectors spans its range after one product, so the estimate is exact.
+    from cif_jax.solvers.precondition import block_error_estimate
+
+    n, d = 4, 2**17
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.normal(size=(n, 1)).astype(np.float32)
+    params = {"w": jnp.zeros((d, 1), jnp.float32), "b": jnp.zeros(1, jnp.float32)}
+    task = cj.Task(linear_apply, lambda o, t: 0.5 * jnp.sum((o - t) ** 2, axis=-1), params, jnp.asarray(x),
+                   jnp.asarray(y))
+    basis = jnp.zeros((1, d + 1), jnp.float32).at[0, 0].set(1.0)  # one factor with eigenvalue 0
+    est = block_error_estimate(cj.DampedGGN(task, damping=LAM), basis, jnp.zeros(1, jnp.float32),
+                               key=jax.random.key(0), iters=2, block=8)
+    xt = np.concatenate([x, np.ones((n, 1), np.float32)], axis=1).astype(np.float64)
+    want = np.linalg.eigvalsh(xt @ xt.T / n)[-1]
+    assert float(est) == pytest.approx(want, rel=1e-5)  # float32 products
