@@ -447,17 +447,16 @@ def mislabel_part(cells, x, y, xc, yc, args, settings):
         return np.concatenate(out)
 
     cache = None
-    selves = [] if args.methods else [(True, "CiF self C=50"), (False, "CiF self C=50 paper")]
-    if not args.methods:
+    if not args.methods:  # the self-influence rows belong to the full run
         scores["EK-FAC self"] = store("EK-FAC self", ekfac_self, (n,))
-    for corrected, nm in selves:
-        def cif_self(corrected=corrected):
-            nonlocal cache
-            if cache is None:
-                cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True)
-            return cj.self_influence(cache, task, estimator="corrected" if corrected else "paper",
-                                     batch_size=args.batch_size)
-        scores[nm] = store(nm, cif_self, (n,))
+        for corrected, nm in [(True, "CiF self C=50"), (False, "CiF self C=50 paper")]:
+            def cif_self(corrected=corrected):
+                nonlocal cache
+                if cache is None:
+                    cache, _ = ec.build_cache(task, args, num_clusters=50, normalize=True)
+                return cj.self_influence(cache, task, estimator="corrected" if corrected else "paper",
+                                         batch_size=args.batch_size)
+            scores[nm] = store(nm, cif_self, (n,))
     # No attribution at all: the noisy model's own training loss. It tells how findable the flipped
     # labels are for this model (the ones it has memorised have small losses and small gradients).
     scores["training loss self"] = np.asarray(loss(train_logits, y_noisy), np.float64)

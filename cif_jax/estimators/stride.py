@@ -290,20 +290,21 @@ def _subset_terms(phi_all, A_k, mask_k, key_k, Z, labels, top, b_s, b_r):
     return fid, stab, ybar
 
 
-def _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r):
-    """Per-subset ``fid (K,), stab (K,), ybar (K,)``; phi once on all N rows, gathered per subset."""
-    phi_all = _phi(enc, H)
-    top = jnp.argmax(Z, axis=1)
+def _terms(phi_all, top, A, Z, labels, mask, keys, b_s, b_r):
+    """Per-subset ``fid (K,), stab (K,), ybar (K,)`` from phi on all N rows and the predicted classes."""
     fn = functools.partial(_subset_terms, b_s=b_s, b_r=b_r)
     return jax.vmap(fn, in_axes=(None, 0, 0, 0, None, None, None))(phi_all, A, mask, keys, Z, labels, top)
 
 
-def _member_responses(enc, A, H, Z, members, valid):
+def _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r):
+    """Per-subset ``fid (K,), stab (K,), ybar (K,)``; phi once on all N rows, gathered per subset."""
+    return _terms(_phi(enc, H), jnp.argmax(Z, axis=1), A, Z, labels, mask, keys, b_s, b_r)
+
+
+def _member_responses(phi_all, top, A, members, valid):
     """``(K, m)``: each member's response ``(A_k^T phi(h_i))[argmax z_i]`` (the summands of eq. 3), 0 on padding."""
-    phi = _phi(enc, H)[members]  # (K, m, r)
-    delta = jnp.einsum("kmr,krc->kmc", phi, A, precision=_HI)
-    top = jnp.argmax(Z, axis=1)[members]
-    return jnp.take_along_axis(delta, top[..., None], axis=2)[..., 0] * valid.astype(delta.dtype)
+    delta = jnp.einsum("kmr,krc->kmc", phi_all[members], A, precision=_HI)
+    return jnp.take_along_axis(delta, top[members][..., None], axis=2)[..., 0] * valid.astype(delta.dtype)
 
 
 def _loss(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab, lambda_lin, b_s, b_r):
@@ -311,9 +312,10 @@ def _loss(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab, 
     ybar||^2`` over the K subset means (``resid`` (K, K)), or ``lambda_lin mean_k ||(I - P_k) y_k||^2`` over
     each subset's member responses (``resid`` (K, m, m): ``linearity="example"``)."""
     enc, A = params
-    fid, stab, ybar = _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r)
+    phi_all, top = _phi(enc, H), jnp.argmax(Z, axis=1)  # once, for every term
+    fid, stab, ybar = _terms(phi_all, top, A, Z, labels, mask, keys, b_s, b_r)
     if resid.ndim == 3:
-        r = jnp.einsum("kij,kj->ki", resid, _member_responses(enc, A, H, Z, members, valid), precision=_HI)
+        r = jnp.einsum("kij,kj->ki", resid, _member_responses(phi_all, top, A, members, valid), precision=_HI)
         lin = jnp.mean(jnp.sum(r * r, axis=1))
     else:
         r = jnp.matmul(resid, ybar, precision=_HI)
@@ -403,7 +405,7 @@ def _member_table(subs, num_subsets: int):
     qi, ix = np.asarray(subs.query_ids), np.asarray(subs.indices)
     order = np.argsort(qi, kind="stable")
     qi, ix = qi[order], ix[order]
-    sizes = np.bincount(qi, minlength=num_subsets)
+    sizes = np.asarray(subs.sizes)
     pos = np.arange(qi.size) - (np.cumsum(sizes) - sizes)[qi]
     members = np.zeros((num_subsets, int(sizes.max())), np.int32)
     valid = np.zeros(members.shape, bool)
