@@ -107,6 +107,14 @@ def network(params, x):
     return hidden(params, x, depth - 1) @ params[f"w{depth}"] + params[f"b{depth}"]
 
 
+def tail(params, h, layer):
+    """The network after hidden layer ``layer``: ``network(x) = tail(hidden(x, layer), layer)`` (STRIDE E.1's f)."""
+    depth = len(params) // 2
+    for j in range(layer + 1, depth):
+        h = jax.nn.relu(h @ params[f"w{j}"] + params[f"b{j}"])
+    return h @ params[f"w{depth}"] + params[f"b{depth}"]
+
+
 def loss(outputs, targets):
     return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
 
@@ -167,6 +175,8 @@ def eval_grads(task, xt, yt):
 
 def stride_fit(task, settings, *, layer, num_subsets, seed=11, **fit):
     feats = lambda prm, xx: hidden(prm, xx, layer)
+    if fit.get("steer") == "activation":  # E.1: the features are steered and read through the rest of the network
+        fit["head"] = jax.tree_util.Partial(lambda prm, h: tail(prm, h, layer), task.params)
     H, Z = cj.stride_features(task, task.inputs, feature_fn=feats)
     subs = cj.stride_subsets(jax.random.key(seed), task.num_examples, num_subsets=num_subsets,
                              subset_size=settings["stride_subset_size"])
@@ -200,14 +210,18 @@ def stride_scores(ops, feats, task, xt, *, response="logit"):
 
 def stride_fits(top):
     """Each STRIDE row's fit (``top``: the penultimate layer). The ``eq.4 per example`` rows read eq. 4 as it
-    types (``linearity="example"``: per subset over its members); ``K=1000`` covers each example 25 times."""
+    types (``linearity="example"``: per subset over its members); ``K=1000`` covers each example 25 times; the
+    ``E.1 activation`` rows steer the features, ``h + B(h)^T a_k``, and read the logits through the rest of the
+    network (at the penultimate layer that rest is affine, so only the first-layer row can differ in kind)."""
     return {"STRIDE": dict(layer=top, num_subsets=50), "STRIDE K=200": dict(layer=top, num_subsets=200),
             "STRIDE no LDS loss": dict(layer=top, num_subsets=50, lambda_stab=0.0, lambda_lin=0.0),
             "STRIDE first layer": dict(layer=1, num_subsets=50),
             "STRIDE log-prob response": dict(layer=top, num_subsets=50),
             "STRIDE eq.4 per example": dict(layer=top, num_subsets=50, linearity="example"),
             "STRIDE eq.4 per example K=200": dict(layer=top, num_subsets=200, linearity="example"),
-            "STRIDE K=1000": dict(layer=top, num_subsets=1000)}
+            "STRIDE K=1000": dict(layer=top, num_subsets=1000),
+            "STRIDE E.1 activation": dict(layer=top, num_subsets=50, steer="activation"),
+            "STRIDE E.1 activation first layer": dict(layer=1, num_subsets=50, steer="activation")}
 
 
 LDS_METHODS = ["STRIDE", "STRIDE K=200", "STRIDE no LDS loss", "STRIDE first layer", "STRIDE log-prob response",

@@ -265,6 +265,115 @@ def test_per_example_linearity_matches_numpy():
         cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **{**kw, "sketch_dim": 4})
 
 
+# -- app. E.1: activation steering through the rest of the network ------------------------------
+
+
+def _tiny_head(seed=6):
+    """A nonlinear head ``f(h) = relu(h W1 + b1) W2 + b2`` (so activation steering is not logit steering),
+    its numpy twin, and features whose logits it gives."""
+    rng = np.random.default_rng(seed)
+    W1, b1, W2, b2 = rng.normal(size=(D, 5)), rng.normal(size=5), rng.normal(size=(5, C)), rng.normal(size=C)
+
+    def f(params, h):
+        w1, c1, w2, c2 = params
+        return jax.nn.relu(h @ w1 + c1[None, :]) @ w2 + c2[None, :]
+
+    head = jax.tree_util.Partial(f, tuple(jnp.asarray(a) for a in (W1, b1, W2, b2)))
+    H = rng.normal(size=(N, D))
+    y = rng.integers(0, C, N).astype(np.int32)
+    return H, np.asarray(head(jnp.asarray(H))), y, head, lambda h: np.maximum(h @ W1 + b1, 0) @ W2 + b2
+
+
+def _np_act_delta(enc, a_k, H, head_np):
+    """``head(h + B(h)^T a_k) - head(h)``, ``B(h)`` the (r, d) reshape of phi(h)."""
+    a_k = np.asarray(a_k, np.float64)
+    basis = _np_phi(enc, H).reshape(H.shape[0], a_k.size, H.shape[1])
+    return head_np(H + np.einsum("brd,r->bd", basis, a_k)) - head_np(H)
+
+
+def _np_act_loss(enc, A, H, Z, y, mask, P, head_np, lambda_stab, lambda_lin):
+    top = Z.argmax(axis=1)
+    fid, stab, ybar = [], [], []
+    for k in range(mask.shape[0]):
+        delta = _np_act_delta(enc, A[k], H, head_np)
+        ls1, ls0 = _np_logsoftmax(Z + delta), _np_logsoftmax(Z)
+        s, r = mask[k], ~mask[k]
+        fid.append(-ls1[s, y[s]].mean())
+        stab.append((np.exp(ls0[r]) * (ls0[r] - ls1[r])).sum(axis=1).mean())
+        ybar.append(delta[s, top[s]].mean())
+    ybar = np.array(ybar)
+    res = ybar - P @ ybar
+    return np.mean(np.array(fid) + lambda_stab * np.array(stab)) + lambda_lin * res @ res
+
+
+def test_activation_steering_matches_numpy():
+    H, Z, y, head, head_np = _tiny_head()
+    S = _subsets(5)
+    mask = _mask(S)
+    key = jax.random.key(8)
+    kw = {**TINY, "steer": "activation", "head": head}
+    ops1 = cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **kw)
+    ops3 = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, **kw)
+    # phi has r d outputs (the basis B(h)), one coefficient vector a_k in R^r per subset.
+    assert ops3.encoder["V2"].shape == (4, 2 * D) and ops3.A.shape == (12, 2)
+    assert ops3.settings["steer"] == "activation" and ops3.head is head
+    # At init a_k = 0: no shift, the loss is the logit reading's (frozen cross-entropy on S_k).
+    logit = cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **TINY)
+    np.testing.assert_allclose(ops1.loss_history[0], logit.loss_history[0], rtol=1e-12)
+    # After one step: eqs. (1)-(6) with Delta_k = f(h + B(h)^T a_k) - f(h), written out.
+    P = _np_projector(mask, key, TINY["sketch_dim"], TINY["lin_ridge"])
+    want = _np_act_loss(ops1.encoder, ops1.A, H, Z, y, mask, P, head_np, 0.7, 2.0)
+    np.testing.assert_allclose(ops3.loss_history[1], want, rtol=1e-10)
+    assert ops3.loss_history[2] < ops3.loss_history[0]
+    # The responses read the class logit's shift through the head, per subset.
+    rng = np.random.default_rng(1)
+    Ht, ct = rng.normal(size=(5, D)), rng.integers(0, C, 5)
+    Y = np.asarray(cj.stride_responses(ops3, Ht, classes=ct))
+    want = np.stack([_np_act_delta(ops3.encoder, ops3.A[k], Ht, head_np)[np.arange(5), ct] for k in range(12)], 1)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(Y, want, rtol=1e-10, atol=1e-13)
+    sol = cj.stride_scores(ops3, Ht, classes=ct)
+    assert sol.coef.shape == (5, N) and np.isfinite(np.asarray(sol.coef)).all()
+    # The per-example linearity term reads the same shifts: with lambda_lin = 0 both readings train alike.
+    off = {**kw, "lambda_lin": 0.0}
+    a = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, **off)
+    b = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, linearity="example", **off)
+    np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-12)
+
+
+def test_activation_steering_with_an_affine_head_is_a_logit_shift():
+    """At the penultimate layer f(h) = h W + b, so the shift is (B(h)^T a_k) W: linear in a_k, the same for
+    every h's offset b. Fidelity cannot tell the two apart; the responses are exactly that product."""
+    H, Z, y = _tiny(9)
+    rng = np.random.default_rng(9)
+    W, b = rng.normal(size=(D, C)), rng.normal(size=C)
+    head = jax.tree_util.Partial(lambda p, h: h @ p[0] + p[1][None, :], (jnp.asarray(W), jnp.asarray(b)))
+    Z = H @ W + b
+    ops = cj.stride_fit(H, Z, y, _subsets(9), key=jax.random.key(2), num_steps=4, steer="activation", head=head,
+                        **TINY)
+    basis = _np_phi(ops.encoder, H).reshape(N, 2, D)
+    A = np.asarray(ops.A)
+    Y = np.asarray(cj.stride_responses(ops, H, classes=y))
+    want = np.einsum("nrd,kr,dc->nkc", basis, A, W)[np.arange(N), :, y]
+    np.testing.assert_allclose(Y, want, rtol=1e-10, atol=1e-13)
+
+
+def test_activation_steering_bad_input():
+    H, Z, y, head, _ = _tiny_head()
+    S = _subsets(5)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="needs `head`"):
+        cj.stride_fit(H, Z, y, S, key=key, steer="activation", **TINY)
+    with pytest.raises(ValueError, match="only with steer='activation'"):
+        cj.stride_fit(H, Z, y, S, key=key, head=head, **TINY)
+    with pytest.raises(ValueError, match="`steer`"):
+        cj.stride_fit(H, Z, y, S, key=key, steer="features", head=head, **TINY)
+    with pytest.raises(ValueError, match="does not reproduce"):
+        cj.stride_fit(H, Z + 1.0, y, S, key=key, steer="activation", head=head, **TINY)
+    with pytest.raises(ValueError, match="shape"):
+        cj.stride_fit(H, Z, y, S, key=key, steer="activation", head=lambda h: h[:, :2], **TINY)
+
+
 def test_full_batch_equals_none_and_minibatches_train():
     H, Z, y = _tiny(2)
     S = _subsets(2)

@@ -23,7 +23,9 @@ $$
 membership ``X_s = X R`` (eq. 13). For a test point, the response of operator
 k is ``y_k = (A_k^T phi(h))[class]`` (Alg. 1 l. 9) and the per-example
 scores ``w`` solve the Lasso ``min 1/2 ||y - X w||^2 + alpha ||w||_1``
-(:func:`cif_jax.estimators.lasso`).
+(:func:`cif_jax.estimators.lasso`). App. E.1's activation steering
+(``steer="activation"``) shifts the features instead, ``h + B(h)^T a_k``, and
+reads the shift of the logits through the rest of the network.
 
 Sign: ``w_i > 0`` when example i raises the class logit (helpful), the
 library's convention; :func:`cif_jax.evaluation.lds` predicts the loss of a subset S' by
@@ -71,6 +73,7 @@ __all__ = [
 _HI = lax.Precision.HIGHEST
 _ENCODERS = ("mlp", "linear")
 _LINEARITY = ("subset", "example")
+_STEER = ("logit", "activation")
 
 
 class StrideOperators(NamedTuple):
@@ -81,21 +84,27 @@ class StrideOperators(NamedTuple):
             "c1" (hidden,), "V2" (hidden, r), "c2" (r,)}`` for ``"mlp"``,
             ``{"U" (d, r), "u" (r,)}`` for ``"linear"`` (row-vector layout,
             ``phi(h) = h @ U + u``).
-        A: ``(K, r, C)`` the per-subset maps, ``Delta_k(x) = A_k^T phi(h(x))``.
+        A: the per-subset coefficients: ``(K, r, C)``, ``Delta_k(x) = A_k^T phi(h(x))``
+            (logit steering), or ``(K, r)``, ``Delta_k(x) = f(h + B(h)^T a_k) - f(h)``
+            with ``B(h)`` phi's ``r * d`` outputs as an (r, d) basis (activation
+            steering, app. E.1).
         membership: ``(K, N)`` the 0/1 membership matrix X, in the features' dtype.
         coverage: ``(N,)`` int32, how many subsets hold each example.
         loss_history: ``(num_steps,)`` the loss (eqs. 5-6) before each step.
         settings: the settings of the fit (encoder, rank, steps, ...).
         seconds: wall-clock seconds of the fit.
+        head: the network after the feature layer, ``head(H_rows) -> logits``,
+            for activation steering; None for logit steering.
     """
 
     encoder: PyTree
-    A: Float[Array, "k r c"]
+    A: Float[Array, "k r ..."]
     membership: Float[Array, "k n"]
     coverage: Int[Array, " n"]
     loss_history: Float[Array, " t"]
     settings: dict
     seconds: float
+    head: Callable | None = None
 
 
 # -- features ---------------------------------------------------------------------
@@ -224,13 +233,14 @@ def _subsets(key, n, k, m):
 # -- operators -------------------------------------------------------------------------
 
 
-def _init_encoder(key, kind: str, d: int, hidden: int, rank: int, dtype):
+def _init_encoder(key, kind: str, d: int, hidden: int, width: int, dtype):
+    """The encoder's parameters; ``width`` outputs (r for logit steering, r d for activation steering)."""
     init = jax.nn.initializers.lecun_normal()
     k1, k2 = jax.random.split(key)
     if kind == "linear":
-        return {"U": init(k1, (d, rank), dtype), "u": jnp.zeros(rank, dtype)}
+        return {"U": init(k1, (d, width), dtype), "u": jnp.zeros(width, dtype)}
     return {"V1": init(k1, (d, hidden), dtype), "c1": jnp.zeros(hidden, dtype),
-            "V2": init(k2, (hidden, rank), dtype), "c2": jnp.zeros(rank, dtype)}
+            "V2": init(k2, (hidden, width), dtype), "c2": jnp.zeros(width, dtype)}
 
 
 def _phi(enc, H):
@@ -264,7 +274,17 @@ def _gumbel_pick(key, allowed, size: int):
     return idx, allowed[idx]
 
 
-def _subset_terms(phi_all, A_k, mask_k, key_k, Z, labels, top, b_s, b_r):
+def _shift(phi_rows, A_k, H_rows, head):
+    """``Delta_k`` on rows: ``A_k^T phi(h)`` (logit steering, ``head`` None), or ``f(h + s_k(h)) - f(h)`` with
+    ``s_k(h) = B(h)^T a_k`` and ``B(h)`` phi's ``r d`` outputs as an (r, d) basis (activation steering, app. E.1)."""
+    if head is None:
+        return jnp.matmul(phi_rows, A_k, precision=_HI)
+    basis = phi_rows.reshape(phi_rows.shape[0], A_k.shape[0], H_rows.shape[1])
+    steer = jnp.einsum("brd,r->bd", basis, A_k, precision=_HI)
+    return head(H_rows + steer) - head(H_rows)
+
+
+def _subset_terms(phi_all, A_k, mask_k, key_k, Z, labels, top, H, head, b_s, b_r):
     """``(fid_k, stab_k, ybar_k)`` of eqs. (1)-(3) for one subset."""
     if b_s is None:
         idx_s = idx_r = slice(None)
@@ -276,7 +296,7 @@ def _subset_terms(phi_all, A_k, mask_k, key_k, Z, labels, top, b_s, b_r):
     dtype = phi_all.dtype
     w_s, w_r = w_s.astype(dtype), w_r.astype(dtype)
     # Fidelity (eq. 1) and the subset response (eq. 3) on the members.
-    delta = jnp.matmul(phi_all[idx_s], A_k, precision=_HI)
+    delta = _shift(phi_all[idx_s], A_k, H[idx_s], head)
     logits = Z[idx_s] + delta
     ce = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, labels[idx_s][:, None], axis=1)[:, 0]
     fid = jnp.sum(w_s * ce) / jnp.sum(w_s)
@@ -284,38 +304,39 @@ def _subset_terms(phi_all, A_k, mask_k, key_k, Z, labels, top, b_s, b_r):
     # Stability (eq. 2) on the complement: KL(softmax(z) || softmax(z + Delta)).
     z_r = Z[idx_r]
     logp0 = jax.nn.log_softmax(z_r, axis=1)
-    logp1 = jax.nn.log_softmax(z_r + jnp.matmul(phi_all[idx_r], A_k, precision=_HI), axis=1)
+    logp1 = jax.nn.log_softmax(z_r + _shift(phi_all[idx_r], A_k, H[idx_r], head), axis=1)
     kl = jnp.sum(jnp.exp(logp0) * (logp0 - logp1), axis=1)
     stab = jnp.sum(w_r * kl) / jnp.sum(w_r)
     return fid, stab, ybar
 
 
-def _terms(phi_all, top, A, Z, labels, mask, keys, b_s, b_r):
+def _terms(phi_all, top, A, Z, labels, mask, keys, H, head, b_s, b_r):
     """Per-subset ``fid (K,), stab (K,), ybar (K,)`` from phi on all N rows and the predicted classes."""
-    fn = functools.partial(_subset_terms, b_s=b_s, b_r=b_r)
-    return jax.vmap(fn, in_axes=(None, 0, 0, 0, None, None, None))(phi_all, A, mask, keys, Z, labels, top)
+    fn = functools.partial(_subset_terms, head=head, b_s=b_s, b_r=b_r)
+    return jax.vmap(fn, in_axes=(None, 0, 0, 0, None, None, None, None))(phi_all, A, mask, keys, Z, labels, top, H)
 
 
-def _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r):
+def _loss_terms(enc, A, H, Z, labels, mask, keys, b_s, b_r, head=None):
     """Per-subset ``fid (K,), stab (K,), ybar (K,)``; phi once on all N rows, gathered per subset."""
-    return _terms(_phi(enc, H), jnp.argmax(Z, axis=1), A, Z, labels, mask, keys, b_s, b_r)
+    return _terms(_phi(enc, H), jnp.argmax(Z, axis=1), A, Z, labels, mask, keys, H, head, b_s, b_r)
 
 
-def _member_responses(phi_all, top, A, members, valid):
-    """``(K, m)``: each member's response ``(A_k^T phi(h_i))[argmax z_i]`` (the summands of eq. 3), 0 on padding."""
-    delta = jnp.einsum("kmr,krc->kmc", phi_all[members], A, precision=_HI)
+def _member_responses(phi_all, top, A, members, valid, H, head):
+    """``(K, m)``: each member's response ``Delta_k(x_i)[argmax z_i]`` (the summands of eq. 3), 0 on padding."""
+    delta = jax.vmap(lambda a_k, rows: _shift(phi_all[rows], a_k, H[rows], head))(A, members)
     return jnp.take_along_axis(delta, top[members][..., None], axis=2)[..., 0] * valid.astype(delta.dtype)
 
 
-def _loss(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab, lambda_lin, b_s, b_r):
+def _loss(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab, lambda_lin, b_s, b_r, head=None):
     """Eqs. (5)-(6): ``mean_k (fid_k + lambda_stab stab_k)`` plus the linearity term: ``lambda_lin ||(I - P)
     ybar||^2`` over the K subset means (``resid`` (K, K)), or ``lambda_lin mean_k ||(I - P_k) y_k||^2`` over
     each subset's member responses (``resid`` (K, m, m): ``linearity="example"``)."""
     enc, A = params
     phi_all, top = _phi(enc, H), jnp.argmax(Z, axis=1)  # once, for every term
-    fid, stab, ybar = _terms(phi_all, top, A, Z, labels, mask, keys, b_s, b_r)
+    fid, stab, ybar = _terms(phi_all, top, A, Z, labels, mask, keys, H, head, b_s, b_r)
     if resid.ndim == 3:
-        r = jnp.einsum("kij,kj->ki", resid, _member_responses(phi_all, top, A, members, valid), precision=_HI)
+        y = _member_responses(phi_all, top, A, members, valid, H, head)
+        r = jnp.einsum("kij,kj->ki", resid, y, precision=_HI)
         lin = jnp.mean(jnp.sum(r * r, axis=1))
     else:
         r = jnp.matmul(resid, ybar, precision=_HI)
@@ -324,29 +345,38 @@ def _loss(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab, 
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "d", "hidden", "rank", "num_classes", "num_examples",
-                                             "num_subsets", "sketch_dim", "dtype", "linearity"))
+                                             "num_subsets", "sketch_dim", "dtype", "linearity", "steer"))
 def _setup(key, query_ids, indices, members, valid, lin_ridge, *, kind, d, hidden, rank, num_classes, num_examples,
-           num_subsets, sketch_dim, dtype, linearity):
+           num_subsets, sketch_dim, dtype, linearity, steer="logit"):
     """Initial ``(phi, A = 0)``, the fixed ``I - P`` of eq. (4) and the batch key, from ``split(key, 3)``.
+
+    Logit steering: phi has r outputs and A is (K, r, C); activation steering: phi has r d outputs (the basis
+    B(h), app. E.1) and A is (K, r).
 
     ``linearity="subset"``: one (K, K) projector of the sketched membership ``X R``; ``"example"``: one
     (m, m) projector per subset of its members' rows ``R[S_k]`` (zero rows on padding), (K, m, m).
     """
     k_init, k_sketch, k_batch = jax.random.split(key, 3)
     R = jl_projection(k_sketch, sketch_dim, num_examples, dtype=dtype).T
-    params = (_init_encoder(k_init, kind, d, hidden, rank, dtype), jnp.zeros((num_subsets, rank, num_classes), dtype))
+    if steer == "activation":
+        params = (_init_encoder(k_init, kind, d, hidden, rank * d, dtype), jnp.zeros((num_subsets, rank), dtype))
+    else:
+        params = (_init_encoder(k_init, kind, d, hidden, rank, dtype), jnp.zeros((num_subsets, rank, num_classes),
+                                                                                 dtype))
     if linearity == "example":
         rows = jnp.where(valid[..., None], R[members], 0)
         return params, jax.vmap(_residual_projector, in_axes=(0, None))(rows, lin_ridge), k_batch
     return params, _residual_projector(_sketch(query_ids, indices, R, num_subsets), lin_ridge), k_batch
 
 
-@functools.partial(jax.jit, static_argnames=("b_s", "b_r"))
+@eqx.filter_jit
 def _step(params, opt_state, t, data, *, b_s, b_r):
-    """One Adam step on (phi, A); step t, subset k draw batches from ``fold_in(fold_in(batches, t), k)``."""
-    H, Z, labels, mask, resid, members, valid, lambda_stab, lambda_lin, lr, k_batch = data
+    """One Adam step on (phi, A); step t, subset k draw batches from ``fold_in(fold_in(batches, t), k)``.
+
+    ``data`` ends with the head (None, or a callable whose array leaves are traced and the rest static)."""
+    H, Z, labels, mask, resid, members, valid, lambda_stab, lambda_lin, lr, k_batch, head = data
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(k_batch, t), jnp.arange(mask.shape[0]))
-    loss_fn = functools.partial(_loss, b_s=b_s, b_r=b_r)
+    loss_fn = functools.partial(_loss, head=head, b_s=b_s, b_r=b_r)
     loss, grads = jax.value_and_grad(loss_fn)(params, H, Z, labels, mask, keys, resid, members, valid, lambda_stab,
                                               lambda_lin)
     updates, opt_state = optax.adam(lr).update(grads, opt_state, params)
@@ -400,6 +430,27 @@ def _warn_membership(mask_np, sketch_dim: int, lambda_lin: float, linearity: str
     return coverage
 
 
+def _check_head(head, H, Z, rows: int = 256):
+    """Activation steering needs the rest of the network: ``head(H) = Z`` on the first rows, else ValueError."""
+    if head is None or not callable(head):
+        raise ValueError("steer='activation' needs `head`, the network after the feature layer: head(H_rows) -> "
+                         "(B, C) logits (a jax.tree_util.Partial of your layers and their parameters).")
+    try:
+        got = head(H[:rows])
+    except Exception as err:
+        raise ValueError(f"`head(H[:{rows}])` failed; it must map (B, d) features to (B, C) logits: {err}") from err
+    got = jnp.asarray(got)
+    want = Z[:rows]
+    if got.shape != want.shape:
+        raise ValueError(f"`head(H[:{rows}])` has shape {got.shape}; it must return the logits, {want.shape}.")
+    err = float(jnp.max(jnp.abs(got.astype(want.dtype) - want)))
+    scale = 1.0 + float(jnp.max(jnp.abs(want)))
+    if not err <= 1e-4 * scale:
+        raise ValueError(f"`head(H)` does not reproduce the frozen logits `Z` (largest difference {err:.3g} on the "
+                         f"first {want.shape[0]} rows); pass the layers after the one `H` was taken from, with the "
+                         "model's own parameters.")
+
+
 def _member_table(subs, num_subsets: int):
     """``(members (K, m), valid (K, m))``: subset k's member indices, padded to the largest subset."""
     qi, ix = np.asarray(subs.query_ids), np.asarray(subs.indices)
@@ -451,6 +502,8 @@ def stride_fit(
     sketch_dim: int = 64,
     lin_ridge: float = 1e-3,
     linearity: str = "subset",
+    steer: str = "logit",
+    head: Callable | None = None,
     progress: bool = False,
 ) -> StrideOperators:
     """Learns one low-rank logit-steering operator per training subset (STRIDE sec. 3, Alg. 1).
@@ -503,6 +556,18 @@ def stride_fit(
             members, not a batch), ``X~_k = R[S_k]``, and the term
             ``lambda_lin mean_k ||(I - P_k) y_k||^2`` (the ``1/K`` of the other
             terms). It needs subsets larger than ``sketch_dim``.
+        steer: where the operators act. ``"logit"``: ``Delta_k = A_k^T phi(h)``
+            is added to the frozen logits (sec. 3). ``"activation"`` (app. E.1):
+            phi has ``r d`` outputs, read as a basis ``B(h)`` of shape (r, d);
+            subset k shifts the features by ``s_k(h) = B(h)^T a_k`` (``a_k`` in
+            R^r) and ``Delta_k = head(h + s_k(h)) - head(h)`` replaces the logit
+            shift in every term and in the responses. When ``head`` is affine
+            (features of the penultimate layer) this is logit steering with a
+            constrained ``A_k``; it differs only deeper in the network.
+        head: for ``steer="activation"``, the network after the feature layer:
+            ``head(H_rows) -> (B, C)`` logits, with ``head(H) = Z``. Pass a
+            ``jax.tree_util.Partial`` or an ``equinox.Module`` so that its
+            parameters are traced; a plain closure compiles them in as constants.
         progress: show a progress bar.
 
     Returns:
@@ -514,6 +579,11 @@ def stride_fit(
             block cannot be told apart); ``K <= sketch_dim`` with ``lambda_lin > 0``
             (the projector is then close to the identity and lin nearly vanishes),
             or with ``linearity="example"`` every subset no larger than ``sketch_dim``.
+
+    Raises:
+        ValueError: ``steer="activation"`` without a ``head``, a ``head`` with
+            logit steering, or a head that does not reproduce ``Z`` from ``H``
+            (checked on the first 256 rows before the fit).
     """
     H, Z, labels = _as_features(H, Z, labels)
     n, d = H.shape
@@ -529,6 +599,14 @@ def stride_fit(
     hidden = d if hidden is None else hidden
     if encoder not in _ENCODERS:
         raise ValueError(f"`encoder` must be one of {_ENCODERS}, got {encoder!r}.")
+    if steer not in _STEER:
+        raise ValueError(f"`steer` must be one of {_STEER} (shift the logits, or the features through `head`, "
+                         f"app. E.1), got {steer!r}.")
+    if steer == "activation":
+        _check_head(head, H, Z)
+    elif head is not None:
+        raise ValueError("`head` is used only with steer='activation'; pass steer='activation' to steer the features "
+                         "through it, or drop `head` for logit steering.")
     if linearity not in _LINEARITY:
         raise ValueError(f"`linearity` must be one of {_LINEARITY} (eq. 4 over subset means, or per subset over "
                          f"its members), got {linearity!r}.")
@@ -557,17 +635,17 @@ def stride_fit(
     params, resid, k_batch = _setup(key, jnp.asarray(subs.query_ids), jnp.asarray(subs.indices), members, valid,
                                     jnp.asarray(lin_ridge, dtype), kind=encoder, d=d, hidden=hidden, rank=rank,
                                     num_classes=num_classes, num_examples=n, num_subsets=num_subsets,
-                                    sketch_dim=sketch_dim, dtype=jnp.dtype(dtype), linearity=linearity)
+                                    sketch_dim=sketch_dim, dtype=jnp.dtype(dtype), linearity=linearity, steer=steer)
     opt_state = optax.adam(lr).init(params)
     data = (H, Z, labels, mask, resid, members, valid, jnp.asarray(lambda_stab, dtype), jnp.asarray(lambda_lin, dtype),
-            jnp.asarray(lr, dtype), k_batch)
+            jnp.asarray(lr, dtype), k_batch, head)
     params, history = _train(params, opt_state, data, num_steps, b_s, b_r, progress)
     seconds = time.perf_counter() - start
     settings = dict(encoder=encoder, rank=rank, hidden_dim=hidden, learning_rate=lr, num_steps=num_steps,
                     batch_size=batch_size, lambda_stab=lambda_stab, lambda_lin=lambda_lin, sketch_dim=sketch_dim,
-                    lin_ridge=lin_ridge, linearity=linearity)
+                    lin_ridge=lin_ridge, linearity=linearity, steer=steer)
     return StrideOperators(params[0], params[1], mask.astype(dtype), jnp.asarray(coverage, jnp.int32), history,
-                           settings, seconds)
+                           settings, seconds, head)
 
 
 # -- responses and scores --------------------------------------------------------------
@@ -590,7 +668,7 @@ def _check_ops(ops, H_test, classes):
                          f"(same `feature_fn` and layer), got {H_test.dtype} {H_test.shape}.")
     _checks.finite_rows(H_test, "`H_test`", what="test point")
     classes = np.asarray(classes)
-    num_classes = ops.A.shape[2]
+    num_classes = ops.A.shape[2] if ops.head is None else jax.eval_shape(ops.head, H_test[:1]).shape[1]
     if classes.shape != (H_test.shape[0],) or not np.issubdtype(classes.dtype, np.integer):
         raise ValueError(f"`classes` must be ({H_test.shape[0]},) integer classes, one per test point, got "
                          f"{classes.dtype} {classes.shape}; the STRIDE paper uses the predicted class argmax z.")
@@ -600,8 +678,22 @@ def _check_ops(ops, H_test, classes):
     return H_test.astype(ops.A.dtype), jnp.asarray(classes, jnp.int32)
 
 
+@eqx.filter_jit
+def _activation_responses(enc, A, H_test, classes, head):
+    """``(Q, K)``: ``(head(h_q + B(h_q)^T a_k) - head(h_q))[classes_q]``, the K subsets in batches (memory Q d each)."""
+    basis = _phi(enc, H_test).reshape(H_test.shape[0], A.shape[1], H_test.shape[1])
+    base = head(H_test)
+
+    def one(a_k):
+        delta = head(H_test + jnp.einsum("qrd,r->qd", basis, a_k, precision=_HI)) - base
+        return jnp.take_along_axis(delta, classes[:, None], axis=1)[:, 0]
+
+    return lax.map(one, A, batch_size=min(A.shape[0], 16)).T
+
+
 def stride_responses(ops: StrideOperators, H_test: Float[Array, "q d"], *, classes) -> Float[Array, "q k"]:
-    """Steering responses ``Y[q, k] = (A_k^T phi(h_q))[classes_q]`` (Alg. 1 l. 9).
+    """Steering responses ``Y[q, k] = Delta_k(x_q)[classes_q]`` (Alg. 1 l. 9): ``(A_k^T phi(h_q))[classes_q]``,
+    or ``(head(h_q + B(h_q)^T a_k) - head(h_q))[classes_q]`` for activation steering.
 
     Args:
         ops: the operators of :func:`stride_fit`.
@@ -613,6 +705,8 @@ def stride_responses(ops: StrideOperators, H_test: Float[Array, "q d"], *, class
         ``(Q, K)`` responses.
     """
     H_test, classes = _check_ops(ops, H_test, classes)
+    if ops.head is not None:
+        return _activation_responses(ops.encoder, ops.A, H_test, classes, ops.head)
     return _responses(ops.encoder, ops.A, H_test, classes)
 
 
