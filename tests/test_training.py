@@ -102,6 +102,30 @@ def test_one_epoch_equals_hand_written_sgd_with_short_last_batch():
     np.testing.assert_allclose(history.loss[0], sum(losses) / 11, rtol=1e-12)
 
 
+def test_fewer_examples_than_half_a_batch_is_one_full_batch_step():
+    """N = 3 with batch 16: one step on the mean over the 3 examples (the padding, 13 rows, has weight 0 and
+    indexes real examples; it used to read uninitialised indices when the padding outgrew N)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 2, 2, 1))
+    y = np.array([0, 2, 1], np.int32)
+    cfg = model_config("mlp", in_shape=(2, 2, 1), num_classes=3, hidden=[], param_dtype="float64")
+    model = build_from_config(cfg, seed=0)
+    w0, b0 = np.asarray(model.out.kernel[...]), np.asarray(model.out.bias[...])
+    model, history = train(model, x, y, epochs=2, learning_rate=0.5, batch_size=16, momentum=0.0,
+                           weight_decay=0.0, seed=3, progress=False)
+
+    def mean_loss(w, b):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x.reshape(3, -1) @ w + b[None, :], y))
+
+    w, b = w0, b0
+    for _ in range(2):
+        gw, gb = jax.grad(mean_loss, argnums=(0, 1))(w, b)
+        w, b = w - 0.5 * np.asarray(gw), b - 0.5 * np.asarray(gb)
+    np.testing.assert_allclose(model.out.kernel[...], w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(model.out.bias[...], b, rtol=1e-12, atol=1e-12)
+    assert history.loss.shape == (2,)
+
+
 def test_step_schedule_divides_by_five_at_30_60_80_percent():
     lrs = learning_rates(1.0, total_steps=100, schedule="step")
     assert lrs.shape == (100,)

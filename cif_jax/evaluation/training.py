@@ -206,7 +206,9 @@ def train(
         for epoch in range(epochs):
             order = np.empty(steps_per_epoch * batch_size, dtype=np.int64)
             order[:n] = rng.permutation(n)
-            order[n:] = order[: order.size - n]  # padding, weight 0
+            # Padding (weight 0): the epoch's own indices repeated, which stay in range even when the
+            # padding is longer than N (N < batch_size / 2).
+            order[n:] = np.resize(order[:n], order.size - n)
             order = order.reshape(steps_per_epoch, batch_size)
             loss_total = jnp.zeros(())
             correct_total = jnp.zeros(())
