@@ -137,9 +137,24 @@ def truth_cell(cells, model, seed, init, params, data, args, groups):
     return cells(f"truth/{model}/seed{seed}", run)
 
 
-def estimates(task, target, sets, lam_op, args, ckpts, marks):
-    """Every method's prediction of the target's change per group (removal sign: positive = f rises)."""
+def baselines(task, target, sets, args, ckpts, marks):
+    """TRAK and TracIn summed over each group (no damping: one cell per base model)."""
     xt, yt = target.inputs, target.targets
+    out, seconds = {}, {}
+    t = time.perf_counter()
+    out["TRAK"] = np.asarray(cj.trak(task, xt, yt, sketch_dim=256, key=jax.random.key(7), ridge=1e-6,
+                                     groups=sets)).mean(axis=0)
+    seconds["TRAK"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lrs = [args.learning_rate * (b - a) for a, b in zip([0] + marks[:-1], marks)]
+    out["TracIn"] = np.asarray(cj.tracin(task, xt, yt, checkpoints=ckpts, learning_rates=lrs,
+                                         groups=sets)).mean(axis=0)
+    seconds["TracIn"] = time.perf_counter() - t
+    return {"predictions": {k: v.tolist() for k, v in out.items()}, "seconds": seconds}
+
+
+def estimates(task, target, sets, lam_op):
+    """Every damped method's prediction of the target's change per group (removal sign: positive = f rises)."""
     out, seconds = {}, {}
     t = time.perf_counter()
     deltas = cj.influence(task, sets, damping=lam_op, solver=cj.CG(rtol=1e-10))  # (Q, p), delta_S
@@ -167,15 +182,6 @@ def estimates(task, target, sets, lam_op, args, ckpts, marks):
         ct = cj.cache_interaction_terms(cache, target, task=task)
         out[f"CiF F+I (C={c})"] = np.asarray(cj.group_influence(ct, sets)[2])
         seconds[f"CiF F+I (C={c})"] = time.perf_counter() - t
-    t = time.perf_counter()
-    out["TRAK"] = np.asarray(cj.trak(task, xt, yt, sketch_dim=256, key=jax.random.key(7), ridge=1e-6,
-                                     groups=sets)).mean(axis=0)
-    seconds["TRAK"] = time.perf_counter() - t
-    t = time.perf_counter()
-    lrs = [args.learning_rate * (b - a) for a, b in zip([0] + marks[:-1], marks)]
-    out["TracIn"] = np.asarray(cj.tracin(task, xt, yt, checkpoints=ckpts, learning_rates=lrs,
-                                         groups=sets)).mean(axis=0)
-    seconds["TracIn"] = time.perf_counter() - t
     return {k: v.tolist() for k, v in out.items()}, seconds
 
 
@@ -187,7 +193,8 @@ def summary(cells):
         _, model, seed, lam = key.split("/")
         truth = np.asarray(cells.values[f"truth/{model}/{seed}"]["truth"])
         base = cells.values[f"base/{model}/{seed}"]
-        for name, pred in v["predictions"].items():
+        free = cells.values.get(f"baselines/{model}/{seed}", {}).get("predictions", {})
+        for name, pred in {**v["predictions"], **free}.items():
             if name.startswith("I ("):
                 continue
             rows.setdefault(model, {}).setdefault(lam[3:], {}).setdefault(name, []).append(
@@ -235,17 +242,19 @@ def main():
             task = cj.Task(network, loss, params, x, y)
             target = cj.Task(network, loss, params, xt, yt)
             marks = [args.steps * j // 4 for j in range(1, 5)]
-            ckpts = None
+
+            def run_baselines():  # TracIn's checkpoints along theta_0's (deterministic) trajectory
+                ckpts = [first(train(init, np.ones((1, n), bool), data, args, t)) for t in marks[:-1]] + [params]
+                return baselines(task, target, sets, args, ckpts, marks)
+
+            free = cells(f"baselines/{model}/seed{seed}", run_baselines)
             for lam in args.dampings:
                 def run(lam=lam):
-                    nonlocal ckpts
-                    if ckpts is None:  # TracIn's checkpoints along theta_0's (deterministic) trajectory
-                        ckpts = [first(train(init, np.ones((1, n), bool), data, args, t)) for t in marks[:-1]]
-                        ckpts.append(params)
-                    preds, seconds = estimates(task, target, sets, args.weight_decay + lam, args, ckpts, marks)
+                    preds, seconds = estimates(task, target, sets, args.weight_decay + lam)
                     return {"operator_damping": args.weight_decay + lam, "predictions": preds, "seconds": seconds}
 
                 est = cells(f"est/{model}/seed{seed}/lam{lam:g}", run)
+                est = {**est, "predictions": {**est["predictions"], **free["predictions"]}}
                 t_ = np.asarray(truth["truth"])
                 print(f"  lambda {lam:g}: " + ", ".join(
                     f"{m} {spearmanr(v, t_).statistic:.3f}" for m, v in est["predictions"].items()
@@ -257,7 +266,7 @@ def main():
            "summary": summary(cells),
            "pearson": {k: {m: float(pearsonr(v, cells.values[f"truth/{k.split('/')[1]}/{k.split('/')[2]}"]["truth"])
                                     .statistic) for m, v in e["predictions"].items()}
-                       for k, e in cells.values.items() if k.startswith("est/")},
+                       for k, e in cells.values.items() if k.startswith(("est/", "baselines/"))},
            "cells": {k: v for k, v in cells.values.items() if not k.startswith("est/")}, "cell_runs": cells.runs}
     ec.write("interaction_protocol", args, out)
 

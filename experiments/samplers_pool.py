@@ -37,6 +37,7 @@ per-cell figure and is not recorded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import warnings
@@ -82,8 +83,10 @@ def make_pool(name, m, seed, task, num_classes, features):
     return cj.feature_sample(features, num_clusters=10, per_cluster=max(1, m // 10), mode=mode, key=key)
 
 
-def _reference_path(args, damping):
-    return os.path.join(ec.WORKDIR, f"{ec.stem('samplers_pool', args)}-ref-{damping:g}.npy")
+def _reference_path(cells, args, damping):
+    """Named by the run's settings too, so that runs with other settings (``--output``) keep their own."""
+    digest = hashlib.sha256(json.dumps(cells.settings, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(ec.WORKDIR, f"{ec.stem('samplers_pool', args)}-{digest}-ref-{damping:g}.npy")
 
 
 def _sha(a):
@@ -92,7 +95,7 @@ def _sha(a):
 
 def reference(cells, task, ds, classes, subsets, damping, args):
     """The full set's exact class-removal steps at ``damping`` (CG to ``--ref-rtol``), kept on disk."""
-    path = _reference_path(args, damping)
+    path = _reference_path(cells, args, damping)
 
     def run():
         t = time.perf_counter()
@@ -120,15 +123,14 @@ def _errors(x, ref):
 
 
 def _scratch_mib(task, rhs, pool, damping, scale, tol, chunk):
-    """XLA's scratch for the deterministic recursion's compiled program (lowering only), in MiB."""
+    """XLA's scratch for the deterministic recursion's compiled program, in MiB: the program ``cj.lissa`` runs
+    (the task, pool and right-hand sides as arguments, not as constants folded into it), lowered and compiled
+    again for its memory analysis."""
     idx, w = L._pool(task, pool)
-    lam = jnp.asarray(damping, task.dtype)
-
-    def fn(b):
-        return L._one_repeat(task, b, idx, w, lam, jnp.asarray(scale, task.dtype), jnp.asarray(10, jnp.int32),
-                             jnp.asarray(tol, task.dtype), None, jax.random.key(0), chunk)[0]
-
-    mem = jax.jit(fn).lower(rhs).compile().memory_analysis()
+    dt = task.dtype
+    lowered = L._one_repeat.lower(task, rhs.astype(dt), idx, w, jnp.asarray(damping, dt), jnp.asarray(scale, dt),
+                                  jnp.asarray(10, jnp.int32), jnp.asarray(tol, dt), None, jax.random.key(0), chunk)
+    mem = lowered.compile().compiled.memory_analysis()
     return None if mem is None else mem.temp_size_in_bytes / 2**20
 
 

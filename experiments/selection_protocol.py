@@ -8,7 +8,9 @@ for a number of **epochs** (its Table 3 MLP row: SGD, no momentum, learning rate
 0.01, weight decay 0.01, batch 64, 200 epochs; E.2's own values were lost). Here:
 
 * theta_0: a two-hidden-layer ReLU MLP (``--hidden``, float64) trained on a pool of
-  P training examples drawn by a fixed permutation (``cif_jax.evaluation.training.train``);
+  P training examples drawn by a fixed permutation (``cif_jax.evaluation.training.train``),
+  as E.2 does: the candidates are the examples theta_0 was trained on, and "adding" one
+  scores it against the model that has already seen it (``setting="add"``: ``-F + I``);
 * the **target** f is the mean loss on V validation examples drawn from the same
   permutation, outside the pool; the test set only scores the retrained models;
 * terms over the whole pool on the damped GGN (operator damping = weight decay +
@@ -70,12 +72,13 @@ def main():
     p.add_argument("--sgd-batch", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clusters", type=int, default=50, help="C of the cache variant")
+    p.set_defaults(rtol=1e-8)  # float64 solves: tighter than the float32 experiments' default
     args = ec.finish_args(p.parse_args(), quick_dataset="digits", full_dataset="mnist5k")
     pool_size = args.pool or (600 if args.quick else 1000)
     num_val = args.validation or (300 if args.quick else 1000)
     hidden = args.hidden or ([32, 16] if args.quick else [128, 64])
     epochs = args.epochs or (100 if args.quick else 200)
-    rtol = args.rtol or 1e-8
+    rtol = args.rtol
     cells = ec.Cells("selection_protocol", args, {k: v for k, v in vars(args).items() if k not in ("output", "seeds")})
     ds = cdata.load_dataset(args.dataset, seed=args.seed)
     perm = np.random.default_rng(args.seed).permutation(ds.x_train.shape[0])
@@ -187,7 +190,7 @@ def main():
             for o in names if o != "F+I"}
     ec.write("selection_protocol", args, {
         "settings": {"dataset": args.dataset, "model": f"MLP {[d, *hidden, k]}", "dtype": "float64", "pool": n,
-                     "validation": num_val, "num_params": int(task.num_params), "operator_damping": lam,
+                     "validation": num_val, "num_params": int(task.num_params), "operator_damping": lam, "rtol": rtol,
                      "budgets": budgets, "seeds": args.seeds, "recipe": recipe, "clusters": args.clusters,
                      "seed": args.seed, "target": "mean validation loss (outside the pool)",
                      "retraining": "cj.retrain: mini-batch SGD by epochs, cold start from each seed's init"},

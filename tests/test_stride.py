@@ -334,16 +334,29 @@ def test_activation_steering_matches_numpy():
     np.testing.assert_allclose(Y, want, rtol=1e-10, atol=1e-13)
     sol = cj.stride_scores(ops3, Ht, classes=ct)
     assert sol.coef.shape == (5, N) and np.isfinite(np.asarray(sol.coef)).all()
-    # The per-example linearity term reads the same shifts: with lambda_lin = 0 both readings train alike.
-    off = {**kw, "lambda_lin": 0.0}
-    a = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, **off)
-    b = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, linearity="example", **off)
-    np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=1e-12)
+    # The per-example linearity term reads the same shifts, member by member: eq. (4) per subset with
+    # y_k = Delta_k(x_i)[argmax z_i] over its members, written out.
+    ex = {**kw, "linearity": "example"}
+    e1 = cj.stride_fit(H, Z, y, S, key=key, num_steps=1, **ex)
+    e3 = cj.stride_fit(H, Z, y, S, key=key, num_steps=3, **ex)
+    _, k_sketch, _ = jax.random.split(key, 3)
+    R = np.asarray(cj.jl_projection(k_sketch, TINY["sketch_dim"], N, dtype=jnp.float64)).T
+    top, lins = Z.argmax(axis=1), []
+    for k in range(12):
+        members = np.flatnonzero(mask[k])
+        Xk = R[members]
+        g = TINY["lin_ridge"] * np.trace(Xk.T @ Xk) / TINY["sketch_dim"]
+        yk = _np_act_delta(e1.encoder, e1.A[k], H[members], head_np)[np.arange(members.size), top[members]]
+        res = Xk @ np.linalg.solve(Xk.T @ Xk + g * np.eye(TINY["sketch_dim"]), Xk.T @ yk) - yk
+        lins.append(res @ res)
+    assert np.mean(lins) > 0
+    no_lin = _np_act_loss(e1.encoder, e1.A, H, Z, y, mask, P, head_np, 0.7, 0.0)
+    np.testing.assert_allclose(e3.loss_history[1], no_lin + 2.0 * np.mean(lins), rtol=1e-10)
 
 
 def test_activation_steering_with_an_affine_head_is_a_logit_shift():
-    """At the penultimate layer f(h) = h W + b, so the shift is (B(h)^T a_k) W: linear in a_k, the same for
-    every h's offset b. Fidelity cannot tell the two apart; the responses are exactly that product."""
+    """At the penultimate layer f(h) = h W + b, so the shift is (B(h)^T a_k) W, linear in a_k and free of b:
+    a logit steering whose map is constrained to pass through W. The responses are exactly that product."""
     H, Z, y = _tiny(9)
     rng = np.random.default_rng(9)
     W, b = rng.normal(size=(D, C)), rng.normal(size=C)
