@@ -54,7 +54,9 @@ def _setup(args):
     return task, ds, classes, subsets
 
 
-def _pool(name, m, seed, task, ds):
+def _pool(name, m, seed, task, ds, features=None):
+    """The sampler's pool of about M examples (None: the full set); the feature samplers cluster ``features``
+    (default: the raw inputs)."""
     n = task.num_examples
     key = jax.random.key(1000 * seed + m)
     if name == "full":
@@ -64,9 +66,10 @@ def _pool(name, m, seed, task, ds):
     if name == "logit":
         logits = np.asarray(task.apply_fn(task.params, task.inputs))
         return cj.logit_sample(logits, per_class=max(1, m // ds.num_classes), key=key)
-    raw = np.asarray(task.inputs).reshape(n, -1)
+    if features is None:
+        features = np.asarray(task.inputs).reshape(n, -1)
     mode = "topk" if name.startswith("feature-topk") else "weighted"
-    return cj.feature_sample(raw, num_clusters=10, per_cluster=max(1, m // 10), mode=mode, key=key)
+    return cj.feature_sample(features, num_clusters=10, per_cluster=max(1, m // 10), mode=mode, key=key)
 
 
 def _metrics(task, ds, deltas, classes):

@@ -68,21 +68,6 @@ def _model(task):
     return nnx.merge(task.apply_fn.graphdef, task.params, task.apply_fn.rest)
 
 
-def make_pool(name, m, seed, task, num_classes, features):
-    """The sampler's pool of about M examples (None: the full set); the keys of samplers_lissa."""
-    n = task.num_examples
-    key = jax.random.key(1000 * seed + m)
-    if name == "full":
-        return None
-    if name == "uniform":
-        return cj.uniform_sample(n, size=m, key=key)
-    if name == "logit":
-        logits = np.asarray(task.apply_fn(task.params, task.inputs))
-        return cj.logit_sample(logits, per_class=max(1, m // num_classes), key=key)
-    mode = "topk" if name.startswith("feature-topk") else "weighted"
-    return cj.feature_sample(features, num_clusters=10, per_cluster=max(1, m // 10), mode=mode, key=key)
-
-
 def _reference_path(cells, args, damping):
     """Named by the run's settings too, so that runs with other settings (``--output``) keep their own."""
     digest = hashlib.sha256(json.dumps(cells.settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -136,7 +121,7 @@ def _scratch_mib(task, rhs, pool, damping, scale, tol, chunk):
 
 def lissa_cell(task, ds, classes, rhs, ref, damping, sampler, m, seed, features, args):
     t0 = time.perf_counter()
-    pool = make_pool(sampler, m, seed, task, ds.num_classes, features)
+    pool = sl._pool(sampler, m, seed, task, ds, features)
     sample_seconds = time.perf_counter() - t0
     size = task.num_examples if pool is None else int(pool.indices.shape[0])
     op = cj.DampedGGN(task, damping=damping, curvature=pool, batch_size=args.batch_size)
@@ -173,7 +158,7 @@ def lissa_cell(task, ds, classes, rhs, ref, damping, sampler, m, seed, features,
 
 def cg_cell(task, ds, classes, subsets, ref, damping, sampler, m, seed, features, args):
     t0 = time.perf_counter()
-    pool = make_pool(sampler, m, seed, task, ds.num_classes, features)
+    pool = sl._pool(sampler, m, seed, task, ds, features)
     with warnings.catch_warnings(record=True) as caught:  # kept in the cell, not printed
         warnings.simplefilter("always")
         res = cj.influence_solve(task, subsets, damping=damping, curvature=pool, batch_size=args.batch_size,
