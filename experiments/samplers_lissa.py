@@ -91,6 +91,19 @@ def _metrics(task, ds, deltas, classes):
     return {k: float(np.mean([p[k] for p in per])) for k in per[0]} | {"per_class": per}
 
 
+def retrain_metrics(task, ds, classes, subsets, args):
+    """Forgetting and utility of cold-start retraining without each class (the base model's own protocol)."""
+    from cif_jax.workloads import models as cmodels
+    from cif_jax.workloads.training import TRAINING
+
+    config = cmodels.model_config(args.model, in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
+    epochs, lr, schedule = TRAINING[args.dataset]
+    res = cj.retrain(lambda: cmodels.build_from_config(config, seed=args.seed), ds.x_train, ds.y_train,
+                     subsets, eval_inputs=jnp.asarray(ds.x_test[:8]), eval_targets=jnp.asarray(ds.y_test[:8]),
+                     epochs=epochs, learning_rate=lr, schedule=schedule, seed=args.seed, progress=False)
+    return _metrics(task, ds, np.asarray(res.param_delta), classes)
+
+
 def run_cell(key, args):
     """One cell, in this (child) process: ``base``, ``retrain`` or ``lissa/<damping>/<sampler>/M<m>/seed<s>``."""
     t0 = time.perf_counter()
@@ -99,16 +112,7 @@ def run_cell(key, args):
         jax.block_until_ready(task.apply_fn(task.params, task.inputs[:8]))
         out = {"metrics": _metrics(task, ds, [np.zeros(task.num_params)] * len(classes), classes)}
     elif key == "retrain":
-        from cif_jax.workloads import models as cmodels
-        from cif_jax.workloads.training import TRAINING
-
-        config = cmodels.model_config(args.model, in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
-        epochs, lr, schedule = TRAINING[args.dataset]
-        res = cj.retrain(lambda: cmodels.build_from_config(config, seed=args.seed), ds.x_train, ds.y_train,
-                         subsets, eval_inputs=jnp.asarray(ds.x_test[:8]), eval_targets=jnp.asarray(ds.y_test[:8]),
-                         epochs=epochs, learning_rate=lr, schedule=schedule, seed=args.seed,
-                         progress=False)
-        out = {"metrics": _metrics(task, ds, np.asarray(res.param_delta), classes)}
+        out = {"metrics": retrain_metrics(task, ds, classes, subsets, args)}
     else:
         _, damping, sampler, m, seed = key.split("/")
         damping, m, seed = float(damping), int(m[1:]), int(seed[4:])

@@ -246,17 +246,8 @@ def main():
                                                          classes)})
 
     def retrain():
-        from cif_jax.workloads import models as cmodels
-        from cif_jax.workloads.training import TRAINING
-
         t = time.perf_counter()
-        config = cmodels.model_config(args.model, in_shape=ds.x_train.shape[1:], num_classes=ds.num_classes)
-        epochs, lr, schedule = TRAINING[args.dataset]
-        res = cj.retrain(lambda: cmodels.build_from_config(config, seed=args.seed), ds.x_train, ds.y_train,
-                         subsets, eval_inputs=jnp.asarray(ds.x_test[:8]), eval_targets=jnp.asarray(ds.y_test[:8]),
-                         epochs=epochs, learning_rate=lr, schedule=schedule, seed=args.seed, progress=False)
-        return {"metrics": sl._metrics(task, ds, np.asarray(res.param_delta), classes),
-                "seconds": time.perf_counter() - t}
+        return {"metrics": sl.retrain_metrics(task, ds, classes, subsets, args), "seconds": time.perf_counter() - t}
 
     ret = cells("retrain", retrain)["metrics"]
     print(f"base: macro-F1 rest {base['metrics']['macro_f1_rest']:.4f}, self-acc {base['metrics']['self_accuracy']:.3f}"
